@@ -1,0 +1,393 @@
+"""The streamcanvas wire protocol, version 1, as data (docs/protocol.md is the prose version).
+
+Every message is one binary WebSocket message (or one data-channel message) holding a MsgPack map with
+a string `type`. Images are MsgPack `bin`, never base64. `parse_client_message()` turns bytes into one
+of the frozen dataclasses below or raises a typed `CodecError`; `serialize()` does the reverse for the
+server's messages. Nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from .errors import InvalidField, MalformedMessage, UnknownMessageType
+from .images import ImageFormat
+
+PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
+"""Versions this build speaks, oldest first. The server picks the highest one the client also offers."""
+
+MAX_SEQ = 2**53 - 1
+_MAX_RECTS = 256
+_MAX_STRING = 4096
+
+# Parameter deltas: name → accepted Python types. Ranges are checked by the pipeline that uses them.
+PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "prompt": (str,),
+    "negative_prompt": (str,),
+    "strength": (float, int),
+    "steps": (int,),
+    "seed": (int,),
+    "guidance_scale": (float, int),
+    "delta": (float, int),
+    "cfg_type": (str,),
+    "denoising_batch": (bool,),
+    "similar_filter": (bool,),
+    "similar_threshold": (float, int),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Client → server
+
+
+@dataclass(frozen=True)
+class ImagePayload:
+    format: ImageFormat
+    data: bytes
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass(frozen=True)
+class Hello:
+    type: ClassVar[str] = "hello"
+    protocol: tuple[int, ...]
+    width: int | None = None
+    height: int | None = None
+    codec: ImageFormat = ImageFormat.JPEG
+    quality: int = 80
+    api_key: str | None = None
+    queue: bool = False
+    mode: str = "img2img"
+    params: dict[str, Any] = field(default_factory=dict)
+    seq: int | None = None
+
+
+MODES = ("img2img", "txt2img")
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """The whole canvas. Images of another size are scaled to the session's resolution."""
+
+    type: ClassVar[str] = "canvas"
+    image: ImagePayload
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class Patch:
+    x: int
+    y: int
+    image: ImagePayload
+
+
+@dataclass(frozen=True)
+class CanvasDelta:
+    """Dirty rectangles, pasted in order onto the server's copy of the canvas."""
+
+    type: ClassVar[str] = "delta"
+    patches: tuple[Patch, ...]
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class Params:
+    """Prompt and parameter changes; fields not named keep their values."""
+
+    type: ClassVar[str] = "params"
+    changes: dict[str, Any]
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class Ping:
+    type: ClassVar[str] = "ping"
+    t: float | None = None
+    seq: int | None = None
+
+
+ClientMessage = Hello | Canvas | CanvasDelta | Params | Ping
+
+
+# ---------------------------------------------------------------------------------------------------
+# Server → client
+
+
+@dataclass(frozen=True)
+class Ready:
+    type: ClassVar[str] = "ready"
+    protocol: int
+    session_id: str
+    width: int
+    height: int
+    codec: str
+    quality: int
+    mode: str
+    params: dict[str, Any]
+    limits: dict[str, int]
+    model: dict[str, Any]
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class Busy:
+    """All slots are taken. With queue_position the client is waiting in line; without, it must retry."""
+
+    type: ClassVar[str] = "busy"
+    retry_after_s: float
+    slots_total: int
+    queue_position: int | None = None
+    queue_length: int = 0
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: ClassVar[str] = "frame"
+    seq: int
+    input_seq: int | None
+    width: int
+    height: int
+    codec: str
+    image: bytes
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Stats:
+    type: ClassVar[str] = "stats"
+    fps: float
+    latency_ms: dict[str, float]
+    frames: int
+    inputs: int
+    dropped_inputs: int
+    dropped_frames: int
+    skipped_similar: int
+    timings_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Error:
+    type: ClassVar[str] = "error"
+    code: str
+    message: str
+    ref_seq: int | None = None
+    ref_type: str | None = None
+    field: str | None = None
+    fatal: bool = False
+
+
+@dataclass(frozen=True)
+class Pong:
+    type: ClassVar[str] = "pong"
+    t: float | None = None
+    seq: int | None = None
+
+
+ServerMessage = Ready | Busy | Frame | Stats | Error | Pong
+
+
+def serialize(message: ServerMessage | ClientMessage) -> bytes:
+    """One message → MsgPack bytes. Also used by Python clients (tests, benchmarks) for client messages."""
+    body = {"type": message.type}
+    for item in dataclasses.fields(message):
+        body[item.name] = _plain(getattr(message, item.name))
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, ImagePayload):
+        return {key: _plain(item) for key, item in dataclasses.asdict(value).items() if item is not None}
+    if isinstance(value, Patch):
+        return {"x": value.x, "y": value.y, "image": _plain(value.image)}
+    if isinstance(value, ImageFormat):
+        return value.value
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+def parse_server_message(data: bytes) -> dict[str, Any]:
+    """For clients: the server's message as a plain dict (tests and benchmarks use this)."""
+    return _unpack(data)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing client messages
+
+
+def _unpack(data: bytes) -> dict[str, Any]:
+    try:
+        body = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_array_len=4096,
+            max_map_len=256,
+            max_ext_len=0,
+        )
+    except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError, msgpack.exceptions.StackError) as error:
+        raise MalformedMessage(f"not a single MsgPack value: {error}") from None
+    except (ValueError, TypeError, UnicodeDecodeError) as error:
+        raise MalformedMessage(f"not valid MsgPack: {error}") from None
+    if not isinstance(body, dict):
+        raise MalformedMessage(f"a message must be a MsgPack map, got {type(body).__name__}")
+    kind = body.get("type")
+    if not isinstance(kind, str):
+        raise MalformedMessage("a message needs a string field 'type'")
+    return body
+
+
+class _Fields:
+    """Reads typed fields out of one message map and complains precisely about the first bad one."""
+
+    def __init__(self, body: dict[str, Any], where: str) -> None:
+        self.body = body
+        self.where = where
+        self.seen = {"type"}
+
+    def get(self, name: str, kinds: tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+        self.seen.add(name)
+        if name not in self.body or self.body[name] is None:
+            if required:
+                raise InvalidField(f"{self.where}: missing field '{name}'", field=name)
+            return default
+        value = self.body[name]
+        # bool is an int in Python; a protocol int field must not accept true/false.
+        if isinstance(value, bool) and bool not in kinds:
+            raise InvalidField(f"{self.where}: '{name}' must be {_names(kinds)}, got a boolean", field=name)
+        if not isinstance(value, kinds):
+            raise InvalidField(
+                f"{self.where}: '{name}' must be {_names(kinds)}, got {type(value).__name__}", field=name
+            )
+        return value
+
+    def integer(self, name: str, low: int, high: int, default: int | None = None, required: bool = False) -> Any:
+        value = self.get(name, (int,), default, required)
+        if value is not None and not low <= value <= high:
+            raise InvalidField(f"{self.where}: '{name}' is {value}, outside [{low}, {high}]", field=name)
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.body) - self.seen)
+        if unknown:
+            raise InvalidField(f"{self.where}: unknown field '{unknown[0]}'", field=unknown[0])
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    names = {bytes: "binary", str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+    names.update({dict: "a map", list: "an array"})
+    return " or ".join(names.get(kind, kind.__name__) for kind in kinds)
+
+
+def _image(value: Any, where: str) -> ImagePayload:
+    if not isinstance(value, dict):
+        raise InvalidField(f"{where}: 'image' must be a map with format and data", field="image")
+    fields = _Fields(value, f"{where}.image")
+    image_format = ImageFormat.parse(fields.get("format", (str,), required=True))
+    data = fields.get("data", (bytes,), required=True)
+    width = fields.integer("width", 1, 1 << 20)
+    height = fields.integer("height", 1, 1 << 20)
+    fields.done()
+    return ImagePayload(image_format, data, width, height)
+
+
+def _parse_hello(fields: _Fields) -> Hello:
+    offered = fields.get("protocol", (list, int), required=True)
+    versions = [offered] if isinstance(offered, int) else offered
+    if not versions or not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
+        raise InvalidField("hello: 'protocol' must be an integer or a non-empty array of integers", field="protocol")
+    params = fields.get("params", (dict,), default={})
+    mode = fields.get("mode", (str,), default="img2img")
+    if mode not in MODES:
+        raise InvalidField(f"hello: 'mode' is {mode!r}, not one of {', '.join(MODES)}", field="mode")
+    return Hello(
+        protocol=tuple(versions),
+        width=fields.integer("width", 1, 1 << 16),
+        height=fields.integer("height", 1, 1 << 16),
+        codec=ImageFormat.parse(fields.get("codec", (str,), default="jpeg")),
+        quality=fields.integer("quality", 1, 100, default=80),
+        api_key=fields.get("api_key", (str,)),
+        queue=fields.get("queue", (bool,), default=False),
+        mode=mode,
+        params=parse_param_changes(params, "hello.params"),
+        seq=fields.integer("seq", 0, MAX_SEQ),
+    )
+
+
+def parse_param_changes(changes: dict[str, Any], where: str = "params") -> dict[str, Any]:
+    checked: dict[str, Any] = {}
+    for name, value in changes.items():
+        kinds = PARAM_TYPES.get(name) if isinstance(name, str) else None
+        if kinds is None:
+            raise InvalidField(f"{where}: unknown parameter {name!r}", field=str(name))
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            raise InvalidField(
+                f"{where}: '{name}' must be {_names(kinds)}, got {type(value).__name__}", field=name
+            )
+        if isinstance(value, str) and len(value) > _MAX_STRING:
+            raise InvalidField(f"{where}: '{name}' is longer than {_MAX_STRING} characters", field=name)
+        checked[name] = float(value) if float in kinds else value
+    return checked
+
+
+def parse_client_message(data: bytes) -> ClientMessage:
+    body = _unpack(data)
+    kind = body["type"]
+    fields = _Fields(body, kind)
+    message: ClientMessage
+    if kind == Hello.type:
+        message = _parse_hello(fields)
+    elif kind == Canvas.type:
+        message = Canvas(
+            image=_image(fields.get("image", (dict,), required=True), kind),
+            seq=fields.integer("seq", 0, MAX_SEQ),
+        )
+    elif kind == CanvasDelta.type:
+        raw_patches = fields.get("patches", (list,), required=True)
+        if not 1 <= len(raw_patches) <= _MAX_RECTS:
+            raise InvalidField(f"delta: 'patches' must hold 1 to {_MAX_RECTS} patches", field="patches")
+        patches = []
+        for index, raw in enumerate(raw_patches):
+            if not isinstance(raw, dict):
+                raise InvalidField(f"delta.patches[{index}] must be a map", field="patches")
+            patch_fields = _Fields(raw, f"delta.patches[{index}]")
+            patch = Patch(
+                x=patch_fields.integer("x", -(1 << 20), 1 << 20, required=True),
+                y=patch_fields.integer("y", -(1 << 20), 1 << 20, required=True),
+                image=_image(patch_fields.get("image", (dict,), required=True), f"delta.patches[{index}]"),
+            )
+            patch_fields.done()
+            patches.append(patch)
+        message = CanvasDelta(patches=tuple(patches), seq=fields.integer("seq", 0, MAX_SEQ))
+    elif kind == Params.type:
+        changes = fields.get("changes", (dict,), required=True)
+        message = Params(changes=parse_param_changes(changes), seq=fields.integer("seq", 0, MAX_SEQ))
+    elif kind == Ping.type:
+        message = Ping(t=fields.get("t", (float, int)), seq=fields.integer("seq", 0, MAX_SEQ))
+    else:
+        raise UnknownMessageType(
+            f"unknown message type {kind!r}; expected one of hello, canvas, delta, params, ping", field="type"
+        )
+    fields.done()
+    return message
+
+
+def message_ref(data: bytes) -> tuple[int | None, str | None]:
+    """Best-effort (seq, type) of a message that failed to parse, for the error that answers it."""
+    try:
+        body = msgpack.unpackb(data, raw=False, max_array_len=4096, max_map_len=256)
+    except (ValueError, TypeError):  # msgpack's unpack errors are ValueErrors: no reference to give
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    seq = body.get("seq")
+    kind = body.get("type")
+    return (
+        seq if isinstance(seq, int) and not isinstance(seq, bool) else None,
+        kind if isinstance(kind, str) and len(kind) <= 64 else None,
+    )

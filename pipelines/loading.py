@@ -1,0 +1,162 @@
+"""Loading diffusion models from a local directory or the Hugging Face cache, offline.
+
+The server never downloads weights: a model is a local diffusers directory, or a Hugging Face repo id
+that is already in the local cache (`huggingface-cli download` it beforehand on a machine that can).
+With no model configured the project's own tiny test model is built (once, cached) and loaded through
+exactly the same `from_pretrained` path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderTiny, StableDiffusionPipeline
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+from .devices import DevicePlacement, choose_placement
+from .errors import ModelLoadError, ModelNotFound
+from .tiny import TAESD_SUBDIR, ensure_tiny_model, is_tiny_model
+
+logger = logging.getLogger(__name__)
+
+TINY_VAE_AUTO = "auto"
+TINY_VAE_NONE = "none"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load. `model=None` means the project's tiny test model."""
+
+    model: str | None = None
+    tiny_vae: str = TINY_VAE_AUTO
+    lora: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass
+class LoadedModel:
+    """Shared, read-only weights. Per-session state lives in `pipelines.stream.StreamPipeline`."""
+
+    pipe: StableDiffusionPipeline
+    placement: DevicePlacement
+    name: str
+    path: Path
+    vae_kind: str
+    is_test_model: bool
+    lora: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "vae": self.vae_kind,
+            "lora": self.lora,
+            "device": str(self.placement.device),
+            "dtype": str(self.placement.dtype).removeprefix("torch."),
+            "test_model": self.is_test_model,
+        }
+
+
+def resolve_model_path(name: str, what: str = "model") -> Path:
+    """A local directory as it is, or a repo id looked up in the local Hugging Face cache only."""
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelNotFound(f"{what} {name!r} is a file; expected a diffusers model directory")
+        return local.resolve()
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotFound(
+            f"{what} {name!r}: no such directory, and it is not a Hugging Face repo id (owner/name)"
+        )
+    try:
+        return Path(snapshot_download(repo_id=name, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError) as error:
+        raise ModelNotFound(
+            f"{what} {name!r} is not a local directory and is not in the Hugging Face cache at "
+            f"{hub_constants.HF_HUB_CACHE} (looked up offline; this server never downloads weights). "
+            f"Download it on a machine with access (`huggingface-cli download {name}`) and copy the "
+            f"cache, or pass the path of a diffusers directory. ({type(error).__name__})"
+        ) from None
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load the pipeline's components onto the chosen device. Raises ModelNotFound / ModelLoadError."""
+    placement = choose_placement(spec.device, spec.dtype)
+    if spec.model is None:
+        path = ensure_tiny_model()
+        name = "streamcanvas tiny test model"
+    else:
+        path = resolve_model_path(spec.model)
+        name = spec.model
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{path} has no model_index.json: it is not a diffusers pipeline directory "
+            "(single-file .safetensors checkpoints must be converted with diffusers first)"
+        )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            path,
+            torch_dtype=placement.dtype,
+            local_files_only=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"could not load a Stable Diffusion pipeline from {path}: {error}") from error
+
+    vae_kind = "AutoencoderKL"
+    tiny_vae_path: Path | None = None
+    if spec.tiny_vae == TINY_VAE_AUTO:
+        if (path / TAESD_SUBDIR / "config.json").is_file():
+            tiny_vae_path = path / TAESD_SUBDIR
+    elif spec.tiny_vae != TINY_VAE_NONE:
+        tiny_vae_path = resolve_model_path(spec.tiny_vae, what="tiny VAE")
+    if tiny_vae_path is not None:
+        try:
+            pipe.vae = AutoencoderTiny.from_pretrained(
+                tiny_vae_path, torch_dtype=placement.dtype, local_files_only=True
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ModelLoadError(f"could not load an AutoencoderTiny from {tiny_vae_path}: {error}") from error
+        vae_kind = f"AutoencoderTiny ({tiny_vae_path.name})"
+
+    if spec.lora is not None:
+        lora_path = resolve_model_path(spec.lora, what="LoRA")
+        try:
+            pipe.load_lora_weights(str(lora_path), local_files_only=True)
+            pipe.fuse_lora()
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ModelLoadError(f"could not load the LoRA from {lora_path}: {error}") from error
+
+    pipe = pipe.to(placement.device)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval()
+        module.requires_grad_(False)
+    logger.info("loaded %s from %s on %s (vae: %s)", name, path, placement.description, vae_kind)
+    return LoadedModel(
+        pipe=pipe,
+        placement=placement,
+        name=name,
+        path=path,
+        vae_kind=vae_kind,
+        is_test_model=is_tiny_model(path),
+        lora=spec.lora,
+    )
+
+
+def inference_threads(requested: int | None) -> int:
+    """Set torch's intra-op thread count (all cores by default) and return it."""
+    if requested is not None:
+        torch.set_num_threads(requested)
+    return torch.get_num_threads()

@@ -1,0 +1,300 @@
+"""Per-session StreamDiffusion state over shared model weights.
+
+`StreamPipeline` is the small interface the session layer drives:
+
+    stream = StreamPipeline(model, width=256, height=256)
+    stream.configure(StreamParams(prompt="a red house", strength=0.5), img2img=True)
+    result = stream.render(canvas_rgb, tag=input_seq)   # off the event loop
+
+Every session owns one: its latent buffers, noise, prompt embeddings and generator are never shared, so
+two people's canvases cannot bleed into each other's frames. The weights (UNet, VAE, text encoder) are
+shared read-only across all sessions.
+
+The denoising itself is the `streamdiffusion` package's (stream batch, residual CFG, the similar-image
+filter). Upstream's frame call is CUDA-only (it times itself with `torch.cuda.Event`), and its
+`prepare()` re-encodes the prompt on every change; `_SessionStream` replaces those two entry points and
+keeps the rest of the library's loop as it is.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+from streamdiffusion import StreamDiffusion
+
+from .errors import InvalidParameter
+from .loading import LoadedModel
+
+CfgType = Literal["none", "full", "self", "initialize"]
+CFG_TYPES: tuple[str, ...] = get_args(CfgType)
+
+SCHEDULE_STEPS = 50
+"""Length of the LCM schedule that t_index_list indexes into (as in StreamDiffusion's examples)."""
+
+MAX_STEPS = 4
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """Everything a client can change while streaming. Invalid values raise InvalidParameter."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    strength: float = 0.5
+    steps: int = 2
+    seed: int = 2
+    guidance_scale: float = 1.2
+    delta: float = 1.0
+    cfg_type: CfgType = "self"
+    denoising_batch: bool = True
+    similar_filter: bool = False
+    similar_threshold: float = 0.98
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                raise InvalidParameter(name, f"longer than {MAX_PROMPT_CHARS} characters")
+        _check_range("strength", self.strength, 0.02, 1.0)
+        _check_range("steps", self.steps, 1, MAX_STEPS)
+        _check_range("seed", self.seed, 0, MAX_SEED)
+        _check_range("guidance_scale", self.guidance_scale, 0.0, 20.0)
+        _check_range("delta", self.delta, 0.0, 5.0)
+        _check_range("similar_threshold", self.similar_threshold, 0.0, 1.0)
+        if self.cfg_type not in CFG_TYPES:
+            raise InvalidParameter("cfg_type", f"{self.cfg_type!r} is not one of {', '.join(CFG_TYPES)}")
+        if self.cfg_type == "full" and not self.denoising_batch:
+            # streamdiffusion 0.1.1 raises UnboundLocalError in prepare() for this combination.
+            raise InvalidParameter("cfg_type", "'full' needs denoising_batch=true")
+
+    def replace(self, **changes: object) -> StreamParams:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise InvalidParameter(sorted(unknown)[0], "unknown parameter")
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def t_index_list(self, img2img: bool) -> list[int]:
+        """Indices into the 50-step LCM schedule: strength picks the first, steps how many."""
+        start = 0 if not img2img else min(SCHEDULE_STEPS - 1, round(SCHEDULE_STEPS * (1.0 - self.strength)))
+        span = SCHEDULE_STEPS - start
+        return sorted({start + (index * span) // self.steps for index in range(self.steps)})
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise InvalidParameter(name, f"{value} is outside [{low}, {high}]")
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    image: np.ndarray | None
+    """H×W×3 uint8 RGB, or None when the similar-image filter skipped this input."""
+    answers: int
+    """Tag of the newest input this frame fully reflects (the stream batch delays inputs by depth-1)."""
+    inference_ms: float
+
+
+class _SessionStream(StreamDiffusion):
+    """StreamDiffusion with the prompt prepared separately and a device-agnostic frame call."""
+
+    def prepare_stream(self, generator: torch.Generator, guidance_scale: float, delta: float) -> None:
+        """Noise, timesteps and LCM scalings: what upstream's prepare() does, minus the prompt."""
+        self.generator = generator
+        self.guidance_scale = 1.0 if self.cfg_type == "none" else guidance_scale
+        self.delta = delta
+        latent_shape = (4, self.latent_height, self.latent_width)
+        if self.denoising_steps_num > 1:
+            self.x_t_latent_buffer = torch.zeros(
+                ((self.denoising_steps_num - 1) * self.frame_bff_size, *latent_shape),
+                dtype=self.dtype,
+                device=self.device,
+            )
+        else:
+            self.x_t_latent_buffer = None
+        self.scheduler.set_timesteps(SCHEDULE_STEPS, self.device)
+        self.timesteps = self.scheduler.timesteps.to(self.device)
+        self.sub_timesteps = [self.timesteps[index] for index in self.t_list]
+        repeats = self.frame_bff_size if self.use_denoising_batch else 1
+        self.sub_timesteps_tensor = torch.repeat_interleave(
+            torch.tensor(self.sub_timesteps, dtype=torch.long, device=self.device), repeats=repeats, dim=0
+        )
+        self.init_noise = torch.randn((self.batch_size, *latent_shape), generator=generator).to(
+            device=self.device, dtype=self.dtype
+        )
+        self.stock_noise = torch.zeros_like(self.init_noise)
+
+        scalings = [self.scheduler.get_scalings_for_boundary_condition_discrete(t) for t in self.sub_timesteps]
+        steps = len(self.t_list)
+        self.c_skip = self._column([c_skip for c_skip, _ in scalings], steps)
+        self.c_out = self._column([c_out for _, c_out in scalings], steps)
+        alphas = self.scheduler.alphas_cumprod
+        alpha_sqrt = self._column([alphas[t].sqrt() for t in self.sub_timesteps], steps)
+        beta_sqrt = self._column([(1 - alphas[t]).sqrt() for t in self.sub_timesteps], steps)
+        self.alpha_prod_t_sqrt = torch.repeat_interleave(alpha_sqrt, repeats=repeats, dim=0)
+        self.beta_prod_t_sqrt = torch.repeat_interleave(beta_sqrt, repeats=repeats, dim=0)
+
+    def _column(self, values: list, steps: int) -> torch.Tensor:
+        stacked = torch.stack([torch.as_tensor(value) for value in values])
+        return stacked.view(steps, 1, 1, 1).to(dtype=self.dtype, device=self.device)
+
+    def set_prompt_embeddings(self, conditional: torch.Tensor, unconditional: torch.Tensor) -> None:
+        """Arrange already-encoded prompt embeddings for the stream batch and CFG mode."""
+        embeds = conditional.repeat(self.batch_size, 1, 1)
+        if self.guidance_scale > 1.0 and self.cfg_type == "full":
+            embeds = torch.cat([unconditional.repeat(self.batch_size, 1, 1), embeds], dim=0)
+        elif self.guidance_scale > 1.0 and self.cfg_type == "initialize":
+            embeds = torch.cat([unconditional.repeat(self.frame_bff_size, 1, 1), embeds], dim=0)
+        self.prompt_embeds = embeds
+
+    def encode_image(self, image_tensors: torch.Tensor) -> torch.Tensor:
+        # The latent distribution's mode instead of a sample: same canvas, same latent, less flicker.
+        image_tensors = image_tensors.to(device=self.device, dtype=self.vae.dtype)
+        latent = retrieve_latents(self.vae.encode(image_tensors), sample_mode="argmax")
+        return self.add_noise(latent * self.vae.config.scaling_factor, self.init_noise[0], 0)
+
+
+class StreamPipeline:
+    """One session's img2img / txt2img stream. Not thread-safe: one worker thread drives it."""
+
+    def __init__(self, model: LoadedModel, width: int, height: int) -> None:
+        scale = model.pipe.vae_scale_factor
+        if width % scale or height % scale:
+            raise InvalidParameter("resolution", f"{width}x{height} is not a multiple of {scale}")
+        self.model = model
+        self.width = width
+        self.height = height
+        self.params: StreamParams | None = None
+        self.img2img = True
+        self.prompt_encodings = 0
+        self._stream: _SessionStream | None = None
+        self._embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._embedded_prompt: tuple[str, str] | None = None
+        self._noise: torch.Tensor | None = None
+        self._primed = False
+        self._fed: collections.deque[int] = collections.deque(maxlen=MAX_STEPS)
+
+    @property
+    def depth(self) -> int:
+        """How many frames an input takes to pass through the stream batch."""
+        if self._stream is None or not self._stream.use_denoising_batch:
+            return 1
+        return self._stream.denoising_steps_num
+
+    @property
+    def settled(self) -> bool:
+        """True once the newest input fed has been fully denoised into a frame."""
+        return self._primed and len(set(self._fed)) <= 1
+
+    def configure(self, params: StreamParams, img2img: bool) -> None:
+        """Apply new parameters, redoing only what they invalidate (the model is never reloaded)."""
+        previous = self.params
+        rebuild = (
+            previous is None
+            or img2img != self.img2img
+            or params.t_index_list(img2img) != previous.t_index_list(self.img2img)
+            or (params.cfg_type, params.denoising_batch, params.seed)
+            != (previous.cfg_type, previous.denoising_batch, previous.seed)
+        )
+        self.params = params
+        self.img2img = img2img
+        prompt_key = (params.prompt, params.negative_prompt)
+        if prompt_key != self._embedded_prompt:
+            self._embeddings = self._encode_prompt(*prompt_key)
+            self._embedded_prompt = prompt_key
+        if rebuild:
+            self._build_stream(params, img2img)
+        else:
+            assert self._stream is not None
+            self._stream.guidance_scale = 1.0 if params.cfg_type == "none" else params.guidance_scale
+            self._stream.delta = params.delta
+        assert self._stream is not None and self._embeddings is not None
+        self._stream.set_prompt_embeddings(*self._embeddings)
+        if params.similar_filter:
+            self._stream.enable_similar_image_filter(params.similar_threshold)
+        else:
+            self._stream.disable_similar_image_filter()
+
+    @torch.no_grad()
+    def _encode_prompt(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        conditional, unconditional = self.model.pipe.encode_prompt(
+            prompt=prompt,
+            device=self.model.placement.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=negative_prompt,
+        )
+        self.prompt_encodings += 1
+        return conditional, unconditional
+
+    def _build_stream(self, params: StreamParams, img2img: bool) -> None:
+        stream = _SessionStream(
+            self.model.pipe,
+            t_index_list=params.t_index_list(img2img),
+            torch_dtype=self.model.placement.dtype,
+            width=self.width,
+            height=self.height,
+            use_denoising_batch=params.denoising_batch,
+            frame_buffer_size=1,
+            cfg_type=params.cfg_type,
+        )
+        generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        stream.prepare_stream(generator, params.guidance_scale, params.delta)
+        # txt2img starts every frame from the same seeded noise, so a prompt change is all that moves it.
+        self._noise = torch.randn((1, 4, stream.latent_height, stream.latent_width), generator=generator).to(
+            device=self.model.placement.device, dtype=self.model.placement.dtype
+        )
+        self._stream = stream
+        self._primed = False
+        self._fed.clear()
+
+    @torch.no_grad()
+    def render(self, image: np.ndarray | None, tag: int = 0) -> RenderResult:
+        """Turn one input (H×W×3 uint8 RGB, or None for txt2img) into one output frame."""
+        stream = self._stream
+        if stream is None:
+            raise RuntimeError("configure() must be called before render()")
+        started = time.perf_counter()
+        if self.img2img:
+            if image is None:
+                raise InvalidParameter("image", "img2img needs an input image")
+            if image.shape != (self.height, self.width, 3) or image.dtype != np.uint8:
+                raise InvalidParameter(
+                    "image", f"expected {self.height}x{self.width}x3 uint8, got {image.shape} {image.dtype}"
+                )
+            pixels = torch.from_numpy(image).to(self.model.placement.device).permute(2, 0, 1).unsqueeze(0)
+            pixels = pixels.to(self.model.placement.dtype) / 127.5 - 1.0
+            if stream.similar_image_filter and stream.similar_filter(pixels) is None:
+                return RenderResult(None, self._fed[-1] if self._fed else tag, _elapsed_ms(started, stream))
+            latent = stream.encode_image(pixels)
+        else:
+            assert self._noise is not None
+            latent = self._noise
+        if not self._primed or (self.settled and self._fed and tag != self._fed[-1]):
+            # Fill the stream batch with this input: the first frame is then not decoded from zero
+            # latents, and after an idle spell the first frame already shows the new input fully.
+            for _ in range(self.depth - 1):
+                stream.predict_x0_batch(latent)
+            self._fed.extend([tag] * self.depth)
+            self._primed = True
+        else:
+            self._fed.append(tag)
+        while len(self._fed) > self.depth:
+            self._fed.popleft()
+        denoised = stream.predict_x0_batch(latent)
+        decoded = stream.decode_image(denoised)
+        output = ((decoded[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+        return RenderResult(output.cpu().numpy(), self._fed[0], _elapsed_ms(started, stream))
+
+
+def _elapsed_ms(started: float, stream: StreamDiffusion) -> float:
+    if stream.device.type == "cuda":
+        torch.cuda.synchronize(stream.device)
+    return (time.perf_counter() - started) * 1000.0

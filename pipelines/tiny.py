@@ -1,0 +1,223 @@
+"""A tiny, untrained, Stable-Diffusion-1.x-shaped model that the project builds itself.
+
+Weights cannot be downloaded on the machines this project is developed and tested on, so the server's
+default model and every test use this one. It has the real architecture of SD 1.x in miniature (UNet
+with cross-attention, a 4-block AutoencoderKL so latents are 1/8 of the image, a CLIP text encoder and
+BPE tokenizer, an LCM scheduler, and a TAESD-shaped AutoencoderTiny), is saved with `save_pretrained`
+and loaded back through the same `from_pretrained` path as real weights. Its frames are deterministic
+functions of the input, prompt and seed, but they are not pictures of anything: it is untrained.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TINY_MODEL_VERSION = 2
+"""Bumped whenever the shape of the tiny model changes, so cached copies are rebuilt."""
+
+VOCAB_SIZE = 1000
+TAESD_SUBDIR = "taesd"
+_MARKER = "streamcanvas_tiny_model.json"
+
+# Words the tokenizer learns merges from. Any text still tokenizes (byte-level fallback); these only make
+# common prompt words a few tokens long instead of one token per letter.
+_CORPUS = (
+    "a an the of in on with and at by from portrait photo painting drawing sketch of cat dog bird horse "
+    "house tree forest mountain river lake sea ocean beach sky cloud sun moon star night day city street "
+    "car road bridge castle flower garden field landscape person woman man girl boy face eyes hair smile "
+    "red orange yellow green blue purple pink black white gray brown gold silver colorful bright dark "
+    "light shadow style oil watercolor pencil digital art anime cartoon realistic detailed sharp soft "
+    "cinematic lighting high quality masterpiece beautiful cute small large old new fantasy science "
+    "fiction robot dragon space planet galaxy abstract pattern texture wood stone glass metal water fire"
+)
+
+
+def default_cache_dir() -> Path:
+    """Where the tiny model is built on first use: $STREAMCANVAS_CACHE_DIR, else the XDG cache."""
+    explicit = os.environ.get("STREAMCANVAS_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "streamcanvas"
+
+
+def default_tiny_model_dir() -> Path:
+    return default_cache_dir() / f"tiny-sd-v{TINY_MODEL_VERSION}"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte → printable-character table (the base alphabet of its BPE)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def build_tokenizer_files(vocab_size: int = VOCAB_SIZE) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Learn a small CLIP-style BPE vocabulary from the built-in word list.
+
+    Returns the vocabulary (token → id) and the merge list, in the format CLIPTokenizer reads.
+    """
+    alphabet = list(_bytes_to_unicode().values())
+    vocab_tokens = alphabet + [symbol + "</w>" for symbol in alphabet]
+    words = collections.Counter(_CORPUS.split())
+    # Each word is a tuple of symbols, the last one carrying the end-of-word marker, as in CLIP.
+    segmented = {word: tuple(word[:-1]) + (word[-1] + "</w>",) for word in words}
+    merges: list[tuple[str, str]] = []
+    budget = vocab_size - len(vocab_tokens) - 2  # two special tokens
+    known = set(vocab_tokens)
+    while len(merges) < budget:
+        pairs: collections.Counter[tuple[str, str]] = collections.Counter()
+        for word, symbols in segmented.items():
+            for left, right in zip(symbols, symbols[1:]):
+                pairs[(left, right)] += words[word]
+        if not pairs:
+            break
+        (left, right), _ = max(pairs.items(), key=lambda item: (item[1], item[0]))
+        merged = left + right
+        merges.append((left, right))
+        if merged not in known:
+            vocab_tokens.append(merged)
+            known.add(merged)
+        for word, symbols in segmented.items():
+            out: list[str] = []
+            index = 0
+            while index < len(symbols):
+                if index + 1 < len(symbols) and symbols[index] == left and symbols[index + 1] == right:
+                    out.append(merged)
+                    index += 2
+                else:
+                    out.append(symbols[index])
+                    index += 1
+            segmented[word] = tuple(out)
+    vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(vocab_tokens)}, merges
+
+
+def build_tiny_components(seed: int = 0) -> dict[str, object]:
+    """The components of a tiny SD-1.x pipeline, with deterministic random weights."""
+    vocab, merges = build_tokenizer_files()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        sample_size=256,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+        )
+    )
+    scheduler = LCMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    torch.manual_seed(seed)
+    tiny_vae = AutoencoderTiny(
+        encoder_block_out_channels=(16, 16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16, 16),
+        latent_channels=4,
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+        "tiny_vae": tiny_vae,
+    }
+
+
+def make_tiny_model(directory: Path | str, seed: int = 0) -> Path:
+    """Build the tiny model and save it as a diffusers directory; its TAESD-shaped VAE goes in `taesd/`.
+
+    The directory is written beside its final place and renamed into it, so a crash never leaves a
+    half-written model behind for the next start to trip over.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    components = build_tiny_components(seed)
+    tiny_vae = components.pop("tiny_vae")
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(staging, safe_serialization=True)
+    tiny_vae.save_pretrained(staging / TAESD_SUBDIR, safe_serialization=True)
+    (staging / _MARKER).write_text(json.dumps({"version": TINY_MODEL_VERSION, "seed": seed}))
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+
+
+def is_tiny_model(directory: Path | str) -> bool:
+    return (Path(directory) / _MARKER).is_file()
+
+
+def ensure_tiny_model(directory: Path | str | None = None) -> Path:
+    """Return the cached tiny model directory, building it first if it is missing or outdated."""
+    target = Path(directory) if directory is not None else default_tiny_model_dir()
+    marker = target / _MARKER
+    if marker.is_file():
+        try:
+            if json.loads(marker.read_text()).get("version") == TINY_MODEL_VERSION:
+                return target
+        except (OSError, ValueError):
+            pass  # an unreadable marker means an unusable cache: rebuild below
+    return make_tiny_model(target)
