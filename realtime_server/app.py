@@ -1,0 +1,67 @@
+"""The Starlette application: health, info and the real-time WebSocket endpoint."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import torch
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+
+from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
+
+from .runtime import Runtime
+from .websocket import stream_endpoint
+
+WEBSOCKET_PATH = "/v1/stream"
+
+
+async def healthz(request: Request) -> JSONResponse:
+    runtime: Runtime = request.app.state.runtime
+    body = {"status": runtime.readiness.value}
+    if runtime.failure:
+        body["error"] = runtime.failure
+    return JSONResponse(body, status_code=200 if runtime.ready else 503)
+
+
+async def info(request: Request) -> JSONResponse:
+    runtime: Runtime = request.app.state.runtime
+    width, height = runtime.settings.size
+    body = {
+        "status": runtime.readiness.value,
+        "model": runtime.model.describe(),
+        "device": runtime.model.placement.description,
+        "torch_threads": torch.get_num_threads(),
+        "resolution": {"width": width, "height": height},
+        "max_resolution": runtime.settings.max_resolution,
+        "warmup_ms": runtime.warmup_ms,
+        "websocket": WEBSOCKET_PATH,
+        "auth": "api_key" if runtime.settings.api_keys else "none",
+        **runtime.manager.info(),
+    }
+    body["protocol_versions"] = list(PROTOCOL_VERSIONS)
+    return JSONResponse(body)
+
+
+def create_app(runtime: Runtime) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/v1/info", info),
+            WebSocketRoute(WEBSOCKET_PATH, stream_endpoint),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    return app

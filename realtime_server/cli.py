@@ -1,0 +1,121 @@
+"""The `streamcanvas` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+import pydantic
+
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """streamcanvas: a real-time AI canvas server (StreamDiffusion over WebSocket + MsgPack)."""
+
+
+@main.command()
+@click.option("--host", help="Address to listen on. Default 127.0.0.1 (loopback only).")
+@click.option("--port", type=int, help="TCP port to listen on (0 picks a free one). Default 8000.")
+@click.option(
+    "--model",
+    help="A local diffusers directory, or a Hugging Face repo id already in the local cache "
+    "(e.g. stabilityai/sd-turbo); looked up offline. Default: the project's tiny untrained test model.",
+)
+@click.option(
+    "--tiny-vae",
+    help="AutoencoderTiny (TAESD) directory or cached repo id (e.g. madebyollin/taesd) to decode with; "
+    "'none' keeps the model's full VAE; 'auto' (default) uses MODEL/taesd when it exists.",
+)
+@click.option("--lora", help="A LoRA (e.g. an LCM-LoRA) directory or cached repo id to fuse into the UNet.")
+@click.option("--resolution", help="Default session resolution WIDTHxHEIGHT, multiples of 8. Default 512x512.")
+@click.option("--max-resolution", help="Largest resolution a client may ask for. Default 1024x1024.")
+@click.option("--slots", type=int, help="Sessions rendered at once on this device, each with its own worker. Default 1.")
+@click.option("--max-waiting", type=int, help="Clients that may wait in line for a slot. Default 8.")
+@click.option("--device", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N. Default auto.")
+@click.option("--dtype", help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.")
+@click.option("--threads", type=int, help="Torch CPU threads for inference. Default: all cores.")
+@click.option("--idle-timeout", "idle_timeout_s", type=float, help="Seconds without a client message before its slot is freed. Default 120.")
+@click.option("--api-key", "api_keys", multiple=True, help="Require this key in hello (repeat for several). Default: no keys.")
+@click.option("--allowed-origin", "allowed_origins", multiple=True, help="Browser Origin allowed besides the server's own (repeat; '*' for any).")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Logging verbosity. Default info.")
+def serve(**options: object) -> None:
+    """Load the model, then serve the real-time canvas API.
+
+    Every option can also be set as an environment variable STREAMCANVAS_<OPTION> (e.g.
+    STREAMCANVAS_MODEL, STREAMCANVAS_API_KEYS=key1,key2); options given here win.
+    """
+    import uvicorn
+
+    from streamcanvas.pipelines.errors import PipelineError
+
+    from .app import create_app
+    from .runtime import Runtime
+    from .settings import Settings
+
+    given = {name: value for name, value in options.items() if value not in (None, ())}
+    for name in ("api_keys", "allowed_origins"):
+        if name in given:
+            given[name] = list(given[name])  # type: ignore[call-overload]
+    try:
+        settings = Settings(**given)
+    except pydantic.ValidationError as error:
+        raise click.UsageError(_validation_message(error)) from None
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log = logging.getLogger("streamcanvas")
+    if settings.binds_beyond_loopback and not settings.api_keys:
+        log.warning(
+            "listening on %s with NO api keys: anyone who can reach this address can use the GPU. "
+            "Set --api-key (or STREAMCANVAS_API_KEYS) or bind to 127.0.0.1.",
+            settings.host,
+        )
+    try:
+        runtime = Runtime.load(settings)
+    except PipelineError as error:
+        click.echo(f"streamcanvas: cannot start: {error}", err=True)
+        sys.exit(2)
+    if runtime.model.is_test_model:
+        log.warning(
+            "no --model given: frames come from streamcanvas's tiny UNTRAINED test model (%s); they follow "
+            "your canvas and prompt but are not pictures. Point --model at a diffusers directory or a "
+            "cached Hugging Face repo id (e.g. --model stabilityai/sd-turbo) for real images.",
+            runtime.model.path,
+        )
+    uvicorn.run(
+        create_app(runtime),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        ws_max_size=settings.max_message_bytes * 2,
+        ws_per_message_deflate=False,
+        ws_max_queue=4,
+        lifespan="on",
+    )
+
+
+@main.command("make-tiny-model")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+def make_tiny_model_command(directory: Path, seed: int) -> None:
+    """Build the tiny untrained SD-1.x-shaped test model into DIRECTORY (diffusers layout, TAESD in taesd/)."""
+    from streamcanvas.pipelines.tiny import make_tiny_model
+
+    path = make_tiny_model(directory, seed=seed)
+    click.echo(f"wrote the tiny test model to {path}")
+
+
+def _validation_message(error: pydantic.ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "settings"
+        lines.append(f"{where}: {problem['msg']}")
+    return "; ".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""What a running server holds: settings, the loaded model, the session manager, and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+
+import numpy as np
+
+from streamcanvas.pipelines.loading import LoadedModel, ModelSpec, inference_threads, load_model
+from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
+from streamcanvas.sessions.manager import SessionManager
+
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Readiness(enum.Enum):
+    WARMING_UP = "warming_up"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPING = "stopping"
+
+
+class Runtime:
+    def __init__(self, settings: Settings, model: LoadedModel) -> None:
+        self.settings = settings
+        self.model = model
+        self.manager = SessionManager(settings.session_config(), model)
+        self.readiness = Readiness.WARMING_UP
+        self.warmup_ms: float | None = None
+        self.failure: str | None = None
+        self._warmup_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def load(cls, settings: Settings) -> Runtime:
+        """Load the model (raising ModelNotFound / ModelLoadError) before anything listens."""
+        inference_threads(settings.threads)
+        spec = ModelSpec(
+            model=settings.model,
+            tiny_vae=settings.tiny_vae,
+            lora=settings.lora,
+            device=settings.device,
+            dtype=settings.dtype,
+        )
+        return cls(settings, load_model(spec))
+
+    async def start(self) -> None:
+        """Start the slot workers and warm up in the background; /healthz says ready when done."""
+        self.manager.start()
+        if not self.settings.warmup:
+            self.readiness = Readiness.READY
+            return
+        self._warmup_task = asyncio.create_task(self._warm_up_in_background(), name="warm-up")
+
+    async def _warm_up_in_background(self) -> None:
+        try:
+            self.warmup_ms = await asyncio.to_thread(self._warm_up)
+        except Exception as error:  # noqa: BLE001 - reported through /healthz and the log
+            logger.exception("warm-up failed")
+            self.failure = f"{type(error).__name__}: {error}"
+            self.readiness = Readiness.FAILED
+            return
+        self.readiness = Readiness.READY
+        logger.info("warm-up done in %.0f ms; ready for sessions", self.warmup_ms)
+
+    def _warm_up(self) -> float:
+        width, height = self.settings.size
+        started = time.perf_counter()
+        stream = StreamPipeline(self.model, width, height)
+        stream.configure(StreamParams(prompt="warm-up"), img2img=True)
+        canvas = np.full((height, width, 3), 200, dtype=np.uint8)
+        for index in range(2):
+            stream.render(canvas, tag=index)
+        return (time.perf_counter() - started) * 1000
+
+    async def stop(self) -> None:
+        self.readiness = Readiness.STOPPING
+        if self._warmup_task is not None:
+            await self._warmup_task
+        await self.manager.stop()
+
+    @property
+    def ready(self) -> bool:
+        return self.readiness is Readiness.READY

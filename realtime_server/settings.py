@@ -1,0 +1,103 @@
+"""Server settings: defaults, overridden by STREAMCANVAS_* environment variables, overridden by the CLI."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+from streamcanvas.codecs.images import ImageLimits
+from streamcanvas.sessions.manager import SessionConfig
+
+_RESOLUTION = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+
+
+def _split_list(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMCANVAS_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+
+    model: str | None = None
+    tiny_vae: str = "auto"
+    lora: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = Field(None, ge=1, le=256)
+    warmup: bool = True
+
+    resolution: str = "512x512"
+    max_resolution: str = "1024x1024"
+    slots: int = Field(1, ge=1, le=64)
+    max_waiting: int = Field(8, ge=0, le=1024)
+    max_connections: int = Field(64, ge=1, le=100_000)
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    idle_timeout_s: float = Field(120.0, gt=0)
+    stats_interval_s: float = Field(1.0, gt=0)
+
+    api_keys: Annotated[list[str], NoDecode] = []
+    allowed_origins: Annotated[list[str], NoDecode] = []
+    token_secret: str | None = None
+
+    _split = field_validator("api_keys", "allowed_origins", mode="before")(_split_list)
+
+    @field_validator("resolution", "max_resolution")
+    @classmethod
+    def _check_resolution(cls, value: str) -> str:
+        match = _RESOLUTION.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not WIDTHxHEIGHT, e.g. 512x512")
+        width, height = int(match[1]), int(match[2])
+        if width % 8 or height % 8 or width < 64 or height < 64:
+            raise ValueError(f"{value!r}: width and height must be multiples of 8 and at least 64")
+        return value
+
+    @staticmethod
+    def _size(value: str) -> tuple[int, int]:
+        width, height = value.split("x")
+        return int(width), int(height)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self._size(self.resolution)
+
+    @property
+    def binds_beyond_loopback(self) -> bool:
+        if self.host in ("localhost",):
+            return False
+        try:
+            return not ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return True
+
+    def session_config(self) -> SessionConfig:
+        width, height = self.size
+        max_width, max_height = self._size(self.max_resolution)
+        side = max(max_width, max_height, 4096)
+        extra = {"token_secret": self.token_secret} if self.token_secret else {}
+        return SessionConfig(
+            default_width=width,
+            default_height=height,
+            max_width=max(max_width, width),
+            max_height=max(max_height, height),
+            slots=self.slots,
+            max_waiting=self.max_waiting,
+            max_connections=self.max_connections,
+            max_message_bytes=self.max_message_bytes,
+            image_limits=ImageLimits(max_width=side, max_height=side, max_pixels=self.max_image_pixels),
+            idle_timeout_s=self.idle_timeout_s,
+            stats_interval_s=self.stats_interval_s,
+            api_keys=frozenset(self.api_keys),
+            **extra,
+        )

@@ -1,0 +1,119 @@
+"""The WebSocket transport: a thin adapter that moves bytes between a socket and a `Session`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from urllib.parse import urlsplit
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from streamcanvas.codecs.messages import Busy, Error, serialize
+from streamcanvas.sessions.manager import TooManyConnections
+from streamcanvas.sessions.session import CloseReason, Session, SessionState
+
+from .runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+CLOSE_CODES = {
+    CloseReason.CLIENT_LEFT: 1000,
+    CloseReason.IDLE: 1001,
+    CloseReason.ERROR: 1008,
+    CloseReason.SHUTDOWN: 1012,
+    CloseReason.BUSY: 1013,
+}
+_SEND_DRAIN_S = 5.0
+
+
+def origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:
+    """Cross-site WebSocket hijacking guard: browsers always send Origin; accept it only when it is this
+    server itself or in the allow-list. Clients that are not browsers send no Origin and are let through
+    (they are not what the attack uses)."""
+    origin = websocket.headers.get("origin")
+    if origin is None or "*" in allowed or origin in allowed:
+        return True
+    host = websocket.headers.get("host")
+    parts = urlsplit(origin)
+    return host is not None and parts.scheme in ("http", "https") and parts.netloc == host
+
+
+async def stream_endpoint(websocket: WebSocket) -> None:
+    runtime: Runtime = websocket.app.state.runtime
+    if not origin_allowed(websocket, runtime.settings.allowed_origins):
+        logger.warning("refused WebSocket from origin %s", websocket.headers.get("origin"))
+        await websocket.close(code=1008)  # before accept: the handshake is answered with HTTP 403
+        return
+    await websocket.accept()
+    if not runtime.ready:
+        await _refuse(websocket, runtime, f"the server is {runtime.readiness.value}; try again shortly")
+        return
+    try:
+        session = runtime.manager.open("websocket")
+    except TooManyConnections as error:
+        await _refuse(websocket, runtime, str(error))
+        return
+    sender = asyncio.create_task(_send_loop(websocket, session), name=f"send-{session.id}")
+    try:
+        await _receive_loop(websocket, session)
+    finally:
+        session.close(CloseReason.CLIENT_LEFT)  # no-op if the session already chose its reason
+        try:
+            await asyncio.wait_for(sender, _SEND_DRAIN_S)
+        except (TimeoutError, asyncio.CancelledError):
+            sender.cancel()
+        if websocket.client_state is WebSocketState.CONNECTED:
+            try:
+                await websocket.close(code=CLOSE_CODES[session.close_reason or CloseReason.CLIENT_LEFT])
+            except (RuntimeError, OSError):
+                pass  # the peer went away while we were closing
+
+
+async def _receive_loop(websocket: WebSocket, session: Session) -> None:
+    while session.state not in (SessionState.CLOSING, SessionState.CLOSED):
+        # A client waiting in line is waiting on us, so only active sessions can idle out.
+        timeout = None if session.state is SessionState.QUEUED else session.config.idle_timeout_s
+        try:
+            message = await asyncio.wait_for(websocket.receive(), timeout)
+        except TimeoutError:
+            session.send_control(
+                Error(
+                    code="idle_timeout",
+                    message=f"no message for {session.config.idle_timeout_s:g} s; the slot has been freed",
+                    fatal=True,
+                )
+            )
+            session.close(CloseReason.IDLE)
+            return
+        if message["type"] == "websocket.disconnect":
+            session.close(CloseReason.CLIENT_LEFT)
+            return
+        data = message.get("bytes")
+        if data is None:
+            session.send_control(
+                Error(
+                    code="malformed_message",
+                    message="text messages are not part of the protocol; send binary MsgPack messages",
+                )
+            )
+            continue
+        await session.handle(data)
+
+
+async def _send_loop(websocket: WebSocket, session: Session) -> None:
+    try:
+        while (payload := await session.next_outgoing()) is not None:
+            await websocket.send_bytes(payload)
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        session.close(CloseReason.CLIENT_LEFT)
+
+
+async def _refuse(websocket: WebSocket, runtime: Runtime, reason: str) -> None:
+    manager = runtime.manager
+    busy = Busy(retry_after_s=manager.config.busy_retry_after_s, slots_total=manager.pool.size)
+    try:
+        await websocket.send_bytes(serialize(busy))
+        await websocket.send_bytes(serialize(Error(code="busy", message=reason, fatal=True)))
+        await websocket.close(code=CLOSE_CODES[CloseReason.BUSY])
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # the client left before hearing why

@@ -1,0 +1,90 @@
+"""The session layer's front door: configuration, the shared model, the slot pool, live sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamcanvas.codecs.images import ImageLimits
+from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
+from streamcanvas.pipelines.loading import LoadedModel
+
+from .session import CloseReason, Session, SessionState
+from .slots import SlotPool
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    default_width: int = 512
+    default_height: int = 512
+    max_width: int = 1024
+    max_height: int = 1024
+    slots: int = 1
+    max_waiting: int = 8
+    max_connections: int = 64
+    max_message_bytes: int = 8 * 1024 * 1024
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    idle_timeout_s: float = 120.0
+    stats_interval_s: float = 1.0
+    busy_retry_after_s: float = 5.0
+    control_queue_size: int = 64
+    api_keys: frozenset[str] = frozenset()
+    token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    token_ttl_s: float = 12 * 3600
+
+    def limits_dict(self) -> dict[str, int]:
+        return {
+            "max_message_bytes": self.max_message_bytes,
+            "max_width": self.max_width,
+            "max_height": self.max_height,
+            "max_image_width": self.image_limits.max_width,
+            "max_image_height": self.image_limits.max_height,
+            "max_image_pixels": self.image_limits.max_pixels,
+            "idle_timeout_s": int(self.idle_timeout_s),
+        }
+
+
+class TooManyConnections(Exception):
+    pass
+
+
+class SessionManager:
+    def __init__(self, config: SessionConfig, model: LoadedModel) -> None:
+        self.config = config
+        self.model = model
+        self.model_description = model.describe()
+        self.pool = SlotPool(model, config.slots, config.max_waiting)
+        self.sessions: dict[str, Session] = {}
+
+    def start(self) -> None:
+        self.pool.start()
+
+    async def stop(self) -> None:
+        for session in list(self.sessions.values()):
+            session.close(CloseReason.SHUTDOWN)
+        await asyncio.to_thread(self.pool.stop)
+
+    def open(self, transport: str) -> Session:
+        if len(self.sessions) >= self.config.max_connections:
+            raise TooManyConnections(f"{len(self.sessions)} connections are open, the limit is {self.config.max_connections}")
+        session = Session(self, transport)
+        self.sessions[session.id] = session
+        return session
+
+    def forget(self, session: Session) -> None:
+        """Called by Session.close(): drop it and free its slot or place in line at once."""
+        self.sessions.pop(session.id, None)
+        self.pool.release(session)
+
+    def info(self) -> dict[str, Any]:
+        states = [session.state for session in self.sessions.values()]
+        return {
+            "slots_total": self.pool.size,
+            "slots_free": self.pool.free,
+            "queue_length": self.pool.queue_length,
+            "sessions": len(states),
+            "streaming": sum(1 for state in states if state is SessionState.STREAMING),
+            "protocol_versions": list(PROTOCOL_VERSIONS),
+        }

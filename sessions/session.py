@@ -1,0 +1,471 @@
+"""One client's real-time session, independent of the transport that carries its bytes.
+
+A transport adapter (WebSocket today, WebRTC's data channel next) does three things only:
+`await session.handle(data)` for every message it receives, sends whatever `await
+session.next_outgoing()` returns until it returns None, and calls `session.close()` when the connection
+ends. Everything else — the handshake, auth, canvas updates, the handoff to a slot's worker thread, and
+typed errors — happens here.
+
+Threads: `handle()` and the outgoing side run on the event loop. The slot's worker thread calls
+`take_job()` and `deliver()`/`report_failure()`. State they share is guarded by `self._condition`; the
+worker only ever gets copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import enum
+import hmac
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import jwt
+import numpy as np
+
+from streamcanvas.codecs.errors import CodecError, MessageTooLarge
+from streamcanvas.codecs.images import ImageFormat
+from streamcanvas.codecs.messages import (
+    PROTOCOL_VERSIONS,
+    Busy,
+    Canvas,
+    CanvasDelta,
+    ClientMessage,
+    Error,
+    Hello,
+    Params,
+    Ping,
+    Pong,
+    Ready,
+    Stats,
+    message_ref,
+    parse_client_message,
+    serialize,
+)
+from streamcanvas.pipelines.errors import InvalidParameter
+from streamcanvas.pipelines.stream import StreamParams
+
+from .canvas import CanvasBuffer
+from .errors import InvalidResolution, NotReady, SessionError, Unauthorized, UnsupportedVersion, WrongMode
+from .stats import SessionStats, percentiles
+
+if TYPE_CHECKING:
+    from .manager import SessionManager
+    from .slots import Slot
+
+logger = logging.getLogger(__name__)
+
+
+class SessionState(enum.Enum):
+    CONNECTING = "connecting"
+    QUEUED = "queued"
+    READY = "ready"
+    STREAMING = "streaming"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class CloseReason(enum.Enum):
+    """Why a session ended; adapters map it to their transport's close code."""
+
+    CLIENT_LEFT = "client_left"
+    ERROR = "error"
+    BUSY = "busy"
+    IDLE = "idle"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True)
+class InputMark:
+    number: int
+    """Server-side input counter: every canvas, delta or params message is one input."""
+    client_seq: int | None
+    received_at: float
+
+
+@dataclass(frozen=True)
+class RenderJob:
+    """A copy of everything one frame needs, taken by the worker under the session's lock."""
+
+    image: np.ndarray | None
+    newest: InputMark
+    taken_at: float
+    params: StreamParams
+    img2img: bool
+    dropped: int
+    fresh: bool
+    """False when re-rendering the same input to flush it through the stream batch."""
+
+
+@dataclass(frozen=True)
+class DeliveredFrame:
+    payload: bytes
+    answers: InputMark | None
+    timings: dict[str, float]
+
+
+_INTERNAL_ERROR_MESSAGE = "the frame failed on the server; the slot has been reset and your next input renders"
+
+
+class Session:
+    def __init__(self, manager: SessionManager, transport: str) -> None:
+        self.manager = manager
+        self.config = manager.config
+        self.transport = transport
+        self.id = uuid.uuid4().hex
+        self.state = SessionState.CONNECTING
+        self.close_reason: CloseReason | None = None
+        self.loop = asyncio.get_running_loop()
+        self.created_at = time.monotonic()
+        self.last_activity = self.created_at
+        self.stats = SessionStats()
+
+        # Settled by hello.
+        self.width = self.config.default_width
+        self.height = self.config.default_height
+        self.codec = ImageFormat.JPEG
+        self.quality = 80
+        self.mode = "img2img"
+        self.protocol: int | None = None
+        self.slot: Slot | None = None
+
+        # Shared with the worker thread, under _condition.
+        self._condition = threading.Condition()
+        self._closed = False
+        self._canvas: CanvasBuffer | None = None
+        self._has_canvas = False
+        self._params = StreamParams()
+        self._newest: InputMark | None = None
+        self._taken_number = 0
+
+        # Outgoing side, event loop only.
+        self._control: collections.deque[bytes] = collections.deque()
+        self._frame: DeliveredFrame | None = None
+        self._wakeup = asyncio.Event()
+        self._stats_task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    # Incoming (event loop)
+
+    async def handle(self, data: bytes) -> None:
+        """Process one received message; every problem becomes a typed `error` to this client."""
+        if self.state in (SessionState.CLOSING, SessionState.CLOSED):
+            return
+        self.last_activity = time.monotonic()
+        message: ClientMessage | None = None
+        try:
+            if len(data) > self.config.max_message_bytes:
+                raise MessageTooLarge(
+                    f"message of {len(data)} bytes is over the limit of {self.config.max_message_bytes} bytes"
+                )
+            message = parse_client_message(data)
+            await self._dispatch(message)
+        except (CodecError, SessionError, InvalidParameter) as error:
+            if message is not None:
+                ref_seq, ref_type = message.seq, message.type
+            else:
+                ref_seq, ref_type = message_ref(data) if len(data) <= self.config.max_message_bytes else (None, None)
+            fatal = getattr(error, "fatal", False) or self.state is SessionState.CONNECTING
+            code = "invalid_value" if isinstance(error, InvalidParameter) else error.code
+            self.send_control(
+                Error(
+                    code=code,
+                    message=str(error),
+                    ref_seq=ref_seq,
+                    ref_type=ref_type,
+                    field=getattr(error, "field", None),
+                    fatal=fatal,
+                )
+            )
+            if fatal:
+                self.close(CloseReason.ERROR)
+
+    async def _dispatch(self, message: ClientMessage) -> None:
+        match message:
+            case Hello():
+                self._hello(message)
+            case Canvas():
+                canvas = self._require_canvas_session(message.type)
+                rgb = await asyncio.to_thread(canvas.decode_full, message.image)
+                with self._condition:
+                    canvas.replace(rgb)
+                    self._new_input(message.seq, canvas_changed=True)
+            case CanvasDelta():
+                canvas = self._require_canvas_session(message.type)
+                decoded = await asyncio.to_thread(canvas.decode_patches, message.patches)
+                with self._condition:
+                    canvas.paste(decoded)
+                    self._new_input(message.seq, canvas_changed=True)
+            case Params():
+                if self.state is SessionState.CONNECTING:
+                    raise NotReady("send hello first")
+                params = self._params.replace(**message.changes)
+                with self._condition:
+                    self._params = params
+                    self._new_input(message.seq)
+            case Ping():
+                self.send_control(Pong(t=message.t, seq=message.seq))
+
+    def _require_canvas_session(self, kind: str) -> CanvasBuffer:
+        if self.state is SessionState.CONNECTING or self._canvas is None:
+            raise NotReady(f"'{kind}' before hello: send hello first")
+        if self.mode != "img2img":
+            raise WrongMode(f"'{kind}' is for img2img sessions; this session is {self.mode}")
+        return self._canvas
+
+    def _hello(self, hello: Hello) -> None:
+        if self.state is not SessionState.CONNECTING:
+            raise NotReady("hello was already accepted on this connection")
+        common = set(hello.protocol) & set(PROTOCOL_VERSIONS)
+        if not common:
+            raise UnsupportedVersion(
+                f"protocol versions {list(hello.protocol)} are not spoken here; this server speaks "
+                f"{list(PROTOCOL_VERSIONS)}",
+                field="protocol",
+            )
+        if self.config.api_keys and not any(
+            hmac.compare_digest((hello.api_key or "").encode(), key.encode()) for key in self.config.api_keys
+        ):
+            raise Unauthorized("a valid api_key is required in hello", field="api_key")
+        width = hello.width or self.config.default_width
+        height = hello.height or self.config.default_height
+        self._check_resolution(width, height)
+        try:
+            params = StreamParams().replace(**hello.params)
+        except InvalidParameter as error:
+            raise InvalidParameter(error.field, f"in hello: {error}") from None
+        self.protocol = max(common)
+        self.width, self.height = width, height
+        self.codec, self.quality, self.mode = hello.codec, hello.quality, hello.mode
+        with self._condition:
+            self._params = params
+            if self.mode == "img2img":
+                self._canvas = CanvasBuffer(width, height, self.config.image_limits)
+        slot = self.manager.pool.acquire(self)
+        if slot is not None:
+            self.bind(slot)
+            return
+        position = self.manager.pool.enqueue(self) if hello.queue else None
+        busy = Busy(
+            retry_after_s=self.config.busy_retry_after_s,
+            slots_total=self.manager.pool.size,
+            queue_position=position,
+            queue_length=self.manager.pool.queue_length,
+        )
+        self.send_control(busy)
+        if position is None:
+            self.close(CloseReason.BUSY)
+        else:
+            self.state = SessionState.QUEUED
+
+    def _check_resolution(self, width: int, height: int) -> None:
+        config = self.config
+        if width % 8 or height % 8:
+            raise InvalidResolution(f"resolution {width}x{height} must be a multiple of 8", field="width")
+        if not (64 <= width <= config.max_width and 64 <= height <= config.max_height):
+            raise InvalidResolution(
+                f"resolution {width}x{height} is outside 64x64 … {config.max_width}x{config.max_height}",
+                field="width",
+            )
+
+    def _new_input(self, client_seq: int | None, canvas_changed: bool = False) -> None:
+        """Record one input (caller holds _condition) and wake the worker: the newest input wins."""
+        number = self._newest.number + 1 if self._newest else 1
+        self._newest = InputMark(number, client_seq, time.monotonic())
+        self.stats.inputs += 1
+        if self.state is SessionState.READY:
+            self.state = SessionState.STREAMING
+        self._has_canvas = self._has_canvas or canvas_changed
+        self._condition.notify_all()
+
+    def bind(self, slot: Slot) -> None:
+        """Called once the pool has attached this session to a slot (at once, or from the queue)."""
+        self.slot = slot
+        self.state = SessionState.READY
+        token = None
+        if self.config.api_keys:
+            token = jwt.encode(
+                {"sub": self.id, "role": "control", "exp": int(time.time() + self.config.token_ttl_s)},
+                self.config.token_secret,
+                algorithm="HS256",
+            )
+        self.send_control(
+            Ready(
+                protocol=self.protocol or PROTOCOL_VERSIONS[-1],
+                session_id=self.id,
+                width=self.width,
+                height=self.height,
+                codec=self.codec.value,
+                quality=self.quality,
+                mode=self.mode,
+                params=_params_dict(self._params),
+                limits=self.config.limits_dict(),
+                model=self.manager.model_description,
+                token=token,
+            )
+        )
+        if self.mode == "txt2img":
+            with self._condition:
+                self._new_input(None)
+        self._stats_task = self.loop.create_task(self._send_stats())
+
+    def queue_moved(self, position: int) -> None:
+        self.send_control(
+            Busy(
+                retry_after_s=self.config.busy_retry_after_s,
+                slots_total=self.manager.pool.size,
+                queue_position=position,
+                queue_length=self.manager.pool.queue_length,
+            )
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Worker side (called from the slot's thread)
+
+    def take_job(self, settled: bool, timeout: float) -> RenderJob | None:
+        """Wait up to `timeout` for something to render; return a copy of the newest state, or None."""
+        with self._condition:
+            deadline = time.monotonic() + timeout
+            while not self._closed:
+                newest = self._newest
+                renderable = newest is not None and (self.mode == "txt2img" or self._has_canvas)
+                if renderable and (newest.number != self._taken_number or not settled):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._condition.wait(remaining):
+                    return None
+            else:
+                return None
+            assert newest is not None
+            dropped = max(0, newest.number - self._taken_number - 1)
+            fresh = newest.number != self._taken_number
+            self._taken_number = newest.number
+            image = self._canvas.snapshot() if self._canvas is not None else None
+            return RenderJob(
+                image=image,
+                newest=newest,
+                taken_at=time.monotonic(),
+                params=self._params,
+                img2img=self.mode == "img2img",
+                dropped=dropped,
+                fresh=fresh,
+            )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def deliver(self, frame: DeliveredFrame, dropped_inputs: int) -> None:
+        self._call_on_loop(self._set_frame, frame, dropped_inputs)
+
+    def report_skipped(self, dropped_inputs: int) -> None:
+        self._call_on_loop(self._count_skipped, dropped_inputs)
+
+    def report_failure(self, description: str) -> None:
+        self._call_on_loop(self._frame_failed, description)
+
+    def _call_on_loop(self, callback, *args) -> None:  # type: ignore[no-untyped-def]
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            pass  # the event loop has shut down; there is nobody left to tell
+
+    # ------------------------------------------------------------------------------------------------
+    # Outgoing (event loop)
+
+    def _set_frame(self, frame: DeliveredFrame, dropped_inputs: int) -> None:
+        self.stats.dropped_inputs += dropped_inputs
+        if self.state not in (SessionState.READY, SessionState.STREAMING):
+            return
+        if self._frame is not None:
+            self.stats.dropped_frames += 1  # the client has not taken the last one: newest wins
+        self._frame = frame
+        self._wakeup.set()
+
+    def _count_skipped(self, dropped_inputs: int) -> None:
+        self.stats.dropped_inputs += dropped_inputs
+        self.stats.skipped_similar += 1
+
+    def _frame_failed(self, description: str) -> None:
+        self.stats.failures += 1
+        self.send_control(Error(code="inference_failed", message=f"{_INTERNAL_ERROR_MESSAGE} ({description})"))
+
+    def send_control(self, message: Error | Ready | Busy | Pong | Stats) -> None:
+        if self.state is SessionState.CLOSED:
+            return
+        if len(self._control) >= self.config.control_queue_size and not isinstance(message, Error):
+            if isinstance(message, Stats):
+                return  # stats are a periodic summary; the next one supersedes this
+            self._control.append(
+                serialize(Error(code="slow_consumer", message="the client is not reading its messages", fatal=True))
+            )
+            self._wakeup.set()
+            self.close(CloseReason.ERROR)
+            return
+        self._control.append(serialize(message))
+        self._wakeup.set()
+
+    async def next_outgoing(self) -> bytes | None:
+        """The next message to send: control messages first, then the newest frame; None when done."""
+        while True:
+            if self._control:
+                return self._control.popleft()
+            if self._frame is not None and self.state in (SessionState.READY, SessionState.STREAMING):
+                frame, self._frame = self._frame, None
+                latency = (time.monotonic() - frame.answers.received_at) * 1000 if frame.answers else None
+                self.stats.frame_sent(latency, frame.timings)
+                return frame.payload
+            if self.state in (SessionState.CLOSING, SessionState.CLOSED):
+                self.state = SessionState.CLOSED
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _send_stats(self) -> None:
+        while self.state in (SessionState.READY, SessionState.STREAMING):
+            await asyncio.sleep(self.config.stats_interval_s)
+            if self.state is SessionState.STREAMING:
+                self.send_control(self.current_stats())
+
+    def current_stats(self) -> Stats:
+        stats = self.stats
+        return Stats(
+            fps=stats.fps(),
+            latency_ms=percentiles(list(stats.latency_ms)),
+            frames=stats.frames,
+            inputs=stats.inputs,
+            dropped_inputs=stats.dropped_inputs,
+            dropped_frames=stats.dropped_frames,
+            skipped_similar=stats.skipped_similar,
+            timings_ms=stats.mean_timings(),
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Ending
+
+    def close(self, reason: CloseReason) -> None:
+        """End the session now: the slot is freed at once; queued control messages still go out."""
+        if self.state in (SessionState.CLOSING, SessionState.CLOSED):
+            return
+        self.close_reason = reason
+        self.state = SessionState.CLOSING
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        self._frame = None
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+        self.manager.forget(self)
+        self._wakeup.set()
+
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last_activity
+
+
+def _params_dict(params: StreamParams) -> dict[str, object]:
+    return dataclasses.asdict(params)

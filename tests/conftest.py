@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ServerProcess, server_env
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEST_RESOLUTION = 128
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh streamcanvas cache for this test run: the tiny model is built into it on first use."""
+    return tmp_path_factory.mktemp("streamcanvas-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(cache_dir: Path) -> Path:
+    from streamcanvas.pipelines.tiny import make_tiny_model
+
+    return make_tiny_model(cache_dir / "tiny-model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from streamcanvas.pipelines.loading import ModelSpec, load_model
+
+    return load_model(ModelSpec(model=str(tiny_model_dir)))
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    path = Path(__file__).resolve().parent.parent / "artifacts"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def start_server(cache_dir: Path, artifacts_dir: Path, name: str, *args: str) -> ServerProcess:
+    arguments = ["--resolution", f"{TEST_RESOLUTION}x{TEST_RESOLUTION}", "--threads", "2", *args]
+    log_path = artifacts_dir / f"server-{name}.log"
+    log_path.unlink(missing_ok=True)
+    return ServerProcess(arguments, server_env(cache_dir), log_path).start()
+
+
+@pytest.fixture(scope="session")
+def server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
+    """The shared server: two slots, default settings, the tiny model built on first use."""
+    process = start_server(cache_dir, artifacts_dir, "shared", "--slots", "2")
+    yield process
+    process.stop()

@@ -1,0 +1,143 @@
+"""End to end: a real server process on a loopback port, the tiny model, real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import TEST_RESOLUTION
+from helpers import Client, ServerProcess, decode_frame, make_canvas
+
+SIZE = TEST_RESOLUTION
+
+
+async def test_health_and_info(server: ServerProcess) -> None:
+    health = httpx.get(f"{server.base_url}/healthz")
+    assert health.status_code == 200 and health.json() == {"status": "ready"}
+    info = server.info()
+    assert info["model"]["test_model"] is True
+    assert info["model"]["device"] == "cpu" and info["model"]["dtype"] == "float32"
+    assert info["model"]["vae"].startswith("AutoencoderTiny")
+    assert info["resolution"] == {"width": SIZE, "height": SIZE}
+    assert info["slots_total"] == 2
+    assert info["protocol_versions"] == [1]
+
+
+async def test_ready_describes_the_session(server: ServerProcess) -> None:
+    async with Client.connect(server.ws_url) as client:
+        ready = await client.hello(params={"prompt": "a red house", "seed": 7})
+        assert ready["protocol"] == 1
+        assert (ready["width"], ready["height"]) == (SIZE, SIZE)
+        assert ready["params"]["prompt"] == "a red house" and ready["params"]["seed"] == 7
+        assert ready["limits"]["max_message_bytes"] > 0
+        assert ready["model"]["test_model"] is True
+        assert ready["token"] is None  # no api keys configured
+
+
+async def test_frames_follow_canvas_strokes_and_prompt(server: ServerProcess) -> None:
+    async with Client.connect(server.ws_url) as client:
+        await client.hello(params={"prompt": "a cat"})
+        canvas = make_canvas(SIZE, seed=1)
+        first = await client.frame_for(await client.send_canvas(canvas))
+        assert (first["width"], first["height"], first["codec"]) == (SIZE, SIZE, "png")
+        assert set(first["timings"]) == {"queue_ms", "inference_ms", "encode_ms"}
+        before = decode_frame(first)
+        assert before.shape == (SIZE, SIZE, 3)
+
+        stroke = np.zeros((16, 48, 3), dtype=np.uint8)
+        after_stroke = decode_frame(await client.frame_for(await client.send_patch(40, 40, stroke)))
+        assert not np.array_equal(before, after_stroke), "a stroke must change the rendered frame"
+        changed = np.abs(before.astype(int) - after_stroke.astype(int)).sum(axis=2) > 0
+        assert changed.any()
+
+        after_prompt = decode_frame(await client.frame_for(await client.send_params(prompt="a dog")))
+        assert not np.array_equal(after_stroke, after_prompt), "a new prompt must change the frame"
+
+        # Going back to the first prompt on the same canvas gives back the same frame: frames are a
+        # function of canvas, prompt and seed, not of history, once the stream batch has settled.
+        again = decode_frame(await client.frame_for(await client.send_params(prompt="a cat")))
+        assert np.array_equal(after_stroke, again)
+
+
+async def _render_alone(server: ServerProcess, canvases: list[np.ndarray], prompt: str, seed: int) -> list[np.ndarray]:
+    async with Client.connect(server.ws_url) as client:
+        await client.hello(params={"prompt": prompt, "seed": seed})
+        frames = []
+        for canvas in canvases:
+            frames.append(decode_frame(await client.frame_for(await client.send_canvas(canvas))))
+        return frames
+
+
+async def test_same_inputs_and_seed_give_the_same_frames(server: ServerProcess) -> None:
+    canvases = [make_canvas(SIZE, seed) for seed in (3, 4)]
+    one = await _render_alone(server, canvases, "a lighthouse", seed=11)
+    two = await _render_alone(server, canvases, "a lighthouse", seed=11)
+    assert all(np.array_equal(a, b) for a, b in zip(one, two))
+    other_seed = await _render_alone(server, canvases, "a lighthouse", seed=12)
+    assert not np.array_equal(one[0], other_seed[0])
+    other_canvas = await _render_alone(server, [make_canvas(SIZE, 5)], "a lighthouse", seed=11)
+    assert not np.array_equal(one[0], other_canvas[0])
+
+
+async def test_concurrent_sessions_get_frames_of_their_own_canvas(server: ServerProcess) -> None:
+    canvases_a = [make_canvas(SIZE, seed) for seed in (21, 22, 23)]
+    canvases_b = [make_canvas(SIZE, seed) for seed in (31, 32, 33)]
+    alone_a = await _render_alone(server, canvases_a, "a forest", seed=1)
+    alone_b = await _render_alone(server, canvases_b, "a city", seed=2)
+    together_a, together_b = await asyncio.gather(
+        _render_alone(server, canvases_a, "a forest", seed=1),
+        _render_alone(server, canvases_b, "a city", seed=2),
+    )
+    for expected, got in zip(alone_a + alone_b, together_a + together_b):
+        assert np.array_equal(expected, got), "a session's frames must not depend on other sessions"
+
+
+async def test_txt2img_session_renders_from_the_prompt(server: ServerProcess) -> None:
+    async def render(prompt: str) -> np.ndarray:
+        async with Client.connect(server.ws_url) as client:
+            await client.hello(mode="txt2img", params={"prompt": prompt})
+            return decode_frame(await client.expect("frame"))
+
+    first, same, other = await render("a moon"), await render("a moon"), await render("a sun")
+    assert np.array_equal(first, same)
+    assert not np.array_equal(first, other)
+
+
+async def test_parameters_change_without_reloading(server: ServerProcess) -> None:
+    async with Client.connect(server.ws_url) as client:
+        await client.hello(params={"prompt": "a boat"})
+        canvas = make_canvas(SIZE, 8)
+        base = decode_frame(await client.frame_for(await client.send_canvas(canvas)))
+        frames = {}
+        for name, value in [("strength", 0.9), ("steps", 3), ("guidance_scale", 2.5), ("cfg_type", "initialize")]:
+            frames[name] = decode_frame(await client.frame_for(await client.send_params(**{name: value})))
+        assert all(not np.array_equal(base, frame) for frame in frames.values())
+        pong = await client.ping()
+        assert pong["type"] == "pong"
+
+
+async def test_stats_report_frames_and_latency(server: ServerProcess) -> None:
+    async with Client.connect(server.ws_url) as client:
+        await client.hello()
+        for seed in range(3):
+            await client.frame_for(await client.send_canvas(make_canvas(SIZE, seed)))
+        while True:
+            stats = await client.recv(keep_stats=True)
+            if stats["type"] == "stats" and stats["frames"] >= 3:
+                break
+        assert stats["inputs"] == 3
+        assert stats["latency_ms"]["p50"] > 0
+        assert stats["dropped_inputs"] == 0
+        assert stats["timings_ms"]["inference_ms"] > 0
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "webp", "png", "raw"])
+async def test_every_frame_codec(server: ServerProcess, codec: str) -> None:
+    async with Client.connect(server.ws_url) as client:
+        await client.hello(codec=codec, quality=70)
+        frame = await client.frame_for(await client.send_canvas(make_canvas(SIZE, 2)))
+        assert frame["codec"] == codec
+        assert decode_frame(frame).shape == (SIZE, SIZE, 3)
