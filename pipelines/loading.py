@@ -105,7 +105,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             path,
-            torch_dtype=placement.dtype,
+            dtype=placement.dtype,
             local_files_only=True,
             safety_checker=None,
             feature_extractor=None,
@@ -124,7 +124,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     if tiny_vae_path is not None:
         try:
             pipe.vae = AutoencoderTiny.from_pretrained(
-                tiny_vae_path, torch_dtype=placement.dtype, local_files_only=True
+                tiny_vae_path, dtype=placement.dtype, local_files_only=True
             )
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ModelLoadError(f"could not load an AutoencoderTiny from {tiny_vae_path}: {error}") from error

@@ -256,8 +256,13 @@ class StreamPipeline:
         self._fed.clear()
 
     @torch.no_grad()
-    def render(self, image: np.ndarray | None, tag: int = 0) -> RenderResult:
-        """Turn one input (H×W×3 uint8 RGB, or None for txt2img) into one output frame."""
+    def render(self, image: np.ndarray | None, tag: int = 0, refill: bool = False) -> RenderResult:
+        """Turn one input (H×W×3 uint8 RGB, or None for txt2img) into one output frame.
+
+        Inputs arriving back to back are pipelined through the stream batch: each frame finishes the
+        input fed `depth - 1` frames earlier. With `refill`, a new input after an idle spell (the stream
+        settled) is pushed through the whole batch at once, so its first frame already shows it.
+        """
         stream = self._stream
         if stream is None:
             raise RuntimeError("configure() must be called before render()")
@@ -277,9 +282,9 @@ class StreamPipeline:
         else:
             assert self._noise is not None
             latent = self._noise
-        if not self._primed or (self.settled and self._fed and tag != self._fed[-1]):
-            # Fill the stream batch with this input: the first frame is then not decoded from zero
-            # latents, and after an idle spell the first frame already shows the new input fully.
+        if not self._primed or (refill and self.settled and tag != self._fed[-1]):
+            # Fill the stream batch with this input, so the frame is not decoded from zero latents (or,
+            # after an idle spell, from the previous input's).
             for _ in range(self.depth - 1):
                 stream.predict_x0_batch(latent)
             self._fed.extend([tag] * self.depth)

@@ -100,6 +100,8 @@ class RenderJob:
     dropped: int
     fresh: bool
     """False when re-rendering the same input to flush it through the stream batch."""
+    waited: bool
+    """True when the worker had nothing to do until this input arrived (the stream was idle)."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,11 @@ class Session:
                 ref_seq, ref_type = message.seq, message.type
             else:
                 ref_seq, ref_type = message_ref(data) if len(data) <= self.config.max_message_bytes else (None, None)
-            fatal = getattr(error, "fatal", False) or self.state is SessionState.CONNECTING
+            # A bad hello ends the connection (the client must fix it and reconnect); anything else
+            # is answered and the session goes on.
+            fatal = getattr(error, "fatal", False) or (
+                ref_type == Hello.type and self.state is SessionState.CONNECTING
+            )
             code = "invalid_value" if isinstance(error, InvalidParameter) else error.code
             self.send_control(
                 Error(
@@ -212,9 +218,9 @@ class Session:
                 self.send_control(Pong(t=message.t, seq=message.seq))
 
     def _require_canvas_session(self, kind: str) -> CanvasBuffer:
-        if self.state is SessionState.CONNECTING or self._canvas is None:
+        if self.state is SessionState.CONNECTING:
             raise NotReady(f"'{kind}' before hello: send hello first")
-        if self.mode != "img2img":
+        if self._canvas is None:
             raise WrongMode(f"'{kind}' is for img2img sessions; this session is {self.mode}")
         return self._canvas
 
@@ -327,18 +333,31 @@ class Session:
     # ------------------------------------------------------------------------------------------------
     # Worker side (called from the slot's thread)
 
-    def take_job(self, settled: bool, timeout: float) -> RenderJob | None:
-        """Wait up to `timeout` for something to render; return a copy of the newest state, or None."""
+    def take_job(self, settled: bool, timeout: float, grace: float = 0.0) -> RenderJob | None:
+        """Wait for something to render and return a copy of the newest state, or None after `timeout`.
+
+        A new input is taken at once. When the stream has not settled (its newest input is still inside
+        the stream batch) and nothing new comes within `grace` seconds, the same input is returned again
+        to flush it through; inputs that keep arriving within `grace` are pipelined instead.
+        """
         with self._condition:
-            deadline = time.monotonic() + timeout
+            started = time.monotonic()
+            flush_at = started + grace
+            deadline = started + max(timeout, grace)
+            waited = False
             while not self._closed:
                 newest = self._newest
                 renderable = newest is not None and (self.mode == "txt2img" or self._has_canvas)
-                if renderable and (newest.number != self._taken_number or not settled):
+                now = time.monotonic()
+                if renderable and newest.number != self._taken_number:
                     break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._condition.wait(remaining):
+                if renderable and not settled and now >= flush_at:
+                    break
+                if now >= deadline:
                     return None
+                waited = True
+                wake_at = flush_at if renderable and not settled else deadline
+                self._condition.wait(wake_at - now)
             else:
                 return None
             assert newest is not None
@@ -354,6 +373,7 @@ class Session:
                 img2img=self.mode == "img2img",
                 dropped=dropped,
                 fresh=fresh,
+                waited=waited,
             )
 
     @property

@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _POLL_S = 0.25
 """How often an idle worker re-checks whether its session is still attached."""
+_MAX_GRACE_S = 0.5
 
 
 class Slot:
@@ -87,17 +88,23 @@ class Slot:
         last_answered: InputMark | None = None
         settled = True
         frame_seq = 0
+        idle = True
+        grace = 0.0
         while self._attached(session):
-            job = session.take_job(settled, _POLL_S)
+            job = session.take_job(settled, _POLL_S, grace)
             if job is None:
+                idle = True
                 continue
+            refill, idle = idle or job.waited, False
             marks[job.newest.number] = job.newest
             try:
                 if configured != (job.params, job.img2img):
                     stream.configure(job.params, job.img2img)
                     configured = (job.params, job.img2img)
-                result = stream.render(job.image, tag=job.newest.number)
+                result = stream.render(job.image, tag=job.newest.number, refill=refill)
                 settled = stream.settled
+                # Wait about one frame for the next input before flushing this one through the batch.
+                grace = min(result.inference_ms / 1000, _MAX_GRACE_S)
                 if result.image is None:
                     session.report_skipped(job.dropped)
                     continue

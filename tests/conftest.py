@@ -50,11 +50,13 @@ def artifacts_dir() -> Path:
     return path
 
 
-def start_server(cache_dir: Path, artifacts_dir: Path, name: str, *args: str) -> ServerProcess:
+def start_server(
+    cache_dir: Path, artifacts_dir: Path, name: str, *args: str, env: dict[str, str] | None = None
+) -> ServerProcess:
     arguments = ["--resolution", f"{TEST_RESOLUTION}x{TEST_RESOLUTION}", "--threads", "2", *args]
     log_path = artifacts_dir / f"server-{name}.log"
     log_path.unlink(missing_ok=True)
-    return ServerProcess(arguments, server_env(cache_dir), log_path).start()
+    return ServerProcess(arguments, {**server_env(cache_dir), **(env or {})}, log_path).start()
 
 
 @pytest.fixture(scope="session")

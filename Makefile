@@ -1,0 +1,46 @@
+# streamcanvas: `make serve` sets everything up and runs the server; `make test` sets up and runs the suite.
+# Everything goes into a virtual environment at .venv; nothing is installed system-wide.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.streamcanvas-installed
+
+# torch is pinned to the CPU build of 2.13.0. An unpinned `torch` (or one that another package pulls in)
+# resolves to a multi-GB CUDA build, so torch is installed first, on its own, and everything after it
+# sees the requirement already met. On this project's machines pip finds the CPU wheel on local disk
+# through its configured find-links; elsewhere pass pip the CPU wheel index of PyTorch, e.g.
+#   make serve TORCH_PIP_ARGS="--index-url <PyTorch CPU wheel index>"
+# (or a CUDA index of the same version on a GPU machine).
+TORCH_VERSION := 2.13.0
+TORCH_PIP_ARGS ?=
+
+SERVE_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup serve test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
+	$(BIN)/python -c "import torch; print('torch', torch.__version__, '(CUDA build)' if torch.version.cuda else '(CPU build)')"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# streamdiffusion 0.1.1 pins diffusers==0.24, which no longer imports beside a current huggingface_hub;
+	# its pipeline core works with current diffusers, so it is installed without its pins.
+	$(BIN)/python -m pip install --quiet --no-deps "streamdiffusion==0.1.1"
+	touch $(STAMP)
+
+serve: setup
+	$(BIN)/streamcanvas serve $(SERVE_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m streamcanvas.benchmarks.realtime_ws
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache

@@ -1,0 +1,61 @@
+"""The `streamcanvas` command as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+
+from helpers import ServerProcess, free_port, server_env
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamcanvas.realtime_server.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_help_explains_the_commands_and_options() -> None:
+    top = run("--help")
+    assert top.returncode == 0 and "serve" in top.stdout and "make-tiny-model" in top.stdout
+    serve = run("serve", "--help")
+    assert serve.returncode == 0
+    for option in ("--host", "--port", "--model", "--resolution", "--slots", "--device", "--log-level", "--api-key"):
+        assert option in serve.stdout, option
+    assert "loopback" in serve.stdout and "STREAMCANVAS_" in serve.stdout
+
+
+def test_make_tiny_model_writes_a_loadable_diffusers_directory(tmp_path: Path) -> None:
+    result = run("make-tiny-model", str(tmp_path / "tiny"))
+    assert result.returncode == 0, result.stderr
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny", local_files_only=True)
+    assert pipe.vae_scale_factor == 8
+    assert (tmp_path / "tiny" / "taesd" / "config.json").is_file()
+
+
+def test_a_missing_model_fails_before_listening(tmp_path: Path, cache_dir: Path) -> None:
+    port = free_port()
+    result = run("serve", "--port", str(port), "--model", str(tmp_path / "nowhere"), env=server_env(cache_dir))
+    assert result.returncode == 2
+    assert "cannot start" in result.stderr and str(tmp_path / "nowhere") in result.stderr
+    assert "Uvicorn running" not in result.stderr + result.stdout
+    uncached = run("serve", "--port", str(port), "--model", "someone/not-cached", env=server_env(cache_dir))
+    assert uncached.returncode == 2 and "Hugging Face cache" in uncached.stderr
+
+
+def test_bad_settings_are_usage_errors(cache_dir: Path) -> None:
+    result = run("serve", "--resolution", "100x100", env=server_env(cache_dir))
+    assert result.returncode == 2 and "multiples of 8" in result.stderr
+    result = run("serve", "--device", "cuda", "--port", str(free_port()), env=server_env(cache_dir))
+    assert result.returncode == 2 and "CUDA" in result.stderr
+
+
+def test_the_server_says_it_runs_the_untrained_test_model(server: ServerProcess) -> None:
+    log = server.log()
+    assert "UNTRAINED test model" in log and "--model" in log

@@ -1,0 +1,175 @@
+"""The per-session StreamDiffusion pipeline on the tiny real model (saved, then loaded back)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streamcanvas.pipelines.errors import InvalidParameter
+from streamcanvas.pipelines.stream import CFG_TYPES, StreamParams, StreamPipeline
+
+from helpers import make_canvas
+
+SIZE = 128
+
+
+def stream(model, **params) -> StreamPipeline:  # type: ignore[no-untyped-def]
+    pipeline = StreamPipeline(model, SIZE, SIZE)
+    pipeline.configure(StreamParams(**params), img2img=True)
+    return pipeline
+
+
+def test_frames_are_images_of_the_session_size(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    result = stream(tiny_model, prompt="a cat").render(make_canvas(SIZE, 1), tag=1)
+    assert result.image.shape == (SIZE, SIZE, 3) and result.image.dtype == np.uint8
+    assert result.answers == 1 and result.inference_ms > 0
+    assert result.image.std() > 0, "a flat frame means nothing was decoded"
+
+
+def test_same_inputs_same_frames_and_each_input_matters(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    canvas = make_canvas(SIZE, 1)
+    base = stream(tiny_model, prompt="a cat", seed=3).render(canvas).image
+    assert np.array_equal(base, stream(tiny_model, prompt="a cat", seed=3).render(canvas).image)
+    assert not np.array_equal(base, stream(tiny_model, prompt="a dog", seed=3).render(canvas).image)
+    assert not np.array_equal(base, stream(tiny_model, prompt="a cat", seed=4).render(canvas).image)
+    assert not np.array_equal(base, stream(tiny_model, prompt="a cat", seed=3).render(make_canvas(SIZE, 2)).image)
+
+
+def test_sessions_do_not_share_stream_state(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """Interleaving two sessions' frames gives each exactly what it gets alone (cf. upstream #171)."""
+    canvases_a = [make_canvas(SIZE, seed) for seed in (1, 2, 3)]
+    canvases_b = [make_canvas(SIZE, seed) for seed in (7, 8, 9)]
+    alone_a = [frame.image for frame in map(stream(tiny_model, prompt="a").render, canvases_a)]
+    alone_b = [frame.image for frame in map(stream(tiny_model, prompt="b").render, canvases_b)]
+    a, b = stream(tiny_model, prompt="a"), stream(tiny_model, prompt="b")
+    for index in range(3):
+        assert np.array_equal(a.render(canvases_a[index]).image, alone_a[index])
+        assert np.array_equal(b.render(canvases_b[index]).image, alone_b[index])
+
+
+def test_first_frame_is_not_decoded_from_an_empty_stream_batch(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """The first frame equals the steady state of the same input, not a frame from zero latents."""
+    canvas = make_canvas(SIZE, 5)
+    pipeline = stream(tiny_model, prompt="a house", steps=3)
+    assert pipeline.depth == 3
+    first = pipeline.render(canvas, tag=1).image
+    steady = [pipeline.render(canvas, tag=1).image for _ in range(4)]
+    assert all(np.array_equal(first, frame) for frame in steady)
+    # What upstream StreamDiffusion returns for that first call: the stream batch still holds zeros.
+    raw = stream(tiny_model, prompt="a house", steps=3)._stream
+    pixels = torch.from_numpy(canvas).permute(2, 0, 1).unsqueeze(0).float() / 127.5 - 1.0
+    with torch.no_grad():
+        unprimed = raw.decode_image(raw.predict_x0_batch(raw.encode_image(pixels)))
+    unprimed = ((unprimed[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert not np.array_equal(first, unprimed)
+
+
+def test_stream_batch_answers_inputs_in_order(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    pipeline = stream(tiny_model, prompt="x", steps=2)
+    canvases = [make_canvas(SIZE, seed) for seed in range(4)]
+    answers = [pipeline.render(canvases[0], tag=10).answers]
+    answers += [pipeline.render(canvas, tag=11 + index).answers for index, canvas in enumerate(canvases[1:])]
+    assert answers == [10, 10, 11, 12]  # continuous input: each frame finishes the previous input
+    assert not pipeline.settled
+    assert pipeline.render(canvases[-1], tag=13).answers == 13 and pipeline.settled
+
+
+def test_after_an_idle_spell_one_frame_shows_a_new_input(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    canvas_a, canvas_b = make_canvas(SIZE, 1), make_canvas(SIZE, 2)
+    pipeline = stream(tiny_model, prompt="x", steps=3)
+    pipeline.render(canvas_a, tag=1)
+    refilled = pipeline.render(canvas_b, tag=2, refill=True)
+    assert refilled.answers == 2 and pipeline.settled
+    # The same frame the stream reaches by flushing input 2 through the batch frame by frame.
+    flushing = stream(tiny_model, prompt="x", steps=3)
+    flushing.render(canvas_a, tag=1)
+    flushed = [flushing.render(canvas_b, tag=2) for _ in range(3)]
+    assert [frame.answers for frame in flushed] == [1, 1, 2]
+    assert np.array_equal(flushed[-1].image, refilled.image)
+
+
+def test_prompt_is_encoded_only_when_it_changes(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    pipeline = stream(tiny_model, prompt="a boat")
+    model_objects = (id(tiny_model.pipe.unet), id(tiny_model.pipe.vae))
+    for changes in ({"strength": 0.8}, {"steps": 3}, {"seed": 9}, {"guidance_scale": 2.0}, {"cfg_type": "full"}):
+        pipeline.configure(pipeline.params.replace(**changes), img2img=True)
+        pipeline.render(make_canvas(SIZE, 1))
+    assert pipeline.prompt_encodings == 1
+    pipeline.configure(pipeline.params.replace(prompt="a ship"), img2img=True)
+    assert pipeline.prompt_encodings == 2
+    assert (id(tiny_model.pipe.unet), id(tiny_model.pipe.vae)) == model_objects
+
+
+def test_strength_maps_to_denoising_steps() -> None:
+    assert StreamParams(strength=0.36, steps=2).t_index_list(img2img=True) == [32, 41]
+    assert StreamParams(strength=1.0, steps=4).t_index_list(img2img=True) == [0, 12, 25, 37]
+    assert StreamParams(strength=0.5, steps=1).t_index_list(img2img=True) == [25]
+    assert StreamParams(strength=0.2, steps=4).t_index_list(img2img=False)[0] == 0  # txt2img starts from noise
+
+
+@pytest.mark.parametrize("cfg_type", CFG_TYPES)
+@pytest.mark.parametrize("denoising_batch", [True, False])
+def test_every_cfg_mode_renders(tiny_model, cfg_type: str, denoising_batch: bool) -> None:  # type: ignore[no-untyped-def]
+    if cfg_type == "full" and not denoising_batch:
+        with pytest.raises(InvalidParameter, match="denoising_batch"):
+            StreamParams(cfg_type=cfg_type, denoising_batch=denoising_batch)
+        return
+    pipeline = stream(tiny_model, prompt="x", cfg_type=cfg_type, guidance_scale=1.5, denoising_batch=denoising_batch)
+    assert pipeline.render(make_canvas(SIZE, 2)).image.shape == (SIZE, SIZE, 3)
+
+
+def test_guidance_changes_the_frame(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    canvas = make_canvas(SIZE, 2)
+    low = stream(tiny_model, prompt="x", cfg_type="full", guidance_scale=1.0).render(canvas).image
+    high = stream(tiny_model, prompt="x", cfg_type="full", guidance_scale=3.0).render(canvas).image
+    assert not np.array_equal(low, high)
+
+
+def test_txt2img(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    def render(prompt: str) -> np.ndarray:
+        pipeline = StreamPipeline(tiny_model, SIZE, SIZE)
+        pipeline.configure(StreamParams(prompt=prompt), img2img=False)
+        return pipeline.render(None).image
+
+    assert np.array_equal(render("a sun"), render("a sun"))
+    assert not np.array_equal(render("a sun"), render("a moon"))
+
+
+def test_similar_image_filter_skips_repeated_input(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    pipeline = stream(tiny_model, prompt="x", similar_filter=True, similar_threshold=0.5)
+    canvas = make_canvas(SIZE, 3)
+    results = [pipeline.render(canvas, tag=index) for index in range(6)]
+    assert results[0].image is not None
+    assert any(result.image is None for result in results[1:])
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"strength": 0.0}, "strength"),
+        ({"strength": 1.5}, "strength"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 5}, "steps"),
+        ({"seed": 2**32}, "seed"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"cfg_type": "half"}, "cfg_type"),
+        ({"similar_threshold": 2.0}, "similar_threshold"),
+        ({"prompt": "x" * 3000}, "prompt"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_invalid_parameters(changes: dict, field: str) -> None:
+    with pytest.raises(InvalidParameter) as raised:
+        StreamParams().replace(**changes)
+    assert raised.value.field == field
+
+
+def test_render_checks_its_input(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    pipeline = stream(tiny_model)
+    with pytest.raises(InvalidParameter):
+        pipeline.render(np.zeros((SIZE, SIZE + 8, 3), np.uint8))
+    with pytest.raises(InvalidParameter):
+        pipeline.render(None)
+    with pytest.raises(InvalidParameter):
+        StreamPipeline(tiny_model, 100, 100)
