@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from streamcanvas.pipelines.devices import in_short_lived_thread
 from streamcanvas.pipelines.loading import LoadedModel, ModelSpec, inference_threads, load_model
 from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
 from streamcanvas.sessions.manager import SessionManager
@@ -26,10 +27,13 @@ class Readiness(enum.Enum):
 
 
 class Runtime:
-    def __init__(self, settings: Settings, model: LoadedModel) -> None:
+    def __init__(self, settings: Settings, model: LoadedModel, threads: int) -> None:
         self.settings = settings
         self.model = model
-        self.manager = SessionManager(settings.session_config(), model)
+        # On the CPU the slots share the cores: each worker gets its share of torch threads, so their
+        # OpenMP pools together never outnumber the cores (see in_short_lived_thread).
+        per_slot = max(1, threads // settings.slots) if model.placement.device.type == "cpu" else None
+        self.manager = SessionManager(settings.session_config(), model, threads_per_slot=per_slot)
         self.readiness = Readiness.WARMING_UP
         self.warmup_ms: float | None = None
         self.failure: str | None = None
@@ -38,7 +42,7 @@ class Runtime:
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
         """Load the model (raising ModelNotFound / ModelLoadError) before anything listens."""
-        inference_threads(settings.threads)
+        threads = inference_threads(settings.threads)
         spec = ModelSpec(
             model=settings.model,
             tiny_vae=settings.tiny_vae,
@@ -46,7 +50,8 @@ class Runtime:
             device=settings.device,
             dtype=settings.dtype,
         )
-        return cls(settings, load_model(spec))
+        model = in_short_lived_thread(lambda: load_model(spec))
+        return cls(settings, model, threads)
 
     async def start(self) -> None:
         """Start the slot workers and warm up in the background; /healthz says ready when done."""
@@ -58,7 +63,7 @@ class Runtime:
 
     async def _warm_up_in_background(self) -> None:
         try:
-            self.warmup_ms = await asyncio.to_thread(self._warm_up)
+            self.warmup_ms = await asyncio.to_thread(in_short_lived_thread, self._warm_up)
         except Exception as error:  # noqa: BLE001 - reported through /healthz and the log
             logger.exception("warm-up failed")
             self.failure = f"{type(error).__name__}: {error}"

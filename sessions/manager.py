@@ -51,11 +51,11 @@ class TooManyConnections(Exception):
 
 
 class SessionManager:
-    def __init__(self, config: SessionConfig, model: LoadedModel) -> None:
+    def __init__(self, config: SessionConfig, model: LoadedModel, threads_per_slot: int | None = None) -> None:
         self.config = config
         self.model = model
         self.model_description = model.describe()
-        self.pool = SlotPool(model, config.slots, config.max_waiting)
+        self.pool = SlotPool(model, config.slots, config.max_waiting, threads_per_slot)
         self.sessions: dict[str, Session] = {}
 
     def start(self) -> None:

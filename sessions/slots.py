@@ -14,6 +14,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+import torch
+
 from streamcanvas.codecs.images import get_encoder
 from streamcanvas.codecs.messages import Frame, serialize
 from streamcanvas.pipelines.loading import LoadedModel
@@ -32,9 +34,10 @@ _MAX_GRACE_S = 0.5
 
 
 class Slot:
-    def __init__(self, index: int, model: LoadedModel) -> None:
+    def __init__(self, index: int, model: LoadedModel, torch_threads: int | None = None) -> None:
         self.index = index
         self.model = model
+        self.torch_threads = torch_threads
         self.frames_rendered = 0
         self._condition = threading.Condition()
         self._session: Session | None = None
@@ -67,6 +70,8 @@ class Slot:
     # Worker thread -----------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.torch_threads is not None:
+            torch.set_num_threads(self.torch_threads)  # OpenMP's thread count is per calling thread
         while True:
             with self._condition:
                 while self._session is None and not self._stopping:
@@ -149,10 +154,10 @@ class Slot:
 class SlotPool:
     """A fixed set of slots plus a bounded line of sessions waiting for one. Event-loop only."""
 
-    def __init__(self, model: LoadedModel, size: int, max_waiting: int) -> None:
+    def __init__(self, model: LoadedModel, size: int, max_waiting: int, threads_per_slot: int | None = None) -> None:
         if size < 1:
             raise ValueError(f"a pool needs at least one slot, got {size}")
-        self.slots = [Slot(index, model) for index in range(size)]
+        self.slots = [Slot(index, model, threads_per_slot) for index in range(size)]
         self.max_waiting = max_waiting
         self._waiting: collections.deque[Session] = collections.deque()
 
