@@ -221,3 +221,28 @@ def ensure_tiny_model(directory: Path | str | None = None) -> Path:
         except (OSError, ValueError):
             pass  # an unreadable marker means an unusable cache: rebuild below
     return make_tiny_model(target)
+
+
+def make_tiny_lora(directory: Path | str, model_directory: Path | str, rank: int = 4, seed: int = 0) -> Path:
+    """A LoRA for the tiny model's UNet attention layers, saved as diffusers writes LoRAs.
+
+    Its weights are random (not the usual zero init), so loading it visibly changes the frames.
+    """
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model_directory) / "unet", local_files_only=True)
+    torch.manual_seed(seed)
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights=False,
+        )
+    )
+    target = Path(directory)
+    StableDiffusionPipeline.save_lora_weights(
+        target, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True
+    )
+    return target

@@ -257,13 +257,7 @@ class Session:
             self.bind(slot)
             return
         position = self.manager.pool.enqueue(self) if hello.queue else None
-        busy = Busy(
-            retry_after_s=self.config.busy_retry_after_s,
-            slots_total=self.manager.pool.size,
-            queue_position=position,
-            queue_length=self.manager.pool.queue_length,
-        )
-        self.send_control(busy)
+        self.queue_moved(position)
         if position is None:
             self.close(CloseReason.BUSY)
         else:
@@ -292,7 +286,8 @@ class Session:
     def bind(self, slot: Slot) -> None:
         """Called once the pool has attached this session to a slot (at once, or from the queue)."""
         self.slot = slot
-        self.state = SessionState.READY
+        # A client that waited in line may already have sent its canvas: it is streaming from the start.
+        self.state = SessionState.STREAMING if self._newest is not None else SessionState.READY
         token = None
         if self.config.api_keys:
             token = jwt.encode(
@@ -320,7 +315,8 @@ class Session:
                 self._new_input(None)
         self._stats_task = self.loop.create_task(self._send_stats())
 
-    def queue_moved(self, position: int) -> None:
+    def queue_moved(self, position: int | None) -> None:
+        """Tell the client where it stands: its place in line, or (None) that it must retry later."""
         self.send_control(
             Busy(
                 retry_after_s=self.config.busy_retry_after_s,
@@ -386,8 +382,8 @@ class Session:
     def report_skipped(self, dropped_inputs: int) -> None:
         self._call_on_loop(self._count_skipped, dropped_inputs)
 
-    def report_failure(self, description: str) -> None:
-        self._call_on_loop(self._frame_failed, description)
+    def report_failure(self, description: str, ref_seq: int | None) -> None:
+        self._call_on_loop(self._frame_failed, description, ref_seq)
 
     def _call_on_loop(self, callback, *args) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -411,9 +407,11 @@ class Session:
         self.stats.dropped_inputs += dropped_inputs
         self.stats.skipped_similar += 1
 
-    def _frame_failed(self, description: str) -> None:
+    def _frame_failed(self, description: str, ref_seq: int | None) -> None:
         self.stats.failures += 1
-        self.send_control(Error(code="inference_failed", message=f"{_INTERNAL_ERROR_MESSAGE} ({description})"))
+        self.send_control(
+            Error(code="inference_failed", message=f"{_INTERNAL_ERROR_MESSAGE} ({description})", ref_seq=ref_seq)
+        )
 
     def send_control(self, message: Error | Ready | Busy | Pong | Stats) -> None:
         if self.state is SessionState.CLOSED:

@@ -118,7 +118,7 @@ class Slot:
                 encode_ms = (time.perf_counter() - encode_started) * 1000
             except Exception as error:  # noqa: BLE001 - the worker is an entry point: report, reset, go on
                 logger.exception("slot %d: frame failed for session %s", self.index, session.id)
-                session.report_failure(f"{type(error).__name__}: {error}")
+                session.report_failure(f"{type(error).__name__}: {error}", job.newest.client_seq)
                 stream = StreamPipeline(self.model, session.width, session.height)
                 configured = None
                 settled = True

@@ -111,7 +111,8 @@ class Client:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(cls, url: str, **kwargs: Any):  # type: ignore[no-untyped-def]
-        async with websockets.connect(url, compression=None, max_size=None, open_timeout=30, **kwargs) as ws:
+        kwargs.setdefault("compression", None)
+        async with websockets.connect(url, max_size=None, open_timeout=30, **kwargs) as ws:
             yield cls(ws)
 
     def next_seq(self) -> int:

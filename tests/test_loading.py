@@ -96,3 +96,22 @@ def test_device_choice() -> None:
 def test_cuda_defaults_to_float16() -> None:
     placement = choose_placement()
     assert placement.device.type == "cuda" and str(placement.dtype) == "torch.float16"
+
+
+def test_a_lora_is_fused_into_the_unet(tiny_model_dir: Path, tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
+
+    lora = tiny.make_tiny_lora(tmp_path / "lora", tiny_model_dir)
+    with_lora = load_model(ModelSpec(model=str(tiny_model_dir), lora=str(lora)))
+    assert with_lora.describe()["lora"] == str(lora)
+
+    def render(model) -> np.ndarray:  # type: ignore[no-untyped-def]
+        stream = StreamPipeline(model, 64, 64)
+        stream.configure(StreamParams(prompt="a cat"), img2img=True)
+        return stream.render(np.full((64, 64, 3), 90, np.uint8)).image
+
+    assert not np.array_equal(render(tiny_model), render(with_lora))
+    with pytest.raises(ModelNotFound, match="LoRA"):
+        load_model(ModelSpec(model=str(tiny_model_dir), lora=str(tmp_path / "no-lora")))

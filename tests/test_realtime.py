@@ -141,3 +141,17 @@ async def test_every_frame_codec(server: ServerProcess, codec: str) -> None:
         frame = await client.frame_for(await client.send_canvas(make_canvas(SIZE, 2)))
         assert frame["codec"] == codec
         assert decode_frame(frame).shape == (SIZE, SIZE, 3)
+
+
+async def test_compression_is_off_for_frame_traffic(server: ServerProcess) -> None:
+    """Frames are already compressed: the server declines permessage-deflate even when offered."""
+    async with Client.connect(server.ws_url, compression="deflate") as client:
+        assert client.connection.response.headers.get("Sec-WebSocket-Extensions") is None
+        await client.hello()
+
+
+async def test_healthz_is_not_ready_before_the_model_is_warm(server: ServerProcess) -> None:
+    """The log shows the warm-up finished before the first 200 from /healthz."""
+    log = server.log()
+    assert "warm-up done" in log
+    assert log.index("warm-up done") < log.index('"GET /healthz HTTP/1.1" 200')
