@@ -118,12 +118,11 @@ def get_encoder(name: str | ImageFormat) -> Encoder:
 def read_dimensions(
     image_format: ImageFormat, data: bytes, *, width: int | None = None, height: int | None = None
 ) -> tuple[int, int]:
-    """(width, height) from the header alone. Raw images have no header: they need both declared."""
+    """(width, height) from the header alone. Raw images have no header: they need both declared
+    (their length is checked by `decode`, after the limits)."""
     if image_format is ImageFormat.RAW:
         if width is None or height is None:
             raise InvalidField("raw images need width and height", field="width")
-        if len(data) != width * height * 3:
-            raise CorruptImage(f"raw image of {width}x{height} needs {width * height * 3} bytes, got {len(data)}")
         return width, height
     if image_format is ImageFormat.JPEG:
         try:
@@ -160,7 +159,8 @@ def decode(
         if width is None or height is None:
             raise InvalidField("raw images need width and height", field="width")
         limits.check(width, height)
-        read_dimensions(image_format, data, width=width, height=height)
+        if len(data) != width * height * 3:
+            raise CorruptImage(f"raw image of {width}x{height} needs {width * height * 3} bytes, got {len(data)}")
         return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
     if image_format is ImageFormat.JPEG:
         header_width, header_height = read_dimensions(image_format, data)

@@ -22,12 +22,14 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import jwt
 import numpy as np
 
+from streamcanvas.codecs import images
 from streamcanvas.codecs.errors import CodecError, MessageTooLarge
 from streamcanvas.codecs.images import ImageFormat
 from streamcanvas.codecs.messages import (
@@ -38,6 +40,7 @@ from streamcanvas.codecs.messages import (
     ClientMessage,
     Error,
     Hello,
+    ImagePayload,
     Params,
     Ping,
     Pong,
@@ -59,6 +62,8 @@ if TYPE_CHECKING:
     from .slots import Slot
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class SessionState(enum.Enum):
@@ -197,13 +202,13 @@ class Session:
                 self._hello(message)
             case Canvas():
                 canvas = self._require_canvas_session(message.type)
-                rgb = await asyncio.to_thread(canvas.decode_full, message.image)
+                rgb = await _decode(canvas.decode_full, message.image, [message.image])
                 with self._condition:
                     canvas.replace(rgb)
                     self._new_input(message.seq, canvas_changed=True)
             case CanvasDelta():
                 canvas = self._require_canvas_session(message.type)
-                decoded = await asyncio.to_thread(canvas.decode_patches, message.patches)
+                decoded = await _decode(canvas.decode_patches, message.patches, [p.image for p in message.patches])
                 with self._condition:
                     canvas.paste(decoded)
                     self._new_input(message.seq, canvas_changed=True)
@@ -483,6 +488,22 @@ class Session:
 
     def idle_for(self) -> float:
         return time.monotonic() - self.last_activity
+
+
+_INLINE_DECODE_PIXELS = 512 * 512
+"""Images up to this size decode on the event loop (under a millisecond for JPEG); larger ones in a
+thread, so the loop never stalls. Handing every small canvas to a thread and back cost more in thread
+wake-ups, on cores the inference threads are using, than the decode itself."""
+
+
+async def _decode(function: Callable[[T], R], argument: T, payloads: list[ImagePayload]) -> R:
+    pixels = 0
+    for payload in payloads:
+        width, height = images.read_dimensions(payload.format, payload.data, width=payload.width, height=payload.height)
+        pixels += width * height
+    if pixels <= _INLINE_DECODE_PIXELS:
+        return function(argument)
+    return await asyncio.to_thread(function, argument)
 
 
 def _params_dict(params: StreamParams) -> dict[str, object]:
