@@ -4,7 +4,8 @@
 
 Runs, in one process and one after the other so they never compete for the CPU:
 1. `bare`: a StreamPipeline rendering a cycle of distinct canvases back to back, no server (fps and
-   per-frame time);
+   per-frame time), alternating with the `steady` server run below in --rounds rounds, so that both
+   see the same drift in this machine's speed;
 2. a real `streamcanvas serve` child process on a free loopback port, and N WebSocket clients in this
    process sending JPEG canvases in three patterns:
    - `steady`: each client sends canvases at the bare fps, like a camera at the model's speed;
@@ -87,28 +88,42 @@ def make_canvases(size: int, count: int = CANVAS_COUNT) -> list[np.ndarray]:
     return canvases
 
 
-def run_bare(size: int, seconds: float, warmup_frames: int) -> dict[str, Any]:
-    model = load_model(ModelSpec())
-    stream = StreamPipeline(model, size, size)
-    stream.configure(StreamParams(prompt=PROMPT), img2img=True)
-    canvases = make_canvases(size)
-    for index in range(warmup_frames):
-        stream.render(canvases[index % len(canvases)], tag=index)
-    frame_ms = []
-    started = time.perf_counter()
-    index = 0
-    while time.perf_counter() - started < seconds:
-        frame_started = time.perf_counter()
-        stream.render(canvases[index % len(canvases)], tag=warmup_frames + index)
-        frame_ms.append((time.perf_counter() - frame_started) * 1000)
-        index += 1
-    elapsed = time.perf_counter() - started
-    return {
-        "fps": round(index / elapsed, 2),
-        "frames": index,
-        "frame_ms": percentiles(frame_ms),
-        "model": model.describe(),
-    }
+class BareRun:
+    """The same pipeline the server runs, driven in this process with no server in between."""
+
+    def __init__(self, size: int, warmup_frames: int) -> None:
+        self.model = load_model(ModelSpec())
+        self.stream = StreamPipeline(self.model, size, size)
+        self.stream.configure(StreamParams(prompt=PROMPT), img2img=True)
+        self.canvases = make_canvases(size)
+        self.frames = 0
+        self.seconds = 0.0
+        self.frame_ms: list[float] = []
+        for _ in range(warmup_frames):
+            self._render()
+
+    def _render(self) -> None:
+        self.stream.render(self.canvases[self.frames % len(self.canvases)], tag=self.frames)
+        self.frames += 1
+
+    def run(self, seconds: float) -> float:
+        """Render back to back for `seconds`; returns this run's fps."""
+        frames_before, started = self.frames, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            frame_started = time.perf_counter()
+            self._render()
+            self.frame_ms.append((time.perf_counter() - frame_started) * 1000)
+        elapsed = time.perf_counter() - started
+        self.seconds += elapsed
+        return (self.frames - frames_before) / elapsed
+
+    def summary(self, runs: list[float]) -> dict[str, Any]:
+        return {
+            "fps": round(len(self.frame_ms) / self.seconds, 2),
+            "fps_per_round": [round(fps, 2) for fps in runs],
+            "frame_ms": percentiles(self.frame_ms),
+            "model": self.model.describe(),
+        }
 
 
 def free_port() -> int:
@@ -227,8 +242,10 @@ async def run_scenario(url: str, size: int, clients: int, rate_hz: float | None,
     answered = sum(result.answered for result in results)
     return {
         "clients": clients,
+        "seconds": seconds,
         "send_rate_hz_per_client": round(rate_hz, 2) if rate_hz else "lockstep",
         "server_fps": round(sum(result.frames for result in results) / seconds, 2),
+        "latency_samples_ms": latency,
         "inputs_sent": sent,
         "inputs_answered": answered,
         "dropped": sent - answered,
@@ -238,27 +255,58 @@ async def run_scenario(url: str, size: int, clients: int, rate_hz: float | None,
     }
 
 
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    seconds = sum(item["seconds"] for item in rounds)
+    latency = [value for item in rounds for value in item["latency_samples_ms"]]
+    merged = {
+        "clients": rounds[0]["clients"],
+        "seconds": seconds,
+        "send_rate_hz_per_client": rounds[0]["send_rate_hz_per_client"],
+        "server_fps": round(sum(item["server_fps"] * item["seconds"] for item in rounds) / seconds, 2),
+        "server_fps_per_round": [item["server_fps"] for item in rounds],
+        "latency_samples_ms": latency,
+        "latency_ms": percentiles(latency),
+        "server_timings_ms": rounds[-1]["server_timings_ms"],
+    }
+    for key in ("inputs_sent", "inputs_answered", "dropped", "server_dropped_inputs"):
+        merged[key] = sum(item[key] for item in rounds)
+    return merged
+
+
 @click.command()
 @click.option("--resolution", default=256, show_default=True, help="Square frame size in pixels.")
 @click.option("--clients", default=1, show_default=True, help="Concurrent clients (the server gets as many slots).")
-@click.option("--seconds", default=10.0, show_default=True, help="Measured seconds per run.")
+@click.option("--seconds", default=15.0, show_default=True, help="Measured seconds per run.")
 @click.option("--warmup", "warmup_s", default=3.0, show_default=True, help="Unmeasured seconds at the start of each server run.")
+@click.option("--rounds", default=3, show_default=True, help="Alternations of bare and steady runs (seconds split between them).")
 @click.option("--flood-factor", default=4.0, show_default=True, help="How much faster than bare fps the flood client sends.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
-def main(resolution: int, clients: int, seconds: float, warmup_s: float, flood_factor: float, output: Path | None) -> None:
+def main(
+    resolution: int, clients: int, seconds: float, warmup_s: float, rounds: int, flood_factor: float, output: Path | None
+) -> None:
     """Benchmark the real-time WebSocket path against the bare pipeline; prints JSON."""
     started = time.time()
-    bare = run_bare(resolution, seconds, warmup_frames=8)
-    rate = bare["fps"]
-    scenarios = {}
+    bare_run = BareRun(resolution, warmup_frames=8)
+    round_s = seconds / rounds
+    bare_rounds = [bare_run.run(round_s)]
+    rate = bare_rounds[0]
+    scenarios: dict[str, Any] = {}
+    steady_rounds = []
     with running_server(resolution, clients) as url:
-        for name, rate_hz in (("steady", rate), ("flood", rate * flood_factor), ("lockstep", None)):
+        # This machine's speed drifts; bare and steady alternate so they are compared under the same drift.
+        for index in range(rounds):
+            if index:
+                bare_rounds.append(bare_run.run(round_s))
+            steady_rounds.append(asyncio.run(run_scenario(url, resolution, clients, rate, warmup_s, round_s)))
+        for name, rate_hz in (("flood", rate * flood_factor), ("lockstep", None)):
             scenarios[name] = asyncio.run(run_scenario(url, resolution, clients, rate_hz, warmup_s, seconds))
+    bare = bare_run.summary(bare_rounds)
+    scenarios = {"steady": merge_rounds(steady_rounds), **scenarios}
     steady, flood = scenarios["steady"], scenarios["flood"]
     report = {
         "benchmark": "realtime_ws",
         "machine": describe_machine(),
-        "config": {"resolution": resolution, "clients": clients, "seconds": seconds, "warmup_s": warmup_s, "prompt": PROMPT, "codec": "jpeg q80"},
+        "config": {"resolution": resolution, "clients": clients, "seconds": seconds, "rounds": rounds, "warmup_s": warmup_s, "prompt": PROMPT, "codec": "jpeg q80"},
         "bare": bare,
         "scenarios": scenarios,
         "bare_fps": bare["fps"],
@@ -269,6 +317,8 @@ def main(resolution: int, clients: int, seconds: float, warmup_s: float, flood_f
         "flood_p99_over_steady_p99": round(flood["latency_ms"]["p99"] / steady["latency_ms"]["p99"], 2) if steady["latency_ms"]["p99"] else None,
         "wall_s": round(time.time() - started, 1),
     }
+    for scenario in scenarios.values():
+        scenario.pop("latency_samples_ms")
     text = json.dumps(report, indent=2)
     click.echo(text)
     if output is not None:
