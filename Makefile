@@ -18,9 +18,22 @@ TORCH_PIP_ARGS ?=
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test bench clean
+# System packages come from Debian's archive: npm (if the machine has no Node.js) for the page's one
+# browser dependency, and Chromium for the browser tests. Installed only when missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+WEB_STAMP := web_static/node_modules/.package-lock.json
 
-setup: $(STAMP)
+.PHONY: setup serve test bench clean browser
+
+setup: $(STAMP) $(WEB_STAMP)
+
+$(WEB_STAMP): web_static/package.json web_static/package-lock.json
+	command -v npm >/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) npm; }
+	cd web_static && npm ci --silent
+
+browser:
+	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) chromium fonts-dejavu-core; }
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,11 +49,11 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(BIN)/streamcanvas serve $(SERVE_ARGS)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m streamcanvas.benchmarks.realtime_ws
 
 clean:
-	rm -rf $(VENV) artifacts .pytest_cache
+	rm -rf $(VENV) artifacts .pytest_cache web_static/node_modules

@@ -14,6 +14,7 @@ from starlette.routing import Route, WebSocketRoute
 from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 
 from .runtime import Runtime
+from .web import web_routes
 from .websocket import stream_endpoint
 
 WEBSOCKET_PATH = "/v1/stream"
@@ -60,6 +61,7 @@ def create_app(runtime: Runtime) -> Starlette:
             Route("/healthz", healthz),
             Route("/v1/info", info),
             WebSocketRoute(WEBSOCKET_PATH, stream_endpoint),
+            *web_routes(),
         ],
         lifespan=lifespan,
     )

@@ -1,0 +1,319 @@
+"""The live canvas page in a real browser: Debian's Chromium, headless, driven by Playwright.
+
+The page is served by a real server running the tiny model. Strokes are real pointer events; the
+webcam and the screen are Chromium's fake capture devices. Screenshots land in artifacts/.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from playwright.sync_api import Browser, Page, sync_playwright
+
+from conftest import start_server
+from helpers import ServerProcess
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--enable-usermedia-screen-capturing",
+    "--auto-accept-this-tab-capture",
+    "--auto-select-desktop-capture-source=Entire screen",
+]
+SIZE = 128
+TIMEOUT_MS = 30_000
+
+# Pixel hashes computed in the page: of the drawing as sent, and of the latest AI frame.
+HASH_JS = """
+(data) => { let h = 2166136261; for (let i = 0; i < data.length; i++) { h ^= data[i]; h = Math.imul(h, 16777619); } return h >>> 0; }
+"""
+DRAWING_HASH = f"() => ({HASH_JS})(streamcanvas.doc.viewContext.getImageData(0, 0, streamcanvas.doc.width, streamcanvas.doc.height).data)"
+OUTPUT_HASH = f"""async () => {{
+  const img = document.querySelector('#output');
+  await img.decode();
+  const canvas = document.createElement('canvas');
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  const context = canvas.getContext('2d');
+  context.drawImage(img, 0, 0);
+  return ({HASH_JS})(context.getImageData(0, 0, canvas.width, canvas.height).data);
+}}"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert Path(CHROMIUM).exists(), "Debian's chromium is installed by `make test`; run it through make"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def web_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
+    process = start_server(cache_dir, artifacts_dir, "browser", "--slots", "2")
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def page(browser: Browser, web_server: ServerProcess, artifacts_dir: Path, request: pytest.FixtureRequest) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    open_page(page, web_server)
+    yield page
+    page.screenshot(path=str(artifacts_dir / f"browser-{request.node.name}.png"))
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def open_page(page: Page, server: ServerProcess) -> None:
+    page.goto(f"{server.base_url}/?resolution={SIZE}")
+    wait_ready(page)
+
+
+def wait_ready(page: Page) -> None:
+    page.wait_for_function("document.querySelector('#status').dataset.state === 'ready'")
+
+
+def wait_settled(page: Page) -> None:
+    page.wait_for_function("streamcanvas.settled()")
+
+
+def stroke(page: Page, points: list[tuple[float, float]]) -> None:
+    """A real pointer drag across the drawing canvas, in fractions of its size."""
+    box = page.locator("#draw").bounding_box()
+    assert box is not None
+    x0, y0 = points[0]
+    page.mouse.move(box["x"] + x0 * box["width"], box["y"] + y0 * box["height"])
+    page.mouse.down()
+    for x, y in points[1:]:
+        page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"], steps=4)
+    page.mouse.up()
+
+
+def hashes(page: Page) -> tuple[int, int]:
+    return page.evaluate(DRAWING_HASH), page.evaluate(OUTPUT_HASH)
+
+
+def test_drawing_and_typing_change_the_rendered_frames(page: Page) -> None:
+    wait_settled(page)
+    drawing, output = hashes(page)
+    assert page.locator("#status").inner_text() == "Live"
+    assert page.locator("#model-name").inner_text() == "untrained test model"
+
+    stroke(page, [(0.2, 0.2), (0.5, 0.4), (0.8, 0.3)])
+    wait_settled(page)
+    drawn, drawn_output = hashes(page)
+    assert drawn != drawing, "the stroke must change the drawing"
+    assert drawn_output != output, "the AI frame must follow the stroke"
+
+    page.fill("#prompt", "a lighthouse at night")  # typing is enough: there is no generate button
+    wait_settled(page)
+    prompted, prompted_output = hashes(page)
+    assert prompted == drawn and prompted_output != drawn_output, "the prompt alone must change the frame"
+    assert page.evaluate("document.querySelector('#output').naturalWidth") == SIZE
+
+
+def test_undo_restores_the_canvas_and_the_frame(page: Page) -> None:
+    stroke(page, [(0.1, 0.5), (0.9, 0.5)])
+    wait_settled(page)
+    before = hashes(page)
+    page.click("[data-tool=rect]")
+    stroke(page, [(0.3, 0.3), (0.7, 0.8)])
+    wait_settled(page)
+    assert hashes(page) != before
+    page.locator("#draw").focus()
+    page.keyboard.press("Control+z")
+    wait_settled(page)
+    # The server got back exactly the earlier canvas, so it renders exactly the earlier frame.
+    assert hashes(page) == before
+    page.keyboard.press("Control+Shift+z")
+    wait_settled(page)
+    assert hashes(page)[0] != before[0]
+
+
+def test_every_tool_changes_the_drawing(page: Page) -> None:
+    for tool, points in [
+        ("brush", [(0.1, 0.1), (0.3, 0.2)]),
+        ("line", [(0.1, 0.9), (0.9, 0.1)]),
+        ("rect", [(0.2, 0.6), (0.4, 0.8)]),
+        ("ellipse", [(0.6, 0.6), (0.9, 0.9)]),
+        ("fill", [(0.05, 0.95)]),
+        ("eraser", [(0.1, 0.9), (0.9, 0.1)]),
+    ]:
+        before = page.evaluate(DRAWING_HASH)
+        page.click(f"[data-tool={tool}]")
+        stroke(page, points)
+        assert page.evaluate(DRAWING_HASH) != before, tool
+    # The picker takes the colour under the pointer (the fill put the brush colour there).
+    page.click("[data-tool=picker]")
+    stroke(page, [(0.95, 0.95)])
+    assert page.input_value("#color") == "#1f4fbf"
+    assert page.get_attribute("[data-tool=brush]", "aria-pressed") == "true"
+    wait_settled(page)
+
+
+def test_layers_and_an_image_file(page: Page, tmp_path: Path) -> None:
+    base = page.evaluate(DRAWING_HASH)
+    page.click("#add-layer")
+    assert page.locator("#layers li").count() == 2
+    stroke(page, [(0.2, 0.2), (0.8, 0.8)])
+    drawn = page.evaluate(DRAWING_HASH)
+    assert drawn != base
+    top = page.locator("#layers li").first
+    top.locator("input[type=checkbox]").uncheck()  # hide the new layer
+    assert page.evaluate(DRAWING_HASH) == base
+    top.locator("input[type=checkbox]").check()
+    assert page.evaluate(DRAWING_HASH) == drawn
+    page.click("#layer-down")  # the stroke layer goes under the background and disappears
+    assert page.evaluate(DRAWING_HASH) == base
+    page.click("#layer-up")
+    assert page.evaluate(DRAWING_HASH) == drawn
+    top.locator("input[type=range]").fill("50")
+    assert page.evaluate(DRAWING_HASH) not in (base, drawn)
+
+    picture = tmp_path / "stripes.png"
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[::8] = (250, 120, 0)
+    Image.fromarray(stripes).save(picture)
+    before_image = page.evaluate(DRAWING_HASH)
+    page.set_input_files("#image-file", str(picture))
+    page.wait_for_function(f"({DRAWING_HASH})() !== {before_image}")
+    page.click("#remove-layer")
+    assert page.locator("#layers li").count() == 1
+    wait_settled(page)
+
+
+def test_webcam_and_screen_are_live_layers(page: Page) -> None:
+    wait_settled(page)
+    page.click("#camera")
+    page.wait_for_function("streamcanvas.sources.isOn('camera')")
+    assert page.get_attribute("#camera", "aria-pressed") == "true"
+    assert "Camera (live)" in page.locator("#layers").inner_text()
+    assert "fake" in page.evaluate("streamcanvas.sources.label('camera')")
+    # The camera keeps sending frames by itself; the AI output keeps answering newer inputs.
+    first = int(page.get_attribute("#output", "data-input-seq") or 0)
+    page.wait_for_function(f"Number(document.querySelector('#output').dataset.inputSeq) > {first + 3}")
+    page.click("#screen")  # switch sources without reloading
+    page.wait_for_function("streamcanvas.sources.isOn('screen')")
+    page.click("#camera")
+    page.wait_for_function("!streamcanvas.sources.isOn('camera')")
+    assert "Camera" not in page.locator("#layers").inner_text()
+    latest = int(page.get_attribute("#output", "data-input-seq") or 0)
+    page.wait_for_function(f"Number(document.querySelector('#output').dataset.inputSeq) > {latest + 2}")
+    page.click("#screen")
+    page.wait_for_function("!streamcanvas.sources.isOn('screen')")
+    assert page.locator("#layers li").count() == 1
+
+
+def test_a_server_error_is_shown_in_words(page: Page) -> None:
+    page.fill("#prompt", "x" * 2500)  # over the server's 2000-character limit
+    error = page.locator("#errors li[data-code=invalid_value]")
+    error.wait_for()
+    assert "prompt" in error.inner_text() and "2000" in error.inner_text()
+    assert page.locator("#status").get_attribute("data-state") == "ready"  # the session goes on
+    page.fill("#prompt", "a short prompt")
+    wait_settled(page)
+
+
+def test_save_png(page: Page) -> None:
+    wait_settled(page)
+    with page.expect_download() as download:
+        page.click("#save")
+    data = Path(download.value.path()).read_bytes()
+    assert data.startswith(b"\x89PNG")
+    assert Image.open(io.BytesIO(data)).size == (SIZE, SIZE)
+
+
+def test_resolution_change_reconnects_at_the_new_size(page: Page) -> None:
+    stroke(page, [(0.3, 0.3), (0.6, 0.6)])
+    wait_settled(page)
+    page.select_option("#resolution", "256")
+    page.wait_for_function("document.querySelector('#output').naturalWidth === 256")
+    wait_settled(page)
+    assert page.evaluate("streamcanvas.doc.width") == 256
+
+
+def test_narrow_screens_stack_the_panes(page: Page) -> None:
+    wide = [page.locator(".pane").nth(index).bounding_box() for index in (0, 1)]
+    assert wide[0]["y"] == wide[1]["y"] and wide[0]["x"] < wide[1]["x"]
+    page.set_viewport_size({"width": 420, "height": 900})
+    narrow = [page.locator(".pane").nth(index).bounding_box() for index in (0, 1)]
+    assert narrow[1]["y"] > narrow[0]["y"] + narrow[0]["height"] - 1
+
+
+def test_a_finger_draws_on_a_touch_screen(browser: Browser, web_server: ServerProcess, artifacts_dir: Path) -> None:
+    context = browser.new_context(viewport={"width": 420, "height": 900}, has_touch=True, is_mobile=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        open_page(page, web_server)
+        before = page.evaluate(DRAWING_HASH)
+        box = page.locator("#draw").bounding_box()
+        touch = context.new_cdp_session(page)
+        points = [(box["x"] + 30 + step * 12, box["y"] + 40 + step * 9) for step in range(10)]
+        for index, (x, y) in enumerate(points):
+            kind = "touchStart" if index == 0 else "touchMove"
+            touch.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y}]})
+        touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+        page.wait_for_function(f"({DRAWING_HASH})() !== {before}")
+        wait_settled(page)
+        page.screenshot(path=str(artifacts_dir / "browser-touch-narrow.png"))
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def restartable_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
+    process = start_server(cache_dir, artifacts_dir, "browser-restart")
+    yield process
+    process.stop()
+
+
+def test_reconnects_and_resumes_after_the_server_restarts(
+    browser: Browser, restartable_server: ServerProcess, artifacts_dir: Path
+) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        open_page(page, restartable_server)
+        page.fill("#prompt", "a boat on a lake")
+        page.fill("#seed", "77")
+        page.dispatch_event("#seed", "change")
+        stroke(page, [(0.2, 0.7), (0.5, 0.3), (0.8, 0.7)])
+        wait_settled(page)
+        before = hashes(page)
+
+        restartable_server.process.send_signal(signal.SIGKILL)
+        restartable_server.process.wait(10)
+        page.wait_for_function("['waiting', 'reconnecting'].includes(document.querySelector('#status').dataset.state)")
+        page.screenshot(path=str(artifacts_dir / "browser-disconnected.png"))
+        assert "reconnecting" in page.locator("#status").inner_text().lower()
+
+        restartable_server.start()
+        wait_ready(page)
+        wait_settled(page)
+        # Canvas, prompt and seed were restored on the new server: the very same frame comes back.
+        assert hashes(page) == before
+    finally:
+        page.screenshot(path=str(artifacts_dir / "browser-reconnected.png"))
+        context.close()

@@ -1,0 +1,380 @@
+// The live canvas page: wires the drawing, the controls and the connection together.
+import { Connection } from "./connection.js";
+import { CanvasDocument, makeCanvas } from "./document.js";
+import { canvasMessage, deltaMessage, paramsMessage } from "./protocol.js";
+import { Sources } from "./sources.js";
+import { TOOLS, ToolController } from "./tools.js";
+
+const $ = (selector) => document.querySelector(selector);
+const PROMPT_DEBOUNCE_MS = 250;
+const PING_INTERVAL_MS = 30000;
+const JPEG_QUALITY = 0.9;
+const MAX_SEED = 4294967295;
+
+const query = new URLSearchParams(location.search);
+const state = {
+  tool: "brush",
+  color: $("#color").value,
+  size: Number($("#size").value),
+  opacity: Number($("#opacity").value) / 100,
+  params: {
+    prompt: "",
+    strength: Number($("#strength").value),
+    steps: Number($("#steps").value),
+    seed: Number($("#seed").value),
+  },
+  resolution: Number(query.get("resolution") || $("#resolution").value),
+  quality: Number($("#quality").value),
+  needFull: true, // the server's copy must be replaced: after (re)connect, resize, camera frames
+  sending: false,
+  promptPending: false,
+  lastInputSeq: 0,
+  outputUrl: null,
+};
+$("#resolution").value = String(state.resolution);
+
+const view = $("#draw");
+const doc = new CanvasDocument(view, state.resolution, state.resolution);
+doc.compose();
+const sources = new Sources(doc, (text) => showError({ code: "source", message: text }, true));
+
+const settings = {
+  get tool() { return state.tool; },
+  get color() { return state.color; },
+  get size() { return state.size; },
+  get opacity() { return state.opacity; },
+  pickColor(hex) { state.color = hex; $("#color").value = hex; selectTool("brush"); },
+  notify(text) { showError({ code: "canvas", message: text }, true); },
+};
+new ToolController(doc, view, settings);
+
+const connection = new Connection({
+  url: `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/stream`,
+  helloFields: () => ({
+    width: state.resolution,
+    height: state.resolution,
+    codec: "jpeg",
+    quality: state.quality,
+    params: { ...state.params },
+    apiKey: query.get("key") || undefined,
+  }),
+});
+
+// ---- connection state → the status pill -------------------------------------------------------
+
+const statusText = {
+  connecting: () => "Connecting…",
+  ready: () => "Live",
+  busy: ({ position, retryAfter }) =>
+    position ? `Waiting for a free slot — position ${position} in line` : `Server busy — retrying in ${retryAfter}s`,
+  waiting: ({ retryInMs }) => `Disconnected — reconnecting in ${Math.ceil(retryInMs / 1000)}s`,
+  reconnecting: () => "Reconnecting…",
+  error: ({ error }) => `Error: ${error.message}`,
+  closed: () => "Closed",
+};
+
+connection.addEventListener("state", (event) => {
+  const { state: name } = event.detail;
+  const status = $("#status");
+  status.dataset.state = name;
+  status.textContent = (statusText[name] || (() => name))(event.detail);
+  if (name === "ready") {
+    const ready = event.detail.ready;
+    state.needFull = true;
+    $("#model-name").textContent = ready.model.test_model ? "untrained test model" : ready.model.name;
+    $("#model-name").title = `${ready.model.name} · ${ready.model.device} · ${ready.model.vae}`;
+  }
+});
+
+connection.addEventListener("frame", (event) => {
+  const frame = event.detail;
+  const blob = new Blob([frame.image], { type: `image/${frame.codec}` });
+  const url = URL.createObjectURL(blob);
+  const output = $("#output");
+  output.src = url;
+  if (state.outputUrl) URL.revokeObjectURL(state.outputUrl);
+  state.outputUrl = url;
+  output.dataset.frameSeq = String(frame.seq);
+  output.dataset.inputSeq = String(frame.input_seq ?? "");
+  output.dataset.frames = String(Number(output.dataset.frames || 0) + 1);
+});
+
+connection.addEventListener("stats", (event) => {
+  const stats = event.detail;
+  $("#stat-fps").textContent = stats.fps.toFixed(1);
+  $("#stat-latency").textContent = `${Math.round(stats.latency_ms.p50)} ms`;
+  $("#stat-dropped").textContent = String(stats.dropped_inputs + stats.dropped_frames);
+});
+
+connection.addEventListener("error-message", (event) => showError(event.detail));
+
+function showError(error, isNote = false) {
+  const list = $("#errors");
+  const item = document.createElement("li");
+  item.dataset.code = error.code;
+  if (isNote) item.classList.add("note");
+  item.textContent = describeError(error);
+  list.prepend(item);
+  while (list.children.length > 5) list.lastElementChild.remove();
+  setTimeout(() => item.remove(), 15000);
+}
+
+function describeError(error) {
+  const words = {
+    busy: "The server is busy.",
+    unauthorized: "The server needs an API key: add ?key=… to the page's address.",
+    idle_timeout: "The session was idle for too long; reconnecting.",
+    invalid_value: "The server refused a setting:",
+    inference_failed: "A frame failed on the server:",
+  };
+  const lead = words[error.code];
+  return lead ? `${lead} ${error.message}` : error.message;
+}
+
+// ---- sending: paced by the frames that come back -----------------------------------------------
+
+// Drawings go as PNG, so the server's canvas is exactly what is on screen (undo gives back the very
+// same frame); live camera and screen frames go as JPEG, which is ~10x faster to encode.
+function encodeRegion(rect, format) {
+  const region = makeCanvas(rect.w, rect.h);
+  region.getContext("2d").drawImage(view, rect.x, rect.y, rect.w, rect.h, 0, 0, rect.w, rect.h);
+  return new Promise((resolve) => region.toBlob(resolve, `image/${format}`, JPEG_QUALITY))
+    .then((blob) => blob.arrayBuffer())
+    .then((buffer) => new Uint8Array(buffer));
+}
+
+async function pump() {
+  if (state.sending || !connection.canSendInput()) return;
+  const dirty = doc.takeDirty();
+  if (!state.needFull && !dirty) return;
+  state.sending = true;
+  try {
+    const live = doc.hasLiveSource();
+    const format = live ? "jpeg" : "png";
+    if (state.needFull || live) {
+      state.needFull = false;
+      const bytes = await encodeRegion({ x: 0, y: 0, w: doc.width, h: doc.height }, format);
+      if (connection.isReady) state.lastInputSeq = connection.sendInput((seq) => canvasMessage(seq, format, bytes));
+      else state.needFull = true;
+    } else {
+      const bytes = await encodeRegion(dirty, format);
+      if (connection.isReady) {
+        state.lastInputSeq = connection.sendInput((seq) => deltaMessage(seq, [{ x: dirty.x, y: dirty.y, format, bytes }]));
+      } else {
+        doc.markDirty(dirty);
+      }
+    }
+  } finally {
+    state.sending = false;
+  }
+}
+
+function loop() {
+  if (doc.hasLiveSource()) doc.drawLiveSources(); // the live layers follow their video on screen
+  pump().catch((error) => showError({ code: "client", message: String(error) }));
+  requestAnimationFrame(loop);
+}
+
+function sendParams(changes) {
+  Object.assign(state.params, changes); // kept for the next hello, so a reconnect restores them
+  const seq = connection.sendControl((seq) => paramsMessage(seq, changes));
+  if (seq !== null) state.lastInputSeq = seq;
+}
+
+// ---- controls ------------------------------------------------------------------------------------
+
+function selectTool(tool) {
+  state.tool = tool;
+  for (const button of document.querySelectorAll("[data-tool]")) {
+    button.setAttribute("aria-pressed", String(button.dataset.tool === tool));
+  }
+}
+for (const button of document.querySelectorAll("[data-tool]")) {
+  button.addEventListener("click", () => selectTool(button.dataset.tool));
+}
+$("#color").addEventListener("input", (event) => { state.color = event.target.value; });
+$("#size").addEventListener("input", (event) => { state.size = Number(event.target.value); });
+$("#opacity").addEventListener("input", (event) => { state.opacity = Number(event.target.value) / 100; });
+$("#undo").addEventListener("click", () => doc.undo());
+$("#redo").addEventListener("click", () => doc.redo());
+$("#clear").addEventListener("click", () => doc.clearActive());
+
+let promptTimer = null;
+$("#prompt").addEventListener("input", (event) => {
+  clearTimeout(promptTimer);
+  state.promptPending = true;
+  promptTimer = setTimeout(() => {
+    state.promptPending = false;
+    const changes = { prompt: event.target.value };
+    if ($("#seed-mode").value === "random") changes.seed = randomSeed();
+    sendParams(changes);
+  }, PROMPT_DEBOUNCE_MS);
+});
+
+$("#strength").addEventListener("input", (event) => {
+  $("#strength-value").textContent = Number(event.target.value).toFixed(2);
+});
+$("#strength").addEventListener("change", (event) => sendParams({ strength: Number(event.target.value) }));
+$("#steps").addEventListener("change", (event) => sendParams({ steps: Number(event.target.value) }));
+$("#seed").addEventListener("change", (event) => {
+  const seed = Math.max(0, Math.min(MAX_SEED, Math.floor(Number(event.target.value) || 0)));
+  event.target.value = String(seed);
+  sendParams({ seed });
+});
+$("#new-seed").addEventListener("click", () => sendParams({ seed: randomSeed() }));
+
+function randomSeed() {
+  const seed = crypto.getRandomValues(new Uint32Array(1))[0];
+  $("#seed").value = String(seed);
+  return seed;
+}
+
+$("#resolution").addEventListener("change", (event) => {
+  state.resolution = Number(event.target.value);
+  doc.resize(state.resolution, state.resolution);
+  connection.restart(); // the size is part of hello
+});
+$("#quality").addEventListener("change", (event) => {
+  state.quality = Number(event.target.value);
+  connection.restart(); // so is the frame quality
+});
+
+$("#save").addEventListener("click", async () => {
+  const output = $("#output");
+  if (!output.src) return;
+  const canvas = makeCanvas(output.naturalWidth, output.naturalHeight);
+  canvas.getContext("2d").drawImage(output, 0, 0);
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = `streamcanvas-${Date.now()}.png`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+});
+
+// ---- sources and images --------------------------------------------------------------------------
+
+for (const kind of ["camera", "screen"]) {
+  $(`#${kind}`).addEventListener("click", async () => {
+    await sources.toggle(kind);
+  });
+}
+doc.addEventListener("change", () => {
+  for (const kind of ["camera", "screen"]) $(`#${kind}`).setAttribute("aria-pressed", String(sources.isOn(kind)));
+  renderLayers();
+  $("#undo").disabled = doc.undoStack.length === 0;
+  $("#redo").disabled = doc.redoStack.length === 0;
+});
+
+async function loadImageFile(file) {
+  if (!file || !file.type.startsWith("image/")) {
+    showError({ code: "canvas", message: "That file is not an image." }, true);
+    return;
+  }
+  try {
+    const bitmap = await createImageBitmap(file);
+    doc.drawImageOnActive(bitmap);
+    bitmap.close();
+  } catch (error) {
+    showError({ code: "canvas", message: `Could not read ${file.name}: ${error.message}` }, true);
+  }
+}
+$("#image-file").addEventListener("change", (event) => {
+  loadImageFile(event.target.files[0]);
+  event.target.value = "";
+});
+const stage = view.parentElement;
+stage.addEventListener("dragover", (event) => { event.preventDefault(); stage.classList.add("dropping"); });
+stage.addEventListener("dragleave", () => stage.classList.remove("dropping"));
+stage.addEventListener("drop", (event) => {
+  event.preventDefault();
+  stage.classList.remove("dropping");
+  loadImageFile(event.dataTransfer.files[0]);
+});
+
+// ---- layers panel --------------------------------------------------------------------------------
+
+function renderLayers() {
+  const list = $("#layers");
+  list.replaceChildren();
+  for (const layer of [...doc.layers].reverse()) {
+    const item = document.createElement("li");
+    item.dataset.layerId = String(layer.id);
+    if (layer === doc.active) item.classList.add("active");
+    const visible = document.createElement("input");
+    visible.type = "checkbox";
+    visible.checked = layer.visible;
+    visible.title = "Visible";
+    visible.addEventListener("change", () => doc.setVisible(layer, visible.checked));
+    const name = document.createElement("span");
+    name.className = "name";
+    name.textContent = layer.kind === "paint" ? layer.name : `${layer.name} (live)`;
+    const opacity = document.createElement("input");
+    opacity.type = "range";
+    opacity.min = "0";
+    opacity.max = "100";
+    opacity.value = String(Math.round(layer.opacity * 100));
+    opacity.title = "Layer opacity";
+    opacity.addEventListener("input", () => doc.setOpacity(layer, Number(opacity.value) / 100));
+    item.append(visible, name, opacity);
+    item.addEventListener("click", (event) => {
+      if (event.target === item || event.target === name) doc.select(layer);
+    });
+    list.append(item);
+  }
+}
+$("#add-layer").addEventListener("click", () => doc.addLayer());
+$("#remove-layer").addEventListener("click", () => doc.active && doc.removeLayer(doc.active));
+$("#layer-up").addEventListener("click", () => doc.active && doc.moveLayer(doc.active, 1));
+$("#layer-down").addEventListener("click", () => doc.active && doc.moveLayer(doc.active, -1));
+
+// ---- keyboard ------------------------------------------------------------------------------------
+
+const TOOL_KEYS = { b: "brush", e: "eraser", l: "line", r: "rect", o: "ellipse", f: "fill", i: "picker" };
+document.addEventListener("keydown", (event) => {
+  const typing = event.target.matches("textarea, input[type=number], input[type=text], select");
+  if (typing) return;
+  const key = event.key.toLowerCase();
+  if ((event.ctrlKey || event.metaKey) && key === "z") {
+    event.preventDefault();
+    if (event.shiftKey) doc.redo();
+    else doc.undo();
+  } else if ((event.ctrlKey || event.metaKey) && key === "y") {
+    event.preventDefault();
+    doc.redo();
+  } else if (!event.ctrlKey && !event.metaKey && !event.altKey && TOOL_KEYS[key]) {
+    selectTool(TOOL_KEYS[key]);
+  } else if (key === "[" || key === "]") {
+    state.size = Math.max(1, Math.min(96, state.size + (key === "]" ? 4 : -4)));
+    $("#size").value = String(state.size);
+  } else if (key === "delete") {
+    doc.clearActive();
+  }
+});
+
+// Keep the session while the page is in view; a hidden tab may idle out and reconnect on return.
+setInterval(() => {
+  if (document.visibilityState === "visible") connection.ping();
+}, PING_INTERVAL_MS);
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "visible" && connection.state === "waiting") connection.restart();
+});
+
+// A handle for people debugging in the console (and for the browser tests).
+window.streamcanvas = {
+  doc,
+  connection,
+  state,
+  sources,
+  // True once everything drawn has been sent and the newest frame fully shows the newest input.
+  settled() {
+    const answered = Number($("#output").dataset.inputSeq || 0) >= state.lastInputSeq;
+    const pending = doc.dirty || state.sending || state.needFull || state.promptPending;
+    return connection.isReady && !pending && state.lastInputSeq > 0 && answered;
+  },
+};
+
+renderLayers();
+selectTool("brush");
+connection.open();
+requestAnimationFrame(loop);

@@ -1,0 +1,156 @@
+// One WebSocket session with the server: states, automatic reconnection with backoff, and pacing
+// (a bounded number of inputs in flight, released by the frames that answer them).
+import { hello, pack, unpack, pingMessage } from "./protocol.js";
+
+const BACKOFF_MS = [500, 1000, 2000, 4000, 8000];
+const MAX_IN_FLIGHT = 2; // two keep the server's stream batch busy without building a backlog
+const IN_FLIGHT_TIMEOUT_MS = 3000; // an input the server skipped (similar-frame filter) must not stall us
+
+export class Connection extends EventTarget {
+  constructor({ url, helloFields }) {
+    super();
+    this.url = url;
+    this.helloFields = helloFields; // () => fields for hello, read at every (re)connect
+    this.state = "idle";
+    this.socket = null;
+    this.seq = 0;
+    this.inFlight = []; // [{seq, sentAt}]
+    this.attempt = 0;
+    this.retryTimer = null;
+    this.closedByUs = false;
+    this.ready = null;
+  }
+
+  setState(state, detail = {}) {
+    this.state = state;
+    this.dispatchEvent(new CustomEvent("state", { detail: { state, ...detail } }));
+  }
+
+  nextSeq() {
+    this.seq += 1;
+    return this.seq;
+  }
+
+  open() {
+    this.closedByUs = false;
+    clearTimeout(this.retryTimer);
+    this.setState(this.attempt ? "reconnecting" : "connecting");
+    const socket = new WebSocket(this.url);
+    socket.binaryType = "arraybuffer";
+    this.socket = socket;
+    socket.addEventListener("open", () => {
+      if (socket !== this.socket) return;
+      socket.send(pack(hello({ ...this.helloFields(), seq: this.nextSeq() })));
+    });
+    socket.addEventListener("message", (event) => {
+      if (socket !== this.socket) return;
+      if (!(event.data instanceof ArrayBuffer)) return;
+      let message;
+      try {
+        message = unpack(event.data);
+      } catch (error) {
+        this.dispatchEvent(new CustomEvent("error-message", { detail: { code: "client", message: String(error) } }));
+        return;
+      }
+      this.receive(message);
+    });
+    socket.addEventListener("close", (event) => {
+      if (socket !== this.socket) return;
+      this.socket = null;
+      this.inFlight = [];
+      this.ready = null;
+      if (this.closedByUs) {
+        this.setState("closed");
+        return;
+      }
+      this.scheduleReconnect(event.code);
+    });
+  }
+
+  scheduleReconnect(code) {
+    const delay = BACKOFF_MS[Math.min(this.attempt, BACKOFF_MS.length - 1)];
+    this.attempt += 1;
+    this.setState("waiting", { retryInMs: delay, closeCode: code });
+    this.retryTimer = setTimeout(() => this.open(), delay);
+  }
+
+  // Close and open again at once (new resolution or quality: they are fixed by hello).
+  restart() {
+    this.attempt = 0;
+    if (this.socket) {
+      const old = this.socket;
+      this.socket = null;
+      old.close(1000);
+    }
+    this.open();
+  }
+
+  close() {
+    this.closedByUs = true;
+    clearTimeout(this.retryTimer);
+    if (this.socket) this.socket.close(1000);
+  }
+
+  receive(message) {
+    switch (message.type) {
+      case "ready":
+        this.attempt = 0;
+        this.ready = message;
+        this.inFlight = [];
+        this.setState("ready", { ready: message });
+        break;
+      case "busy":
+        this.setState("busy", { position: message.queue_position, retryAfter: message.retry_after_s });
+        break;
+      case "frame":
+        if (message.input_seq !== null && message.input_seq !== undefined) {
+          this.inFlight = this.inFlight.filter((item) => item.seq > message.input_seq);
+        }
+        this.dispatchEvent(new CustomEvent("frame", { detail: message }));
+        break;
+      case "stats":
+        this.dispatchEvent(new CustomEvent("stats", { detail: message }));
+        break;
+      case "error":
+        this.dispatchEvent(new CustomEvent("error-message", { detail: message }));
+        if (message.fatal) this.setState("error", { error: message });
+        break;
+      case "pong":
+        break;
+      default:
+        this.dispatchEvent(
+          new CustomEvent("error-message", { detail: { code: "client", message: `unknown message ${message.type}` } }),
+        );
+    }
+  }
+
+  get isReady() {
+    return this.state === "ready" && this.socket !== null && this.socket.readyState === WebSocket.OPEN;
+  }
+
+  // May an input be sent now? Frames release inputs; old ones time out.
+  canSendInput() {
+    if (!this.isReady) return false;
+    const now = performance.now();
+    this.inFlight = this.inFlight.filter((item) => now - item.sentAt < IN_FLIGHT_TIMEOUT_MS);
+    return this.inFlight.length < MAX_IN_FLIGHT;
+  }
+
+  sendInput(build) {
+    const seq = this.nextSeq();
+    this.socket.send(pack(build(seq)));
+    this.inFlight.push({ seq, sentAt: performance.now() });
+    return seq;
+  }
+
+  sendControl(build) {
+    if (!this.isReady) return null;
+    const seq = this.nextSeq();
+    this.socket.send(pack(build(seq)));
+    return seq;
+  }
+
+  ping() {
+    return this.sendControl((seq) => pingMessage(seq));
+  }
+}

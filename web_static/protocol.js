@@ -1,0 +1,42 @@
+// The streamcanvas wire protocol, version 1 (docs/protocol.md): MsgPack maps over a WebSocket.
+import { encode, decode } from "/vendor/msgpack/index.mjs";
+
+export const PROTOCOL_VERSIONS = [1];
+
+export function pack(message) {
+  return encode(message);
+}
+
+export function unpack(data) {
+  const message = decode(new Uint8Array(data));
+  if (message === null || typeof message !== "object" || typeof message.type !== "string") {
+    throw new Error("the server sent something that is not a protocol message");
+  }
+  return message;
+}
+
+export function hello({ width, height, codec = "jpeg", quality, params, apiKey, seq }) {
+  const message = { type: "hello", protocol: PROTOCOL_VERSIONS, width, height, codec, quality, params, queue: true, seq };
+  if (apiKey) message.api_key = apiKey;
+  return message;
+}
+
+export function canvasMessage(seq, format, bytes) {
+  return { type: "canvas", seq, image: { format, data: bytes } };
+}
+
+export function deltaMessage(seq, patches) {
+  return {
+    type: "delta",
+    seq,
+    patches: patches.map(({ x, y, format, bytes }) => ({ x, y, image: { format, data: bytes } })),
+  };
+}
+
+export function paramsMessage(seq, changes) {
+  return { type: "params", seq, changes };
+}
+
+export function pingMessage(seq) {
+  return { type: "ping", seq, t: Date.now() / 1000 };
+}
