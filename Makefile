@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 # System packages come from Debian's archive: npm (if the machine has no Node.js) for the page's one
 # browser dependency, and Chromium for the browser tests. Installed only when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 WEB_STAMP := web_static/node_modules/.package-lock.json
 
 .PHONY: setup serve test bench clean browser
