@@ -19,6 +19,8 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from conftest import start_server
 from helpers import ServerProcess
+from streamcanvas.codecs.images import read_dimensions
+from streamcanvas.codecs.messages import Canvas, CanvasDelta, Ping, parse_client_message
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -109,6 +111,12 @@ def stroke(page: Page, points: list[tuple[float, float]]) -> None:
     page.mouse.up()
 
 
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def hashes(page: Page) -> tuple[int, int]:
     return page.evaluate(DRAWING_HASH), page.evaluate(OUTPUT_HASH)
 
@@ -132,6 +140,49 @@ def test_drawing_and_typing_change_the_rendered_frames(page: Page) -> None:
     assert page.evaluate("document.querySelector('#output').naturalWidth") == SIZE
 
 
+def test_only_what_changed_is_sent_and_sending_is_paced(page: Page) -> None:
+    wait_settled(page)
+    received: list[int] = []
+
+    messages: list[object] = []
+
+    def on_sent(payload: bytes | str) -> None:
+        message = parse_client_message(payload)
+        if not isinstance(message, Ping):
+            messages.append(message)
+
+    def watch(websocket) -> None:  # type: ignore[no-untyped-def]
+        websocket.on("framesent", on_sent)
+        websocket.on("framereceived", lambda payload: received.append(len(payload)))
+
+    page.on("websocket", watch)
+    page.select_option("#resolution", "256")  # a new connection, now observed
+    wait_settled(page)
+    assert [message.type for message in messages][:2] == ["hello", "canvas"]  # a full canvas first
+    messages.clear()
+    stroke(page, [(0.45, 0.45), (0.5, 0.5)])  # a small stroke: small patches, no full canvas
+    wait_settled(page)
+    assert messages and all(isinstance(message, CanvasDelta) for message in messages)
+    for message in messages:
+        for patch in message.patches:
+            width, height = read_dimensions(patch.image.format, patch.image.data)
+            assert width * height < 256 * 256 / 8, (width, height)
+
+    # With the webcam on, every send waits for frames: never more than two inputs ahead.
+    messages.clear()
+    received.clear()
+    page.click("#camera")
+    page.wait_for_function("Number(document.querySelector('#output').dataset.frames) > 0")
+    frames_before = int(page.get_attribute("#output", "data-frames"))
+    page.wait_for_function(f"Number(document.querySelector('#output').dataset.frames) > {frames_before + 6}")
+    page.click("#camera")
+    inputs = [message for message in messages if isinstance(message, Canvas)]
+    frames = [size for size in received if size > 200]  # frames, not stats or pongs
+    assert inputs and len(inputs) <= len(frames) + 2, (len(inputs), len(frames))
+    assert page.locator("#stat-fps").inner_text() != "–"
+    assert page.locator("#stat-latency").inner_text().endswith("ms")
+
+
 def test_undo_restores_the_canvas_and_the_frame(page: Page) -> None:
     stroke(page, [(0.1, 0.5), (0.9, 0.5)])
     wait_settled(page)
@@ -148,6 +199,9 @@ def test_undo_restores_the_canvas_and_the_frame(page: Page) -> None:
     page.keyboard.press("Control+Shift+z")
     wait_settled(page)
     assert hashes(page)[0] != before[0]
+    for key, tool in [("e", "eraser"), ("l", "line"), ("o", "ellipse"), ("b", "brush")]:
+        page.keyboard.press(key)
+        assert page.get_attribute(f"[data-tool={tool}]", "aria-pressed") == "true"
 
 
 def test_every_tool_changes_the_drawing(page: Page) -> None:
@@ -197,6 +251,19 @@ def test_layers_and_an_image_file(page: Page, tmp_path: Path) -> None:
     before_image = page.evaluate(DRAWING_HASH)
     page.set_input_files("#image-file", str(picture))
     page.wait_for_function(f"({DRAWING_HASH})() !== {before_image}")
+    # Dropping a file on the canvas does the same (a DataTransfer built in the page, as a drag would).
+    before_drop = page.evaluate(DRAWING_HASH)
+    page.evaluate(
+        """async (bytes) => {
+            const file = new File([new Uint8Array(bytes)], 'dropped.png', { type: 'image/png' });
+            const transfer = new DataTransfer();
+            transfer.items.add(file);
+            document.querySelector('#draw').parentElement.dispatchEvent(
+                new DragEvent('drop', { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        }""",
+        list(png_bytes(np.full((32, 48, 3), (20, 200, 90), np.uint8))),
+    )
+    page.wait_for_function(f"({DRAWING_HASH})() !== {before_drop}")
     page.click("#remove-layer")
     assert page.locator("#layers li").count() == 1
     wait_settled(page)
@@ -317,3 +384,23 @@ def test_reconnects_and_resumes_after_the_server_restarts(
     finally:
         page.screenshot(path=str(artifacts_dir / "browser-reconnected.png"))
         context.close()
+
+
+def test_waiting_in_line_is_shown_and_ends_when_the_slot_frees(
+    browser: Browser, restartable_server: ServerProcess
+) -> None:
+    """The restartable server has one slot: a second page waits in line, then goes live."""
+    first_context = browser.new_context()
+    second_context = browser.new_context()
+    try:
+        first = first_context.new_page()
+        open_page(first, restartable_server)
+        second = second_context.new_page()
+        second.goto(f"{restartable_server.base_url}/?resolution={SIZE}")
+        second.wait_for_function("document.querySelector('#status').dataset.state === 'busy'")
+        assert "position 1 in line" in second.locator("#status").inner_text()
+        first_context.close()
+        wait_ready(second)
+        wait_settled(second)
+    finally:
+        second_context.close()
