@@ -132,6 +132,7 @@ class Ready:
     limits: dict[str, int]
     model: dict[str, Any]
     token: str | None = None
+    viewer_token: str | None = None
 
 
 @dataclass(frozen=True)

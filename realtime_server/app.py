@@ -13,6 +13,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 
+from .outputs import output_routes
 from .runtime import Runtime
 from .web import web_routes
 from .websocket import stream_endpoint
@@ -61,6 +62,7 @@ def create_app(runtime: Runtime) -> Starlette:
             Route("/healthz", healthz),
             Route("/v1/info", info),
             WebSocketRoute(WEBSOCKET_PATH, stream_endpoint),
+            *output_routes(),
             *web_routes(),
         ],
         lifespan=lifespan,

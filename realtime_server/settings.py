@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = []
     allowed_origins: Annotated[list[str], NoDecode] = []
     token_secret: str | None = None
+    token_ttl_s: float = Field(12 * 3600, gt=0)
+    max_viewers: int = Field(64, ge=0, le=10_000)
 
     _split = field_validator("api_keys", "allowed_origins", mode="before")(_split_list)
 
@@ -99,5 +101,7 @@ class Settings(BaseSettings):
             idle_timeout_s=self.idle_timeout_s,
             stats_interval_s=self.stats_interval_s,
             api_keys=frozenset(self.api_keys),
+            token_ttl_s=self.token_ttl_s,
+            max_viewers=self.max_viewers,
             **extra,
         )

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import jwt
 
 from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
@@ -33,6 +36,7 @@ class SessionConfig:
     api_keys: frozenset[str] = frozenset()
     token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     token_ttl_s: float = 12 * 3600
+    max_viewers: int = 64
 
     def limits_dict(self) -> dict[str, int]:
         return {
@@ -50,6 +54,44 @@ class TooManyConnections(Exception):
     pass
 
 
+class TokenRejected(Exception):
+    """A token that is malformed or expired, or (forbidden) valid but for another session or role."""
+
+    def __init__(self, message: str, forbidden: bool = False) -> None:
+        super().__init__(message)
+        self.forbidden = forbidden
+
+
+class Tokens:
+    """Signed session tokens (HS256 JWTs): `control` may drive a session, `viewer` may only watch it."""
+
+    ROLES = ("control", "viewer")
+
+    def __init__(self, secret: str, ttl_s: float) -> None:
+        self.secret = secret
+        self.ttl_s = ttl_s
+
+    def issue(self, session_id: str, role: str) -> str:
+        claims = {"sub": session_id, "role": role, "exp": int(time.time() + self.ttl_s)}
+        return jwt.encode(claims, self.secret, algorithm="HS256")
+
+    def verify(self, token: str, session_id: str, roles: tuple[str, ...]) -> str:
+        """The token's role, if it is valid for this session and one of `roles`; else TokenRejected."""
+        try:
+            claims = jwt.decode(token, self.secret, algorithms=["HS256"], options={"require": ["exp", "sub"]})
+        except jwt.ExpiredSignatureError:
+            raise TokenRejected("the token has expired") from None
+        except jwt.InvalidTokenError as error:
+            raise TokenRejected(f"not a valid token ({error})") from None
+        if claims["sub"] != session_id:
+            raise TokenRejected("the token is for another session", forbidden=True)
+        if claims.get("role") not in roles:
+            raise TokenRejected(
+                f"a {claims.get('role')} token may not do this (needs {' or '.join(roles)})", forbidden=True
+            )
+        return claims["role"]
+
+
 class SessionManager:
     def __init__(self, config: SessionConfig, model: LoadedModel, threads_per_slot: int | None = None) -> None:
         self.config = config
@@ -57,6 +99,7 @@ class SessionManager:
         self.model_description = model.describe()
         self.pool = SlotPool(model, config.slots, config.max_waiting, threads_per_slot)
         self.sessions: dict[str, Session] = {}
+        self.tokens = Tokens(config.token_secret, config.token_ttl_s)
 
     def start(self) -> None:
         self.pool.start()

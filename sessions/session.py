@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-import jwt
 import numpy as np
 
 from streamcanvas.codecs import images
@@ -53,6 +52,7 @@ from streamcanvas.codecs.messages import (
 from streamcanvas.pipelines.errors import InvalidParameter
 from streamcanvas.pipelines.stream import StreamParams
 
+from .broadcast import BroadcastFrame, FrameBroadcast
 from .canvas import CanvasBuffer
 from .errors import InvalidResolution, NotReady, SessionError, Unauthorized, UnsupportedVersion, WrongMode
 from .stats import SessionStats, percentiles
@@ -155,6 +155,7 @@ class Session:
         self._frame: DeliveredFrame | None = None
         self._wakeup = asyncio.Event()
         self._stats_task: asyncio.Task[None] | None = None
+        self.broadcast = FrameBroadcast(self.config.max_viewers)
 
     # ------------------------------------------------------------------------------------------------
     # Incoming (event loop)
@@ -293,13 +294,6 @@ class Session:
         self.slot = slot
         # A client that waited in line may already have sent its canvas: it is streaming from the start.
         self.state = SessionState.STREAMING if self._newest is not None else SessionState.READY
-        token = None
-        if self.config.api_keys:
-            token = jwt.encode(
-                {"sub": self.id, "role": "control", "exp": int(time.time() + self.config.token_ttl_s)},
-                self.config.token_secret,
-                algorithm="HS256",
-            )
         self.send_control(
             Ready(
                 protocol=self.protocol or PROTOCOL_VERSIONS[-1],
@@ -312,7 +306,8 @@ class Session:
                 params=_params_dict(self._params),
                 limits=self.config.limits_dict(),
                 model=self.manager.model_description,
-                token=token,
+                token=self.manager.tokens.issue(self.id, "control"),
+                viewer_token=self.manager.tokens.issue(self.id, "viewer"),
             )
         )
         if self.mode == "txt2img":
@@ -381,8 +376,10 @@ class Session:
     def closed(self) -> bool:
         return self._closed
 
-    def deliver(self, frame: DeliveredFrame, dropped_inputs: int) -> None:
+    def deliver(self, frame: DeliveredFrame, dropped_inputs: int, viewer_frame: BroadcastFrame | None) -> None:
         self._call_on_loop(self._set_frame, frame, dropped_inputs)
+        if viewer_frame is not None:
+            self._call_on_loop(self._publish, viewer_frame)
 
     def report_skipped(self, dropped_inputs: int) -> None:
         self._call_on_loop(self._count_skipped, dropped_inputs)
@@ -407,6 +404,10 @@ class Session:
             self.stats.dropped_frames += 1  # the client has not taken the last one: newest wins
         self._frame = frame
         self._wakeup.set()
+
+    def _publish(self, frame: BroadcastFrame) -> None:
+        if self.state in (SessionState.READY, SessionState.STREAMING):
+            self.broadcast.publish(frame)
 
     def _count_skipped(self, dropped_inputs: int) -> None:
         self.stats.dropped_inputs += dropped_inputs
@@ -483,6 +484,7 @@ class Session:
         self._frame = None
         if self._stats_task is not None:
             self._stats_task.cancel()
+        self.broadcast.close()  # viewers' streams end with the session
         self.manager.forget(self)
         self._wakeup.set()
 

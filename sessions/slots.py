@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from streamcanvas.codecs.images import get_encoder
+from streamcanvas.codecs.images import ImageFormat, get_encoder
 from streamcanvas.codecs.messages import Frame, serialize
 from streamcanvas.pipelines.loading import LoadedModel
 from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
 
+from .broadcast import BroadcastFrame
 from .session import DeliveredFrame, InputMark
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class Slot:
         self.index = index
         self.model = model
         self.torch_threads = torch_threads
+        self._jpeg = get_encoder(ImageFormat.JPEG)
         self.frames_rendered = 0
         self._condition = threading.Condition()
         self._session: Session | None = None
@@ -147,8 +149,13 @@ class Slot:
                 image=payload,
                 timings=timings,
             )
+            viewer_frame = None
+            if session.broadcast.wanted:
+                # Viewers (MJPEG, OBS) get JPEG: one encode per frame however many watch.
+                jpeg = payload if encoder.format is ImageFormat.JPEG else self._jpeg.encode(result.image, 85)
+                viewer_frame = BroadcastFrame(frame_seq, jpeg, stream.width, stream.height)
             # Latency counts once per input: from its arrival to the first frame that fully shows it.
-            session.deliver(DeliveredFrame(serialize(message), first_answer, timings), job.dropped)
+            session.deliver(DeliveredFrame(serialize(message), first_answer, timings), job.dropped, viewer_frame)
 
 
 class SlotPool:

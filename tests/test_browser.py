@@ -404,3 +404,31 @@ def test_waiting_in_line_is_shown_and_ends_when_the_slot_frees(
         wait_settled(second)
     finally:
         second_context.close()
+
+
+def test_the_viewer_link_opens_the_obs_page(page: Page, browser: Browser, artifacts_dir: Path) -> None:
+    page.wait_for_function("!document.querySelector('#viewer-link').disabled")
+    link = page.input_value("#viewer-url")
+    session_id = page.evaluate("streamcanvas.connection.ready.session_id")
+    assert f"session={session_id}" in link and "token=" in link
+    obs_context = browser.new_context(viewport={"width": 640, "height": 360})
+    obs = obs_context.new_page()
+    obs.set_default_timeout(TIMEOUT_MS)
+    try:
+        obs.goto(link)
+        page.click("#camera")  # the camera keeps frames coming
+        obs.wait_for_function("Number(document.querySelector('#output').dataset.frames) >= 3")
+        # Full-bleed on a transparent page, no controls, following the source's size.
+        assert obs.evaluate("getComputedStyle(document.body).backgroundColor") == "rgba(0, 0, 0, 0)"
+        assert obs.locator("button, input, select").count() == 0
+        assert obs.locator("#output").bounding_box() == {"x": 0, "y": 0, "width": 640, "height": 360}
+        obs.set_viewport_size({"width": 300, "height": 500})
+        assert obs.locator("#output").bounding_box() == {"x": 0, "y": 0, "width": 300, "height": 500}
+        obs.screenshot(path=str(artifacts_dir / "browser-obs-page.png"))
+        # When the session ends, the page keeps trying on its own.
+        page.click("#camera")
+        attempts = int(obs.get_attribute("#output", "data-attempts"))
+        page.evaluate("streamcanvas.connection.close()")
+        obs.wait_for_function(f"Number(document.querySelector('#output').dataset.attempts) > {attempts}")
+    finally:
+        obs_context.close()

@@ -34,7 +34,8 @@ async def test_ready_describes_the_session(server: ServerProcess) -> None:
         assert ready["params"]["prompt"] == "a red house" and ready["params"]["seed"] == 7
         assert ready["limits"]["max_message_bytes"] > 0
         assert ready["model"]["test_model"] is True
-        assert ready["token"] is None  # no api keys configured
+        # Without API keys too, the session gets its own control token and a read-only viewer token.
+        assert ready["token"] and ready["viewer_token"] and ready["token"] != ready["viewer_token"]
 
 
 async def test_frames_follow_canvas_strokes_and_prompt(server: ServerProcess) -> None:

@@ -83,6 +83,13 @@ connection.addEventListener("state", (event) => {
     state.needFull = true;
     $("#model-name").textContent = ready.model.test_model ? "untrained test model" : ready.model.name;
     $("#model-name").title = `${ready.model.name} · ${ready.model.device} · ${ready.model.vae}`;
+    const viewer = new URL("/obs.html", location.href);
+    viewer.search = new URLSearchParams({ session: ready.session_id, token: ready.viewer_token }).toString();
+    $("#viewer-url").value = viewer.href;
+    $("#viewer-url").dataset.mjpeg = new URL(
+      `/v1/sessions/${ready.session_id}/mjpeg?token=${encodeURIComponent(ready.viewer_token)}`, location.href,
+    ).href;
+    $("#viewer-link").disabled = false;
   }
 });
 
@@ -250,6 +257,16 @@ $("#save").addEventListener("click", async () => {
   link.download = `streamcanvas-${Date.now()}.png`;
   link.click();
   setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+});
+
+$("#viewer-link").addEventListener("click", async () => {
+  const field = $("#viewer-url");
+  try {
+    await navigator.clipboard.writeText(field.value);
+    showError({ code: "note", message: "Viewer link copied. In OBS: Sources → Browser, paste it as the URL." }, true);
+  } catch {
+    field.select(); // no clipboard access (e.g. plain http on another host): select it for Ctrl+C
+  }
 });
 
 // ---- sources and images --------------------------------------------------------------------------

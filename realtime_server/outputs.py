@@ -1,0 +1,92 @@
+"""Video outputs for viewers: a per-session MJPEG stream that OBS, VLC, ffmpeg and `<img>` can play.
+
+Viewers need the session's viewer (or control) token, from `ready.viewer_token`, as `?token=` or an
+`Authorization: Bearer` header. Every viewer gets the newest frame as it comes (a slow one skips
+frames); the frames are encoded once, whatever the number of viewers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from streamcanvas.sessions.broadcast import TooManyViewers
+from streamcanvas.sessions.manager import TokenRejected
+from streamcanvas.sessions.session import Session
+
+from .runtime import Runtime
+
+# RFC 2046: the boundary parameter carries no leading "--"; each part starts with "--" + boundary.
+BOUNDARY = "streamcanvasframe"
+VIEWER_ROLES = ("viewer", "control")
+
+
+class OutputError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": 'Bearer realm="streamcanvas"'} if self.status == 401 else None
+        return JSONResponse({"error": self.code, "message": str(self)}, status_code=self.status, headers=headers)
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.query_params.get("token")
+
+
+def authorized_session(request: Request, roles: tuple[str, ...]) -> Session:
+    runtime: Runtime = request.app.state.runtime
+    session_id = request.path_params["session_id"]
+    session = runtime.manager.sessions.get(session_id)
+    if session is None:
+        raise OutputError(404, "unknown_session", f"no live session {session_id!r}")
+    token = bearer_token(request)
+    if not token:
+        raise OutputError(401, "unauthorized", "a viewer token is required (?token= or Authorization: Bearer)")
+    try:
+        runtime.manager.tokens.verify(token, session_id, roles)
+    except TokenRejected as error:
+        status, code = (403, "forbidden") if error.forbidden else (401, "unauthorized")
+        raise OutputError(status, code, str(error)) from None
+    return session
+
+
+def _part(jpeg: bytes) -> bytes:
+    head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
+    return head + jpeg + b"\r\n"
+
+
+async def mjpeg(request: Request) -> Response:
+    try:
+        session = authorized_session(request, VIEWER_ROLES)
+    except OutputError as error:
+        return error.response()
+    if session.broadcast.full:
+        return OutputError(503, "too_many_viewers", "this session has as many viewers as it allows").response()
+
+    async def parts() -> AsyncIterator[bytes]:
+        try:
+            async for frame in session.broadcast.subscribe():
+                yield _part(frame.jpeg)
+        except TooManyViewers:
+            return
+
+    return StreamingResponse(
+        parts(),
+        media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+        headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+def output_routes() -> list[Route]:
+    return [
+        Route("/v1/sessions/{session_id:str}/mjpeg", mjpeg),
+    ]
