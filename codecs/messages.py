@@ -105,13 +105,25 @@ class Params:
 
 
 @dataclass(frozen=True)
+class Record:
+    """Start or stop recording this session's output to an MP4 file on the server."""
+
+    type: ClassVar[str] = "record"
+    action: str
+    seq: int | None = None
+
+
+RECORD_ACTIONS = ("start", "stop")
+
+
+@dataclass(frozen=True)
 class Ping:
     type: ClassVar[str] = "ping"
     t: float | None = None
     seq: int | None = None
 
 
-ClientMessage = Hello | Canvas | CanvasDelta | Params | Ping
+ClientMessage = Hello | Canvas | CanvasDelta | Params | Record | Ping
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,13 +195,29 @@ class Error:
 
 
 @dataclass(frozen=True)
+class Recording:
+    """A recording started or stopped; `url` (with the control token) downloads a stopped one."""
+
+    type: ClassVar[str] = "recording"
+    state: str
+    recording_id: str
+    frames: int = 0
+    dropped: int = 0
+    duration_s: float = 0.0
+    bytes: int = 0
+    truncated: bool = False
+    url: str | None = None
+    ref_seq: int | None = None
+
+
+@dataclass(frozen=True)
 class Pong:
     type: ClassVar[str] = "pong"
     t: float | None = None
     seq: int | None = None
 
 
-ServerMessage = Ready | Busy | Frame | Stats | Error | Pong
+ServerMessage = Ready | Busy | Frame | Stats | Error | Recording | Pong
 
 
 def serialize(message: ServerMessage | ClientMessage) -> bytes:
@@ -368,11 +396,17 @@ def parse_client_message(data: bytes) -> ClientMessage:
     elif kind == Params.type:
         changes = fields.get("changes", (dict,), required=True)
         message = Params(changes=parse_param_changes(changes), seq=fields.integer("seq", 0, MAX_SEQ))
+    elif kind == Record.type:
+        action = fields.get("action", (str,), required=True)
+        if action not in RECORD_ACTIONS:
+            raise InvalidField(f"record: 'action' is {action!r}, not one of start, stop", field="action")
+        message = Record(action=action, seq=fields.integer("seq", 0, MAX_SEQ))
     elif kind == Ping.type:
         message = Ping(t=fields.get("t", (float, int)), seq=fields.integer("seq", 0, MAX_SEQ))
     else:
         raise UnknownMessageType(
-            f"unknown message type {kind!r}; expected one of hello, canvas, delta, params, ping", field="type"
+            f"unknown message type {kind!r}; expected one of hello, canvas, delta, params, record, ping",
+            field="type",
         )
     fields.done()
     return message

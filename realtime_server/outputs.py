@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from streamcanvas.sessions.broadcast import TooManyViewers
@@ -86,7 +86,29 @@ async def mjpeg(request: Request) -> Response:
     )
 
 
+async def recording(request: Request) -> Response:
+    """A finished recording of the session, for its controlling client (the control token)."""
+    runtime: Runtime = request.app.state.runtime
+    session_id = request.path_params["session_id"]
+    recording_id = request.path_params["recording_id"]
+    token = bearer_token(request)
+    if not token:
+        return OutputError(401, "unauthorized", "the session's control token is required").response()
+    try:
+        runtime.manager.tokens.verify(token, session_id, ("control",))
+    except TokenRejected as error:
+        status, code = (403, "forbidden") if error.forbidden else (401, "unauthorized")
+        return OutputError(status, code, str(error)).response()
+    if not (session_id.isalnum() and recording_id.isalnum()):
+        return OutputError(404, "unknown_recording", "no such recording").response()
+    path = runtime.manager.config.recordings_dir / f"{session_id}-{recording_id}.mp4"
+    if not path.is_file():
+        return OutputError(404, "unknown_recording", "no such recording (or it is still being written)").response()
+    return FileResponse(path, media_type="video/mp4", filename=f"streamcanvas-{recording_id}.mp4")
+
+
 def output_routes() -> list[Route]:
     return [
         Route("/v1/sessions/{session_id:str}/mjpeg", mjpeg),
+        Route("/v1/sessions/{session_id:str}/recordings/{recording_id:str}.mp4", recording),
     ]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 from streamcanvas.codecs.images import ImageLimits
+from streamcanvas.pipelines.tiny import default_cache_dir
 from streamcanvas.sessions.manager import SessionConfig
 
 _RESOLUTION = re.compile(r"^(\d{2,5})x(\d{2,5})$")
@@ -51,6 +53,8 @@ class Settings(BaseSettings):
     token_secret: str | None = None
     token_ttl_s: float = Field(12 * 3600, gt=0)
     max_viewers: int = Field(64, ge=0, le=10_000)
+    recordings_dir: Path | None = None
+    max_recording_s: float = Field(3600.0, gt=0)
 
     _split = field_validator("api_keys", "allowed_origins", mode="before")(_split_list)
 
@@ -103,5 +107,7 @@ class Settings(BaseSettings):
             api_keys=frozenset(self.api_keys),
             token_ttl_s=self.token_ttl_s,
             max_viewers=self.max_viewers,
+            recordings_dir=self.recordings_dir or default_cache_dir() / "recordings",
+            max_recording_s=self.max_recording_s,
             **extra,
         )

@@ -39,3 +39,7 @@ class UnsupportedVersion(SessionError):
 class InvalidResolution(SessionError):
     code = "invalid_value"
     fatal = True
+
+
+class RecordingError(SessionError):
+    code = "recording_failed"

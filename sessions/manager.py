@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -37,6 +38,8 @@ class SessionConfig:
     token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     token_ttl_s: float = 12 * 3600
     max_viewers: int = 64
+    recordings_dir: Path = Path("recordings")
+    max_recording_s: float = 3600.0
 
     def limits_dict(self) -> dict[str, int]:
         return {

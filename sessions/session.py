@@ -44,6 +44,8 @@ from streamcanvas.codecs.messages import (
     Ping,
     Pong,
     Ready,
+    Record,
+    Recording,
     Stats,
     message_ref,
     parse_client_message,
@@ -54,7 +56,16 @@ from streamcanvas.pipelines.stream import StreamParams
 
 from .broadcast import BroadcastFrame, FrameBroadcast
 from .canvas import CanvasBuffer
-from .errors import InvalidResolution, NotReady, SessionError, Unauthorized, UnsupportedVersion, WrongMode
+from .recording import Recorder, RecordingFailed
+from .errors import (
+    InvalidResolution,
+    NotReady,
+    RecordingError,
+    SessionError,
+    Unauthorized,
+    UnsupportedVersion,
+    WrongMode,
+)
 from .stats import SessionStats, percentiles
 
 if TYPE_CHECKING:
@@ -156,6 +167,8 @@ class Session:
         self._wakeup = asyncio.Event()
         self._stats_task: asyncio.Task[None] | None = None
         self.broadcast = FrameBroadcast(self.config.max_viewers)
+        self.recorder: Recorder | None = None  # read by the worker; set and cleared on the loop
+        self.recording_id = ""
 
     # ------------------------------------------------------------------------------------------------
     # Incoming (event loop)
@@ -220,8 +233,46 @@ class Session:
                 with self._condition:
                     self._params = params
                     self._new_input(message.seq)
+            case Record():
+                await self._record(message)
             case Ping():
                 self.send_control(Pong(t=message.t, seq=message.seq))
+
+    async def _record(self, message: Record) -> None:
+        if self.state not in (SessionState.READY, SessionState.STREAMING):
+            raise NotReady("recording needs a session with a slot (after ready)")
+        if message.action == "start":
+            if self.recorder is not None:
+                raise NotReady("already recording; stop first")
+            recording_id = uuid.uuid4().hex
+            path = self.config.recordings_dir / f"{self.id}-{recording_id}.mp4"
+            try:
+                self.recorder = Recorder(path, self.width, self.height, self.config.max_recording_s)
+            except RecordingFailed as error:
+                raise RecordingError(str(error)) from None
+            self.recording_id = recording_id
+            self.send_control(Recording(state="started", recording_id=recording_id, ref_seq=message.seq))
+            return
+        if self.recorder is None:
+            raise NotReady("not recording")
+        recorder, recording_id = self.recorder, self.recording_id
+        self.recorder = None
+        summary = await asyncio.to_thread(recorder.stop)
+        if summary.error:
+            raise RecordingError(f"the recording failed: {summary.error}")
+        self.send_control(
+            Recording(
+                state="stopped",
+                recording_id=recording_id,
+                frames=summary.frames,
+                dropped=summary.dropped,
+                duration_s=round(summary.duration_s, 3),
+                bytes=summary.bytes,
+                truncated=summary.truncated,
+                url=f"/v1/sessions/{self.id}/recordings/{recording_id}.mp4",
+                ref_seq=message.seq,
+            )
+        )
 
     def _require_canvas_session(self, kind: str) -> CanvasBuffer:
         if self.state is SessionState.CONNECTING:
@@ -485,6 +536,9 @@ class Session:
         if self._stats_task is not None:
             self._stats_task.cancel()
         self.broadcast.close()  # viewers' streams end with the session
+        if self.recorder is not None:  # a recording in progress is finished, not lost
+            recorder, self.recorder = self.recorder, None
+            self.loop.run_in_executor(None, recorder.stop)
         self.manager.forget(self)
         self._wakeup.set()
 

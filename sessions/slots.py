@@ -149,6 +149,9 @@ class Slot:
                 image=payload,
                 timings=timings,
             )
+            recorder = session.recorder
+            if recorder is not None:
+                recorder.offer(result.image)
             viewer_frame = None
             if session.broadcast.wanted:
                 # Viewers (MJPEG, OBS) get JPEG: one encode per frame however many watch.

@@ -12,6 +12,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -308,6 +309,24 @@ def test_save_png(page: Page) -> None:
     data = Path(download.value.path()).read_bytes()
     assert data.startswith(b"\x89PNG")
     assert Image.open(io.BytesIO(data)).size == (SIZE, SIZE)
+
+
+def test_record_the_output_and_download_it(page: Page) -> None:
+    wait_settled(page)
+    page.click("#record")
+    page.wait_for_function("document.querySelector('#record').getAttribute('aria-pressed') === 'true'")
+    for index in range(3):
+        stroke(page, [(0.1 + index * 0.2, 0.2), (0.2 + index * 0.2, 0.8)])
+        wait_settled(page)
+    page.click("#record")
+    link = page.locator("#recording-link")
+    link.wait_for()
+    assert "frames" in link.inner_text()
+    with page.expect_download() as download:
+        link.click()
+    with av.open(download.value.path()) as container:
+        frames = list(container.decode(video=0))
+    assert len(frames) >= 3 and frames[0].width == SIZE
 
 
 def test_resolution_change_reconnects_at_the_new_size(page: Page) -> None:

@@ -1,7 +1,7 @@
 // The live canvas page: wires the drawing, the controls and the connection together.
 import { Connection } from "./connection.js";
 import { CanvasDocument, makeCanvas } from "./document.js";
-import { canvasMessage, deltaMessage, paramsMessage } from "./protocol.js";
+import { canvasMessage, deltaMessage, paramsMessage, recordMessage } from "./protocol.js";
 import { Sources } from "./sources.js";
 import { TOOLS, ToolController } from "./tools.js";
 
@@ -90,6 +90,8 @@ connection.addEventListener("state", (event) => {
       `/v1/sessions/${ready.session_id}/mjpeg?token=${encodeURIComponent(ready.viewer_token)}`, location.href,
     ).href;
     $("#viewer-link").disabled = false;
+    $("#record").disabled = false;
+    $("#record").setAttribute("aria-pressed", "false"); // a new session is not recording
   }
 });
 
@@ -257,6 +259,23 @@ $("#save").addEventListener("click", async () => {
   link.download = `streamcanvas-${Date.now()}.png`;
   link.click();
   setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+});
+
+$("#record").addEventListener("click", () => {
+  const recording = $("#record").getAttribute("aria-pressed") === "true";
+  connection.sendControl((seq) => recordMessage(seq, recording ? "stop" : "start"));
+});
+connection.addEventListener("recording", (event) => {
+  const recording = event.detail;
+  const started = recording.state === "started";
+  $("#record").setAttribute("aria-pressed", String(started));
+  $("#record").textContent = started ? "Stop recording" : "Record";
+  if (!started) {
+    const link = $("#recording-link");
+    link.href = `${recording.url}?token=${encodeURIComponent(connection.ready.token)}`;
+    link.textContent = `Download recording (${recording.frames} frames, ${recording.duration_s.toFixed(1)} s)`;
+    link.hidden = false;
+  }
 });
 
 $("#viewer-link").addEventListener("click", async () => {

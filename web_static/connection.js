@@ -115,6 +115,9 @@ export class Connection extends EventTarget {
         this.dispatchEvent(new CustomEvent("error-message", { detail: message }));
         if (message.fatal) this.setState("error", { error: message });
         break;
+      case "recording":
+        this.dispatchEvent(new CustomEvent("recording", { detail: message }));
+        break;
       case "pong":
         break;
       default:

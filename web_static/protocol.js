@@ -40,3 +40,7 @@ export function paramsMessage(seq, changes) {
 export function pingMessage(seq) {
   return { type: "ping", seq, t: Date.now() / 1000 };
 }
+
+export function recordMessage(seq, action) {
+  return { type: "record", seq, action };
+}
