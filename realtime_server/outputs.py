@@ -42,20 +42,26 @@ def bearer_token(request: Request) -> str | None:
     return request.query_params.get("token")
 
 
+def check_token(request: Request, session_id: str, roles: tuple[str, ...]) -> None:
+    """The request carries a valid token of one of `roles` for this session, or OutputError."""
+    runtime: Runtime = request.app.state.runtime
+    token = bearer_token(request)
+    if not token:
+        raise OutputError(401, "unauthorized", f"a {' or '.join(roles)} token is required (?token= or Authorization: Bearer)")
+    try:
+        runtime.manager.tokens.verify(token, session_id, roles)
+    except TokenRejected as error:
+        status, code = (403, "forbidden") if error.forbidden else (401, "unauthorized")
+        raise OutputError(status, code, str(error)) from None
+
+
 def authorized_session(request: Request, roles: tuple[str, ...]) -> Session:
     runtime: Runtime = request.app.state.runtime
     session_id = request.path_params["session_id"]
     session = runtime.manager.sessions.get(session_id)
     if session is None:
         raise OutputError(404, "unknown_session", f"no live session {session_id!r}")
-    token = bearer_token(request)
-    if not token:
-        raise OutputError(401, "unauthorized", "a viewer token is required (?token= or Authorization: Bearer)")
-    try:
-        runtime.manager.tokens.verify(token, session_id, roles)
-    except TokenRejected as error:
-        status, code = (403, "forbidden") if error.forbidden else (401, "unauthorized")
-        raise OutputError(status, code, str(error)) from None
+    check_token(request, session_id, roles)
     return session
 
 
@@ -91,14 +97,10 @@ async def recording(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     session_id = request.path_params["session_id"]
     recording_id = request.path_params["recording_id"]
-    token = bearer_token(request)
-    if not token:
-        return OutputError(401, "unauthorized", "the session's control token is required").response()
     try:
-        runtime.manager.tokens.verify(token, session_id, ("control",))
-    except TokenRejected as error:
-        status, code = (403, "forbidden") if error.forbidden else (401, "unauthorized")
-        return OutputError(status, code, str(error)).response()
+        check_token(request, session_id, ("control",))  # recordings outlive their session
+    except OutputError as error:
+        return error.response()
     if not (session_id.isalnum() and recording_id.isalnum()):
         return OutputError(404, "unknown_recording", "no such recording").response()
     path = runtime.manager.config.recordings_dir / f"{session_id}-{recording_id}.mp4"
