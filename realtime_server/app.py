@@ -16,6 +16,7 @@ from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 from .outputs import output_routes
 from .runtime import Runtime
 from .web import web_routes
+from .webrtc import webrtc_routes
 from .websocket import stream_endpoint
 
 WEBSOCKET_PATH = "/v1/stream"
@@ -63,6 +64,7 @@ def create_app(runtime: Runtime) -> Starlette:
             Route("/v1/info", info),
             WebSocketRoute(WEBSOCKET_PATH, stream_endpoint),
             *output_routes(),
+            *webrtc_routes(),
             *web_routes(),
         ],
         lifespan=lifespan,

@@ -38,6 +38,7 @@ class Runtime:
         self.warmup_ms: float | None = None
         self.failure: str | None = None
         self._warmup_task: asyncio.Task[None] | None = None
+        self.peers: set = set()  # WebRTC peer connections (realtime_server.webrtc.PeerSession)
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
@@ -86,6 +87,8 @@ class Runtime:
         self.readiness = Readiness.STOPPING
         if self._warmup_task is not None:
             await self._warmup_task
+        for peer in list(self.peers):
+            await peer.close()
         await self.manager.stop()
 
     @property

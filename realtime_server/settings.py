@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(120.0, gt=0)
     stats_interval_s: float = Field(1.0, gt=0)
 
+    ice_servers: Annotated[list[str], NoDecode] = []
     api_keys: Annotated[list[str], NoDecode] = []
     allowed_origins: Annotated[list[str], NoDecode] = []
     token_secret: str | None = None
@@ -56,7 +57,7 @@ class Settings(BaseSettings):
     recordings_dir: Path | None = None
     max_recording_s: float = Field(3600.0, gt=0)
 
-    _split = field_validator("api_keys", "allowed_origins", mode="before")(_split_list)
+    _split = field_validator("api_keys", "allowed_origins", "ice_servers", mode="before")(_split_list)
 
     @field_validator("resolution", "max_resolution")
     @classmethod

@@ -11,6 +11,8 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class BroadcastFrame:
@@ -18,6 +20,8 @@ class BroadcastFrame:
     jpeg: bytes
     width: int
     height: int
+    rgb: np.ndarray | None = None
+    """The decoded frame as well, for video tracks (WebRTC) that encode it themselves."""
 
 
 class TooManyViewers(Exception):

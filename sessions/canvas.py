@@ -24,6 +24,10 @@ class CanvasBuffer:
     def decode_full(self, payload: ImagePayload) -> np.ndarray:
         """Decode a whole-canvas image and scale it to the canvas size (any aspect is stretched)."""
         rgb = images.decode(payload.format, payload.data, self.limits, width=payload.width, height=payload.height)
+        return self.fit(rgb)
+
+    def fit(self, rgb: np.ndarray) -> np.ndarray:
+        """Scale an image to the canvas size (any aspect is stretched)."""
         if rgb.shape[:2] != (self.height, self.width):
             resized = Image.fromarray(rgb).resize((self.width, self.height), Image.Resampling.BILINEAR)
             rgb = np.asarray(resized, dtype=np.uint8)

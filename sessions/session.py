@@ -168,6 +168,9 @@ class Session:
         self._stats_task: asyncio.Task[None] | None = None
         self.broadcast = FrameBroadcast(self.config.max_viewers)
         self.recorder: Recorder | None = None  # read by the worker; set and cleared on the loop
+        # False when frames reach the client another way (a WebRTC video track): frame messages are
+        # then not queued for the data channel, and latency is counted when the frame is ready.
+        self.frames_to_client = True
         self.recording_id = ""
 
     # ------------------------------------------------------------------------------------------------
@@ -273,6 +276,16 @@ class Session:
                 ref_seq=message.seq,
             )
         )
+
+    async def video_frame(self, rgb: np.ndarray) -> None:
+        """A frame of the client's video track (WebRTC): the newest whole canvas, latest-wins."""
+        if self.state not in (SessionState.READY, SessionState.STREAMING) or self._canvas is None:
+            return  # before ready, or a txt2img session: the track's frames have nowhere to go
+        canvas = self._canvas
+        scaled = await asyncio.to_thread(canvas.fit, rgb)
+        with self._condition:
+            canvas.replace(scaled)
+            self._new_input(None, canvas_changed=True)
 
     def _require_canvas_session(self, kind: str) -> CanvasBuffer:
         if self.state is SessionState.CONNECTING:
@@ -450,6 +463,10 @@ class Session:
     def _set_frame(self, frame: DeliveredFrame, dropped_inputs: int) -> None:
         self.stats.dropped_inputs += dropped_inputs
         if self.state not in (SessionState.READY, SessionState.STREAMING):
+            return
+        if not self.frames_to_client:
+            latency = (time.monotonic() - frame.answers.received_at) * 1000 if frame.answers else None
+            self.stats.frame_sent(latency, frame.timings)
             return
         if self._frame is not None:
             self.stats.dropped_frames += 1  # the client has not taken the last one: newest wins

@@ -156,7 +156,7 @@ class Slot:
             if session.broadcast.wanted:
                 # Viewers (MJPEG, OBS) get JPEG: one encode per frame however many watch.
                 jpeg = payload if encoder.format is ImageFormat.JPEG else self._jpeg.encode(result.image, 85)
-                viewer_frame = BroadcastFrame(frame_seq, jpeg, stream.width, stream.height)
+                viewer_frame = BroadcastFrame(frame_seq, jpeg, stream.width, stream.height, result.image)
             # Latency counts once per input: from its arrival to the first frame that fully shows it.
             session.deliver(DeliveredFrame(serialize(message), first_answer, timings), job.dropped, viewer_frame)
 

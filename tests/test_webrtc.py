@@ -1,0 +1,98 @@
+"""WebRTC: an aiortc peer streams video to the server and gets rendered video back.
+
+The peer session runs in a network namespace of its own (see tests/webrtc_peer.py), so ICE and media
+never touch this machine's real interfaces. The signalling error cases need no ICE and run against the
+shared server on loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helpers import Client, ServerProcess, free_port, server_env
+
+PEER = Path(__file__).with_name("webrtc_peer.py")
+
+
+@pytest.fixture(scope="module")
+def peer_run(cache_dir: Path, artifacts_dir: Path) -> dict:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private network namespace (unshare -n); CI runs as root")
+    log = artifacts_dir / "server-webrtc.log"
+    log.unlink(missing_ok=True)
+    completed = subprocess.run(
+        ["unshare", "-n", sys.executable, str(PEER), str(free_port()), str(log)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=server_env(cache_dir),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_a_webrtc_peer_gets_rendered_video_for_its_video(peer_run: dict) -> None:
+    assert peer_run["status"] == 200 and peer_run["ready"]["type"] == "ready"
+    assert peer_run["connection"] == "connected"
+    # ICE only offered the namespace's own test addresses.
+    assert all(ipaddress.ip_address(address) in ipaddress.ip_network("10.213.0.0/24") for address in peer_run["candidates"])
+    assert peer_run["size"] == [128, 128, 3]  # rendered at the session's size, not the camera's 320x240
+    assert peer_run["frames"] > 20 and peer_run["fps"] > 3
+    stats = [message for message in peer_run["messages"] if message["type"] == "stats"]
+    assert stats, "stats arrive on the data channel"
+    # The server took the peer's video frames as its inputs, newest first, and rendered them.
+    assert stats[-1]["inputs"] > stats[0]["inputs"] > 0 and stats[-1]["frames"] > stats[0]["frames"]
+    assert stats[-1]["latency_ms"]["p50"] > 0
+
+
+def test_the_data_channel_speaks_the_same_protocol(peer_run: dict) -> None:
+    messages = peer_run["messages"]
+    assert {"type": "pong", "t": 1.5, "seq": 900} in messages
+    errors = [message for message in messages if message["type"] == "error"]
+    assert any(error["code"] == "invalid_value" and error["ref_seq"] == 902 for error in errors)
+    assert any(error["code"] == "malformed_message" for error in errors)
+    assert not any(error["ref_seq"] == 901 for error in errors)  # the valid prompt change was taken
+    assert peer_run["frames_after_params"] > 0, "frames keep coming after the parameter changes"
+
+
+def test_closing_the_peer_ends_the_session(peer_run: dict) -> None:
+    assert peer_run["sessions_during"] == 1
+    assert peer_run["sessions_after"] == 0 and peer_run["slots_free_after"] == 1
+
+
+def offer_url(server: ServerProcess) -> str:
+    return f"{server.base_url}/v1/webrtc/offer"
+
+
+def test_signalling_errors_are_clear_and_leave_nothing_running(server: ServerProcess) -> None:
+    with httpx.Client(timeout=30) as http:
+        wrong_type = http.post(offer_url(server), content=b"v=0", headers={"content-type": "application/sdp"})
+        assert wrong_type.status_code == 415
+        not_json = http.post(offer_url(server), content=b"{nope", headers={"content-type": "application/json"})
+        assert not_json.status_code == 400 and not_json.json()["error"] == "malformed_message"
+        no_sdp = http.post(offer_url(server), json={"type": "answer"})
+        assert no_sdp.status_code == 400 and no_sdp.json()["error"] == "invalid_field"
+        bad_hello = http.post(offer_url(server), json={"type": "offer", "sdp": "v=0", "hello": {"protocol": [7]}})
+        assert bad_hello.status_code == 400 and bad_hello.json()["error"] == "unsupported_version"
+        bad_sdp = http.post(offer_url(server), json={"type": "offer", "sdp": "this is not sdp", "hello": {"protocol": [1]}})
+        assert bad_sdp.status_code == 400 and bad_sdp.json()["error"] == "invalid_sdp"
+        assert http.get(f"{server.base_url}/webrtc/nothing").status_code == 404
+    info = server.info()
+    assert info["sessions"] == 0 and info["slots_free"] == info["slots_total"]
+
+
+async def test_a_busy_server_answers_503(server: ServerProcess) -> None:
+    async with Client.connect(server.ws_url) as one, Client.connect(server.ws_url) as two:
+        await one.hello()
+        await two.hello()  # both slots taken
+        async with httpx.AsyncClient(timeout=30) as http:
+            busy = await http.post(offer_url(server), json={"type": "offer", "sdp": "v=0", "hello": {"protocol": [1]}})
+        assert busy.status_code == 503 and busy.json()["error"] == "busy"
