@@ -38,7 +38,7 @@ class Runtime:
         self.warmup_ms: float | None = None
         self.failure: str | None = None
         self._warmup_task: asyncio.Task[None] | None = None
-        self.peers: set = set()  # WebRTC peer connections (realtime_server.webrtc.PeerSession)
+        self.peers: dict = {}  # WebRTC peer connections by resource id (realtime_server.webrtc)
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
@@ -87,7 +87,7 @@ class Runtime:
         self.readiness = Readiness.STOPPING
         if self._warmup_task is not None:
             await self._warmup_task
-        for peer in list(self.peers):
+        for peer in list(self.peers.values()):
             await peer.close()
         await self.manager.stop()
 

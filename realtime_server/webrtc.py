@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from fractions import Fraction
 
 import msgpack
@@ -25,13 +26,14 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConn
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from streamcanvas.codecs.messages import Error, parse_server_message
 from streamcanvas.sessions.manager import TooManyConnections
 from streamcanvas.sessions.session import CloseReason, Session, SessionState
 
+from .outputs import VIEWER_ROLES, OutputError, authorized_session, bearer_token
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -67,15 +69,23 @@ class RenderedTrack(MediaStreamTrack):
         return video
 
 
+def _peer_connection(runtime: Runtime) -> RTCPeerConnection:
+    servers = [RTCIceServer(urls=url) for url in runtime.settings.ice_servers]
+    # An explicit list: RTCConfiguration(iceServers=None) would add a public STUN server.
+    return RTCPeerConnection(RTCConfiguration(iceServers=servers))
+
+
 class PeerSession:
     """One RTCPeerConnection bound to one Session, and the tasks that move its bytes."""
+
+    kind = "whip"
 
     def __init__(self, runtime: Runtime, session: Session) -> None:
         self.runtime = runtime
         self.session = session
-        servers = [RTCIceServer(urls=url) for url in runtime.settings.ice_servers]
-        # An explicit list: RTCConfiguration(iceServers=None) would add a public STUN server.
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        self.resource_id = uuid.uuid4().hex
+        runtime.peers[self.resource_id] = self
+        self.pc = _peer_connection(runtime)
         self.tasks: set[asyncio.Task[None]] = set()
         self.inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_CHANNEL_QUEUE)
         self.channel = None
@@ -132,10 +142,33 @@ class PeerSession:
 
     async def close(self) -> None:
         self.session.close(CloseReason.CLIENT_LEFT)
-        self.runtime.peers.discard(self)
+        self.runtime.peers.pop(self.resource_id, None)
         for task in list(self.tasks):
             if task is not asyncio.current_task():
                 task.cancel()
+        await self.pc.close()
+
+
+class ViewerPeer:
+    """A WHEP viewer: one RTCPeerConnection sending a session's rendered track, nothing more."""
+
+    kind = "whep"
+
+    def __init__(self, runtime: Runtime, session: Session) -> None:
+        self.runtime = runtime
+        self.resource_id = uuid.uuid4().hex
+        runtime.peers[self.resource_id] = self
+        self.pc = _peer_connection(runtime)
+        self.track = RenderedTrack(session)
+        self.pc.on("connectionstatechange", self._on_state)
+
+    async def _on_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            await self.close()
+
+    async def close(self) -> None:
+        self.runtime.peers.pop(self.resource_id, None)
+        self.track.stop()
         await self.pc.close()
 
 
@@ -143,56 +176,171 @@ def _problem(status: int, code: str, message: str, **extra: object) -> JSONRespo
     return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
 
 
-async def offer(request: Request) -> JSONResponse:
+async def _read_offer(request: Request, content_type: str) -> bytes | JSONResponse:
     runtime: Runtime = request.app.state.runtime
-    if not request.headers.get("content-type", "").startswith("application/json"):
-        return _problem(415, "unsupported_media_type", "send the offer as application/json")
+    if not request.headers.get("content-type", "").startswith(content_type):
+        return _problem(415, "unsupported_media_type", f"send the offer as {content_type}")
     if not runtime.ready:
         return _problem(503, "busy", f"the server is {runtime.readiness.value}")
     body = await request.body()
     if len(body) > _MAX_SDP_BYTES:
         return _problem(413, "message_too_large", f"the offer is over {_MAX_SDP_BYTES} bytes")
-    try:
-        document = json.loads(body)
-    except ValueError as error:
-        return _problem(400, "malformed_message", f"not JSON: {error}")
-    if not isinstance(document, dict) or document.get("type") != "offer" or not isinstance(document.get("sdp"), str):
-        return _problem(400, "invalid_field", "expected {\"type\": \"offer\", \"sdp\": \"...\", \"hello\": {...}}")
-    hello = document.get("hello", {"protocol": [1]})
-    if not isinstance(hello, dict):
-        return _problem(400, "invalid_field", "'hello' must be an object with the hello message's fields")
-    hello = {**hello, "type": "hello", "queue": False}  # no waiting in line over one HTTP request
+    return body
 
+
+async def _open_session(runtime: Runtime, hello: dict) -> tuple[Session, dict] | JSONResponse:
+    """A session for a WebRTC peer, past its hello: (session, ready) or the HTTP answer refusing it."""
     try:
         session = runtime.manager.open("webrtc")
     except TooManyConnections as error:
         return _problem(503, "busy", str(error))
     session.frames_to_client = False
+    hello = {**hello, "type": "hello", "queue": False}  # no waiting in line over one HTTP request
     await session.handle(msgpack.packb(hello, use_bin_type=True))
     first = await asyncio.wait_for(session.next_outgoing(), 5)
-    answer_to_hello = parse_server_message(first) if first else {"type": "error", "code": "closed"}
-    if answer_to_hello["type"] != "ready":
-        session.close(CloseReason.ERROR)
-        if answer_to_hello["type"] == "busy":
-            return _problem(503, "busy", "all slots are busy", busy=answer_to_hello)
-        status = 401 if answer_to_hello.get("code") == "unauthorized" else 400
-        return _problem(status, answer_to_hello.get("code", "error"), answer_to_hello.get("message", "hello refused"))
+    answer = parse_server_message(first) if first else {"type": "error", "code": "closed", "message": "closed"}
+    if answer["type"] == "ready":
+        return session, answer
+    session.close(CloseReason.ERROR)
+    if answer["type"] == "busy":
+        return _problem(503, "busy", "all slots are busy", busy=answer)
+    status = 401 if answer.get("code") == "unauthorized" else 400
+    return _problem(status, answer.get("code", "error"), answer.get("message", "hello refused"))
 
-    peer = PeerSession(runtime, session)
-    runtime.peers.add(peer)
+
+async def _answer(peer: PeerSession | ViewerPeer, sdp: str, rendered: RenderedTrack | None) -> str | JSONResponse:
     try:
-        await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=document["sdp"], type="offer"))
-        peer.pc.addTrack(RenderedTrack(session))
+        await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        if not any(transceiver.kind == "video" for transceiver in peer.pc.getTransceivers()):
+            raise ValueError("the offer has no video m-line")
+        if rendered is not None:
+            peer.pc.addTrack(rendered)
         await peer.pc.setLocalDescription(await peer.pc.createAnswer())
     except (ValueError, TypeError, AttributeError) as error:  # aiortc's errors for SDP it cannot use
         await peer.close()
         return _problem(400, "invalid_sdp", f"the offer could not be used: {error}")
-    if session.state not in (SessionState.READY, SessionState.STREAMING):
+    return peer.pc.localDescription.sdp
+
+
+async def offer(request: Request) -> JSONResponse:
+    runtime: Runtime = request.app.state.runtime
+    body = await _read_offer(request, "application/json")
+    if isinstance(body, JSONResponse):
+        return body
+    try:
+        document = json.loads(body)
+    except ValueError as error:
+        return _problem(400, "malformed_message", f"not JSON: {error}")
+    if not isinstance(document, dict) or document.get("type") != "offer" or not isinstance(document.get("sdp"), str):
+        return _problem(400, "invalid_field", 'expected {"type": "offer", "sdp": "...", "hello": {...}}')
+    hello = document.get("hello", {"protocol": [1]})
+    if not isinstance(hello, dict):
+        return _problem(400, "invalid_field", "'hello' must be an object with the hello message's fields")
+    opened = await _open_session(runtime, hello)
+    if isinstance(opened, JSONResponse):
+        return opened
+    session, ready = opened
+    peer = PeerSession(runtime, session)
+    answer = await _answer(peer, document["sdp"], RenderedTrack(session))
+    if isinstance(answer, JSONResponse):
+        return answer
+    return JSONResponse({"sdp": answer, "type": "answer", "session_id": session.id, "ready": ready})
+
+
+# --- WHIP (RFC 9725) ingest and WHEP egress --------------------------------------------------------
+
+_WHIP_PARAMS = {"prompt": str, "negative_prompt": str, "strength": float, "steps": int, "seed": int, "guidance_scale": float}
+
+
+def _ice_links(runtime: Runtime) -> dict[str, str]:
+    links = [f'<{url}>; rel="ice-server"' for url in runtime.settings.ice_servers]
+    return {"Link": ", ".join(links)} if links else {}
+
+
+def _sdp_created(runtime: Runtime, location: str, sdp: str, extra: dict[str, str]) -> Response:
+    headers = {"Location": location, **_ice_links(runtime), **extra}
+    return Response(sdp, status_code=201, media_type="application/sdp", headers=headers)
+
+
+async def whip(request: Request) -> Response:
+    """Publish a video stream; the server renders it. Parameters ride on the URL's query string."""
+    runtime: Runtime = request.app.state.runtime
+    body = await _read_offer(request, "application/sdp")
+    if isinstance(body, JSONResponse):
+        return body
+    query = request.query_params
+    hello: dict = {"protocol": [1], "params": {}}
+    try:
+        for name in ("width", "height"):
+            if name in query:
+                hello[name] = int(query[name])
+        for name, kind in _WHIP_PARAMS.items():
+            if name in query:
+                hello["params"][name] = kind(query[name])
+    except ValueError as error:
+        return _problem(400, "invalid_field", f"a query parameter is not a number: {error}")
+    token = bearer_token(request)
+    if token:
+        hello["api_key"] = token
+    opened = await _open_session(runtime, hello)
+    if isinstance(opened, JSONResponse):
+        return opened
+    session, ready = opened
+    peer = PeerSession(runtime, session)
+    answer = await _answer(peer, body.decode(errors="replace"), None)
+    if isinstance(answer, JSONResponse):
+        return answer
+    return _sdp_created(
+        runtime,
+        f"/v1/whip/{peer.resource_id}",
+        answer,
+        {
+            "X-Streamcanvas-Session": session.id,
+            "X-Streamcanvas-Control-Token": ready["token"],
+            "X-Streamcanvas-Viewer-Token": ready["viewer_token"],
+        },
+    )
+
+
+async def whep(request: Request) -> Response:
+    """Watch a session's rendered video; the bearer token is its viewer (or control) token."""
+    runtime: Runtime = request.app.state.runtime
+    body = await _read_offer(request, "application/sdp")
+    if isinstance(body, JSONResponse):
+        return body
+    try:
+        session = authorized_session(request, VIEWER_ROLES)
+    except OutputError as error:
+        return error.response()
+    if session.broadcast.full:
+        return _problem(503, "too_many_viewers", "this session has as many viewers as it allows")
+    viewer = ViewerPeer(runtime, session)
+    answer = await _answer(viewer, body.decode(errors="replace"), viewer.track)
+    if isinstance(answer, JSONResponse):
+        return answer
+    return _sdp_created(runtime, f"/v1/whep/{viewer.resource_id}", answer, {})
+
+
+async def resource(request: Request) -> Response:
+    """DELETE ends a WHIP/WHEP resource; PATCH (trickle ICE, ICE restart) is not supported."""
+    runtime: Runtime = request.app.state.runtime
+    peer = runtime.peers.get(request.path_params["resource_id"])
+    if peer is None or peer.kind != request.path_params["kind"]:
+        return _problem(404, "unknown_resource", "no such WHIP/WHEP resource (it may have ended)")
+    if request.method == "DELETE":
         await peer.close()
-        return _problem(409, "closed", "the session ended during negotiation")
-    description = peer.pc.localDescription
-    return JSONResponse({"sdp": description.sdp, "type": description.type, "session_id": session.id, "ready": answer_to_hello})
+        return Response(status_code=200)
+    return Response(
+        status_code=405,
+        headers={"Allow": "DELETE"},
+        content="trickle ICE and ICE restarts are not supported: all candidates are in the answer",
+    )
 
 
 def webrtc_routes() -> list[Route]:
-    return [Route("/v1/webrtc/offer", offer, methods=["POST"])]
+    return [
+        Route("/v1/webrtc/offer", offer, methods=["POST"]),
+        Route("/v1/whip", whip, methods=["POST"]),
+        Route("/v1/sessions/{session_id:str}/whep", whep, methods=["POST"]),
+        Route("/v1/{kind:str}/{resource_id:str}", resource, methods=["DELETE", "PATCH"]),
+    ]

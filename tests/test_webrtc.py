@@ -68,6 +68,17 @@ def test_closing_the_peer_ends_the_session(peer_run: dict) -> None:
     assert peer_run["sessions_after"] == 0 and peer_run["slots_free_after"] == 1
 
 
+def test_whip_publishes_and_whep_watches(peer_run: dict) -> None:
+    whip = peer_run["whip"]
+    assert whip["whip_status"] == 201 and whip["whip_content_type"] == "application/sdp"
+    assert whip["whip_location"].startswith("/v1/whip/")
+    assert whip["whep_status"] == 201 and whip["whep_location"].startswith("/v1/whep/")
+    assert whip["whep_frames"] >= 8 and whip["whep_size"] == [128, 128]
+    assert whip["patch_status"] == 405  # no trickle ICE: every candidate is in the answer
+    assert (whip["delete_whep"], whip["delete_whip"], whip["delete_again"]) == (200, 200, 404)
+    assert whip["sessions_after"] == 0
+
+
 def offer_url(server: ServerProcess) -> str:
     return f"{server.base_url}/v1/webrtc/offer"
 
@@ -85,6 +96,18 @@ def test_signalling_errors_are_clear_and_leave_nothing_running(server: ServerPro
         bad_sdp = http.post(offer_url(server), json={"type": "offer", "sdp": "this is not sdp", "hello": {"protocol": [1]}})
         assert bad_sdp.status_code == 400 and bad_sdp.json()["error"] == "invalid_sdp"
         assert http.get(f"{server.base_url}/webrtc/nothing").status_code == 404
+        whip_json = http.post(f"{server.base_url}/v1/whip", json={"sdp": "v=0"})
+        assert whip_json.status_code == 415
+        whip_bad = http.post(f"{server.base_url}/v1/whip", content=b"garbage", headers={"content-type": "application/sdp"})
+        assert whip_bad.status_code == 400 and whip_bad.json()["error"] == "invalid_sdp"
+        whip_nan = http.post(f"{server.base_url}/v1/whip?steps=many", content=b"v=0", headers={"content-type": "application/sdp"})
+        assert whip_nan.status_code == 400 and whip_nan.json()["error"] == "invalid_field"
+        whep_unknown = http.post(
+            f"{server.base_url}/v1/sessions/nope/whep", content=b"v=0",
+            headers={"content-type": "application/sdp", "authorization": "Bearer x"},
+        )
+        assert whep_unknown.status_code == 404
+        assert http.delete(f"{server.base_url}/v1/whip/0123").status_code == 404
     info = server.info()
     assert info["sessions"] == 0 and info["slots_free"] == info["slots_total"]
 
@@ -96,3 +119,17 @@ async def test_a_busy_server_answers_503(server: ServerProcess) -> None:
         async with httpx.AsyncClient(timeout=30) as http:
             busy = await http.post(offer_url(server), json={"type": "offer", "sdp": "v=0", "hello": {"protocol": [1]}})
         assert busy.status_code == 503 and busy.json()["error"] == "busy"
+
+
+async def test_whep_needs_the_sessions_token(server: ServerProcess) -> None:
+    async with Client.connect(server.ws_url) as one, Client.connect(server.ws_url) as other:
+        ready = await one.hello()
+        other_ready = await other.hello()
+        url = f"{server.base_url}/v1/sessions/{ready['session_id']}/whep"
+        async with httpx.AsyncClient(timeout=30) as http:
+            missing = await http.post(url, content=b"v=0", headers={"content-type": "application/sdp"})
+            foreign = await http.post(
+                url, content=b"v=0",
+                headers={"content-type": "application/sdp", "authorization": f"Bearer {other_ready['viewer_token']}"},
+            )
+        assert missing.status_code == 401 and foreign.status_code == 403

@@ -117,7 +117,65 @@ async def scenario(port: int) -> dict:
             await asyncio.sleep(0.2)
         result["sessions_after"] = info["sessions"]
         result["slots_free_after"] = info["slots_free"]
+        result["whip"] = await whip_and_whep(http, port)
     return result
+
+
+async def whip_and_whep(http: httpx.AsyncClient, port: int) -> dict:
+    """Publish with WHIP (send-only video, parameters in the URL), watch with WHEP (receive-only)."""
+    base = f"http://127.0.0.1:{port}"
+    outcome: dict = {}
+    publisher = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    publisher.addTransceiver(PatternTrack(), direction="sendonly")
+    await publisher.setLocalDescription(await publisher.createOffer())
+    published = await http.post(
+        f"{base}/v1/whip",
+        params={"prompt": "a harbour", "width": SIZE, "height": SIZE, "strength": 0.6},
+        content=publisher.localDescription.sdp,
+        headers={"Content-Type": "application/sdp"},
+    )
+    outcome["whip_status"] = published.status_code
+    outcome["whip_content_type"] = published.headers.get("content-type")
+    outcome["whip_location"] = published.headers.get("location")
+    await publisher.setRemoteDescription(RTCSessionDescription(sdp=published.text, type="answer"))
+    session_id = published.headers["x-streamcanvas-session"]
+    viewer_token = published.headers["x-streamcanvas-viewer-token"]
+
+    viewer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    viewer.addTransceiver("video", direction="recvonly")
+    received: list[tuple[int, int]] = []
+
+    @viewer.on("track")
+    def on_track(track) -> None:  # type: ignore[no-untyped-def]
+        async def consume() -> None:
+            while True:
+                frame = await track.recv()
+                received.append((frame.width, frame.height))
+
+        asyncio.ensure_future(consume())
+
+    await viewer.setLocalDescription(await viewer.createOffer())
+    watched = await http.post(
+        f"{base}/v1/sessions/{session_id}/whep",
+        content=viewer.localDescription.sdp,
+        headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {viewer_token}"},
+    )
+    outcome["whep_status"] = watched.status_code
+    outcome["whep_location"] = watched.headers.get("location")
+    await viewer.setRemoteDescription(RTCSessionDescription(sdp=watched.text, type="answer"))
+    deadline = time.monotonic() + 60
+    while len(received) < 8 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    outcome["whep_frames"] = len(received)
+    outcome["whep_size"] = list(received[-1]) if received else None
+    outcome["patch_status"] = (await http.patch(f"{base}{watched.headers['location']}", content=b"")).status_code
+    outcome["delete_whep"] = (await http.delete(f"{base}{watched.headers['location']}")).status_code
+    outcome["delete_whip"] = (await http.delete(f"{base}{published.headers['location']}")).status_code
+    outcome["delete_again"] = (await http.delete(f"{base}{published.headers['location']}")).status_code
+    await viewer.close()
+    await publisher.close()
+    outcome["sessions_after"] = (await http.get(f"{base}/v1/info")).json()["sessions"]
+    return outcome
 
 
 def main() -> None:
