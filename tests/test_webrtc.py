@@ -39,6 +39,35 @@ def peer_run(cache_dir: Path, artifacts_dir: Path) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def browser_run(cache_dir: Path, artifacts_dir: Path) -> dict:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private network namespace (unshare -n); CI runs as root")
+    log = artifacts_dir / "server-webrtc-browser.log"
+    log.unlink(missing_ok=True)
+    completed = subprocess.run(
+        [
+            "unshare", "-n", sys.executable, str(PEER.with_name("webrtc_browser.py")),
+            str(free_port()), str(log), str(artifacts_dir / "browser-webrtc.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=server_env(cache_dir),
+        cwd=PEER.parent,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_chromium_with_a_fake_camera_completes_a_webrtc_session(browser_run: dict) -> None:
+    assert browser_run["page_errors"] == [] and browser_run["errors_shown"] == 0
+    assert browser_run["remote_size"] == [128, 128]  # the rendered track, at the session's size
+    assert browser_run["frames"] >= 10
+    assert float(browser_run["fps_text"]) > 0  # stats came over the data channel
+    assert browser_run["stats"] == 1  # the session was streaming from the camera
+
+
 def test_a_webrtc_peer_gets_rendered_video_for_its_video(peer_run: dict) -> None:
     assert peer_run["status"] == 200 and peer_run["ready"]["type"] == "ready"
     assert peer_run["connection"] == "connected"

@@ -10,6 +10,7 @@ channel. Every packet stays inside the namespace, which disappears with the proc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -178,32 +179,39 @@ async def whip_and_whep(http: httpx.AsyncClient, port: int) -> dict:
     return outcome
 
 
-def main() -> None:
-    port = int(sys.argv[1])
-    network()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamcanvas.realtime_server.cli", "serve", "--port", str(port),
-         "--resolution", f"{SIZE}x{SIZE}", "--threads", "2", "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=open(sys.argv[2], "ab") if len(sys.argv) > 2 else subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not start")
-            time.sleep(0.2)
-        print(json.dumps(asyncio.run(asyncio.wait_for(scenario(port), 150))))
-    finally:
-        server.send_signal(signal.SIGTERM)
+@contextlib.contextmanager
+def running_server(port: int, log: str):  # type: ignore[no-untyped-def]
+    with open(log, "ab") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamcanvas.realtime_server.cli", "serve", "--port", str(port),
+             "--resolution", f"{SIZE}x{SIZE}", "--threads", "2", "--log-level", "warning"],
+            stdout=subprocess.DEVNULL, stderr=log_file,
+        )  # fmt: skip
         try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the server did not start")
+                time.sleep(0.2)
+            yield server
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def main() -> None:
+    port, log = int(sys.argv[1]), sys.argv[2]
+    network()
+    with running_server(port, log):
+        print(json.dumps(asyncio.run(asyncio.wait_for(scenario(port), 150))))
 
 
 if __name__ == "__main__":
