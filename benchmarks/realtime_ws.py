@@ -133,12 +133,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(size: int, slots: int):  # type: ignore[no-untyped-def]
+def running_server(size: int, slots: int, *extra: str):  # type: ignore[no-untyped-def]
     port = free_port()
     command = [
         sys.executable, "-m", "streamcanvas.realtime_server.cli", "serve",
         "--host", "127.0.0.1", "--port", str(port), "--resolution", f"{size}x{size}",
-        "--slots", str(slots), "--log-level", "warning",
+        "--slots", str(slots), "--log-level", "warning", *extra,
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

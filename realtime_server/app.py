@@ -16,7 +16,7 @@ from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 from .outputs import output_routes
 from .runtime import Runtime
 from .web import web_routes
-from .webrtc import webrtc_routes
+from .webrtc import advertise_only, webrtc_routes
 from .websocket import stream_endpoint
 
 WEBSOCKET_PATH = "/v1/stream"
@@ -52,6 +52,8 @@ async def info(request: Request) -> JSONResponse:
 def create_app(runtime: Runtime) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if runtime.settings.ice_host_addresses:
+            advertise_only(runtime.settings.ice_host_addresses)
         await runtime.start()
         try:
             yield

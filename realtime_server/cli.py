@@ -41,6 +41,8 @@ def main() -> None:
 @click.option("--idle-timeout", "idle_timeout_s", type=float, help="Seconds without a client message before its slot is freed. Default 120.")
 @click.option("--api-key", "api_keys", multiple=True, help="Require this key in hello (repeat for several). Default: no keys.")
 @click.option("--allowed-origin", "allowed_origins", multiple=True, help="Browser Origin allowed besides the server's own (repeat; '*' for any).")
+@click.option("--ice-server", "ice_servers", multiple=True, help="STUN/TURN server URL for WebRTC (repeat). Default: none.")
+@click.option("--ice-host-address", "ice_host_addresses", multiple=True, help="Only offer WebRTC host candidates on this address (repeat). Default: every interface but loopback.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Logging verbosity. Default info.")
 def serve(**options: object) -> None:
     """Load the model, then serve the real-time canvas API.
@@ -57,7 +59,7 @@ def serve(**options: object) -> None:
     from .settings import Settings
 
     given = {name: value for name, value in options.items() if value not in (None, ())}
-    for name in ("api_keys", "allowed_origins"):
+    for name in ("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses"):
         if name in given:
             given[name] = list(given[name])  # type: ignore[call-overload]
     try:

@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     stats_interval_s: float = Field(1.0, gt=0)
 
     ice_servers: Annotated[list[str], NoDecode] = []
+    ice_host_addresses: Annotated[list[str], NoDecode] = []
     api_keys: Annotated[list[str], NoDecode] = []
     allowed_origins: Annotated[list[str], NoDecode] = []
     token_secret: str | None = None
@@ -57,7 +58,16 @@ class Settings(BaseSettings):
     recordings_dir: Path | None = None
     max_recording_s: float = Field(3600.0, gt=0)
 
-    _split = field_validator("api_keys", "allowed_origins", "ice_servers", mode="before")(_split_list)
+    _split = field_validator("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", mode="before")(
+        _split_list
+    )
+
+    @field_validator("ice_host_addresses")
+    @classmethod
+    def _check_addresses(cls, value: list[str]) -> list[str]:
+        for address in value:
+            ipaddress.ip_address(address)  # raises ValueError with the bad address in it
+        return value
 
     @field_validator("resolution", "max_resolution")
     @classmethod

@@ -69,6 +69,26 @@ class RenderedTrack(MediaStreamTrack):
         return video
 
 
+def advertise_only(addresses: list[str]) -> None:
+    """Make ICE offer host candidates on these addresses only (a deployment's public or LAN address,
+    or 127.0.0.1 for a client on the same machine, which aioice otherwise never offers).
+
+    aioice has no option for this; it asks one module function for the machine's addresses, so that
+    function is replaced, for the whole process. Called once at start-up when the setting is given.
+    """
+    import ipaddress
+
+    import aioice.ice
+
+    chosen = [ipaddress.ip_address(address) for address in addresses]
+
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [str(ip) for ip in chosen if (ip.version == 4 and use_ipv4) or (ip.version == 6 and use_ipv6)]
+
+    aioice.ice.get_host_addresses = host_addresses
+    logger.info("ICE host candidates limited to %s", ", ".join(addresses))
+
+
 def _peer_connection(runtime: Runtime) -> RTCPeerConnection:
     servers = [RTCIceServer(urls=url) for url in runtime.settings.ice_servers]
     # An explicit list: RTCConfiguration(iceServers=None) would add a public STUN server.

@@ -180,11 +180,11 @@ async def whip_and_whep(http: httpx.AsyncClient, port: int) -> dict:
 
 
 @contextlib.contextmanager
-def running_server(port: int, log: str):  # type: ignore[no-untyped-def]
+def running_server(port: int, log: str, *extra: str):  # type: ignore[no-untyped-def]
     with open(log, "ab") as log_file:
         server = subprocess.Popen(
             [sys.executable, "-m", "streamcanvas.realtime_server.cli", "serve", "--port", str(port),
-             "--resolution", f"{SIZE}x{SIZE}", "--threads", "2", "--log-level", "warning"],
+             "--resolution", f"{SIZE}x{SIZE}", "--threads", "2", "--log-level", "warning", *extra],
             stdout=subprocess.DEVNULL, stderr=log_file,
         )  # fmt: skip
         try:
@@ -210,7 +210,8 @@ def running_server(port: int, log: str):  # type: ignore[no-untyped-def]
 def main() -> None:
     port, log = int(sys.argv[1]), sys.argv[2]
     network()
-    with running_server(port, log):
+    # The server offers only v0's address: the setting a deployment uses to advertise chosen addresses.
+    with running_server(port, log, "--ice-host-address", "10.213.0.1"):
         print(json.dumps(asyncio.run(asyncio.wait_for(scenario(port), 150))))
 
 
