@@ -1,0 +1,151 @@
+"""The same protocol tests over both transports: WebSocket, and WebRTC's data channel.
+
+Both are thin adapters over one session core, so every message must be answered the same way
+whichever carries it. WebRTC runs over loopback here: the server offers only 127.0.0.1
+(--ice-host-address) and this process's own ICE does the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from av import VideoFrame
+
+from conftest import TEST_RESOLUTION, start_server
+from helpers import Client, ServerProcess, make_canvas
+from streamcanvas.realtime_server.webrtc import advertise_only
+from test_bad_input import BAD_MESSAGES
+
+TRANSPORTS = ["websocket", "webrtc"]
+
+
+@pytest.fixture(scope="module")
+def loopback_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
+    advertise_only(["127.0.0.1"])  # this process's aiortc peers, like the server, use loopback only
+    process = start_server(cache_dir, artifacts_dir, "transports", "--slots", "2", "--ice-host-address", "127.0.0.1")
+    yield process
+    process.stop()
+
+
+class CanvasTrack(VideoStreamTrack):
+    """A camera that shows one still canvas."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image = make_canvas(TEST_RESOLUTION, 1)
+
+    async def recv(self) -> VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = VideoFrame.from_ndarray(self.image, format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        return frame
+
+
+class RtcClient:
+    """The data-channel side of a WebRTC session, with the interface of helpers.Client."""
+
+    def __init__(self, channel: Any, inbox: asyncio.Queue[bytes], ready: dict[str, Any]) -> None:
+        self.channel = channel
+        self.inbox = inbox
+        self.ready = ready
+        self.seq = 0
+
+    async def send_raw(self, data: bytes | str) -> None:
+        self.channel.send(data)
+
+    async def recv(self, timeout: float = 30) -> dict[str, Any]:
+        while True:
+            message = msgpack.unpackb(await asyncio.wait_for(self.inbox.get(), timeout))
+            if message["type"] != "stats":
+                return message
+
+    async def expect(self, kind: str, timeout: float = 30) -> dict[str, Any]:
+        message = await self.recv(timeout)
+        assert message["type"] == kind, f"expected {kind}, got {message}"
+        return message
+
+    async def ping(self) -> dict[str, Any]:
+        self.seq += 1
+        await self.send_raw(msgpack.packb({"type": "ping", "seq": 10_000 + self.seq, "t": 1.0}))
+        while True:
+            message = await self.recv()
+            if message["type"] == "pong" and message["seq"] == 10_000 + self.seq:
+                return message
+
+
+@contextlib.asynccontextmanager
+async def rtc_client(server: ServerProcess, hello: dict[str, Any]) -> AsyncIterator[RtcClient]:
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    channel = pc.createDataChannel("control")
+    inbox: asyncio.Queue[bytes] = asyncio.Queue()
+    opened = asyncio.Event()
+    channel.on("message", inbox.put_nowait)
+    channel.on("open", opened.set)
+    pc.addTrack(CanvasTrack())
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.post(
+                f"{server.base_url}/v1/webrtc/offer",
+                json={"type": "offer", "sdp": pc.localDescription.sdp, "hello": {"protocol": [1], **hello}},
+            )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        await asyncio.wait_for(opened.wait(), 30)
+        yield RtcClient(channel, inbox, answer["ready"])
+    finally:
+        await pc.close()
+
+
+@contextlib.asynccontextmanager
+async def connect(transport: str, server: ServerProcess, **hello: Any) -> AsyncIterator[Any]:
+    if transport == "websocket":
+        async with Client.connect(server.ws_url) as client:
+            client.ready = await client.hello(**hello)
+            yield client
+    else:
+        async with rtc_client(server, hello) as client:
+            yield client
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_every_bad_message_is_answered_alike(loopback_server: ServerProcess, transport: str) -> None:
+    async with connect(transport, loopback_server, params={"prompt": "a kite"}) as client:
+        assert client.ready["type"] == "ready" and client.ready["width"] == TEST_RESOLUTION
+        for name, data, code in BAD_MESSAGES:
+            await client.send_raw(data)
+            error = await client.expect("error")
+            assert (error["code"], error["fatal"]) == (code, False), f"{transport}, {name}: {error}"
+        assert (await client.ping())["type"] == "pong"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_parameters_and_references_alike(loopback_server: ServerProcess, transport: str) -> None:
+    async with connect(transport, loopback_server) as client:
+        await client.send_raw(msgpack.packb({"type": "params", "seq": 41, "changes": {"prompt": "a fox", "strength": 0.7}}))
+        await client.send_raw(msgpack.packb({"type": "params", "seq": 42, "changes": {"strength": 3.0}}))
+        error = await client.expect("error")
+        assert (error["code"], error["ref_seq"], error["field"]) == ("invalid_value", 42, "strength")
+        await client.send_raw(msgpack.packb({"type": "record", "seq": 43, "action": "start"}))
+        started = await client.expect("recording")
+        assert started["state"] == "started" and started["ref_seq"] == 43
+        await client.send_raw(msgpack.packb({"type": "record", "seq": 44, "action": "stop"}))
+        stopped = await client.expect("recording")
+        assert stopped["state"] == "stopped" and stopped["ref_seq"] == 44
+        assert (await client.ping())["type"] == "pong"
+    info = loopback_server.info()
+    for _ in range(50):
+        if info["sessions"] == 0:
+            break
+        await asyncio.sleep(0.1)
+        info = loopback_server.info()
+    assert info["sessions"] == 0 and info["slots_free"] == 2
