@@ -123,11 +123,28 @@ class PeerSession:
             self.spawn(self._consume(track))
 
     async def _consume(self, track: MediaStreamTrack) -> None:
-        with contextlib.suppress(MediaStreamError):
+        """Take every frame off aiortc's (unbounded) receive queue at once, keep only the newest, and
+        convert that one when the previous conversion is done: latest-wins, never a backlog."""
+        newest: list[VideoFrame] = []
+        arrived = asyncio.Event()
+
+        async def convert() -> None:
             while True:
-                frame = await track.recv()
+                await arrived.wait()
+                arrived.clear()
+                frame = newest.pop()
                 rgb = await asyncio.to_thread(frame.to_ndarray, format="rgb24")
                 await self.session.video_frame(rgb)
+
+        converter = asyncio.get_running_loop().create_task(convert())
+        try:
+            with contextlib.suppress(MediaStreamError):
+                while True:
+                    frame = await track.recv()
+                    newest[:] = [frame]
+                    arrived.set()
+        finally:
+            converter.cancel()
 
     def _on_datachannel(self, channel) -> None:  # type: ignore[no-untyped-def]
         self.channel = channel
