@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from streamcanvas.codecs.messages import Error, parse_server_message
 from streamcanvas.sessions.manager import TooManyConnections
-from streamcanvas.sessions.session import CloseReason, Session, SessionState
+from streamcanvas.sessions.session import CloseReason, Session
 
 from .outputs import VIEWER_ROLES, OutputError, authorized_session, bearer_token
 from .runtime import Runtime

@@ -35,6 +35,19 @@ from streamcanvas.codecs.messages import (
 
 RECEIVE_TIMEOUT_S = 30.0
 
+# Debian's Chromium, headless, as root and offline; fake camera and screen capture for the sources.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+]
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

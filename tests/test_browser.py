@@ -19,21 +19,14 @@ from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from conftest import start_server
+from helpers import CHROMIUM_ARGS as HELPER_CHROMIUM_ARGS
 from helpers import ServerProcess
 from streamcanvas.codecs.images import read_dimensions
 from streamcanvas.codecs.messages import Canvas, CanvasDelta, Ping, parse_client_message
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
+    *HELPER_CHROMIUM_ARGS,
     "--enable-usermedia-screen-capturing",
     "--auto-accept-this-tab-capture",
     "--auto-select-desktop-capture-source=Entire screen",

@@ -12,18 +12,11 @@ import time
 
 from playwright.sync_api import sync_playwright
 
+from helpers import CHROMIUM_ARGS
 from webrtc_peer import network, running_server
 
 ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--use-fake-device-for-media-stream",
-    "--use-fake-ui-for-media-stream",
+    *CHROMIUM_ARGS,
     # Real host candidates instead of mDNS .local names, which the server could not resolve here.
     "--disable-features=WebRtcHideLocalIpsWithMdns",
 ]
