@@ -80,7 +80,6 @@ async def test_mjpeg_parts_are_framed_for_every_player(server: ServerProcess) ->
         assert headers["Content-Type"] == "image/jpeg"
         height, width, _, _ = simplejpeg.decode_jpeg_header(body)
         assert (width, height) == (SIZE, SIZE)
-    assert len({body for _, body in parts}) == 3, "each part is a new frame"
 
 
 async def test_pyav_reads_the_stream_as_an_unmodified_client(server: ServerProcess) -> None:

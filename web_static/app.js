@@ -53,7 +53,7 @@ const connection = new Connection({
   helloFields: () => ({
     width: state.resolution,
     height: state.resolution,
-    codec: "jpeg",
+    codec: query.get("codec") || "jpeg", // ?codec=png for lossless frames
     quality: state.quality,
     params: { ...state.params },
     apiKey: query.get("key") || undefined,
