@@ -439,6 +439,13 @@ def test_the_viewer_link_opens_the_obs_page(page: Page, browser: Browser, artifa
         obs.set_viewport_size({"width": 300, "height": 500})
         assert obs.locator("#output").bounding_box() == {"x": 0, "y": 0, "width": 300, "height": 500}
         obs.screenshot(path=str(artifacts_dir / "browser-obs-page.png"))
+        # A plain <img> plays the MJPEG stream too.
+        mjpeg = page.get_attribute("#viewer-url", "data-mjpeg")
+        plain = obs_context.new_page()
+        plain.goto(mjpeg.split("/v1/")[0] + "/healthz")  # any page of the server's origin
+        plain.evaluate("(url) => { const img = document.createElement('img'); img.src = url; document.body.append(img); }", mjpeg)
+        plain.wait_for_function(f"document.querySelector('img').naturalWidth === {SIZE}")
+        plain.close()
         # When the session ends, the page keeps trying on its own.
         page.click("#camera")
         attempts = int(obs.get_attribute("#output", "data-attempts"))
