@@ -21,6 +21,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _QUEUE_FRAMES = 16
+_MIN_FRAME_MS = 10
+"""Frames closer than this are spaced out: x264 and the MP4 muxer reject near-identical timestamps."""
 _STOP = None
 
 
@@ -52,13 +54,17 @@ class Recorder:
         self.truncated = False
         self.error: str | None = None
         self._first: float | None = None
-        self._last_pts = -1
+        self._last_pts = -_MIN_FRAME_MS  # so the first frame is at 0
         self._stopped = False
         self._queue: queue.Queue[tuple[float, np.ndarray] | None] = queue.Queue(maxsize=_QUEUE_FRAMES)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._container = av.open(str(path), mode="w", format="mp4")
-            self._stream = self._container.add_stream("libx264", options={"preset": "veryfast", "crf": "20"})
+            # No B-frames: with render-time (variable) timestamps, reordered frames could get a decode
+            # time after their presentation time, which the MP4 muxer refuses.
+            self._stream = self._container.add_stream(
+                "libx264", options={"preset": "veryfast", "crf": "20", "bf": "0"}
+            )
         except (av.FFmpegError, OSError, ValueError) as error:
             raise RecordingFailed(f"cannot record to {path}: {error}") from None
         self._stream.width = width
@@ -111,7 +117,7 @@ class Recorder:
         if elapsed > self.max_seconds:
             self.truncated = True
             return
-        pts = max(self._last_pts + 1, round(elapsed * 1000))  # milliseconds, strictly increasing
+        pts = max(self._last_pts + _MIN_FRAME_MS, round(elapsed * 1000))  # milliseconds, increasing
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
         frame.pts = pts
         frame.time_base = self._stream.time_base

@@ -21,42 +21,34 @@ from helpers import Client, ServerProcess, free_port, server_env
 PEER = Path(__file__).with_name("webrtc_peer.py")
 
 
-@pytest.fixture(scope="module")
-def peer_run(cache_dir: Path, artifacts_dir: Path) -> dict:
+def run_in_namespace(script: str, cache_dir: Path, *args: str) -> dict:
+    """Run a scenario script under `unshare -n` (a private network namespace) and read its JSON."""
     if os.geteuid() != 0:
         pytest.skip("needs root for a private network namespace (unshare -n); CI runs as root")
-    log = artifacts_dir / "server-webrtc.log"
-    log.unlink(missing_ok=True)
     completed = subprocess.run(
-        ["unshare", "-n", sys.executable, str(PEER), str(free_port()), str(log)],
+        ["unshare", "-n", sys.executable, str(PEER.with_name(script)), str(free_port()), *args],
         capture_output=True,
         text=True,
         timeout=240,
         env=server_env(cache_dir),
+        cwd=PEER.parent,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
+def peer_run(cache_dir: Path, artifacts_dir: Path) -> dict:
+    log = artifacts_dir / "server-webrtc.log"
+    log.unlink(missing_ok=True)
+    return run_in_namespace("webrtc_peer.py", cache_dir, str(log))
+
+
+@pytest.fixture(scope="module")
 def browser_run(cache_dir: Path, artifacts_dir: Path) -> dict:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a private network namespace (unshare -n); CI runs as root")
     log = artifacts_dir / "server-webrtc-browser.log"
     log.unlink(missing_ok=True)
-    completed = subprocess.run(
-        [
-            "unshare", "-n", sys.executable, str(PEER.with_name("webrtc_browser.py")),
-            str(free_port()), str(log), str(artifacts_dir / "browser-webrtc.png"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=server_env(cache_dir),
-        cwd=PEER.parent,
-    )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+    return run_in_namespace("webrtc_browser.py", cache_dir, str(log), str(artifacts_dir / "browser-webrtc.png"))
 
 
 def test_chromium_with_a_fake_camera_completes_a_webrtc_session(browser_run: dict) -> None:
