@@ -21,8 +21,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 _QUEUE_FRAMES = 16
+_TIME_BASE = Fraction(1, 1000)
 _MIN_FRAME_MS = 10
-"""Frames closer than this are spaced out: x264 and the MP4 muxer reject near-identical timestamps."""
+"""Frames closer than this are spaced out (no real stream renders faster than 100 fps)."""
 _STOP = None
 
 
@@ -60,7 +61,7 @@ class Recorder:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._container = av.open(str(path), mode="w", format="mp4")
-            # No B-frames: with render-time (variable) timestamps, reordered frames could get a decode
+            # No B-frames: with render-time (variable) timestamps, reordered frames can get a decode
             # time after their presentation time, which the MP4 muxer refuses.
             self._stream = self._container.add_stream(
                 "libx264", options={"preset": "veryfast", "crf": "20", "bf": "0"}
@@ -70,9 +71,11 @@ class Recorder:
         self._stream.width = width
         self._stream.height = height
         self._stream.pix_fmt = "yuv420p"
-        # Timestamps in milliseconds, from when each frame was rendered (not a fixed frame rate).
-        self._stream.time_base = Fraction(1, 1000)
-        self._stream.codec_context.time_base = Fraction(1, 1000)
+        # Timestamps in milliseconds, from when each frame was rendered (not a fixed frame rate). The
+        # stream's own time base may be changed by the muxer once it writes the header, so frames are
+        # stamped with this constant one, never with `self._stream.time_base`.
+        self._stream.time_base = _TIME_BASE
+        self._stream.codec_context.time_base = _TIME_BASE
         self._thread = threading.Thread(target=self._run, name=f"recorder-{path.stem}", daemon=True)
         self._thread.start()
 
@@ -120,7 +123,7 @@ class Recorder:
         pts = max(self._last_pts + _MIN_FRAME_MS, round(elapsed * 1000))  # milliseconds, increasing
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
         frame.pts = pts
-        frame.time_base = self._stream.time_base
+        frame.time_base = _TIME_BASE
         for packet in self._stream.encode(frame):
             self._container.mux(packet)
         self._last_pts = pts
