@@ -85,3 +85,27 @@ async def test_a_recording_is_finished_when_the_session_ends(server: ServerProce
             assert time.monotonic() < deadline, "the recording was not finished"
             await asyncio.sleep(0.2)
     assert len(frames) >= 3
+
+
+def test_bursty_frames_still_make_a_valid_file(tmp_path: Path) -> None:
+    """Frames arriving in bursts and pauses (as a worker delivers them) always mux into a valid MP4."""
+    import random
+
+    import numpy as np
+
+    from streamcanvas.sessions.recording import Recorder
+
+    chooser = random.Random(0)
+    rng = np.random.default_rng(0)
+    for attempt in range(6):
+        recorder = Recorder(tmp_path / f"burst-{attempt}.mp4", 64, 64, max_seconds=60)
+        for _ in range(chooser.randint(2, 25)):
+            recorder.offer(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+            time.sleep(chooser.choice([0, 0.0005, 0.002, 0.02]))
+        summary = recorder.stop()
+        assert summary.error is None, summary.error
+        frames = decode_mp4(summary.path)
+        assert len(frames) == summary.frames
+        assert summary.frames + summary.dropped >= 2
+        times = [stamp for _, _, stamp in frames]
+        assert times == sorted(times)
