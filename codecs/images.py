@@ -51,14 +51,6 @@ class ImageLimits:
             )
 
 
-@dataclass(frozen=True)
-class EncodedImage:
-    format: ImageFormat
-    data: bytes
-    width: int
-    height: int
-
-
 class Encoder(Protocol):
     format: ImageFormat
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,7 +51,6 @@ class LoadedModel:
     vae_kind: str
     is_test_model: bool
     lora: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> dict[str, object]:
         return {

@@ -68,8 +68,6 @@ class TokenRejected(Exception):
 class Tokens:
     """Signed session tokens (HS256 JWTs): `control` may drive a session, `viewer` may only watch it."""
 
-    ROLES = ("control", "viewer")
-
     def __init__(self, secret: str, ttl_s: float) -> None:
         self.secret = secret
         self.ttl_s = ttl_s

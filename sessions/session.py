@@ -139,8 +139,6 @@ class Session:
         self.state = SessionState.CONNECTING
         self.close_reason: CloseReason | None = None
         self.loop = asyncio.get_running_loop()
-        self.created_at = time.monotonic()
-        self.last_activity = self.created_at
         self.stats = SessionStats()
 
         # Settled by hello.
@@ -180,7 +178,6 @@ class Session:
         """Process one received message; every problem becomes a typed `error` to this client."""
         if self.state in (SessionState.CLOSING, SessionState.CLOSED):
             return
-        self.last_activity = time.monotonic()
         message: ClientMessage | None = None
         try:
             if len(data) > self.config.max_message_bytes:
@@ -558,9 +555,6 @@ class Session:
             self.loop.run_in_executor(None, recorder.stop)
         self.manager.forget(self)
         self._wakeup.set()
-
-    def idle_for(self) -> float:
-        return time.monotonic() - self.last_activity
 
 
 _INLINE_DECODE_PIXELS = 512 * 512

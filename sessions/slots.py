@@ -40,7 +40,6 @@ class Slot:
         self.model = model
         self.torch_threads = torch_threads
         self._jpeg = get_encoder(ImageFormat.JPEG)
-        self.frames_rendered = 0
         self._condition = threading.Condition()
         self._session: Session | None = None
         self._stopping = False
@@ -134,7 +133,6 @@ class Slot:
             # Only inputs still inside the stream batch can be answered later; forget the rest.
             marks = {number: mark for number, mark in marks.items() if number > result.answers}
             frame_seq += 1
-            self.frames_rendered += 1
             timings = {
                 "queue_ms": round((job.taken_at - job.newest.received_at) * 1000 if job.fresh else 0.0, 3),
                 "inference_ms": round(result.inference_ms, 3),
