@@ -107,6 +107,17 @@ def get_encoder(name: str | ImageFormat) -> Encoder:
     return _ENCODERS[ImageFormat.parse(name)]
 
 
+def sniff_format(data: bytes) -> ImageFormat | None:
+    """The container format from the file's magic bytes (PNG, JPEG, WebP), or None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ImageFormat.PNG
+    if data.startswith(b"\xff\xd8\xff"):
+        return ImageFormat.JPEG
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ImageFormat.WEBP
+    return None
+
+
 def read_dimensions(
     image_format: ImageFormat, data: bytes, *, width: int | None = None, height: int | None = None
 ) -> tuple[int, int]:

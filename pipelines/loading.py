@@ -51,6 +51,13 @@ class LoadedModel:
     vae_kind: str
     is_test_model: bool
     lora: str | None = None
+    full_vae: torch.nn.Module | None = None
+    """The model's own AutoencoderKL, kept when `pipe.vae` is a TAESD: full-quality batch renders decode
+    with it while live frames use the fast one."""
+
+    @property
+    def quality_vae(self) -> torch.nn.Module:
+        return self.full_vae if self.full_vae is not None else self.pipe.vae
 
     def describe(self) -> dict[str, object]:
         return {
@@ -120,7 +127,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             tiny_vae_path = path / TAESD_SUBDIR
     elif spec.tiny_vae != TINY_VAE_NONE:
         tiny_vae_path = resolve_model_path(spec.tiny_vae, what="tiny VAE")
+    full_vae = None
     if tiny_vae_path is not None:
+        full_vae = pipe.vae
         try:
             pipe.vae = AutoencoderTiny.from_pretrained(
                 tiny_vae_path, dtype=placement.dtype, local_files_only=True
@@ -146,6 +155,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     # cuDNN's fp16 convolutions prefer on GPUs.
     pipe.unet.to(memory_format=torch.channels_last)
     pipe.vae.to(memory_format=torch.channels_last)
+    if full_vae is not None:
+        full_vae.to(placement.device)
+        full_vae.eval()
+        full_vae.requires_grad_(False)
+        full_vae.to(memory_format=torch.channels_last)
     logger.info("loaded %s from %s on %s (vae: %s)", name, path, placement.description, vae_kind)
     return LoadedModel(
         pipe=pipe,
@@ -155,6 +169,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         vae_kind=vae_kind,
         is_test_model=is_tiny_model(path),
         lora=spec.lora,
+        full_vae=full_vae,
     )
 
 

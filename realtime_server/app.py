@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -11,6 +12,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
+from streamcanvas.batch_fallback.a1111 import a1111_routes
+from streamcanvas.batch_fallback.api import batch_routes
 from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 
 from .outputs import output_routes
@@ -32,6 +35,7 @@ async def healthz(request: Request) -> JSONResponse:
 
 async def info(request: Request) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
+    jobs = await asyncio.to_thread(runtime.batch.store.counts)
     width, height = runtime.settings.size
     body = {
         "status": runtime.readiness.value,
@@ -44,6 +48,7 @@ async def info(request: Request) -> JSONResponse:
         "websocket": WEBSOCKET_PATH,
         "auth": "api_key" if runtime.settings.api_keys else "none",
         **runtime.manager.info(),
+        "batch": {"queue": runtime.batch.queue.mode, "jobs": jobs},
     }
     body["protocol_versions"] = list(PROTOCOL_VERSIONS)
     return JSONResponse(body)
@@ -66,10 +71,13 @@ def create_app(runtime: Runtime) -> Starlette:
             Route("/v1/info", info),
             WebSocketRoute(WEBSOCKET_PATH, stream_endpoint),
             *output_routes(),
+            *batch_routes(),
+            *a1111_routes(),
             *webrtc_routes(),
             *web_routes(),
         ],
         lifespan=lifespan,
     )
     app.state.runtime = runtime
+    app.state.batch = runtime.batch
     return app

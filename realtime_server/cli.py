@@ -43,6 +43,14 @@ def main() -> None:
 @click.option("--allowed-origin", "allowed_origins", multiple=True, help="Browser Origin allowed besides the server's own (repeat; '*' for any).")
 @click.option("--ice-server", "ice_servers", multiple=True, help="STUN/TURN server URL for WebRTC (repeat). Default: none.")
 @click.option("--ice-host-address", "ice_host_addresses", multiple=True, help="Only offer WebRTC host candidates on this address (repeat). Default: every interface but loopback.")
+@click.option("--batch-queue", type=click.Choice(["embedded", "redis"]), help="Batch jobs: 'embedded' (SQLite + a worker in this process, default) or 'redis' (run `streamcanvas worker` processes).")
+@click.option("--redis-url", help="Redis for --batch-queue redis, e.g. redis://127.0.0.1:6379/0.")
+@click.option("--database-url", help="SQLAlchemy URL of the job database. Default sqlite:///<cache>/jobs.db.")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), help="Where result images go. Default <cache>/results.")
+@click.option("--batch-workers", type=int, help="Embedded queue: jobs run at once in this process (0: none). Default 1.")
+@click.option("--batch-live-share", type=float, help="Share of the device a batch job may use while live sessions stream (0 … 1). Default 0.25.")
+@click.option("--job-timeout", "job_timeout_s", type=float, help="Default running time allowed per job, seconds. Default 600.")
+@click.option("--job-retention", "job_retention_s", type=float, help="Seconds ended jobs and their files are kept. Default 604800 (7 days).")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Logging verbosity. Default info.")
 def serve(**options: object) -> None:
     """Load the model, then serve the real-time canvas API.
@@ -98,6 +106,44 @@ def serve(**options: object) -> None:
         ws_max_queue=4,
         lifespan="on",
     )
+
+
+@main.command()
+@click.option("--redis-url", help="The Redis the server queues jobs on (--batch-queue redis). Required.")
+@click.option("--database-url", help="The server's job database (SQLAlchemy URL). Default sqlite:///<cache>/jobs.db.")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), help="Where result images go (shared with the server). Default <cache>/results.")
+@click.option("--model", help="As for serve: a diffusers directory or a cached repo id. Default: the tiny test model.")
+@click.option("--tiny-vae", help="As for serve (used for previews).")
+@click.option("--lora", help="As for serve.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N. Default auto.")
+@click.option("--dtype", help="auto, float32, float16 or bfloat16.")
+@click.option("--threads", type=int, help="Torch CPU threads. Default: all cores.")
+@click.option("--batch-live-share", type=float, help="Share of the device to use while live sessions stream on this host (0 … 1). Default 0.25.")
+@click.option("--job-heartbeat-timeout", "job_heartbeat_timeout_s", type=float, help="Seconds without a heartbeat before a job is taken over. Must match the server's. Default 30.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Logging verbosity. Default info.")
+def worker(**options: object) -> None:
+    """Run batch jobs from Redis (the server runs with --batch-queue redis), one at a time.
+
+    Start as many as the devices allow, on this machine or others: each needs the Redis, the job
+    database and the results directory the server uses.
+    """
+    from streamcanvas.batch_fallback.process import run_worker
+    from streamcanvas.pipelines.errors import PipelineError
+
+    from .settings import Settings
+
+    given = {name: value for name, value in options.items() if value is not None}
+    given.setdefault("batch_queue", "redis")
+    try:
+        settings = Settings(**given)
+    except pydantic.ValidationError as error:
+        raise click.UsageError(_validation_message(error)) from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run_worker(settings.batch_config(), settings.model_spec(), settings.threads)
+    except PipelineError as error:
+        click.echo(f"streamcanvas worker: cannot start: {error}", err=True)
+        sys.exit(2)
 
 
 @main.command("make-tiny-model")

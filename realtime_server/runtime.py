@@ -9,10 +9,14 @@ import time
 
 import numpy as np
 
+from streamcanvas.batch_fallback.errors import Forbidden, InvalidJob
+from streamcanvas.batch_fallback.kinds import LiveCapture
+from streamcanvas.batch_fallback.service import BatchService
 from streamcanvas.pipelines.devices import in_short_lived_thread
-from streamcanvas.pipelines.loading import LoadedModel, ModelSpec, inference_threads, load_model
+from streamcanvas.pipelines.loading import LoadedModel, inference_threads, load_model
 from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
-from streamcanvas.sessions.manager import SessionManager
+from streamcanvas.sessions.manager import SessionManager, TokenRejected
+from streamcanvas.sessions.session import SessionState
 
 from .settings import Settings
 
@@ -39,24 +43,22 @@ class Runtime:
         self.failure: str | None = None
         self._warmup_task: asyncio.Task[None] | None = None
         self.peers: dict = {}  # WebRTC peer connections by resource id (realtime_server.webrtc)
+        self.batch = BatchService(settings.batch_config(), model, self.capture_live, torch_threads=per_slot)
+        self._live_task: asyncio.Task[None] | None = None
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
         """Load the model (raising ModelNotFound / ModelLoadError) before anything listens."""
         threads = inference_threads(settings.threads)
-        spec = ModelSpec(
-            model=settings.model,
-            tiny_vae=settings.tiny_vae,
-            lora=settings.lora,
-            device=settings.device,
-            dtype=settings.dtype,
-        )
+        spec = settings.model_spec()
         model = in_short_lived_thread(lambda: load_model(spec))
         return cls(settings, model, threads)
 
     async def start(self) -> None:
         """Start the slot workers and warm up in the background; /healthz says ready when done."""
         self.manager.start()
+        await asyncio.to_thread(self.batch.start)
+        self._live_task = asyncio.create_task(self._report_live_sessions(), name="live-sessions")
         if not self.settings.warmup:
             self.readiness = Readiness.READY
             return
@@ -90,6 +92,39 @@ class Runtime:
         for peer in list(self.peers.values()):
             await peer.close()
         await self.manager.stop()
+        if self._live_task is not None:
+            self._live_task.cancel()
+        await asyncio.to_thread(self.batch.stop)
+
+    async def _report_live_sessions(self) -> None:
+        """Tell the batch queue, once a second, how many live sessions stream (it yields the device)."""
+        while True:
+            streaming = sum(1 for s in self.manager.sessions.values() if s.state is SessionState.STREAMING)
+            try:
+                await asyncio.to_thread(self.batch.set_live_sessions, streaming)
+            except Exception:  # noqa: BLE001 - Redis briefly unreachable: report again next second
+                logger.warning("could not publish the live session count", exc_info=True)
+            await asyncio.sleep(1.0)
+
+    def capture_live(self, session_id: str, token: str) -> LiveCapture:
+        """A live session's canvas, prompt and seed, for a batch job; the session's control token is needed."""
+        session = self.manager.sessions.get(session_id)
+        if session is None:
+            raise InvalidJob(f"no live session {session_id!r}", field="params.session_id")
+        try:
+            self.manager.tokens.verify(token, session_id, ("control",))
+        except TokenRejected as error:
+            raise Forbidden(f"session_token: {error}", field="params.session_token") from None
+        canvas, params = session.capture()
+        return LiveCapture(
+            canvas=canvas,
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            seed=params.seed,
+            strength=params.strength,
+            width=session.width,
+            height=session.height,
+        )
 
     @property
     def ready(self) -> bool:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from streamcanvas.batch_fallback.service import BatchConfig
 from streamcanvas.codecs.images import ImageLimits
+from streamcanvas.pipelines.loading import ModelSpec
 from streamcanvas.pipelines.tiny import default_cache_dir
 from streamcanvas.sessions.manager import SessionConfig
 
@@ -58,6 +61,20 @@ class Settings(BaseSettings):
     recordings_dir: Path | None = None
     max_recording_s: float = Field(3600.0, gt=0)
 
+    # The batch queue (batch_fallback): embedded (SQLite + in-process worker) or Redis + worker processes.
+    batch_queue: Literal["embedded", "redis"] = "embedded"
+    redis_url: str | None = None
+    database_url: str | None = None
+    results_dir: Path | None = None
+    batch_workers: int = Field(1, ge=0, le=16)
+    batch_live_share: float = Field(0.25, ge=0.0, le=1.0)
+    max_queued_jobs: int = Field(1000, ge=1, le=1_000_000)
+    job_timeout_s: float = Field(600.0, gt=0)
+    job_max_attempts: int = Field(3, ge=1, le=10)
+    job_retry_backoff_s: float = Field(2.0, gt=0)
+    job_heartbeat_timeout_s: float = Field(30.0, gt=0)
+    job_retention_s: float = Field(7 * 24 * 3600.0, gt=0)
+
     _split = field_validator("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", mode="before")(
         _split_list
     )
@@ -79,6 +96,12 @@ class Settings(BaseSettings):
         if width % 8 or height % 8 or width < 64 or height < 64:
             raise ValueError(f"{value!r}: width and height must be multiples of 8 and at least 64")
         return value
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> Settings:
+        if self.batch_queue == "redis" and not self.redis_url:
+            raise ValueError("batch_queue 'redis' needs --redis-url (e.g. redis://127.0.0.1:6379/0)")
+        return self
 
     @staticmethod
     def _size(value: str) -> tuple[int, int]:
@@ -121,4 +144,30 @@ class Settings(BaseSettings):
             recordings_dir=self.recordings_dir or default_cache_dir() / "recordings",
             max_recording_s=self.max_recording_s,
             **extra,
+        )
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(model=self.model, tiny_vae=self.tiny_vae, lora=self.lora, device=self.device, dtype=self.dtype)
+
+    def batch_config(self) -> BatchConfig:
+        cache = default_cache_dir()
+        max_width, max_height = self._size(self.max_resolution)
+        side = max(max_width, max_height, 4096)
+        return BatchConfig(
+            database_url=self.database_url or f"sqlite:///{cache / 'jobs.db'}",
+            results_dir=self.results_dir or cache / "results",
+            queue=self.batch_queue,
+            redis_url=self.redis_url,
+            embedded_workers=self.batch_workers,
+            max_queued=self.max_queued_jobs,
+            default_timeout_s=self.job_timeout_s,
+            default_max_attempts=self.job_max_attempts,
+            retry_backoff_s=self.job_retry_backoff_s,
+            heartbeat_timeout_s=self.job_heartbeat_timeout_s,
+            retention_s=self.job_retention_s,
+            live_share=self.batch_live_share,
+            max_width=max(max_width, self.size[0]),
+            max_height=max(max_height, self.size[1]),
+            image_limits=ImageLimits(max_width=side, max_height=side, max_pixels=self.max_image_pixels),
+            api_keys=frozenset(self.api_keys),
         )

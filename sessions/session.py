@@ -433,6 +433,11 @@ class Session:
                 waited=waited,
             )
 
+    def capture(self) -> tuple[np.ndarray | None, StreamParams]:
+        """A copy of the canvas (None for txt2img sessions) and parameters; safe from any thread."""
+        with self._condition:
+            return (self._canvas.snapshot() if self._canvas is not None else None), self._params
+
     @property
     def closed(self) -> bool:
         return self._closed

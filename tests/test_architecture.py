@@ -12,8 +12,9 @@ ALLOWED = {
     "codecs": set(),
     "pipelines": set(),
     "sessions": {"pipelines", "codecs"},
-    "realtime_server": {"sessions", "pipelines", "codecs"},
-    "benchmarks": {"realtime_server", "sessions", "pipelines", "codecs"},
+    "batch_fallback": {"pipelines", "codecs"},
+    "realtime_server": {"sessions", "pipelines", "codecs", "batch_fallback"},
+    "benchmarks": {"realtime_server", "sessions", "pipelines", "codecs", "batch_fallback"},
 }
 
 
@@ -43,7 +44,7 @@ def test_imports_follow_the_dependency_direction(package: str) -> None:
 
 def test_inference_is_not_called_from_coroutines() -> None:
     """No coroutine in the server or session layer calls a pipeline's render/configure directly."""
-    for package in ("realtime_server", "sessions"):
+    for package in ("realtime_server", "sessions", "batch_fallback"):
         for path in (ROOT / package).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.AsyncFunctionDef):

@@ -1,0 +1,246 @@
+"""What a job can be. Each kind is a request model (validated before anything is queued) and a run.
+
+Adding a kind — video, upscale, a workflow — is one `JobKind` subclass registered in `KINDS`:
+`Request` says what the API accepts (unknown fields are refused), `accept()` turns a valid request
+into the stored parameters and input image (on the API side, with access to the live sessions), and
+`run()` renders on the worker side.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from streamcanvas.codecs import images
+from streamcanvas.codecs.errors import CodecError
+from streamcanvas.codecs.images import ImageLimits
+
+from .errors import InvalidJob
+from .rendering import SCHEDULERS, QualityRenderer, RenderRequest, StepCallback
+
+MAX_SEED = 2**32 - 1
+SchedulerName = Literal["euler_a", "euler", "dpmpp_2m", "ddim", "pndm", "unipc", "heun", "lcm"]
+assert set(SchedulerName.__args__) == set(SCHEDULERS)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class LiveCapture:
+    """What a live session looks like right now, for "render this session": its canvas and params."""
+
+    canvas: np.ndarray | None
+    prompt: str
+    negative_prompt: str
+    seed: int
+    strength: float
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class AcceptContext:
+    max_width: int
+    max_height: int
+    image_limits: ImageLimits
+    capture_live: Callable[[str, str], LiveCapture]
+    """(session id, control token) → the session's state; raises InvalidJob / JobNotFound."""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    params: dict[str, Any]
+    input_image: bytes | None = None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class GenerationRequest(_Strict):
+    prompt: str = Field(max_length=4000)
+    negative_prompt: str = Field("", max_length=4000)
+    width: int = Field(512, ge=64, description="multiple of 8, at most the server's max resolution")
+    height: int = Field(512, ge=64)
+    steps: int = Field(25, ge=1, le=150)
+    scheduler: SchedulerName = "euler_a"
+    guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None picks one; it is recorded")
+    batch_size: int = Field(1, ge=1, le=8)
+    preview: bool = Field(False, description="keep a low-resolution preview of the current step")
+
+
+class Img2ImgRequest(GenerationRequest):
+    image: str = Field(description="base64 PNG, JPEG or WebP (a data: URL is accepted)")
+    strength: float = Field(0.6, gt=0.0, le=1.0)
+    width: int | None = Field(None, ge=64)  # type: ignore[assignment]
+    height: int | None = Field(None, ge=64)  # type: ignore[assignment]
+
+
+class LiveSessionRequest(_Strict):
+    session_id: str = Field(max_length=64)
+    session_token: str = Field(max_length=4096, description="the session's control token (ready.token)")
+    steps: int = Field(25, ge=1, le=150)
+    scheduler: SchedulerName = "euler_a"
+    guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="None: the session's strength")
+    negative_prompt: str | None = Field(None, max_length=4000)
+    width: int | None = Field(None, ge=64, description="None: the session's resolution")
+    height: int | None = Field(None, ge=64)
+    batch_size: int = Field(1, ge=1, le=8)
+    preview: bool = False
+
+
+class JobKind:
+    name: ClassVar[str]
+    Request: ClassVar[type[BaseModel]]
+    description: ClassVar[str]
+
+    def parse(self, params: object) -> BaseModel:
+        if not isinstance(params, dict):
+            raise InvalidJob(f"params must be an object, got {type(params).__name__}", field="params")
+        try:
+            return self.Request.model_validate(params)
+        except ValidationError as error:
+            raise _invalid(error) from None
+
+    def accept(self, request: Any, context: AcceptContext) -> Accepted:
+        raise NotImplementedError
+
+    def run(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
+        request = RenderRequest(
+            prompt=params["prompt"],
+            negative_prompt=params.get("negative_prompt", ""),
+            width=params["width"],
+            height=params["height"],
+            steps=params["steps"],
+            scheduler=params["scheduler"],
+            guidance_scale=params["guidance_scale"],
+            seed=params["seed"],
+            batch_size=params["batch_size"],
+            init_image=_decode_stored(input_image) if input_image is not None else None,
+            strength=params.get("strength", 1.0),
+        )
+        return renderer.render(request, on_step)
+
+
+class Txt2Img(JobKind):
+    name = "txt2img"
+    Request = GenerationRequest
+    description = "an image (or a batch) from a prompt"
+
+    def accept(self, request: GenerationRequest, context: AcceptContext) -> Accepted:
+        _check_size(request.width, request.height, context)
+        params = request.model_dump()
+        params["seed"] = _seed(request.seed)
+        return Accepted(params)
+
+
+class Img2Img(JobKind):
+    name = "img2img"
+    Request = Img2ImgRequest
+    description = "an image (or a batch) from a prompt and a starting image"
+
+    def accept(self, request: Img2ImgRequest, context: AcceptContext) -> Accepted:
+        rgb = _decode_upload(request.image, context.image_limits)
+        height, width = rgb.shape[:2]
+        width = request.width or _fit(width, context.max_width)
+        height = request.height or _fit(height, context.max_height)
+        _check_size(width, height, context)
+        params = request.model_dump(exclude={"image"})
+        params.update(width=width, height=height, seed=_seed(request.seed))
+        return Accepted(params, _store_png(rgb))
+
+
+class LiveSession(JobKind):
+    name = "live_session"
+    Request = LiveSessionRequest
+    description = "the current canvas, prompt and seed of a live session, rendered at full quality"
+
+    def accept(self, request: LiveSessionRequest, context: AcceptContext) -> Accepted:
+        live = context.capture_live(request.session_id, request.session_token)
+        width = request.width or live.width
+        height = request.height or live.height
+        _check_size(width, height, context)
+        params = {
+            "session_id": request.session_id,
+            "prompt": live.prompt,
+            "negative_prompt": live.negative_prompt if request.negative_prompt is None else request.negative_prompt,
+            "seed": live.seed,
+            "width": width,
+            "height": height,
+            "steps": request.steps,
+            "scheduler": request.scheduler,
+            "guidance_scale": request.guidance_scale,
+            "batch_size": request.batch_size,
+            "preview": request.preview,
+        }
+        if live.canvas is None:  # a txt2img session: its prompt and seed are all there is
+            return Accepted(params)
+        params["strength"] = request.strength if request.strength is not None else live.strength
+        return Accepted(params, _store_png(live.canvas))
+
+
+KINDS: dict[str, JobKind] = {kind.name: kind for kind in (Txt2Img(), Img2Img(), LiveSession())}
+
+
+def _seed(seed: int | None) -> int:
+    return seed if seed is not None else secrets.randbelow(MAX_SEED)
+
+
+def _fit(size: int, maximum: int) -> int:
+    return max(64, min(maximum, size) // 8 * 8)
+
+
+def _check_size(width: int, height: int, context: AcceptContext) -> None:
+    for name, value, maximum in (("width", width, context.max_width), ("height", height, context.max_height)):
+        if value % 8:
+            raise InvalidJob(f"{name} {value} is not a multiple of 8", field=f"params.{name}")
+        if not 64 <= value <= maximum:
+            raise InvalidJob(f"{name} {value} is outside 64 … {maximum}", field=f"params.{name}")
+
+
+def _decode_upload(data: str, limits: ImageLimits) -> np.ndarray:
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidJob("image is not valid base64", field="params.image") from None
+    image_format = images.sniff_format(raw)
+    if image_format is None:
+        raise InvalidJob("image is not a PNG, JPEG or WebP file", field="params.image")
+    try:
+        return images.decode(image_format, raw, limits)
+    except CodecError as error:
+        raise InvalidJob(f"image: {error}", field="params.image") from None
+
+
+def _store_png(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _decode_stored(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _invalid(error: ValidationError) -> InvalidJob:
+    problem = error.errors()[0]
+    where = ".".join(str(part) for part in problem["loc"])
+    message = problem["msg"]
+    if problem["type"] == "extra_forbidden":
+        message = "unknown field"
+    elif problem["type"] == "missing":
+        message = "required field is missing"
+    more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+    return InvalidJob(f"params.{where}: {message}{more}", field=f"params.{where}")

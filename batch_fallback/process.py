@@ -1,0 +1,67 @@
+"""`streamcanvas worker`: a process that runs batch jobs from Redis until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+import torch
+
+from streamcanvas.pipelines.devices import in_short_lived_thread
+from streamcanvas.pipelines.loading import ModelSpec, inference_threads, load_model
+
+from .queues import Housekeeper, RedisQueue
+from .rendering import QualityRenderer
+from .service import BatchConfig
+from .store import JobStore
+from .worker import JobExecutor, LiveGate, RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+
+def run_worker(config: BatchConfig, spec: ModelSpec, threads: int | None = None) -> None:
+    if not config.redis_url:
+        raise ValueError("a worker needs --redis-url")
+    inference_threads(threads)
+    model = in_short_lived_thread(lambda: load_model(spec))
+    store = JobStore(config.database_url)
+    queue = RedisQueue(config.redis_url, config.redis_namespace, config.heartbeat_timeout_s)
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    executor = JobExecutor(
+        store,
+        QualityRenderer(model),
+        config.results_dir,
+        worker_name=name,
+        heartbeat_s=config.heartbeat_s,
+        retry=RetryPolicy(config.retry_backoff_s),
+        gate=LiveGate(config.live_share, lambda: queue.live_sessions() > 0),
+        requeue=queue.submit,
+    )
+
+    def handle(job_id: str) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)  # per calling thread for OpenMP: this is Dramatiq's worker thread
+        claimed = store.claim(job_id, name, stale_before=time.time() - config.heartbeat_timeout_s)
+        if claimed is None:
+            logger.info("job %s: not claimable (done, cancelled, not yet due, or running elsewhere); skipped", job_id)
+            return
+        executor.run(claimed)
+
+    # Workers also look for jobs whose worker died, so recovery does not wait for the server.
+    housekeeper = Housekeeper(store, queue, config.heartbeat_timeout_s, config.housekeeping_interval_s)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    queue.consume(handle)
+    housekeeper.start()
+    logger.info("worker %s consuming %s (model: %s)", name, config.redis_url, model.name)
+    print(f"streamcanvas worker {name} ready", flush=True)
+    stopping.wait()
+    logger.info("worker %s stopping (the job in hand is finished first)", name)
+    housekeeper.stop()
+    queue.stop()
+    store.close()

@@ -1,0 +1,134 @@
+"""Full-quality renders with diffusers: many steps, a chosen scheduler, the model's full VAE.
+
+`QualityRenderer` builds a fresh diffusers pipeline per job around the shared, read-only weights of a
+`LoadedModel` (UNet, text encoder, tokenizer): only the scheduler, which keeps state, is new each time.
+Every step calls back into the job (progress, cancellation, timeout, yielding to live sessions); raising
+there stops the render at that step.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+from diffusers.models import AutoencoderTiny
+from PIL import Image
+
+from streamcanvas.pipelines.loading import LoadedModel
+
+SCHEDULERS = {
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "euler": EulerDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "ddim": DDIMScheduler,
+    "pndm": PNDMScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "heun": HeunDiscreteScheduler,
+    "lcm": LCMScheduler,
+}
+"""Scheduler names accepted by the API (A1111's sampler names map onto these in `a1111.py`)."""
+
+PREVIEW_SIDE = 128
+
+# Approximate SD-1.x latent → RGB projection, used for previews when the model has no TAESD.
+_LATENT_TO_RGB = torch.tensor(
+    [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
+)
+
+StepCallback = Callable[[int, int, Callable[[], bytes]], None]
+"""Called after every denoising step with (step, steps, make_preview); make_preview() returns a JPEG."""
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    scheduler: str
+    guidance_scale: float
+    seed: int
+    batch_size: int
+    init_image: np.ndarray | None = None
+    strength: float = 0.6
+
+
+class QualityRenderer:
+    """Renders full-quality images on one device. Not thread-safe per call: one worker drives it."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model = model
+
+    def render(self, request: RenderRequest, on_step: StepCallback) -> list[Image.Image]:
+        model = self.model
+        components = dict(model.pipe.components)
+        components["vae"] = model.quality_vae
+        components["scheduler"] = SCHEDULERS[request.scheduler].from_config(model.pipe.scheduler.config)
+        components["safety_checker"] = None
+        components["feature_extractor"] = None
+        components["requires_safety_checker"] = False
+        pipeline_class = StableDiffusionPipeline if request.init_image is None else StableDiffusionImg2ImgPipeline
+        pipe = pipeline_class(**components)
+        pipe.set_progress_bar_config(disable=True)
+        generators = [torch.Generator("cpu").manual_seed(request.seed + index) for index in range(request.batch_size)]
+
+        def step_end(pipeline, step: int, _timestep, tensors: dict) -> dict:  # type: ignore[no-untyped-def]
+            latents = tensors["latents"]
+            on_step(step + 1, pipeline.num_timesteps, lambda: self.preview(latents))
+            return tensors
+
+        arguments: dict = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt or None,
+            "num_inference_steps": request.steps,
+            "guidance_scale": request.guidance_scale,
+            "num_images_per_prompt": request.batch_size,
+            "generator": generators,
+            "callback_on_step_end": step_end,
+            "callback_on_step_end_tensor_inputs": ["latents"],
+            "output_type": "pil",
+        }
+        if request.init_image is None:
+            arguments.update(width=request.width, height=request.height)
+        else:
+            image = Image.fromarray(request.init_image)
+            if image.size != (request.width, request.height):
+                image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
+            arguments.update(image=image, strength=request.strength)
+        with torch.inference_mode():
+            output = pipe(**arguments)
+        return list(output.images)
+
+    @torch.inference_mode()
+    def preview(self, latents: torch.Tensor) -> bytes:
+        """A small JPEG of the first image's current latents: TAESD when loaded, else a linear guess."""
+        latent = latents[:1]
+        vae = self.model.pipe.vae
+        if isinstance(vae, AutoencoderTiny):
+            pixels = vae.decode(latent.to(vae.dtype)).sample[0].float()
+            rgb = (pixels / 2 + 0.5).clamp(0, 1)
+        else:
+            rgb = torch.einsum("chw,cr->rhw", latent[0].float().cpu(), _LATENT_TO_RGB)
+            rgb = ((rgb + 1) / 2).clamp(0, 1)
+        array = (rgb.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        image = Image.fromarray(array)
+        image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=70)
+        return buffer.getvalue()

@@ -1,0 +1,69 @@
+"""Result files: one PNG per image, with the job's parameters embedded as PNG text chunks.
+
+Each image carries two text chunks: `parameters`, in the one-paragraph form A1111-style tools read
+(prompt, then "Steps: …, Sampler: …, Seed: …"), and `streamcanvas`, the full JSON of the job. Files are
+written beside their final name and renamed into place, so a worker killed mid-write leaves no
+half-written image, and a retried attempt overwrites an earlier one's files with identical ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .store import ResultRecord
+
+
+def result_path(results_dir: Path, job_id: str, index: int) -> Path:
+    return results_dir / job_id / f"{index}.png"
+
+
+def infotext(params: dict[str, Any], seed: int, model_name: str) -> str:
+    """The A1111 'parameters' text of one image."""
+    lines = [params.get("prompt", "")]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    fields = [
+        f"Steps: {params['steps']}",
+        f"Sampler: {params['scheduler']}",
+        f"CFG scale: {params['guidance_scale']}",
+        f"Seed: {seed}",
+        f"Size: {params['width']}x{params['height']}",
+        f"Model: {model_name}",
+    ]
+    if "strength" in params:
+        fields.append(f"Denoising strength: {params['strength']}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def write_results(
+    results_dir: Path, job_id: str, kind: str, params: dict[str, Any], images: list[Image.Image], model_name: str
+) -> list[ResultRecord]:
+    directory = results_dir / job_id
+    directory.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index, image in enumerate(images):
+        seed = params["seed"] + index
+        info = PngInfo()
+        info.add_text("parameters", infotext(params, seed, model_name))
+        info.add_text(
+            "streamcanvas",
+            json.dumps({"job_id": job_id, "kind": kind, "index": index, "model": model_name, **params, "seed": seed}),
+        )
+        path = result_path(results_dir, job_id, index)
+        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        image.save(partial, format="PNG", pnginfo=info)
+        os.replace(partial, path)
+        records.append(ResultRecord(index, str(path), seed, image.width, image.height, path.stat().st_size))
+    return records
+
+
+def delete_results(results_dir: Path, job_id: str) -> None:
+    shutil.rmtree(results_dir / job_id, ignore_errors=True)

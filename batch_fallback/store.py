@@ -1,0 +1,569 @@
+"""The durable record of every job: a SQL database through SQLAlchemy (SQLite by default).
+
+The database, not the queue, is the source of truth. A job is a row from the moment it is accepted
+until retention deletes it; its status only moves forward:
+
+    queued → running → finished | failed | cancelled        (running → queued again on a retry or
+    queued → cancelled                                        when its worker stopped heartbeating)
+
+A worker owns a running job through its `Claim` (worker name + attempt number). Every write a worker
+makes is conditional on still owning the claim, so a worker that was presumed dead and comes back
+cannot overwrite the outcome of the attempt that replaced it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+
+from .errors import JobConflict, JobNotFound
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class Priority(enum.IntEnum):
+    """Tiers: a queued job of a higher tier always starts before any queued job of a lower one."""
+
+    LOW = 0
+    NORMAL = 1
+    HIGH = 2
+
+
+metadata = MetaData()
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("input_image", LargeBinary, nullable=True),
+    Column("idempotency_key", String(255), unique=True, nullable=True),
+    Column("request_hash", String(64), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("timeout_s", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("run_after", Float, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("heartbeat_at", Float, nullable=True),
+    Column("updated_at", Float, nullable=False),
+    Column("worker", String(255), nullable=True),
+    Column("step", Integer, nullable=False, default=0),
+    Column("steps", Integer, nullable=False, default=0),
+    Column("preview", LargeBinary, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+)
+Index("ix_jobs_dispatch", jobs.c.status, jobs.c.priority, jobs.c.created_at)
+
+results = Table(
+    "results",
+    metadata,
+    Column("job_id", String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("index", Integer, primary_key=True),
+    Column("path", Text, nullable=False),
+    Column("seed", Integer, nullable=False),
+    Column("width", Integer, nullable=False),
+    Column("height", Integer, nullable=False),
+    Column("bytes", Integer, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    index: int
+    path: str
+    seed: int
+    width: int
+    height: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    kind: str
+    status: JobStatus
+    priority: Priority
+    params: dict[str, Any]
+    idempotency_key: str | None
+    attempts: int
+    max_attempts: int
+    timeout_s: float
+    created_at: float
+    run_after: float
+    started_at: float | None
+    finished_at: float | None
+    heartbeat_at: float | None
+    updated_at: float
+    worker: str | None
+    step: int
+    steps: int
+    has_preview: bool
+    error: str | None
+    cancel_requested: bool
+    results: tuple[ResultRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class NewJob:
+    kind: str
+    params: dict[str, Any]
+    priority: Priority = Priority.NORMAL
+    max_attempts: int = 3
+    timeout_s: float = 600.0
+    input_image: bytes | None = None
+    idempotency_key: str | None = None
+
+    def request_hash(self) -> str:
+        digest = hashlib.sha256(json.dumps([self.kind, self.params, int(self.priority)], sort_keys=True).encode())
+        digest.update(self.input_image or b"")
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A worker's hold on one attempt of a running job."""
+
+    job_id: str
+    worker: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    claim: Claim
+    record: JobRecord
+    input_image: bytes | None
+
+
+_SUMMARY_COLUMNS = [column for column in jobs.c if column.name not in ("input_image", "preview", "request_hash")]
+
+
+class JobStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = _make_engine(url)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Connection]:
+        with self.engine.begin() as connection:
+            yield connection
+
+    # --- the API side --------------------------------------------------------------------------------
+
+    def create(self, new: NewJob) -> tuple[JobRecord, bool]:
+        """Insert a queued job; with an idempotency key already used, the job it made (created=False).
+
+        Raises JobConflict when the key was used for a different request.
+        """
+        now = time.time()
+        job_id = uuid.uuid4().hex
+        row = {
+            "id": job_id,
+            "kind": new.kind,
+            "status": JobStatus.QUEUED.value,
+            "priority": int(new.priority),
+            "params": new.params,
+            "input_image": new.input_image,
+            "idempotency_key": new.idempotency_key,
+            "request_hash": new.request_hash() if new.idempotency_key else None,
+            "attempts": 0,
+            "max_attempts": new.max_attempts,
+            "timeout_s": new.timeout_s,
+            "created_at": now,
+            "run_after": now,
+            "updated_at": now,
+            "step": 0,
+            "steps": 0,
+            "cancel_requested": False,
+        }
+        try:
+            with self._transaction() as connection:
+                connection.execute(insert(jobs).values(**row))
+        except IntegrityError:
+            if new.idempotency_key is None:
+                raise
+            with self._transaction() as connection:
+                existing = connection.execute(
+                    select(jobs.c.id, jobs.c.request_hash).where(jobs.c.idempotency_key == new.idempotency_key)
+                ).one_or_none()
+            if existing is None:  # deleted by retention between the two statements: try once more
+                return self.create(new)
+            if existing.request_hash != new.request_hash():
+                raise JobConflict(
+                    f"idempotency key {new.idempotency_key!r} was already used for a different request "
+                    f"(job {existing.id})",
+                    field="Idempotency-Key",
+                ) from None
+            return self.get(existing.id), False
+        return self.get(job_id), True
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._transaction() as connection:
+            row = connection.execute(select(*_SUMMARY_COLUMNS).where(jobs.c.id == job_id)).one_or_none()
+            if row is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            has_preview = connection.execute(
+                select(jobs.c.preview.is_not(None)).where(jobs.c.id == job_id)
+            ).scalar_one()
+            result_rows = connection.execute(
+                select(results).where(results.c.job_id == job_id).order_by(results.c.index)
+            ).all()
+        return _record(row, bool(has_preview), result_rows)
+
+    def preview(self, job_id: str) -> bytes | None:
+        with self._transaction() as connection:
+            return connection.execute(select(jobs.c.preview).where(jobs.c.id == job_id)).scalar_one_or_none()
+
+    def list(self, status: JobStatus | None = None, limit: int = 50, before: float | None = None) -> list[JobRecord]:
+        query = select(*_SUMMARY_COLUMNS).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        if status is not None:
+            query = query.where(jobs.c.status == status.value)
+        if before is not None:
+            query = query.where(jobs.c.created_at < before)
+        with self._transaction() as connection:
+            rows = connection.execute(query).all()
+            result_rows = connection.execute(
+                select(results).where(results.c.job_id.in_([row.id for row in rows])).order_by(results.c.index)
+            ).all()
+        by_job: dict[str, list[Any]] = {}
+        for result in result_rows:
+            by_job.setdefault(result.job_id, []).append(result)
+        return [_record(row, False, by_job.get(row.id, [])) for row in rows]
+
+    def queue_position(self, record: JobRecord) -> int:
+        """1-based place among queued jobs: higher tiers first, then by age."""
+        ahead = or_(
+            jobs.c.priority > int(record.priority),
+            and_(jobs.c.priority == int(record.priority), jobs.c.created_at < record.created_at),
+        )
+        with self._transaction() as connection:
+            count = connection.execute(
+                select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED.value, ahead)
+            ).scalar_one()
+        return int(count) + 1
+
+    def counts(self) -> dict[str, int]:
+        with self._transaction() as connection:
+            rows = connection.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all()
+        found = {status: 0 for status in JobStatus}
+        for status, count in rows:
+            found[JobStatus(status)] = count
+        return {status.value: count for status, count in found.items()}
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued job at once; ask a running one to stop at its next step."""
+        now = time.time()
+        with self._transaction() as connection:
+            status = connection.execute(select(jobs.c.status).where(jobs.c.id == job_id)).scalar_one_or_none()
+            if status is None:
+                raise JobNotFound(f"no job {job_id!r}")
+            if JobStatus(status).terminal:
+                raise JobConflict(f"job {job_id} has already ended ({status}); nothing to cancel")
+            if status == JobStatus.QUEUED.value:
+                connection.execute(
+                    update(jobs)
+                    .where(jobs.c.id == job_id)
+                    .values(status=JobStatus.CANCELLED.value, finished_at=now, updated_at=now, error="cancelled while queued")
+                )
+            else:
+                connection.execute(
+                    update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True, updated_at=now)
+                )
+        return self.get(job_id)
+
+    def request_cancel_running(self) -> list[str]:
+        """Ask every running job to stop (A1111's interrupt)."""
+        with self._transaction() as connection:
+            ids = connection.execute(select(jobs.c.id).where(jobs.c.status == JobStatus.RUNNING.value)).scalars().all()
+            if ids:
+                connection.execute(
+                    update(jobs).where(jobs.c.id.in_(ids)).values(cancel_requested=True, updated_at=time.time())
+                )
+        return list(ids)
+
+    # --- the worker side -----------------------------------------------------------------------------
+
+    def claim_next(self, worker: str, stale_before: float) -> ClaimedJob | None:
+        """Take the next due queued job (highest tier, then oldest) — the embedded queue's dispatch."""
+        now = time.time()
+        with self._transaction() as connection:
+            job_id = connection.execute(
+                select(jobs.c.id)
+                .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.run_after <= now)
+                .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+                .limit(1)
+            ).scalar_one_or_none()
+            if job_id is None:
+                return None
+            return self._claim(connection, job_id, worker, stale_before, now)
+
+    def claim(self, job_id: str, worker: str, stale_before: float) -> ClaimedJob | None:
+        """Take this job if it is queued and due (or running for a worker that stopped heartbeating)."""
+        now = time.time()
+        with self._transaction() as connection:
+            return self._claim(connection, job_id, worker, stale_before, now)
+
+    def _claim(self, connection: Connection, job_id: str, worker: str, stale_before: float, now: float) -> ClaimedJob | None:
+        claimable = or_(
+            and_(jobs.c.status == JobStatus.QUEUED.value, jobs.c.run_after <= now),
+            and_(jobs.c.status == JobStatus.RUNNING.value, jobs.c.heartbeat_at < stale_before),
+        )
+        changed = connection.execute(
+            update(jobs)
+            .where(jobs.c.id == job_id, claimable)
+            .values(
+                status=JobStatus.RUNNING.value,
+                worker=worker,
+                attempts=jobs.c.attempts + 1,
+                started_at=now,
+                heartbeat_at=now,
+                updated_at=now,
+                step=0,
+                preview=None,
+            )
+        ).rowcount
+        if changed != 1:
+            return None
+        row = connection.execute(select(*_SUMMARY_COLUMNS).where(jobs.c.id == job_id)).one()
+        image = connection.execute(select(jobs.c.input_image).where(jobs.c.id == job_id)).scalar_one()
+        record = _record(row, False, [])
+        return ClaimedJob(Claim(job_id, worker, record.attempts), record, image)
+
+    def _owned(self, claim: Claim):  # type: ignore[no-untyped-def]
+        return and_(
+            jobs.c.id == claim.job_id,
+            jobs.c.status == JobStatus.RUNNING.value,
+            jobs.c.worker == claim.worker,
+            jobs.c.attempts == claim.attempt,
+        )
+
+    def heartbeat(self, claim: Claim) -> tuple[bool, bool]:
+        """Refresh the claim; returns (still owned, cancel requested)."""
+        now = time.time()
+        with self._transaction() as connection:
+            changed = connection.execute(
+                update(jobs).where(self._owned(claim)).values(heartbeat_at=now)
+            ).rowcount
+            if changed != 1:
+                return False, False
+            cancel = connection.execute(select(jobs.c.cancel_requested).where(jobs.c.id == claim.job_id)).scalar_one()
+        return True, bool(cancel)
+
+    def progress(self, claim: Claim, step: int, steps: int, preview: bytes | None) -> tuple[bool, bool]:
+        """Record step k of n (and a preview); returns (still owned, cancel requested)."""
+        now = time.time()
+        values: dict[str, Any] = {"step": step, "steps": steps, "heartbeat_at": now, "updated_at": now}
+        if preview is not None:
+            values["preview"] = preview
+        with self._transaction() as connection:
+            changed = connection.execute(update(jobs).where(self._owned(claim)).values(**values)).rowcount
+            if changed != 1:
+                return False, False
+            cancel = connection.execute(select(jobs.c.cancel_requested).where(jobs.c.id == claim.job_id)).scalar_one()
+        return True, bool(cancel)
+
+    def finish(self, claim: Claim, produced: list[ResultRecord]) -> bool:
+        now = time.time()
+        with self._transaction() as connection:
+            changed = connection.execute(
+                update(jobs)
+                .where(self._owned(claim))
+                .values(status=JobStatus.FINISHED.value, finished_at=now, updated_at=now, error=None)
+            ).rowcount
+            if changed != 1:
+                return False
+            connection.execute(delete(results).where(results.c.job_id == claim.job_id))
+            if produced:
+                connection.execute(
+                    insert(results),
+                    [{"job_id": claim.job_id, **result.__dict__} for result in produced],
+                )
+        return True
+
+    def end(self, claim: Claim, status: JobStatus, reason: str) -> bool:
+        """Record a failed or cancelled attempt as the job's end."""
+        now = time.time()
+        with self._transaction() as connection:
+            return (
+                connection.execute(
+                    update(jobs)
+                    .where(self._owned(claim))
+                    .values(status=status.value, finished_at=now, updated_at=now, error=reason)
+                ).rowcount
+                == 1
+            )
+
+    def retry_later(self, claim: Claim, reason: str, run_after: float) -> bool:
+        now = time.time()
+        with self._transaction() as connection:
+            return (
+                connection.execute(
+                    update(jobs)
+                    .where(self._owned(claim))
+                    .values(status=JobStatus.QUEUED.value, run_after=run_after, updated_at=now, error=reason, worker=None)
+                ).rowcount
+                == 1
+            )
+
+    # --- housekeeping --------------------------------------------------------------------------------
+
+    def recover_stale(self, stale_before: float) -> tuple[list[str], list[str]]:
+        """Running jobs whose worker stopped heartbeating: back to queued, or failed after their last
+        attempt. Returns (requeued ids, failed ids)."""
+        now = time.time()
+        with self._transaction() as connection:
+            rows = connection.execute(
+                select(jobs.c.id, jobs.c.attempts, jobs.c.max_attempts, jobs.c.cancel_requested, jobs.c.worker).where(
+                    jobs.c.status == JobStatus.RUNNING.value, jobs.c.heartbeat_at < stale_before
+                )
+            ).all()
+            requeued, failed = [], []
+            for row in rows:
+                lost = f"worker {row.worker} stopped responding during attempt {row.attempts}"
+                where = and_(jobs.c.id == row.id, jobs.c.status == JobStatus.RUNNING.value, jobs.c.attempts == row.attempts)
+                if row.cancel_requested:
+                    values = {"status": JobStatus.CANCELLED.value, "finished_at": now, "error": f"cancelled ({lost})"}
+                    failed.append(row.id)
+                elif row.attempts >= row.max_attempts:
+                    values = {"status": JobStatus.FAILED.value, "finished_at": now, "error": f"{lost}; no attempts left"}
+                    failed.append(row.id)
+                else:
+                    values = {"status": JobStatus.QUEUED.value, "run_after": now, "error": lost, "worker": None}
+                    requeued.append(row.id)
+                connection.execute(update(jobs).where(where).values(updated_at=now, **values))
+        return requeued, failed
+
+    def queued(self) -> list[tuple[str, Priority, float]]:
+        """Every queued job: (id, priority, run_after)."""
+        with self._transaction() as connection:
+            rows = connection.execute(
+                select(jobs.c.id, jobs.c.priority, jobs.c.run_after)
+                .where(jobs.c.status == JobStatus.QUEUED.value)
+                .order_by(jobs.c.priority.desc(), jobs.c.created_at)
+            ).all()
+        return [(row.id, Priority(row.priority), row.run_after) for row in rows]
+
+    def purge(self, ended_before: float) -> list[JobRecord]:
+        """Delete jobs that ended before the cutoff; returns them (with their results) so files can go."""
+        with self._transaction() as connection:
+            ids = connection.execute(
+                select(jobs.c.id).where(
+                    jobs.c.status.in_([status.value for status in JobStatus if status.terminal]),
+                    jobs.c.finished_at < ended_before,
+                )
+            ).scalars().all()
+        purged = []
+        for job_id in ids:
+            record = self.get(job_id)
+            with self._transaction() as connection:
+                connection.execute(delete(results).where(results.c.job_id == job_id))
+                connection.execute(delete(jobs).where(jobs.c.id == job_id))
+            purged.append(record)
+        return purged
+
+
+def _record(row: Any, has_preview: bool, result_rows: list[Any]) -> JobRecord:
+    return JobRecord(
+        id=row.id,
+        kind=row.kind,
+        status=JobStatus(row.status),
+        priority=Priority(row.priority),
+        params=row.params,
+        idempotency_key=row.idempotency_key,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        timeout_s=row.timeout_s,
+        created_at=row.created_at,
+        run_after=row.run_after,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        heartbeat_at=row.heartbeat_at,
+        updated_at=row.updated_at,
+        worker=row.worker,
+        step=row.step,
+        steps=row.steps,
+        has_preview=has_preview,
+        error=row.error,
+        cancel_requested=bool(row.cancel_requested),
+        results=tuple(
+            ResultRecord(r.index, r.path, r.seed, r.width, r.height, r.bytes) for r in result_rows
+        ),
+    )
+
+
+def _make_engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    # SQLite: WAL so readers never block the writer, and every transaction BEGIN IMMEDIATE so two
+    # processes (server and workers) never deadlock upgrading a read lock to a write lock.
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
