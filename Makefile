@@ -19,12 +19,13 @@ SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
 # System packages come from Debian's archive: npm (if the machine has no Node.js) for the page's one
-# browser dependency, and Chromium for the browser tests. Installed only when missing.
+# browser dependency, Chromium for the browser tests and redis-server for the batch queue's Redis
+# tests. Installed only when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 WEB_STAMP := web_static/node_modules/.package-lock.json
 
-.PHONY: setup serve test bench clean browser
+.PHONY: setup serve test bench clean browser redis
 
 setup: $(STAMP) $(WEB_STAMP)
 
@@ -34,6 +35,11 @@ $(WEB_STAMP): web_static/package.json web_static/package-lock.json
 
 browser:
 	command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) chromium fonts-dejavu-core; }
+
+# The batch queue's Redis deployment is tested against a real redis-server (started by the tests on a
+# loopback port; Debian's service is not started).
+redis:
+	command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) redis-server; }
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -49,7 +55,7 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(BIN)/streamcanvas serve $(SERVE_ARGS)
 
-test: setup browser
+test: setup browser redis
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -173,6 +173,7 @@ class BatchService:
                 timeout_s=request.timeout_s or self.config.default_timeout_s,
                 input_image=accepted.input_image,
                 idempotency_key=idempotency_key,
+                request=request.model_dump(),
             )
         )
         if created:
@@ -198,7 +199,9 @@ class BatchService:
 
     async def events(self, job_id: str, poll_s: float = 0.2) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """(event, data) pairs until the job ends: queued (with position), started, progress (with a
-        preview when the job keeps one), then finished, failed or cancelled."""
+        preview when the job keeps one), then finished, failed or cancelled.
+
+        The job is sampled every `poll_s`: a fast job's steps may be skipped, never reordered."""
         record = await asyncio.to_thread(self.store.get, job_id)
         last: tuple[Any, ...] | None = None
         while True:
@@ -220,7 +223,12 @@ class BatchService:
                             data["preview"] = "data:image/jpeg;base64," + base64.b64encode(preview).decode()
                     yield "progress", data
             else:
-                yield record.status.value, {"error": record.error, "results": len(record.results)}
+                yield record.status.value, {
+                    "error": record.error,
+                    "results": len(record.results),
+                    "step": record.step,
+                    "steps": record.steps,
+                }
                 return
             last = key
             await asyncio.sleep(poll_s)

@@ -162,11 +162,12 @@ class NewJob:
     timeout_s: float = 600.0
     input_image: bytes | None = None
     idempotency_key: str | None = None
+    request: dict[str, Any] | None = None
+    """The request as the client sent it; what an idempotency key is bound to (the stored params may
+    differ between two sends of it, e.g. a seed picked at random)."""
 
     def request_hash(self) -> str:
-        digest = hashlib.sha256(json.dumps([self.kind, self.params, int(self.priority)], sort_keys=True).encode())
-        digest.update(self.input_image or b"")
-        return digest.hexdigest()
+        return hashlib.sha256(json.dumps(self.request, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

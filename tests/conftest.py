@@ -53,7 +53,12 @@ def artifacts_dir() -> Path:
 def start_server(
     cache_dir: Path, artifacts_dir: Path, name: str, *args: str, env: dict[str, str] | None = None
 ) -> ServerProcess:
-    arguments = ["--resolution", f"{TEST_RESOLUTION}x{TEST_RESOLUTION}", "--threads", "2", *args]
+    # Each named server has its own job database and results, so servers running at once do not
+    # share batch jobs (a restarted server of the same name finds its jobs again).
+    batch = ["--database-url", f"sqlite:///{cache_dir / f'jobs-{name}.db'}", "--results-dir", str(cache_dir / f"results-{name}")]
+    if "--database-url" in args:
+        batch = []
+    arguments = ["--resolution", f"{TEST_RESOLUTION}x{TEST_RESOLUTION}", "--threads", "2", *batch, *args]
     log_path = artifacts_dir / f"server-{name}.log"
     log_path.unlink(missing_ok=True)
     return ServerProcess(arguments, {**server_env(cache_dir), **(env or {})}, log_path).start()
