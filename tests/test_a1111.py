@@ -1,0 +1,115 @@
+"""The A1111-compatible routes, driven by a client written from that API's documentation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from a1111_client import A1111Client
+from conftest import TEST_RESOLUTION
+from helpers import ServerProcess, make_canvas
+
+SIZE = TEST_RESOLUTION
+
+
+@pytest.fixture(scope="module")
+def a1111(server: ServerProcess) -> Iterator[A1111Client]:
+    client = A1111Client(server.base_url)
+    yield client
+    client.close()
+
+
+def test_models_samplers_and_options(a1111: A1111Client) -> None:
+    samplers = a1111.samplers()
+    assert {"Euler a", "Euler", "DPM++ 2M", "DDIM"} <= {sampler["name"] for sampler in samplers}
+    assert all(set(sampler) == {"name", "aliases", "options"} for sampler in samplers)
+    models = a1111.sd_models()
+    assert len(models) == 1 and {"title", "model_name", "hash", "sha256", "filename", "config"} <= set(models[0])
+    options = a1111.options()
+    assert options["sd_model_checkpoint"] == models[0]["title"]
+    a1111.set_options(sd_model_checkpoint=models[0]["title"], samples_format="png")
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        a1111.set_options(sd_model_checkpoint="v1-5-pruned-emaonly.safetensors")
+    assert refused.value.response.status_code == 422 and "not loaded" in refused.value.response.json()["detail"]
+
+
+def test_txt2img_in_the_shape_clients_expect(a1111: A1111Client) -> None:
+    payload = {
+        "prompt": "a red house",
+        "negative_prompt": "blurry",
+        "steps": 5,
+        "sampler_name": "Euler a",
+        "cfg_scale": 6.5,
+        "width": SIZE,
+        "height": SIZE,
+        "seed": 4242,
+        "batch_size": 2,
+        "n_iter": 1,
+        "restore_faces": False,  # A1111 fields with no meaning here are accepted and ignored
+        "enable_hr": False,
+        "override_settings": {},
+    }
+    result = a1111.txt2img(**payload)
+    assert len(result["images"]) == 2 and all(image.size == (SIZE, SIZE) for image in result["images"])
+    assert result["parameters"]["prompt"] == "a red house" and result["parameters"]["steps"] == 5
+    info = result["info"]
+    assert info["seed"] == 4242 and info["all_seeds"] == [4242, 4243]
+    assert info["sampler_name"] == "Euler a" and info["cfg_scale"] == 6.5 and info["width"] == SIZE
+    assert "Seed: 4242" in info["infotexts"][0] and "Negative prompt: blurry" in info["infotexts"][0]
+    assert "Seed: 4242" in result["images"][0].text["parameters"]
+    again = a1111.txt2img(**payload)
+    assert np.array_equal(np.asarray(again["images"][0]), np.asarray(result["images"][0]))
+    random_seed = a1111.txt2img(prompt="x", steps=2, width=SIZE, height=SIZE, seed=-1)
+    assert random_seed["info"]["seed"] >= 0 and random_seed["info"]["seed"] != -1
+
+
+def test_img2img_in_the_shape_clients_expect(a1111: A1111Client) -> None:
+    init = Image.fromarray(make_canvas(SIZE, 3))
+    result = a1111.img2img(init, prompt="a boat", steps=6, denoising_strength=0.5, sampler_name="DDIM", seed=1, width=SIZE, height=SIZE)
+    assert len(result["images"]) == 1 and result["images"][0].size == (SIZE, SIZE)
+    assert result["parameters"]["init_images"] is None  # not echoed back unless include_init_images
+    assert result["info"]["denoising_strength"] == 0.5 and result["info"]["sampler_name"] == "DDIM"
+
+
+def test_errors_in_the_shape_clients_expect(server: ServerProcess) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        unknown = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Euler z"})
+        assert unknown.status_code == 404 and "Sampler not found" in unknown.json()["detail"]
+        invalid = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": "many"})
+        assert invalid.status_code == 422 and invalid.json()["detail"][0]["loc"] == ["body", "steps"]
+        zero_steps = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 0, "width": SIZE, "height": SIZE})
+        assert zero_steps.status_code == 422 and "steps" in str(zero_steps.json()["detail"])
+        no_image = http.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": []})
+        assert no_image.status_code == 422
+
+
+def test_progress_and_interrupt(a1111: A1111Client, server: ServerProcess) -> None:
+    outcome: dict = {}
+
+    def generate() -> None:
+        outcome["result"] = a1111.txt2img(prompt="slow", steps=150, width=512, height=512, sampler_name="Euler")
+
+    idle = a1111.progress()
+    assert idle["progress"] == 0 and idle["state"]["sampling_steps"] == 0 and "current_image" in idle
+    thread = threading.Thread(target=generate)
+    thread.start()
+    watcher = A1111Client(server.base_url)
+    try:
+        deadline = time.monotonic() + 60
+        while (progress := watcher.progress())["state"]["sampling_step"] < 2:
+            assert time.monotonic() < deadline, progress
+            time.sleep(0.1)
+        assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 150
+        assert progress["state"]["job_count"] >= 1 and progress["eta_relative"] > 0
+        watcher.interrupt()
+        thread.join(60)
+    finally:
+        watcher.close()
+    assert not thread.is_alive()
+    assert outcome["result"]["info"]["interrupted"] is True and outcome["result"]["images"] == []
