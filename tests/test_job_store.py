@@ -1,0 +1,121 @@
+"""The job store on a real SQLite file: claims are exclusive, a taken-over attempt cannot write, and
+stale jobs come back. Several threads and two store objects (as two processes would) share one file."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from streamcanvas.batch_fallback.errors import JobConflict
+from streamcanvas.batch_fallback.store import JobStatus, JobStore, NewJob, Priority, ResultRecord
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'jobs.db'}"
+
+
+def test_every_job_is_claimed_by_exactly_one_of_many_workers(url: str) -> None:
+    stores = [JobStore(url), JobStore(url)]  # two engines on one file, like server and worker processes
+    created = [stores[0].create(NewJob("txt2img", {"n": index}))[0].id for index in range(60)]
+    claimed: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def work(name: str, store: JobStore) -> None:
+        while (job := store.claim_next(name, stale_before=0.0)) is not None:
+            assert store.finish(job.claim, [])
+            with lock:
+                claimed.append((job.claim.job_id, name))
+
+    threads = [threading.Thread(target=work, args=(f"w{index}", stores[index % 2])) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(job_id for job_id, _ in claimed) == sorted(created)
+    assert len({name for _, name in claimed}) > 1
+    assert stores[1].counts()["finished"] == 60
+
+
+def test_tiers_then_age_decide_the_order(url: str) -> None:
+    store = JobStore(url)
+    low = store.create(NewJob("txt2img", {}, Priority.LOW))[0]
+    normal = store.create(NewJob("txt2img", {}, Priority.NORMAL))[0]
+    high_old = store.create(NewJob("txt2img", {}, Priority.HIGH))[0]
+    high_new = store.create(NewJob("txt2img", {}, Priority.HIGH))[0]
+    assert [store.queue_position(store.get(job.id)) for job in (high_old, high_new, normal, low)] == [1, 2, 3, 4]
+    order = []
+    while (job := store.claim_next("w", 0.0)) is not None:
+        order.append(job.claim.job_id)
+        store.finish(job.claim, [])
+    assert order == [high_old.id, high_new.id, normal.id, low.id]
+
+
+def test_a_taken_over_attempt_cannot_write_its_outcome(url: str) -> None:
+    store = JobStore(url)
+    job = store.create(NewJob("txt2img", {}, max_attempts=3))[0]
+    first = store.claim(job.id, "w1", stale_before=0.0)
+    assert first is not None and store.claim(job.id, "w2", stale_before=0.0) is None  # held and fresh
+    time.sleep(0.05)
+    requeued, failed = store.recover_stale(stale_before=time.time())  # w1 stopped heartbeating
+    assert requeued == [job.id] and failed == []
+    second = store.claim(job.id, "w2", stale_before=0.0)
+    assert second is not None and second.claim.attempt == 2
+    assert store.heartbeat(first.claim) == (False, False)
+    assert not store.finish(first.claim, [ResultRecord(0, "stale.png", 1, 8, 8, 1)])
+    assert not store.end(first.claim, JobStatus.FAILED, "late")
+    assert store.finish(second.claim, [ResultRecord(0, "fresh.png", 1, 8, 8, 1)])
+    record = store.get(job.id)
+    assert record.status is JobStatus.FINISHED and [r.path for r in record.results] == ["fresh.png"]
+
+
+def test_a_job_whose_worker_keeps_dying_fails_after_its_last_attempt(url: str) -> None:
+    store = JobStore(url)
+    job = store.create(NewJob("txt2img", {}, max_attempts=2))[0]
+    for attempt in (1, 2):
+        claimed = store.claim_next(f"w{attempt}", 0.0)
+        assert claimed is not None and claimed.claim.attempt == attempt
+        time.sleep(0.01)
+        store.recover_stale(stale_before=time.time())
+    record = store.get(job.id)
+    assert record.status is JobStatus.FAILED and "no attempts left" in (record.error or "")
+
+
+def test_cancel_moves_queued_at_once_and_flags_running(url: str) -> None:
+    store = JobStore(url)
+    queued = store.create(NewJob("txt2img", {}))[0]
+    running_job = store.create(NewJob("txt2img", {}, Priority.HIGH))[0]
+    running = store.claim_next("w", 0.0)
+    assert running is not None and running.claim.job_id == running_job.id
+    assert store.cancel(queued.id).status is JobStatus.CANCELLED
+    flagged = store.cancel(running_job.id)
+    assert flagged.status is JobStatus.RUNNING and flagged.cancel_requested
+    assert store.heartbeat(running.claim) == (True, True)
+    assert store.end(running.claim, JobStatus.CANCELLED, "cancelled at step 3 of 9")
+    with pytest.raises(JobConflict):
+        store.cancel(running_job.id)
+
+
+def test_idempotency_keys(url: str) -> None:
+    store = JobStore(url)
+    request = {"kind": "txt2img", "params": {"prompt": "x"}}
+    first, created = store.create(NewJob("txt2img", {"seed": 1}, idempotency_key="k", request=request))
+    again, created_again = store.create(NewJob("txt2img", {"seed": 2}, idempotency_key="k", request=request))
+    assert created and not created_again and again.id == first.id and again.params == {"seed": 1}
+    with pytest.raises(JobConflict):
+        store.create(NewJob("txt2img", {}, idempotency_key="k", request={**request, "priority": "high"}))
+
+
+def test_purge_deletes_only_jobs_that_ended_before_the_cutoff(url: str) -> None:
+    store = JobStore(url)
+    ended = store.create(NewJob("txt2img", {}))[0]
+    waiting = store.create(NewJob("txt2img", {}))[0]
+    claimed = store.claim(ended.id, "w", 0.0)
+    assert claimed is not None and store.finish(claimed.claim, [ResultRecord(0, "a.png", 1, 8, 8, 1)])
+    assert store.purge(ended_before=time.time() - 60) == []
+    purged = store.purge(ended_before=time.time() + 1)
+    assert [record.id for record in purged] == [ended.id] and purged[0].results[0].path == "a.png"
+    assert [record.id for record in store.list()] == [waiting.id]
