@@ -388,17 +388,21 @@ def run_mode(mode: str, root: Path, null_jobs: int, model_jobs: int) -> dict[str
 
 
 def headline(modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The figures most people want: burst jobs/s; per-job overhead and latency from the sequential run."""
+    """The figures most people want: jobs/s, busy fraction and the idle gap between jobs from the burst;
+    per-job overhead, latency and run time from the sequential run (one job at a time)."""
     summary = {}
     for mode, result in modes.items():
         row: dict[str, Any] = {}
         if "null" in result:
             null = result["null"]
             row["null_jobs_per_s"] = null["burst"]["jobs_per_s"]
+            row["null_gap_ms"] = null["burst"]["gap_ms"]
             row["null_overhead_ms"] = null["sequential"]["overhead_ms"]
         if "model" in result:
             model = result["model"]
             row["tiny_jobs_per_s"] = model["burst"]["jobs_per_s"]
+            row["tiny_busy_fraction"] = model["burst"]["busy_fraction"]
+            row["tiny_gap_ms"] = model["burst"]["gap_ms"]
             row["tiny_latency_ms"] = model["sequential"]["latency_ms"]
             row["tiny_run_ms"] = model["sequential"]["run_ms"]
             row["tiny_overhead_ms"] = model["sequential"]["overhead_ms"]

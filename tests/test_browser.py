@@ -7,6 +7,7 @@ webcam and the screen are Chromium's fake capture devices. Screenshots land in a
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import signal
 from collections.abc import Iterator
@@ -322,6 +323,24 @@ def test_record_the_output_and_download_it(page: Page) -> None:
     with av.open(download.value.path()) as container:
         frames = list(container.decode(video=0))
     assert len(frames) >= 3 and frames[0].width == SIZE
+
+
+def test_render_the_canvas_at_full_quality(page: Page) -> None:
+    page.fill("#prompt", "a lighthouse at dusk")
+    stroke(page, [(0.2, 0.2), (0.8, 0.7)])
+    wait_settled(page)
+    page.click("#render-hd")
+    link = page.locator("#render-hd-link")
+    link.wait_for()
+    assert page.locator("#render-hd-status").inner_text() == "Done"
+    with page.expect_download() as download:
+        link.click()
+    image = Image.open(download.value.path())
+    assert image.size == (SIZE, SIZE)
+    embedded = json.loads(image.text["streamcanvas"])
+    assert embedded["kind"] == "live_session" and embedded["prompt"] == "a lighthouse at dusk"
+    assert embedded["seed"] == int(page.input_value("#seed")) and embedded["steps"] == 25
+    assert f"seed {embedded['seed']}" in link.inner_text()
 
 
 def test_resolution_change_reconnects_at_the_new_size(page: Page) -> None:

@@ -1,6 +1,7 @@
 // The live canvas page: wires the drawing, the controls and the connection together.
 import { Connection } from "./connection.js";
 import { CanvasDocument, makeCanvas } from "./document.js";
+import { describeProgress, renderFullQuality } from "./batch.js";
 import { canvasMessage, deltaMessage, paramsMessage, recordMessage } from "./protocol.js";
 import { Sources } from "./sources.js";
 import { TOOLS, ToolController } from "./tools.js";
@@ -92,6 +93,7 @@ connection.addEventListener("state", (event) => {
     $("#viewer-link").disabled = false;
     $("#record").disabled = false;
     $("#record").setAttribute("aria-pressed", "false"); // a new session is not recording
+    $("#render-hd").disabled = false;
   }
 });
 
@@ -275,6 +277,33 @@ connection.addEventListener("recording", (event) => {
     link.href = `${recording.url}?token=${encodeURIComponent(connection.ready.token)}`;
     link.textContent = `Download recording (${recording.frames} frames, ${recording.duration_s.toFixed(1)} s)`;
     link.hidden = false;
+  }
+});
+
+$("#render-hd").addEventListener("click", async () => {
+  const ready = connection.ready;
+  const button = $("#render-hd");
+  const status = $("#render-hd-status");
+  button.disabled = true;
+  try {
+    const { job, url } = await renderFullQuality({
+      sessionId: ready.session_id,
+      token: ready.token,
+      apiKey: query.get("key") || undefined,
+      onProgress: (progress) => { status.textContent = describeProgress(progress); },
+    });
+    const link = $("#render-hd-link");
+    if (link.href.startsWith("blob:")) URL.revokeObjectURL(link.href);
+    link.href = url;
+    link.download = `streamcanvas-${job.id}.png`;
+    link.textContent = `Download full-quality render (${job.params.width}×${job.params.height}, seed ${job.params.seed})`;
+    link.hidden = false;
+    status.textContent = "Done";
+  } catch (error) {
+    status.textContent = "";
+    showError({ code: "render_failed", message: `Full-quality render: ${error.message}` });
+  } finally {
+    button.disabled = false;
   }
 });
 
