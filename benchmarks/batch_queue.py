@@ -49,6 +49,7 @@ from streamcanvas.batch_fallback.store import ClaimedJob, JobStore, NewJob, Prio
 from streamcanvas.sessions.stats import percentiles
 
 from .realtime_ws import describe_machine, free_port, running_server
+from .viewers import cpu_seconds
 
 MODES = ("embedded", "redis")
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -150,6 +151,50 @@ def environment(**values: str) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+class OtherLoad:
+    """CPU time the rest of the machine spent during a block, beside this benchmark and its children.
+
+    Two processes that run torch on these two cores slow each other far more than 2x (their OpenMP
+    threads spin-wait for one another), so a figure is only worth what the machine's quiet was worth.
+    """
+
+    def __init__(self) -> None:
+        self.figures: dict[str, Any] = {}
+
+    def __enter__(self) -> OtherLoad:
+        self._start = (time.monotonic(), machine_busy_s(), own_cpu_s())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        wall, busy, own = (end - start for end, start in zip((time.monotonic(), machine_busy_s(), own_cpu_s()), self._start))
+        other = max(0.0, busy - own)
+        self.figures = {
+            "wall_s": round(wall, 1),
+            "own_cpu_s": round(own, 1),
+            "other_cpu_s": round(other, 1),
+            "other_share": round(other / (wall * (os.cpu_count() or 1)), 3) if wall > 0 else None,
+        }
+
+
+def machine_busy_s() -> float:
+    """Busy CPU seconds of the whole machine since boot (every core, from /proc/stat)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process, its ended children and its running children (servers, redis)."""
+    times = os.times()
+    total = times.user + times.system + times.children_user + times.children_system
+    me = str(os.getpid())
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == me:
+                    total += cpu_seconds(int(entry.name))
+    return total
 
 
 # --- figures -----------------------------------------------------------------------------------------
@@ -379,11 +424,15 @@ def run_mode(mode: str, root: Path, null_jobs: int, model_jobs: int) -> dict[str
         redis_url = stack.enter_context(running_redis(directory)) if mode == "redis" else None
         result: dict[str, Any] = {}
         if null_jobs:
-            result["null"] = null_phase(mode, directory, null_jobs, redis_url)
+            with OtherLoad() as load:
+                result["null"] = null_phase(mode, directory, null_jobs, redis_url)
+            result["null"]["cpu"] = load.figures
         if redis_url is not None:
             redis.Redis.from_url(redis_url).flushall()  # nothing of the null phase reaches the server's run
         if model_jobs:
-            result["model"] = model_phase(mode, directory, model_jobs, redis_url)
+            with OtherLoad() as load:
+                result["model"] = model_phase(mode, directory, model_jobs, redis_url)
+            result["model"]["cpu"] = load.figures
     return result
 
 
@@ -408,6 +457,17 @@ def headline(modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
             row["tiny_overhead_ms"] = model["sequential"]["overhead_ms"]
         summary[mode] = row
     return summary
+
+
+def other_load_summary(before: dict[str, Any], modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """How busy the rest of the machine was, before the run and in each phase; a warning over 10 %."""
+    phases = {f"{mode}.{phase}": result[phase]["cpu"]["other_share"] for mode, result in modes.items() for phase in ("null", "model") if phase in result}
+    busy = {name: share for name, share in {"before": before["other_share"], **phases}.items() if share and share > 0.1}
+    warning = None
+    if busy:
+        listed = ", ".join(f"{name} {share:.0%}" for name, share in busy.items())
+        warning = f"other processes used a share of the cores ({listed}): these figures are not from a quiet machine"
+    return {"before_share": before["other_share"], "phase_shares": phases, "warning": warning}
 
 
 def software() -> dict[str, Any]:
@@ -451,7 +511,10 @@ def main(null_jobs: int, model_jobs: int, modes_text: str, output: str) -> None:
         raise click.BadParameter(f"job counts must be at least 0 (got {null_jobs}, {model_jobs})")
     if "redis" in modes and not Path(REDIS_SERVER).is_file():
         raise click.UsageError(f"the redis mode needs {REDIS_SERVER}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop every child
     started = time.time()
+    with OtherLoad() as before:
+        time.sleep(2)
     root = Path(tempfile.mkdtemp(prefix="streamcanvas-batch-bench-"))
     results: dict[str, Any] = {}
     try:
@@ -475,12 +538,15 @@ def main(null_jobs: int, model_jobs: int, modes_text: str, output: str) -> None:
             "server": {"resolution": f"{RESOLUTION}x{RESOLUTION}", "threads": THREADS, "worker_threads": THREADS},
             "poll_s": {"http": POLL_S, "store_counts": COUNTS_POLL_S},
         },
+        "other_load": other_load_summary(before.figures, results),
         "summary": headline(results),
         "modes": results,
         "wall_s": round(time.time() - started, 1),
     }
     text = json.dumps(report, indent=2)
     click.echo(text)
+    if report["other_load"]["warning"]:
+        click.echo(f"warning: {report['other_load']['warning']}", err=True)
     if output != "-":
         path = Path(output)
         path.parent.mkdir(parents=True, exist_ok=True)
