@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .api import check_api_key, read_json, service_of
+from .api import endpoint, read_json, service_of
 from .errors import BatchError
 from .results import infotext
 from .store import JobRecord, JobStatus
@@ -67,6 +68,11 @@ def _detail(status: int, message: str) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status)
 
 
+def a1111_endpoint(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """API-key check, and typed errors answered as A1111 does: `{"detail": message}`."""
+    return endpoint(handler, lambda error: _detail(error.status, str(error)))
+
+
 def _validation(error: ValidationError) -> JSONResponse:
     detail = [{"loc": ["body", *problem["loc"]], "msg": problem["msg"], "type": problem["type"]} for problem in error.errors()]
     return JSONResponse({"detail": detail}, status_code=422)
@@ -74,13 +80,9 @@ def _validation(error: ValidationError) -> JSONResponse:
 
 async def _generate(request: Request, img2img: bool) -> Response:
     try:
-        check_api_key(request)
-        raw = await read_json(request)
-        body = (Img2ImgBody if img2img else Txt2ImgBody).model_validate(raw)
+        body = (Img2ImgBody if img2img else Txt2ImgBody).model_validate(await read_json(request))
     except ValidationError as error:
         return _validation(error)
-    except BatchError as error:
-        return _detail(error.status, str(error))
     sampler = body.sampler_name or body.sampler_index
     scheduler = _SAMPLER_LOOKUP.get(sampler.lower())
     if scheduler is None:
@@ -149,19 +151,18 @@ def _info(record: JobRecord, model_name: str) -> dict[str, Any]:
     }
 
 
+@a1111_endpoint
 async def txt2img(request: Request) -> Response:
     return await _generate(request, img2img=False)
 
 
+@a1111_endpoint
 async def img2img(request: Request) -> Response:
     return await _generate(request, img2img=True)
 
 
+@a1111_endpoint
 async def progress(request: Request) -> Response:
-    try:
-        check_api_key(request)
-    except BatchError as error:
-        return _detail(error.status, str(error))
     service = service_of(request)
     running = await asyncio.to_thread(service.store.list, JobStatus.RUNNING, 1)
     counts = await asyncio.to_thread(service.store.counts)
@@ -195,11 +196,8 @@ async def progress(request: Request) -> Response:
     return JSONResponse({"progress": fraction, "eta_relative": eta, "state": state, "current_image": current_image, "textinfo": None})
 
 
+@a1111_endpoint
 async def interrupt(request: Request) -> Response:
-    try:
-        check_api_key(request)
-    except BatchError as error:
-        return _detail(error.status, str(error))
     await asyncio.to_thread(service_of(request).store.request_cancel_running)
     return JSONResponse({})
 
@@ -216,11 +214,8 @@ def _model_entry(request: Request) -> dict[str, Any]:
     }
 
 
+@a1111_endpoint
 async def options(request: Request) -> Response:
-    try:
-        check_api_key(request)
-    except BatchError as error:
-        return _detail(error.status, str(error))
     service = service_of(request)
     current = {
         "sd_model_checkpoint": service.model.name,
@@ -231,10 +226,7 @@ async def options(request: Request) -> Response:
     }
     if request.method == "GET":
         return JSONResponse(current)
-    try:
-        changes = await read_json(request)
-    except BatchError as error:
-        return _detail(error.status, str(error))
+    changes = await read_json(request)
     if not isinstance(changes, dict):
         return _detail(422, "the body must be a JSON object of options")
     wanted = changes.get("sd_model_checkpoint")
@@ -243,19 +235,13 @@ async def options(request: Request) -> Response:
     return JSONResponse(None)
 
 
+@a1111_endpoint
 async def sd_models(request: Request) -> Response:
-    try:
-        check_api_key(request)
-    except BatchError as error:
-        return _detail(error.status, str(error))
     return JSONResponse([_model_entry(request)])
 
 
+@a1111_endpoint
 async def samplers(request: Request) -> Response:
-    try:
-        check_api_key(request)
-    except BatchError as error:
-        return _detail(error.status, str(error))
     return JSONResponse([{"name": name, "aliases": aliases, "options": {}} for name, (_, aliases) in SAMPLERS.items()])
 
 

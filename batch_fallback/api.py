@@ -124,15 +124,18 @@ def check_api_key(request: Request) -> None:
         raise Unauthorized("an API key is required (Authorization: Bearer KEY, or X-API-Key)")
 
 
-def endpoint(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    """API-key check and typed errors → JSON for one route."""
+def endpoint(
+    handler: Callable[[Request], Awaitable[Response]],
+    render_error: Callable[[BatchError], Response] = error_response,
+) -> Callable[[Request], Awaitable[Response]]:
+    """API-key check and typed errors → an error response, for one route."""
 
     async def wrapped(request: Request) -> Response:
         try:
             check_api_key(request)
             return await handler(request)
         except BatchError as error:
-            return error_response(error)
+            return render_error(error)
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__

@@ -392,17 +392,12 @@ class JobStore:
             jobs.c.attempts == claim.attempt,
         )
 
+    def _update_owned(self, connection: Connection, claim: Claim, **values: Any) -> bool:
+        return connection.execute(update(jobs).where(self._owned(claim)).values(**values)).rowcount == 1
+
     def heartbeat(self, claim: Claim) -> tuple[bool, bool]:
         """Refresh the claim; returns (still owned, cancel requested)."""
-        now = time.time()
-        with self._transaction() as connection:
-            changed = connection.execute(
-                update(jobs).where(self._owned(claim)).values(heartbeat_at=now)
-            ).rowcount
-            if changed != 1:
-                return False, False
-            cancel = connection.execute(select(jobs.c.cancel_requested).where(jobs.c.id == claim.job_id)).scalar_one()
-        return True, bool(cancel)
+        return self._touch(claim, heartbeat_at=time.time())
 
     def progress(self, claim: Claim, step: int, steps: int, preview: bytes | None) -> tuple[bool, bool]:
         """Record step k of n (and a preview); returns (still owned, cancel requested)."""
@@ -410,9 +405,11 @@ class JobStore:
         values: dict[str, Any] = {"step": step, "steps": steps, "heartbeat_at": now, "updated_at": now}
         if preview is not None:
             values["preview"] = preview
+        return self._touch(claim, **values)
+
+    def _touch(self, claim: Claim, **values: Any) -> tuple[bool, bool]:
         with self._transaction() as connection:
-            changed = connection.execute(update(jobs).where(self._owned(claim)).values(**values)).rowcount
-            if changed != 1:
+            if not self._update_owned(connection, claim, **values):
                 return False, False
             cancel = connection.execute(select(jobs.c.cancel_requested).where(jobs.c.id == claim.job_id)).scalar_one()
         return True, bool(cancel)
@@ -420,44 +417,31 @@ class JobStore:
     def finish(self, claim: Claim, produced: list[ResultRecord]) -> bool:
         now = time.time()
         with self._transaction() as connection:
-            changed = connection.execute(
-                update(jobs)
-                .where(self._owned(claim))
-                .values(status=JobStatus.FINISHED.value, finished_at=now, updated_at=now, error=None)
-            ).rowcount
-            if changed != 1:
+            if not self._update_owned(
+                connection, claim, status=JobStatus.FINISHED.value, finished_at=now, updated_at=now, error=None
+            ):
                 return False
             connection.execute(delete(results).where(results.c.job_id == claim.job_id))
             if produced:
-                connection.execute(
-                    insert(results),
-                    [{"job_id": claim.job_id, **result.__dict__} for result in produced],
-                )
+                connection.execute(insert(results), [{"job_id": claim.job_id, **result.__dict__} for result in produced])
         return True
 
     def end(self, claim: Claim, status: JobStatus, reason: str) -> bool:
         """Record a failed or cancelled attempt as the job's end."""
         now = time.time()
         with self._transaction() as connection:
-            return (
-                connection.execute(
-                    update(jobs)
-                    .where(self._owned(claim))
-                    .values(status=status.value, finished_at=now, updated_at=now, error=reason)
-                ).rowcount
-                == 1
-            )
+            return self._update_owned(connection, claim, status=status.value, finished_at=now, updated_at=now, error=reason)
 
     def retry_later(self, claim: Claim, reason: str, run_after: float) -> bool:
-        now = time.time()
         with self._transaction() as connection:
-            return (
-                connection.execute(
-                    update(jobs)
-                    .where(self._owned(claim))
-                    .values(status=JobStatus.QUEUED.value, run_after=run_after, updated_at=now, error=reason, worker=None)
-                ).rowcount
-                == 1
+            return self._update_owned(
+                connection,
+                claim,
+                status=JobStatus.QUEUED.value,
+                run_after=run_after,
+                updated_at=time.time(),
+                error=reason,
+                worker=None,
             )
 
     # --- housekeeping --------------------------------------------------------------------------------
