@@ -17,7 +17,7 @@ from streamcanvas.pipelines.loading import ModelSpec, inference_threads, load_mo
 from .queues import Housekeeper, RedisQueue
 from .rendering import QualityRenderer
 from .service import BatchConfig
-from .store import JobStore
+from .store import JobStore, Priority
 from .worker import JobExecutor, LiveGate, RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -42,14 +42,22 @@ def run_worker(config: BatchConfig, spec: ModelSpec, threads: int | None = None)
         requeue=queue.submit,
     )
 
-    def handle(job_id: str) -> None:
+    def handle(job_id: str, priority: Priority) -> None:
         if threads is not None:
             torch.set_num_threads(threads)  # per calling thread for OpenMP: this is Dramatiq's worker thread
-        claimed = store.claim(job_id, name, stale_before=time.time() - config.heartbeat_timeout_s)
+        try:
+            claimed = store.claim(job_id, name, stale_before=time.time() - config.heartbeat_timeout_s)
+        except Exception:  # noqa: BLE001 - the database is unreachable: keep the message, try later
+            logger.exception("job %s: could not claim it; sending it again in %.0f s", job_id, config.heartbeat_timeout_s)
+            queue.submit(job_id, priority, config.heartbeat_timeout_s)
+            return
         if claimed is None:
             logger.info("job %s: not claimable (done, cancelled, not yet due, or running elsewhere); skipped", job_id)
             return
-        executor.run(claimed)
+        try:
+            executor.run(claimed)
+        except Exception:  # noqa: BLE001 - its claim goes stale and housekeeping queues it again
+            logger.exception("job %s: the worker failed outside the job", job_id)
 
     # Workers also look for jobs whose worker died, so recovery does not wait for the server.
     housekeeper = Housekeeper(store, queue, config.heartbeat_timeout_s, config.housekeeping_interval_s)

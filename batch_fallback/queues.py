@@ -16,6 +16,7 @@ server starts, and a job whose worker died is queued again by `Housekeeper`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -74,7 +75,10 @@ class EmbeddedQueue:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
-            self.runner(claimed)
+            try:
+                self.runner(claimed)
+            except Exception:  # noqa: BLE001 - its claim goes stale and housekeeping queues it again
+                logger.exception("job %s: the worker failed outside the job", claimed.claim.job_id)
 
 
 class RedisQueue:
@@ -100,10 +104,10 @@ class RedisQueue:
             heartbeat_timeout=int(heartbeat_timeout_s * 1000),
             maintenance_chance=100_000,
         )
-        self._handler: Callable[[str], None] | None = None
+        self._handler: Callable[[str, Priority], None] | None = None
         self.actors = {
             priority: dramatiq.actor(
-                self._handle,
+                functools.partial(self._handle, priority=priority),
                 actor_name=f"run_job_{priority.name.lower()}",
                 queue_name=f"jobs-{priority.name.lower()}",
                 priority=(Priority.HIGH - priority) * 10,  # Dramatiq runs lower numbers first
@@ -117,12 +121,12 @@ class RedisQueue:
         delay = int(delay_s * 1000) if delay_s > 0 else None
         self.actors[priority].send_with_options(args=(job_id,), delay=delay)
 
-    def _handle(self, job_id: str) -> None:
+    def _handle(self, job_id: str, *, priority: Priority) -> None:
         if self._handler is None:
             raise RuntimeError("this process does not consume jobs (no handler set)")
-        self._handler(job_id)
+        self._handler(job_id, priority)
 
-    def consume(self, handler: Callable[[str], None]) -> None:
+    def consume(self, handler: Callable[[str, Priority], None]) -> None:
         """Start consuming in this process (`streamcanvas worker`): one job at a time."""
         from dramatiq import Worker
 
