@@ -29,6 +29,9 @@ def test_help_explains_the_commands_and_options() -> None:
     for option in ("--host", "--port", "--model", "--resolution", "--slots", "--device", "--log-level", "--api-key"):
         assert option in serve.stdout, option
     assert "loopback" in serve.stdout and "STREAMCANVAS_" in serve.stdout
+    assert "--batch-queue" in serve.stdout and "--redis-url" in serve.stdout
+    worker = run("worker", "--help")
+    assert worker.returncode == 0 and "--redis-url" in worker.stdout and "--database-url" in worker.stdout
 
 
 def test_make_tiny_model_writes_a_loadable_diffusers_directory(tmp_path: Path) -> None:
@@ -54,6 +57,12 @@ def test_bad_settings_are_usage_errors(cache_dir: Path) -> None:
     assert result.returncode == 2 and "multiples of 8" in result.stderr
     result = run("serve", "--device", "cuda", "--port", str(free_port()), env=server_env(cache_dir))
     assert result.returncode == 2 and "CUDA" in result.stderr
+    result = run("serve", "--batch-queue", "redis", env=server_env(cache_dir))
+    assert result.returncode == 2 and "--redis-url" in result.stderr
+    result = run("worker", env=server_env(cache_dir))
+    assert result.returncode == 2 and "--redis-url" in result.stderr
+    result = run("serve", "--batch-live-share", "2", env=server_env(cache_dir))
+    assert result.returncode == 2 and "batch_live_share" in result.stderr
 
 
 def test_the_server_says_it_runs_the_untrained_test_model(server: ServerProcess) -> None:
