@@ -108,6 +108,9 @@ async def _generate(request: Request, img2img: bool) -> Response:
     except BatchError as error:
         return JSONResponse({"detail": [{"loc": ["body", error.field or ""], "msg": str(error), "type": error.code}]}, status_code=422)
     while not record.status.terminal:
+        # The job goes on if the client leaves (it is an ordinary job: GET /v1/jobs/{id} has it).
+        if await request.is_disconnected():
+            return Response(status_code=499)
         await asyncio.sleep(0.1)
         record = await asyncio.to_thread(service.get, record.id)
     if record.status is JobStatus.FAILED:

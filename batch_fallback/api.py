@@ -59,7 +59,7 @@ class JobView(BaseModel):
 
 class JobListView(BaseModel):
     jobs: list[JobView]
-    next_before: float | None
+    next_before: str | None
 
 
 class ErrorView(BaseModel):
@@ -186,14 +186,22 @@ async def list_jobs(request: Request) -> Response:
             raise InvalidJob(f"status {query['status']!r} is not one of {', '.join(JobStatus)}", field="status") from None
     try:
         limit = int(query.get("limit", "50"))
-        before = float(query["before"]) if "before" in query else None
     except ValueError:
-        raise InvalidJob("limit must be an integer and before a number", field="limit") from None
+        raise InvalidJob(f"limit {query['limit']!r} is not an integer", field="limit") from None
     if not 1 <= limit <= 500:
         raise InvalidJob(f"limit {limit} is outside 1 … 500", field="limit")
+    before = _parse_cursor(query["before"]) if "before" in query else None
     records = await asyncio.to_thread(service.store.list, status, limit, before)
-    next_before = records[-1].created_at if len(records) == limit else None
+    next_before = f"{records[-1].created_at!r}:{records[-1].id}" if len(records) == limit else None
     return JSONResponse(JobListView(jobs=[JobView(**job_view(r)) for r in records], next_before=next_before).model_dump(mode="json"))
+
+
+def _parse_cursor(cursor: str) -> tuple[float, str]:
+    created_at, _, job_id = cursor.rpartition(":")
+    try:
+        return float(created_at), job_id
+    except ValueError:
+        raise InvalidJob(f"before {cursor!r} is not a next_before value of an earlier page", field="before") from None
 
 
 @endpoint
@@ -317,7 +325,7 @@ def openapi_schema() -> dict[str, Any]:
                     "parameters": [
                         {"name": "status", "in": "query", "schema": {"type": "string", "enum": [s.value for s in JobStatus]}},
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
-                        {"name": "before", "in": "query", "schema": {"type": "number"}, "description": "next_before of the previous page"},
+                        {"name": "before", "in": "query", "schema": {"type": "string"}, "description": "next_before of the previous page"},
                     ],
                     "responses": {"200": answer("a page of jobs", "JobListView"), **errors},
                 },

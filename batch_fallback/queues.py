@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from redis.exceptions import RedisError
 
 from .results import delete_results
 from .store import ClaimedJob, JobStore, Priority
@@ -131,7 +132,9 @@ class RedisQueue:
         from dramatiq import Worker
 
         self._handler = handler
-        worker = Worker(self.broker, worker_threads=1)
+        # worker_timeout bounds how long an idle consumer sleeps between polls of Redis (its back-off
+        # grows to this): 100 ms instead of Dramatiq's 1 s, so a new job starts within ~0.1 s.
+        worker = Worker(self.broker, worker_threads=1, worker_timeout=100)
         worker.queue_prefetch = 1  # hold as few messages as possible while busy, so idle workers get them
         worker.start()
         self._worker = worker
@@ -152,7 +155,12 @@ class RedisQueue:
         self.broker.client.set(self._live_key(), count, px=int(ttl_s * 1000))
 
     def live_sessions(self) -> int:
-        value = self.broker.client.get(self._live_key())
+        """Live sessions streaming on this host; 0 when Redis cannot say (the count is advisory)."""
+        try:
+            value = self.broker.client.get(self._live_key())
+        except RedisError:
+            logger.warning("could not read the live session count from Redis", exc_info=True)
+            return 0
         return int(value) if value else 0
 
 

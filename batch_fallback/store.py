@@ -167,7 +167,11 @@ class NewJob:
     differ between two sends of it, e.g. a seed picked at random)."""
 
     def request_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.request, sort_keys=True).encode()).hexdigest()
+        request = self.request if self.request is not None else [self.kind, self.params, int(self.priority)]
+        digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode())
+        if self.request is None:
+            digest.update(self.input_image or b"")
+        return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,8 @@ class ClaimedJob:
     input_image: bytes | None
 
 
+_READ_ONLY = "streamcanvas_read_only"
+
 _SUMMARY_COLUMNS = [column for column in jobs.c if column.name not in ("input_image", "preview", "request_hash")]
 
 
@@ -200,7 +206,14 @@ class JobStore:
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
+        """A transaction that writes (on SQLite: BEGIN IMMEDIATE, so it never has to upgrade a lock)."""
         with self.engine.begin() as connection:
+            yield connection
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        """A read-only transaction (on SQLite: a deferred BEGIN, which never waits for a writer in WAL)."""
+        with self.engine.connect().execution_options(**{_READ_ONLY: True}) as connection, connection.begin():
             yield connection
 
     # --- the API side --------------------------------------------------------------------------------
@@ -253,7 +266,7 @@ class JobStore:
         return self.get(job_id), True
 
     def get(self, job_id: str) -> JobRecord:
-        with self._transaction() as connection:
+        with self._read() as connection:
             row = connection.execute(select(*_SUMMARY_COLUMNS).where(jobs.c.id == job_id)).one_or_none()
             if row is None:
                 raise JobNotFound(f"no job {job_id!r}")
@@ -266,16 +279,20 @@ class JobStore:
         return _record(row, bool(has_preview), result_rows)
 
     def preview(self, job_id: str) -> bytes | None:
-        with self._transaction() as connection:
+        with self._read() as connection:
             return connection.execute(select(jobs.c.preview).where(jobs.c.id == job_id)).scalar_one_or_none()
 
-    def list(self, status: JobStatus | None = None, limit: int = 50, before: float | None = None) -> list[JobRecord]:
+    def list(self, status: JobStatus | None = None, limit: int = 50, before: tuple[float, str] | None = None) -> list[JobRecord]:
+        """Newest first; `before` is the (created_at, id) of the last job of the previous page."""
         query = select(*_SUMMARY_COLUMNS).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         if status is not None:
             query = query.where(jobs.c.status == status.value)
         if before is not None:
-            query = query.where(jobs.c.created_at < before)
-        with self._transaction() as connection:
+            created_at, job_id = before
+            query = query.where(
+                or_(jobs.c.created_at < created_at, and_(jobs.c.created_at == created_at, jobs.c.id < job_id))
+            )
+        with self._read() as connection:
             rows = connection.execute(query).all()
             result_rows = connection.execute(
                 select(results).where(results.c.job_id.in_([row.id for row in rows])).order_by(results.c.index)
@@ -291,14 +308,14 @@ class JobStore:
             jobs.c.priority > int(record.priority),
             and_(jobs.c.priority == int(record.priority), jobs.c.created_at < record.created_at),
         )
-        with self._transaction() as connection:
+        with self._read() as connection:
             count = connection.execute(
                 select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED.value, ahead)
             ).scalar_one()
         return int(count) + 1
 
     def counts(self) -> dict[str, int]:
-        with self._transaction() as connection:
+        with self._read() as connection:
             rows = connection.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all()
         found = {status: 0 for status in JobStatus}
         for status, count in rows:
@@ -361,7 +378,12 @@ class JobStore:
     def _claim(self, connection: Connection, job_id: str, worker: str, stale_before: float, now: float) -> ClaimedJob | None:
         claimable = or_(
             and_(jobs.c.status == JobStatus.QUEUED.value, jobs.c.run_after <= now),
-            and_(jobs.c.status == JobStatus.RUNNING.value, jobs.c.heartbeat_at < stale_before),
+            and_(
+                jobs.c.status == JobStatus.RUNNING.value,
+                jobs.c.heartbeat_at < stale_before,
+                jobs.c.attempts < jobs.c.max_attempts,
+                jobs.c.cancel_requested.is_(False),
+            ),
         )
         changed = connection.execute(
             update(jobs)
@@ -459,7 +481,12 @@ class JobStore:
             requeued, failed = [], []
             for row in rows:
                 lost = f"worker {row.worker} stopped responding during attempt {row.attempts}"
-                where = and_(jobs.c.id == row.id, jobs.c.status == JobStatus.RUNNING.value, jobs.c.attempts == row.attempts)
+                where = and_(
+                    jobs.c.id == row.id,
+                    jobs.c.status == JobStatus.RUNNING.value,
+                    jobs.c.attempts == row.attempts,
+                    jobs.c.heartbeat_at < stale_before,  # a heartbeat since the select keeps it (READ COMMITTED)
+                )
                 if row.cancel_requested:
                     values = {"status": JobStatus.CANCELLED.value, "finished_at": now, "error": f"cancelled ({lost})"}
                     failed.append(row.id)
@@ -469,12 +496,13 @@ class JobStore:
                 else:
                     values = {"status": JobStatus.QUEUED.value, "run_after": now, "error": lost, "worker": None}
                     requeued.append(row.id)
-                connection.execute(update(jobs).where(where).values(updated_at=now, **values))
+                if connection.execute(update(jobs).where(where).values(updated_at=now, **values)).rowcount != 1:
+                    (requeued if values["status"] == JobStatus.QUEUED.value else failed).pop()
         return requeued, failed
 
     def queued(self) -> list[tuple[str, Priority, float]]:
         """Every queued job: (id, priority, run_after)."""
-        with self._transaction() as connection:
+        with self._read() as connection:
             rows = connection.execute(
                 select(jobs.c.id, jobs.c.priority, jobs.c.run_after)
                 .where(jobs.c.status == JobStatus.QUEUED.value)
@@ -535,8 +563,9 @@ def _make_engine(url: str) -> Engine:
         return create_engine(url, pool_pre_ping=True)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
-    # SQLite: WAL so readers never block the writer, and every transaction BEGIN IMMEDIATE so two
-    # processes (server and workers) never deadlock upgrading a read lock to a write lock.
+    # SQLite: WAL so readers never wait for the writer, and every writing transaction BEGIN IMMEDIATE
+    # so two processes (server and workers) never deadlock upgrading a read lock to a write lock.
+    # synchronous=FULL: a job acknowledged to a client survives a power loss, not just a crash.
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
         dbapi_connection.isolation_level = None
@@ -549,6 +578,7 @@ def _make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get(_READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from redis.exceptions import RedisError
 from sqlalchemy.exc import OperationalError
 
 from .errors import JobCancelled, JobLost, JobTimedOut
@@ -31,8 +32,8 @@ from .store import ClaimedJob, JobStatus, JobStore, Priority
 
 logger = logging.getLogger(__name__)
 
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, OperationalError, torch.OutOfMemoryError)
-"""Failures worth another attempt: a full or missing disk, a database hiccup, GPU memory pressure."""
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, OperationalError, RedisError, torch.OutOfMemoryError)
+"""Failures worth another attempt: a full or missing disk, a database or Redis hiccup, GPU memory pressure."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,6 @@ class JobExecutor:
     def run(self, claimed: ClaimedJob) -> JobStatus | None:
         """Run one attempt to its recorded end; returns the outcome (None when the claim was lost)."""
         claim, record = claimed.claim, claimed.record
-        kind = KINDS[record.kind]
         stop_heartbeat = threading.Event()
         flags = {"lost": False, "cancel": False}
 
@@ -110,8 +110,9 @@ class JobExecutor:
             while not stop_heartbeat.wait(self.heartbeat_s):
                 try:
                     owned, cancel = self.store.heartbeat(claim)
-                except OperationalError:
-                    continue  # the database is briefly unavailable: the next beat tries again
+                except Exception:  # noqa: BLE001 - the database is briefly unavailable: beat again next time
+                    logger.warning("job %s: heartbeat failed", claim.job_id, exc_info=True)
+                    continue
                 flags["lost"], flags["cancel"] = not owned, cancel
 
         heartbeat = threading.Thread(target=beat, name=f"heartbeat-{claim.job_id[:8]}", daemon=True)
@@ -149,6 +150,9 @@ class JobExecutor:
         try:
             logger.info("job %s (%s) attempt %d started on %s", claim.job_id, record.kind, claim.attempt, self.worker_name)
             check()
+            kind = KINDS.get(record.kind)
+            if kind is None:
+                raise ValueError(f"this worker does not know the job kind {record.kind!r} (an older version?)")
             images = kind.run(record.params, claimed.input_image, self.renderer, on_step)
             check()
             produced = write_results(

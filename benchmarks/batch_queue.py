@@ -18,6 +18,8 @@ All times come from the job records (`created_at`, `started_at`, `finished_at`; 
 to the millisecond). Redis mode starts its own `redis-server` on 127.0.0.1 (no persistence) and stops
 it at the end. Every wait has a deadline; all traffic stays on 127.0.0.1. Prints one JSON document and
 writes it to benchmarks/results/batch_queue.json (or --output; `--output -` prints only).
+The JSON also says how much CPU other processes took during each phase (`other_load`), with a warning
+over 10 % of the cores: two torch processes on two cores slow each other down many times over.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ STALE_AFTER_S = 30.0  # the worker's default heartbeat timeout (`streamcanvas wo
 POLL_S = 0.05  # GET /v1/jobs/{id} while waiting; the figures come from the records, not from polling
 COUNTS_POLL_S = 0.01  # store.counts() while a null burst drains
 JOB_DEADLINE_S = 120.0
+NULL_JOB_DEADLINE_S = 30.0
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "batch_queue.json"
 
 Times = list[tuple[float, float, float]]
@@ -255,8 +258,8 @@ class NullWorker:
                 self.failures.append(f"job {claimed.claim.job_id}: {reason}")
             self._changed.notify_all()
 
-    def handle(self, job_id: str) -> None:
-        """RedisQueue's handler, as `streamcanvas worker` claims."""
+    def handle(self, job_id: str, priority: Priority) -> None:
+        """RedisQueue's handler, claiming as `streamcanvas worker` does."""
         claimed = self.store.claim(job_id, self.name, stale_before=time.time() - STALE_AFTER_S)
         if claimed is None:
             with self._changed:
@@ -301,13 +304,13 @@ def null_phase(mode: str, directory: Path, jobs: int, redis_url: str | None) -> 
         for _ in range(NULL_WARMUP_JOBS):
             target = worker.finished + 1
             submit()
-            worker.wait_finished(target, time.monotonic() + JOB_DEADLINE_S)
+            worker.wait_finished(target, time.monotonic() + NULL_JOB_DEADLINE_S)
         # 2. sequential: one job at a time (the worker's completion wakes the benchmark: no polling)
         ids = []
         for _ in range(jobs):
             target = worker.finished + 1
             ids.append(submit())
-            worker.wait_finished(target, time.monotonic() + JOB_DEADLINE_S)
+            worker.wait_finished(target, time.monotonic() + NULL_JOB_DEADLINE_S)
         sequential = timing_figures(times_of(ids), burst=False)
         # 3. burst: every job at once; the end is found by polling store.counts(), as a client would
         before = store.counts()["finished"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from streamcanvas.batch_fallback.errors import JobConflict
-from streamcanvas.batch_fallback.store import JobStatus, JobStore, NewJob, Priority, ResultRecord
+from streamcanvas.batch_fallback.store import JobStatus, JobStore, NewJob, Priority, ResultRecord, jobs
 
 
 @pytest.fixture
@@ -119,3 +119,33 @@ def test_purge_deletes_only_jobs_that_ended_before_the_cutoff(url: str) -> None:
     purged = store.purge(ended_before=time.time() + 1)
     assert [record.id for record in purged] == [ended.id] and purged[0].results[0].path == "a.png"
     assert [record.id for record in store.list()] == [waiting.id]
+
+
+def test_a_stale_job_is_not_taken_over_past_its_attempts_or_once_cancelled(url: str) -> None:
+    store = JobStore(url)
+    last_try = store.create(NewJob("txt2img", {}, max_attempts=1))[0]
+    cancelled = store.create(NewJob("txt2img", {}, max_attempts=3))[0]
+    assert store.claim(last_try.id, "w1", 0.0) is not None
+    held = store.claim(cancelled.id, "w1", 0.0)
+    assert held is not None
+    store.cancel(cancelled.id)
+    time.sleep(0.01)
+    now = time.time()
+    assert store.claim(last_try.id, "w2", stale_before=now) is None  # a redelivered message cannot run attempt 2
+    assert store.claim(cancelled.id, "w2", stale_before=now) is None
+    requeued, ended = store.recover_stale(stale_before=now)
+    assert requeued == [] and sorted(ended) == sorted([last_try.id, cancelled.id])
+    assert store.get(last_try.id).status is JobStatus.FAILED and store.get(cancelled.id).status is JobStatus.CANCELLED
+
+
+def test_pages_do_not_skip_jobs_created_at_the_same_instant(url: str) -> None:
+    store = JobStore(url)
+    created = {store.create(NewJob("txt2img", {"n": index}))[0].id for index in range(7)}
+    with store.engine.begin() as connection:  # the same timestamp for all: the id breaks the tie
+        connection.execute(jobs.update().values(created_at=1000.0))
+    seen: list[str] = []
+    before = None
+    while page := store.list(limit=3, before=before):
+        seen += [record.id for record in page]
+        before = (page[-1].created_at, page[-1].id)
+    assert sorted(seen) == sorted(created) and len(seen) == 7
