@@ -60,6 +60,7 @@ test: setup browser redis
 
 bench: setup
 	$(BIN)/python -m streamcanvas.benchmarks.realtime_ws
+	$(BIN)/python -m streamcanvas.benchmarks.batch_queue
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache web_static/node_modules

@@ -54,7 +54,7 @@ from .realtime_ws import describe_machine, free_port, running_server
 from .viewers import cpu_seconds
 
 MODES = ("embedded", "redis")
-REDIS_SERVER = "/usr/bin/redis-server"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 RESOLUTION = 128
 THREADS = 2
 JOB_PARAMS = {"prompt": "a red house", "width": RESOLUTION, "height": RESOLUTION, "steps": 4, "scheduler": "euler"}
