@@ -109,7 +109,7 @@ class JobKind:
         try:
             return self.Request.model_validate(params)
         except ValidationError as error:
-            raise _invalid(error) from None
+            raise invalid_job(error, prefix="params.") from None
 
     def accept(self, request: Any, context: AcceptContext) -> Accepted:
         raise NotImplementedError
@@ -234,13 +234,14 @@ def _decode_stored(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def _invalid(error: ValidationError) -> InvalidJob:
+def invalid_job(error: ValidationError, prefix: str = "") -> InvalidJob:
+    """The first problem pydantic found, as an InvalidJob naming its field (`prefix` + its path)."""
     problem = error.errors()[0]
-    where = ".".join(str(part) for part in problem["loc"])
+    where = prefix + ".".join(str(part) for part in problem["loc"])
     message = problem["msg"]
     if problem["type"] == "extra_forbidden":
         message = "unknown field"
     elif problem["type"] == "missing":
         message = "required field is missing"
     more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
-    return InvalidJob(f"params.{where}: {message}{more}", field=f"params.{where}")
+    return InvalidJob(f"{where}: {message}{more}", field=where or None)

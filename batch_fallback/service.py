@@ -22,7 +22,7 @@ from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.pipelines.loading import LoadedModel
 
 from .errors import InvalidJob, QueueFull
-from .kinds import KINDS, AcceptContext, LiveCapture, _invalid
+from .kinds import KINDS, AcceptContext, LiveCapture, invalid_job
 from .queues import EmbeddedQueue, Housekeeper, JobQueue, RedisQueue, resubmit_queued
 from .rendering import QualityRenderer
 from .store import JobRecord, JobStatus, JobStore, NewJob, Priority
@@ -152,7 +152,7 @@ class BatchService:
         try:
             request = JobCreate.model_validate(body)
         except ValidationError as error:
-            raise _without_params_prefix(_invalid(error)) from None
+            raise invalid_job(error) from None
         kind = KINDS.get(request.kind)
         if kind is None:
             raise InvalidJob(f"unknown kind {request.kind!r}; one of {', '.join(KINDS)}", field="kind")
@@ -160,6 +160,11 @@ class BatchService:
             raise InvalidJob(f"timeout_s {request.timeout_s:g} is over the limit of {self.config.max_timeout_s:g}", field="timeout_s")
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise InvalidJob("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
+        if idempotency_key is not None:
+            # A replay returns the job the first send made, even once a live session it captured is gone.
+            existing = self.store.find_idempotent(idempotency_key, request.model_dump())
+            if existing is not None:
+                return existing, False
         accepted = kind.accept(kind.parse(request.params), self._accept_context())
         if self.store.counts()[JobStatus.QUEUED.value] >= self.config.max_queued:
             raise QueueFull(f"{self.config.max_queued} jobs are queued, the limit; try again later")
@@ -234,7 +239,3 @@ class BatchService:
             await asyncio.sleep(poll_s)
             record = await asyncio.to_thread(self.store.get, job_id)
 
-
-def _without_params_prefix(error: InvalidJob) -> InvalidJob:
-    field = (error.field or "").removeprefix("params.")
-    return InvalidJob(str(error).removeprefix("params."), field=field or None)

@@ -164,14 +164,14 @@ class NewJob:
     idempotency_key: str | None = None
     request: dict[str, Any] | None = None
     """The request as the client sent it; what an idempotency key is bound to (the stored params may
-    differ between two sends of it, e.g. a seed picked at random)."""
+    differ between two sends of it, e.g. a seed picked at random). Required with an idempotency key."""
+
+    def __post_init__(self) -> None:
+        if self.idempotency_key is not None and self.request is None:
+            raise ValueError("a job with an idempotency key needs the request it was made from")
 
     def request_hash(self) -> str:
-        request = self.request if self.request is not None else [self.kind, self.params, int(self.priority)]
-        digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode())
-        if self.request is None:
-            digest.update(self.input_image or b"")
-        return digest.hexdigest()
+        return _hash_request(self.request)
 
 
 @dataclass(frozen=True)
@@ -250,20 +250,26 @@ class JobStore:
         except IntegrityError:
             if new.idempotency_key is None:
                 raise
-            with self._transaction() as connection:
-                existing = connection.execute(
-                    select(jobs.c.id, jobs.c.request_hash).where(jobs.c.idempotency_key == new.idempotency_key)
-                ).one_or_none()
+            existing = self.find_idempotent(new.idempotency_key, new.request)
             if existing is None:  # deleted by retention between the two statements: try once more
                 return self.create(new)
-            if existing.request_hash != new.request_hash():
-                raise JobConflict(
-                    f"idempotency key {new.idempotency_key!r} was already used for a different request "
-                    f"(job {existing.id})",
-                    field="Idempotency-Key",
-                ) from None
-            return self.get(existing.id), False
+            return existing, False
         return self.get(job_id), True
+
+    def find_idempotent(self, key: str, request: dict[str, Any] | None) -> JobRecord | None:
+        """The job an idempotency key made, if any; JobConflict when it was made by another request."""
+        with self._read() as connection:
+            existing = connection.execute(
+                select(jobs.c.id, jobs.c.request_hash).where(jobs.c.idempotency_key == key)
+            ).one_or_none()
+        if existing is None:
+            return None
+        if existing.request_hash != _hash_request(request):
+            raise JobConflict(
+                f"idempotency key {key!r} was already used for a different request (job {existing.id})",
+                field="Idempotency-Key",
+            )
+        return self.get(existing.id)
 
     def get(self, job_id: str) -> JobRecord:
         with self._read() as connection:
@@ -527,6 +533,10 @@ class JobStore:
                 connection.execute(delete(jobs).where(jobs.c.id == job_id))
             purged.append(record)
         return purged
+
+
+def _hash_request(request: dict[str, Any] | None) -> str:
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 
 def _record(row: Any, has_preview: bool, result_rows: list[Any]) -> JobRecord:

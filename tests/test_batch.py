@@ -320,7 +320,11 @@ async def test_render_a_live_session_now(deployment: Deployment) -> None:
             "/v1/jobs", json={"kind": "live_session", "params": {"session_id": ready["session_id"], "session_token": ready["viewer_token"]}}
         )
         assert forbidden.status_code == 403 and forbidden.json()["field"] == "params.session_token"
-        created = jobs.create("live_session", {"session_id": ready["session_id"], "session_token": ready["token"], "steps": 10, "scheduler": "euler"})
+        live_params = {"session_id": ready["session_id"], "session_token": ready["token"], "steps": 10, "scheduler": "euler"}
+        created = jobs.create("live_session", live_params, idempotency_key=f"hd-{ready['session_id']}")
+    # The session is gone now; sending the same request again still answers with the job it made.
+    replay = jobs.create("live_session", live_params, expect=200, idempotency_key=f"hd-{ready['session_id']}")
+    assert replay["id"] == created["id"]
     assert created["params"]["prompt"] == "a blue lake" and created["params"]["seed"] == 31
     assert created["params"]["strength"] == 0.6 and created["params"]["width"] == SIZE
     live = jobs.wait(created["id"])
