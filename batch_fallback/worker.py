@@ -60,13 +60,11 @@ class LiveGate:
             raise ValueError(f"share must be within [0, 1], got {share}")
         self.share = share
         self.live_active = live_active
-        self.paused_steps = 0
 
     def after_step(self, step_s: float, check: Callable[[], None]) -> float:
         """Pause as the policy says (calling `check` to honour cancellation); returns seconds paused."""
         if self.share >= 1.0 or not self.live_active():
             return 0.0
-        self.paused_steps += 1
         started = time.monotonic()
         pause_until = started + (step_s * (1 - self.share) / self.share if self.share > 0 else float("inf"))
         while time.monotonic() < pause_until and self.live_active():
@@ -123,11 +121,14 @@ class JobExecutor:
         last_preview_at = 0.0
         position = {"step": 0, "steps": 0}
 
-        def check() -> None:
+        def check_interrupts() -> None:
             if flags["lost"]:
                 raise JobLost(f"job {claim.job_id} attempt {claim.attempt} was taken over")
             if flags["cancel"]:
                 raise JobCancelled(f"cancelled at step {position['step']} of {position['steps']}")
+
+        def check() -> None:
+            check_interrupts()
             running_s = time.monotonic() - started - paused
             if running_s > record.timeout_s:
                 raise JobTimedOut(f"timed out after {running_s:.1f} s (timeout_s={record.timeout_s:g})")
@@ -144,7 +145,7 @@ class JobExecutor:
             flags["lost"] = flags["lost"] or not owned
             flags["cancel"] = flags["cancel"] or cancel
             check()
-            paused += self.gate.after_step(now - last_step_at, check)
+            paused += self.gate.after_step(now - last_step_at, check_interrupts)  # a pause is not running time
             last_step_at = time.monotonic()
 
         try:

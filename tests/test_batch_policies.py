@@ -60,9 +60,10 @@ async def test_batch_jobs_wait_while_a_live_session_streams(yielding_server: Ser
             await client.hello(params={"prompt": "live"})
             await client.frame_for(await client.send_canvas(make_canvas(TEST_RESOLUTION, 1)))
             time.sleep(1.5)  # the server tells the batch queue about live sessions once a second
-            created = jobs.create("txt2img", {**QUICK, "steps": 10})
+            # Its timeout counts running time only: waiting for the live session longer than that is fine.
+            created = jobs.create("txt2img", {**QUICK, "steps": 10}, timeout_s=3)
             running = jobs.wait(created["id"], {"running"}, step=1)
-            for _ in range(20):  # two seconds: with a share of 0 the job stays at its first step
+            for _ in range(40):  # four seconds: with a share of 0 the job stays at its first step
                 time.sleep(0.1)
                 job = jobs.get(created["id"])
                 assert job["status"] == "running" and job["progress"]["step"] == running["progress"]["step"]
