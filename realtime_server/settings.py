@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     database_url: str | None = None
     results_dir: Path | None = None
     batch_workers: int = Field(1, ge=0, le=16)
+    batch_max_resolution: str = "2048x2048"
     batch_live_share: float = Field(0.25, ge=0.0, le=1.0)
     max_queued_jobs: int = Field(1000, ge=1, le=1_000_000)
     job_timeout_s: float = Field(600.0, gt=0)
@@ -86,7 +87,7 @@ class Settings(BaseSettings):
             ipaddress.ip_address(address)  # raises ValueError with the bad address in it
         return value
 
-    @field_validator("resolution", "max_resolution")
+    @field_validator("resolution", "max_resolution", "batch_max_resolution")
     @classmethod
     def _check_resolution(cls, value: str) -> str:
         match = _RESOLUTION.match(value)
@@ -151,7 +152,7 @@ class Settings(BaseSettings):
 
     def batch_config(self) -> BatchConfig:
         cache = default_cache_dir()
-        max_width, max_height = self._size(self.max_resolution)
+        max_width, max_height = self._size(self.batch_max_resolution)
         side = max(max_width, max_height, 4096)
         return BatchConfig(
             database_url=self.database_url or f"sqlite:///{cache / 'jobs.db'}",
