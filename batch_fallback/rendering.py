@@ -43,6 +43,11 @@ SCHEDULERS = {
 }
 """Scheduler names accepted by the API (A1111's sampler names map onto these in `a1111.py`)."""
 
+SCHEDULER_OPTIONS: dict[str, dict[str, object]] = {
+    # PLMS as Stable Diffusion ships it: without the Runge-Kutta warm-up, which breaks below ~5 steps.
+    "pndm": {"skip_prk_steps": True},
+}
+
 PREVIEW_SIDE = 128
 
 # Approximate SD-1.x latent → RGB projection, used for previews when the model has no TAESD.
@@ -79,7 +84,9 @@ class QualityRenderer:
         model = self.model
         components = dict(model.pipe.components)
         components["vae"] = model.quality_vae
-        components["scheduler"] = SCHEDULERS[request.scheduler].from_config(model.pipe.scheduler.config)
+        components["scheduler"] = SCHEDULERS[request.scheduler].from_config(
+            model.pipe.scheduler.config, **SCHEDULER_OPTIONS.get(request.scheduler, {})
+        )
         components["safety_checker"] = None
         components["feature_extractor"] = None
         components["requires_safety_checker"] = False
