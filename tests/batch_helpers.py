@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,12 +166,3 @@ def png_base64(rgb: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-@contextlib.contextmanager
-def closing_jobs(base_url: str) -> Iterator[Jobs]:
-    jobs = Jobs(base_url)
-    try:
-        yield jobs
-    finally:
-        jobs.close()

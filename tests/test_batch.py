@@ -46,18 +46,12 @@ class Deployment:
     workers: list[WorkerProcess] = field(default_factory=list)
 
     @property
-    def database_url(self) -> str:
+    def database_url(self) -> str:  # as start_server names them
         return f"sqlite:///{self.cache_dir / f'jobs-{self.name}.db'}"
 
     @property
     def results_dir(self) -> Path:
         return self.cache_dir / f"results-{self.name}"
-
-    def server_args(self) -> list[str]:
-        args = ["--database-url", self.database_url, "--results-dir", str(self.results_dir)]
-        if self.redis is not None:
-            args += ["--batch-queue", "redis", "--redis-url", self.redis.url]
-        return args
 
     def start_worker(self) -> WorkerProcess:
         assert self.redis is not None
@@ -79,9 +73,10 @@ class Deployment:
 
 def deploy(mode: str, name: str, cache_dir: Path, artifacts_dir: Path, env: dict[str, str] | None = None) -> Deployment:
     redis = RedisServer(cache_dir / f"redis-{name}").start() if mode == "redis" else None
-    deployment = Deployment(mode, name, cache_dir, artifacts_dir, server=None, jobs=None, redis=redis)  # type: ignore[arg-type]
-    deployment.server = start_server(cache_dir, artifacts_dir, name, *deployment.server_args(), env={**BATCH_ENV, **(env or {})})
-    deployment.jobs = Jobs(deployment.server.base_url)
+    # start_server gives the server the job database and results directory named after it.
+    args = ["--batch-queue", "redis", "--redis-url", redis.url] if redis is not None else []
+    server = start_server(cache_dir, artifacts_dir, name, *args, env={**BATCH_ENV, **(env or {})})
+    deployment = Deployment(mode, name, cache_dir, artifacts_dir, server, Jobs(server.base_url), redis)
     if redis is not None:
         deployment.start_worker()
     return deployment
