@@ -19,13 +19,13 @@ SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
 # System packages come from Debian's archive: npm (if the machine has no Node.js) for the page's one
-# browser dependency, Chromium for the browser tests and redis-server for the batch queue's Redis
-# tests. Installed only when missing.
+# browser dependency, Chromium for the browser tests, and redis-server and PostgreSQL for the batch
+# queue's tests. Installed only when missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 WEB_STAMP := web_static/node_modules/.package-lock.json
 
-.PHONY: setup serve test bench clean browser redis
+.PHONY: setup serve test bench clean browser redis postgresql
 
 setup: $(STAMP) $(WEB_STAMP)
 
@@ -41,6 +41,11 @@ browser:
 redis:
 	command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(APT_INSTALL) redis-server; }
 
+# ... and against a real PostgreSQL (the job database of a queue spanning machines), a throwaway
+# cluster the tests start themselves.
+postgresql:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) postgresql; }
+
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -55,7 +60,7 @@ $(STAMP): pyproject.toml Makefile
 serve: setup
 	$(BIN)/streamcanvas serve $(SERVE_ARGS)
 
-test: setup browser redis
+test: setup browser redis postgresql
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup

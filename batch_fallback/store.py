@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Engine,
@@ -110,7 +111,7 @@ results = Table(
     Column("job_id", String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
     Column("index", Integer, primary_key=True),
     Column("path", Text, nullable=False),
-    Column("seed", Integer, nullable=False),
+    Column("seed", BigInteger, nullable=False),  # seeds go to 2**32 - 1 (+ batch index)
     Column("width", Integer, nullable=False),
     Column("height", Integer, nullable=False),
     Column("bytes", Integer, nullable=False),
@@ -365,11 +366,14 @@ class JobStore:
         """Take the next due queued job (highest tier, then oldest) — the embedded queue's dispatch."""
         now = time.time()
         with self._transaction() as connection:
+            # SKIP LOCKED (PostgreSQL, MySQL): concurrent claimers pass over a row another one is taking;
+            # SQLite serialises writers with BEGIN IMMEDIATE instead and renders no locking clause.
             job_id = connection.execute(
                 select(jobs.c.id)
                 .where(jobs.c.status == JobStatus.QUEUED.value, jobs.c.run_after <= now)
                 .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
                 .limit(1)
+                .with_for_update(skip_locked=True)
             ).scalar_one_or_none()
             if job_id is None:
                 return None

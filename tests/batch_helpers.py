@@ -6,10 +6,12 @@ import base64
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -166,3 +168,42 @@ def png_base64(rgb: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 and a free port (run as `postgres` when we are root,
+    since PostgreSQL refuses to run as root). Its directory is directly under the system's temporary
+    directory, which that user can reach (pytest's own temporary directories are private to us)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="streamcanvas-pg-"))
+        self.bin = self._find_bin()
+
+    @staticmethod
+    def _find_bin() -> Path:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        assert found, "PostgreSQL is missing: `make test` installs it (apt-get install postgresql)"
+        return found[-1].parent
+
+    def _run(self, *command: str) -> None:
+        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*prefix, *command], check=True, capture_output=True, timeout=120)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> PostgresServer:
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, "postgres", "postgres")
+        data = self.directory / "data"
+        self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        options = f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.directory} -c fsync=off"
+        self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(self.directory / "log"), "-w", "start")
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            self._run(str(self.bin / "pg_ctl"), "-D", str(self.directory / "data"), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,8 +1,10 @@
 """The batch queue end to end: a real server with the tiny model, in both deployments.
 
 `embedded`: the server alone (SQLite + its in-process worker). `redis`: the server on a real
-redis-server with a separate `streamcanvas worker` process. Every test runs against both, through the
-HTTP API; the last ones kill workers and servers with SIGKILL and check that every job still ends.
+redis-server with a separate `streamcanvas worker` process. `redis-postgresql`: the same with the job
+database on a real PostgreSQL server, as a queue spanning machines runs. Every test runs against each,
+through the HTTP API; the last ones kill workers and servers with SIGKILL and check that every job
+still ends.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from batch_helpers import TERMINAL, Jobs, RedisServer, WorkerProcess, png_base64
+from batch_helpers import TERMINAL, Jobs, PostgresServer, RedisServer, WorkerProcess, png_base64
 from conftest import TEST_RESOLUTION, start_server
 from helpers import Client, ServerProcess, make_canvas, server_env
 
@@ -43,10 +45,13 @@ class Deployment:
     server: ServerProcess
     jobs: Jobs
     redis: RedisServer | None = None
+    postgres: PostgresServer | None = None
     workers: list[WorkerProcess] = field(default_factory=list)
 
     @property
-    def database_url(self) -> str:  # as start_server names them
+    def database_url(self) -> str:  # as start_server names them, unless on PostgreSQL
+        if self.postgres is not None:
+            return self.postgres.url
         return f"sqlite:///{self.cache_dir / f'jobs-{self.name}.db'}"
 
     @property
@@ -72,11 +77,16 @@ class Deployment:
 
 
 def deploy(mode: str, name: str, cache_dir: Path, artifacts_dir: Path, env: dict[str, str] | None = None) -> Deployment:
-    redis = RedisServer(cache_dir / f"redis-{name}").start() if mode == "redis" else None
-    # start_server gives the server the job database and results directory named after it.
+    """embedded | redis | redis-postgresql (the deployment that spans machines: Redis, a database
+    server, worker processes)."""
+    redis = RedisServer(cache_dir / f"redis-{name}").start() if mode.startswith("redis") else None
+    postgres = PostgresServer().start() if mode.endswith("postgresql") else None
+    # start_server gives the server a job database and results directory named after it.
     args = ["--batch-queue", "redis", "--redis-url", redis.url] if redis is not None else []
+    if postgres is not None:
+        args += ["--database-url", postgres.url, "--results-dir", str(cache_dir / f"results-{name}")]
     server = start_server(cache_dir, artifacts_dir, name, *args, env={**BATCH_ENV, **(env or {})})
-    deployment = Deployment(mode, name, cache_dir, artifacts_dir, server, Jobs(server.base_url), redis)
+    deployment = Deployment(mode, name, cache_dir, artifacts_dir, server, Jobs(server.base_url), redis, postgres)
     if redis is not None:
         deployment.start_worker()
     return deployment
@@ -89,9 +99,11 @@ def tear_down(deployment: Deployment) -> None:
     deployment.server.stop()
     if deployment.redis is not None:
         deployment.redis.stop()
+    if deployment.postgres is not None:
+        deployment.postgres.stop()
 
 
-@pytest.fixture(scope="module", params=["embedded", "redis"])
+@pytest.fixture(scope="module", params=["embedded", "redis", "redis-postgresql"])
 def deployment(request: pytest.FixtureRequest, cache_dir: Path, artifacts_dir: Path) -> Iterator[Deployment]:
     deployed = deploy(request.param, f"batch-{request.param}", cache_dir, artifacts_dir)
     yield deployed

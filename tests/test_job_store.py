@@ -1,21 +1,42 @@
-"""The job store on a real SQLite file: claims are exclusive, a taken-over attempt cannot write, and
-stale jobs come back. Several threads and two store objects (as two processes would) share one file."""
+"""The job store on real databases — a SQLite file and a PostgreSQL server: claims are exclusive, a
+taken-over attempt cannot write, and stale jobs come back. Several threads and two store objects (as
+two processes would) share one database."""
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
+
+from batch_helpers import PostgresServer
 
 from streamcanvas.batch_fallback.errors import JobConflict
 from streamcanvas.batch_fallback.store import JobStatus, JobStore, NewJob, Priority, ResultRecord, jobs
 
 
-@pytest.fixture
-def url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'jobs.db'}"
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    name = f"jobs_{uuid.uuid4().hex[:12]}"  # a database of its own for each test
+    engine = create_engine(server.url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return server.url.rsplit("/", 1)[0] + f"/{name}"
 
 
 def test_every_job_is_claimed_by_exactly_one_of_many_workers(url: str) -> None:
