@@ -7,6 +7,7 @@ real-time routes. Every error is JSON `{"error": code, "message": …, "field": 
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime
 import hmac
 import json
@@ -292,6 +293,17 @@ def openapi_schema() -> dict[str, Any]:
     def ref(name: str) -> dict[str, Any]:
         return {"$ref": f"#/components/schemas/{name}"}
 
+    # A JobCreate is one of the kinds: `kind` says which, and `params` is that kind's request model.
+    envelope = schemas.pop("JobCreate")
+    variants = []
+    for name, kind in KINDS.items():
+        variant = copy.deepcopy(envelope)
+        variant["title"] = f"JobCreate ({name})"
+        variant["properties"]["kind"] = {"const": name, "description": kind.description}
+        variant["properties"]["params"] = ref(kind.Request.__name__)
+        variants.append(variant)
+    schemas["JobCreate"] = {"oneOf": variants, "description": envelope.get("description", "")}
+
     def answer(description: str, name: str | None = None, media: str = "application/json") -> dict[str, Any]:
         body: dict[str, Any] = {"description": description}
         if name:
@@ -325,7 +337,7 @@ def openapi_schema() -> dict[str, Any]:
                     "parameters": [
                         {"name": "status", "in": "query", "schema": {"type": "string", "enum": [s.value for s in JobStatus]}},
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
-                        {"name": "before", "in": "query", "schema": {"type": "string"}, "description": "next_before of the previous page"},
+                        {"name": "before", "in": "query", "schema": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?(e[+-]?[0-9]+)?:[0-9a-f]{32}$"}, "description": "next_before of the previous page"},
                     ],
                     "responses": {"200": answer("a page of jobs", "JobListView"), **errors},
                 },
@@ -363,10 +375,13 @@ def openapi_schema() -> dict[str, Any]:
     }
 
 
+async def jobs_collection(request: Request) -> Response:
+    return await (create_job(request) if request.method == "POST" else list_jobs(request))
+
+
 def batch_routes() -> list[Route]:
     return [
-        Route(f"{PREFIX}/jobs", create_job, methods=["POST"]),
-        Route(f"{PREFIX}/jobs", list_jobs, methods=["GET"]),
+        Route(f"{PREFIX}/jobs", jobs_collection, methods=["GET", "POST"]),
         Route(f"{PREFIX}/jobs/{{job_id:str}}", get_job, methods=["GET"]),
         Route(f"{PREFIX}/jobs/{{job_id:str}}/cancel", cancel_job, methods=["POST"]),
         Route(f"{PREFIX}/jobs/{{job_id:str}}/events", job_events, methods=["GET"]),

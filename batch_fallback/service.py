@@ -67,7 +67,7 @@ class JobCreate(BaseModel):
     """The body of `POST /v1/jobs`."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: str = Field(description="txt2img, img2img or live_session (GET /v1/job-kinds)")
+    kind: str = Field(description="the job kind (GET /v1/job-kinds)", json_schema_extra={"enum": list(KINDS)})
     params: dict[str, Any] = Field(description="the kind's parameters")
     priority: Literal["low", "normal", "high"] = "normal"
     timeout_s: float | None = Field(None, gt=0, description="running time allowed; default from the server")

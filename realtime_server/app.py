@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
 from streamcanvas.batch_fallback.a1111 import a1111_routes
@@ -54,6 +54,13 @@ async def info(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
+async def not_found(request: Request, _exception: Exception) -> Response:
+    """Unknown paths under the HTTP APIs answer in their JSON error shape; elsewhere plain text."""
+    if request.url.path.startswith(("/v1/", "/sdapi/")):
+        return JSONResponse({"error": "not_found", "message": f"no route {request.url.path}"}, status_code=404)
+    return PlainTextResponse("Not Found", status_code=404)
+
+
 def create_app(runtime: Runtime) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -77,6 +84,7 @@ def create_app(runtime: Runtime) -> Starlette:
             *web_routes(),
         ],
         lifespan=lifespan,
+        exception_handlers={404: not_found},
     )
     app.state.runtime = runtime
     app.state.batch = runtime.batch
