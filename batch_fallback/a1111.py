@@ -96,6 +96,7 @@ async def _generate(request: Request, img2img: bool) -> Response:
         "batch_size": body.batch_size * body.n_iter,
         "width": body.width,
         "height": body.height,
+        "preview": True,  # A1111 clients show /progress's current_image while they wait
     }
     if body.seed >= 0:
         params["seed"] = body.seed

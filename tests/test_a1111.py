@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -107,6 +109,9 @@ def test_progress_and_interrupt(a1111: A1111Client, server: ServerProcess) -> No
             time.sleep(0.1)
         assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 150
         assert progress["state"]["job_count"] >= 1 and progress["eta_relative"] > 0
+        preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+        assert preview.format == "JPEG" and max(preview.size) <= 128
+        assert watcher.progress(skip_current_image=True)["current_image"] is None
         watcher.interrupt()
         thread.join(60)
     finally:
