@@ -59,5 +59,9 @@ class JobTimedOut(JobInterrupted):
     pass
 
 
+class WorkerStopping(JobInterrupted):
+    """The worker is shutting down: the job goes back to the queue without using up an attempt."""
+
+
 class JobLost(JobInterrupted):
     """This worker no longer owns the job (its claim was taken over after a missed heartbeat)."""

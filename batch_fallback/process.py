@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def run_worker(config: BatchConfig, spec: ModelSpec, threads: int | None = None) -> None:
     if not config.redis_url:
         raise ValueError("a worker needs --redis-url")
-    inference_threads(threads)
+    threads = inference_threads(threads)
     model = in_short_lived_thread(lambda: load_model(spec))
     store = JobStore(config.database_url)
     queue = RedisQueue(config.redis_url, config.redis_namespace, config.heartbeat_timeout_s)
@@ -40,11 +40,11 @@ def run_worker(config: BatchConfig, spec: ModelSpec, threads: int | None = None)
         retry=RetryPolicy(config.retry_backoff_s),
         gate=LiveGate(config.live_share, lambda: queue.live_sessions() > 0),
         requeue=queue.submit,
+        torch_threads=threads,
     )
 
     def handle(job_id: str, priority: Priority) -> None:
-        if threads is not None:
-            torch.set_num_threads(threads)  # per calling thread for OpenMP: this is Dramatiq's worker thread
+        torch.set_num_threads(threads)  # per calling thread for OpenMP: this is Dramatiq's worker thread
         try:
             claimed = store.claim(job_id, name, stale_before=time.time() - config.heartbeat_timeout_s)
         except Exception:  # noqa: BLE001 - the database is unreachable: keep the message, try later
@@ -69,7 +69,8 @@ def run_worker(config: BatchConfig, spec: ModelSpec, threads: int | None = None)
     logger.info("worker %s consuming %s (model: %s)", name, config.redis_url, model.name)
     print(f"streamcanvas worker {name} ready", flush=True)
     stopping.wait()
-    logger.info("worker %s stopping (the job in hand is finished first)", name)
+    logger.info("worker %s stopping: the job in hand goes back to the queue at its next step", name)
     housekeeper.stop()
+    executor.stop()
     queue.stop()
     store.close()

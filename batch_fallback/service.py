@@ -97,6 +97,7 @@ class BatchService:
         self.store = JobStore(config.database_url)
         self.live_sessions = 0
         redis_queue = open_queue(config)
+        self.executor: JobExecutor | None = None
         self.queue: JobQueue
         if redis_queue is not None:
             self.queue = redis_queue
@@ -110,6 +111,7 @@ class BatchService:
                 retry=RetryPolicy(config.retry_backoff_s),
                 gate=LiveGate(config.live_share, lambda: self.live_sessions > 0),
                 requeue=lambda job_id, priority, delay_s: self.queue.submit(job_id, priority, delay_s),
+                torch_threads=torch_threads,
             )
             self.queue = EmbeddedQueue(self.store, self.executor.run, config.embedded_workers, torch_threads=torch_threads)
         self.housekeeper = Housekeeper(
@@ -132,15 +134,23 @@ class BatchService:
         self.housekeeper.start()
 
     def stop(self) -> None:
+        """Jobs in hand go back to the queue at their next step (not counted as an attempt)."""
         self.housekeeper.stop()
+        if self.executor is not None:
+            self.executor.stop()
         self.queue.stop()
         self.store.close()
 
     def set_live_sessions(self, count: int) -> None:
-        """Called about once a second with the number of streaming live sessions on this server."""
+        """Called a few times a second with the number of live sessions rendering on this server.
+        Embedded: a plain assignment. Redis: published for this host's workers (a network call)."""
         self.live_sessions = count
         if isinstance(self.queue, RedisQueue):
             self.queue.publish_live_sessions(count)
+
+    @property
+    def live_sessions_are_remote(self) -> bool:
+        return isinstance(self.queue, RedisQueue)
 
     # --- jobs ----------------------------------------------------------------------------------------
 

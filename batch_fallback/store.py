@@ -476,6 +476,20 @@ class JobStore:
                 worker=None,
             )
 
+    def release(self, claim: Claim, reason: str) -> bool:
+        """Put a running job back in the queue at once, the attempt not counted (a worker shutting down)."""
+        with self._transaction() as connection:
+            return self._update_owned(
+                connection,
+                claim,
+                status=JobStatus.QUEUED.value,
+                attempts=jobs.c.attempts - 1,
+                run_after=time.time(),
+                updated_at=time.time(),
+                error=reason,
+                worker=None,
+            )
+
     # --- housekeeping --------------------------------------------------------------------------------
 
     def recover_stale(self, stale_before: float) -> tuple[list[str], list[str]]:

@@ -24,7 +24,7 @@ import torch
 from redis.exceptions import RedisError
 from sqlalchemy.exc import OperationalError
 
-from .errors import JobCancelled, JobLost, JobTimedOut
+from .errors import JobCancelled, JobLost, JobTimedOut, WorkerStopping
 from .kinds import KINDS
 from .rendering import QualityRenderer
 from .results import write_results
@@ -61,9 +61,12 @@ class LiveGate:
         self.share = share
         self.live_active = live_active
 
-    def after_step(self, step_s: float, check: Callable[[], None]) -> float:
-        """Pause as the policy says (calling `check` to honour cancellation); returns seconds paused."""
-        if self.share >= 1.0 or not self.live_active():
+    def after_step(self, step_s: float, check: Callable[[], None], live: bool | None = None) -> float:
+        """Pause as the policy says (calling `check` to honour cancellation and shutdown); returns the
+        seconds paused. `live` is whether live sessions stream, if the caller has just asked."""
+        if live is None:
+            live = self.live_active()
+        if self.share >= 1.0 or not live:
             return 0.0
         started = time.monotonic()
         pause_until = started + (step_s * (1 - self.share) / self.share if self.share > 0 else float("inf"))
@@ -86,6 +89,7 @@ class JobExecutor:
         gate: LiveGate | None = None,
         requeue: Callable[[str, Priority, float], None] = lambda job_id, priority, delay_s: None,
         preview_interval_s: float = 0.5,
+        torch_threads: int | None = None,
     ) -> None:
         self.store = store
         self.renderer = renderer
@@ -96,7 +100,13 @@ class JobExecutor:
         self.gate = gate or LiveGate(1.0)
         self.requeue = requeue
         self.preview_interval_s = preview_interval_s
+        self.torch_threads = torch_threads
+        self.stopping = threading.Event()
+        """Set when the worker shuts down: the job in hand is put back in the queue at its next step."""
         self.jobs_run = 0
+
+    def stop(self) -> None:
+        self.stopping.set()
 
     def run(self, claimed: ClaimedJob) -> JobStatus | None:
         """Run one attempt to its recorded end; returns the outcome (None when the claim was lost)."""
@@ -117,11 +127,13 @@ class JobExecutor:
         heartbeat.start()
         started = time.monotonic()
         paused = 0.0
-        last_step_at = started
+        last_step_at: float | None = None  # the first step also built the pipeline: it is not timed
         last_preview_at = 0.0
         position = {"step": 0, "steps": 0}
 
         def check_interrupts() -> None:
+            if self.stopping.is_set():
+                raise WorkerStopping(f"interrupted at step {position['step']} of {position['steps']} by a worker shutdown")
             if flags["lost"]:
                 raise JobLost(f"job {claim.job_id} attempt {claim.attempt} was taken over")
             if flags["cancel"]:
@@ -145,7 +157,10 @@ class JobExecutor:
             flags["lost"] = flags["lost"] or not owned
             flags["cancel"] = flags["cancel"] or cancel
             check()
-            paused += self.gate.after_step(now - last_step_at, check_interrupts)  # a pause is not running time
+            live = self.gate.live_active()
+            self._use_threads(live)
+            step_s = now - last_step_at if last_step_at is not None else 0.0
+            paused += self.gate.after_step(step_s, check_interrupts, live)  # a pause is not running time
             last_step_at = time.monotonic()
 
         try:
@@ -162,6 +177,10 @@ class JobExecutor:
             outcome = JobStatus.FINISHED if self.store.finish(claim, produced) else None
         except JobLost:
             outcome = None
+        except WorkerStopping as reason:
+            outcome = JobStatus.QUEUED if self.store.release(claim, str(reason)) else None
+            if outcome is not None:
+                self.requeue(claim.job_id, record.priority, 0.0)
         except JobCancelled as reason:
             outcome = JobStatus.CANCELLED if self.store.end(claim, JobStatus.CANCELLED, str(reason)) else None
         except JobTimedOut as reason:
@@ -175,9 +194,19 @@ class JobExecutor:
         finally:
             stop_heartbeat.set()
             heartbeat.join()
+            self._use_threads(False)
         self.jobs_run += 1
         logger.info("job %s attempt %d ended: %s", claim.job_id, claim.attempt, outcome.value if outcome else "claim lost")
         return outcome
+
+    def _use_threads(self, live: bool) -> None:
+        """On the CPU, one torch thread while live sessions stream, so the batch job's OpenMP pool and
+        the live slots' together do not outnumber the cores; all of them otherwise."""
+        if self.torch_threads is None or self.torch_threads <= 1:
+            return
+        wanted = 1 if live else self.torch_threads
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
     def _transient(self, claimed: ClaimedJob, error: BaseException) -> JobStatus | None:
         claim, record = claimed.claim, claimed.record

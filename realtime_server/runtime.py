@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -21,6 +22,9 @@ from streamcanvas.sessions.session import SessionState
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
+
+LIVE_INPUT_WINDOW_S = 2.0
+"""A live session counts as rendering (and batch jobs yield to it) for this long after its last input."""
 
 
 class Readiness(enum.Enum):
@@ -94,17 +98,31 @@ class Runtime:
         await self.manager.stop()
         if self._live_task is not None:
             self._live_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._live_task
         await asyncio.to_thread(self.batch.stop)
 
     async def _report_live_sessions(self) -> None:
-        """Tell the batch queue, once a second, how many live sessions stream (it yields the device)."""
+        """Tell the batch queue, four times a second, how many live sessions are rendering (it yields
+        the device to them). A session counts while inputs keep coming: within LIVE_INPUT_WINDOW_S
+        of its last one, so an open but idle tab does not hold batch jobs back."""
+        published: tuple[int, float] | None = None
         while True:
-            streaming = sum(1 for s in self.manager.sessions.values() if s.state is SessionState.STREAMING)
+            active = 0
+            for session in list(self.manager.sessions.values()):
+                since = session.seconds_since_input()
+                if session.state is SessionState.STREAMING and since is not None and since < LIVE_INPUT_WINDOW_S:
+                    active += 1
+            now = time.monotonic()
             try:
-                await asyncio.to_thread(self.batch.set_live_sessions, streaming)
-            except Exception:  # noqa: BLE001 - Redis briefly unreachable: report again next second
+                if not self.batch.live_sessions_are_remote:
+                    self.batch.set_live_sessions(active)
+                elif published is None or published[0] != active or now - published[1] >= 1.0:
+                    await asyncio.to_thread(self.batch.set_live_sessions, active)  # Redis: off the loop
+                    published = (active, now)
+            except Exception:  # noqa: BLE001 - Redis briefly unreachable: report again shortly
                 logger.warning("could not publish the live session count", exc_info=True)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.25)
 
     def capture_live(self, session_id: str, token: str) -> LiveCapture:
         """A live session's canvas, prompt and seed, for a batch job; the session's control token is needed."""

@@ -433,6 +433,11 @@ class Session:
                 waited=waited,
             )
 
+    def seconds_since_input(self) -> float | None:
+        """Seconds since the newest canvas, delta or params message; None before the first."""
+        newest = self._newest
+        return None if newest is None else time.monotonic() - newest.received_at
+
     def capture(self) -> tuple[np.ndarray | None, StreamParams]:
         """A copy of the canvas (None for txt2img sessions) and parameters; safe from any thread."""
         with self._condition:

@@ -24,6 +24,7 @@ from PIL import Image
 from batch_helpers import TERMINAL, Jobs, PostgresServer, RedisServer, WorkerProcess, png_base64
 from conftest import TEST_RESOLUTION, start_server
 from helpers import Client, ServerProcess, make_canvas, server_env
+from streamcanvas.batch_fallback.store import JobStatus, JobStore
 
 SIZE = TEST_RESOLUTION
 HEARTBEAT_TIMEOUT_S = 2.0
@@ -395,3 +396,28 @@ def test_a_server_restarted_with_jobs_queued_finishes_them(deployment: Deploymen
         deployment.start_worker()
     for job in queued:
         assert jobs.wait(job["id"], timeout=180)["status"] == "finished"
+
+
+def test_a_worker_shutting_down_puts_its_job_back_without_using_an_attempt(deployment: Deployment) -> None:
+    """SIGTERM (a deploy, a scale-down): the job in hand goes back to the queue at its next step and
+    the worker exits cleanly; the next worker runs it as its first attempt."""
+    drain(deployment)
+    jobs = deployment.jobs
+    job = jobs.create("txt2img", {**LONG, "width": 256, "height": 256, "steps": 60}, max_attempts=1)
+    jobs.wait(job["id"], {"running"}, step=2)
+    process = deployment.server.process if deployment.mode == "embedded" else deployment.workers[-1].process
+    assert process is not None
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
+    store = JobStore(deployment.database_url)  # the record as it was left, read while nothing runs it
+    try:
+        back = store.get(job["id"])
+    finally:
+        store.close()
+    assert back.status is JobStatus.QUEUED and back.attempts == 0 and "worker shutdown" in (back.error or "")
+    if deployment.mode == "embedded":
+        deployment.server.start()
+    else:
+        deployment.start_worker()
+    ended = jobs.wait(job["id"], timeout=180)
+    assert ended["status"] == "finished" and ended["attempts"] == 1

@@ -3,6 +3,7 @@ sharing the device with live sessions."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import Iterator
@@ -58,19 +59,30 @@ async def test_batch_jobs_wait_while_a_live_session_streams(yielding_server: Ser
     try:
         async with Client.connect(yielding_server.ws_url) as client:
             await client.hello(params={"prompt": "live"})
-            await client.frame_for(await client.send_canvas(make_canvas(TEST_RESOLUTION, 1)))
-            time.sleep(1.5)  # the server tells the batch queue about live sessions once a second
+
+            async def draw(seconds: float) -> None:
+                """A person drawing: a new canvas about three times a second."""
+                deadline = time.monotonic() + seconds
+                seed = 0
+                while time.monotonic() < deadline:
+                    seed += 1
+                    await client.frame_for(await client.send_canvas(make_canvas(TEST_RESOLUTION, seed)))
+                    await asyncio.sleep(0.3)
+
+            await draw(1.0)  # the server tells the batch queue about live sessions four times a second
             # Its timeout counts running time only: waiting for the live session longer than that is fine.
             created = jobs.create("txt2img", {**QUICK, "steps": 10}, timeout_s=3)
-            running = jobs.wait(created["id"], {"running"}, step=1)
-            for _ in range(40):  # four seconds: with a share of 0 the job stays at its first step
-                time.sleep(0.1)
+            drawing = asyncio.create_task(draw(6.0))
+            running = await asyncio.to_thread(jobs.wait, created["id"], {"running"}, 60.0, 1)
+            for _ in range(8):  # four seconds: with a share of 0 the job stays at its first step
+                await asyncio.sleep(0.5)
                 job = jobs.get(created["id"])
                 assert job["status"] == "running" and job["progress"]["step"] == running["progress"]["step"]
-            frame = await client.frame_for(await client.send_canvas(make_canvas(TEST_RESOLUTION, 2)))
-            assert frame["type"] == "frame"  # the live session renders meanwhile
-        done = jobs.wait(created["id"], timeout=60)
-        assert done["status"] == "finished" and done["progress"]["step"] == 10
+            await drawing
+            # The person stops drawing but keeps the page open: the job goes on without waiting for it to close.
+            done = await asyncio.to_thread(jobs.wait, created["id"], {"finished"}, 60.0)
+            assert done["progress"]["step"] == 10
+            assert client.connection.state.name == "OPEN"
     finally:
         jobs.close()
 
