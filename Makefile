@@ -66,6 +66,7 @@ test: setup browser redis postgresql
 bench: setup
 	$(BIN)/python -m streamcanvas.benchmarks.realtime_ws
 	$(BIN)/python -m streamcanvas.benchmarks.batch_queue
+	$(BIN)/python -m streamcanvas.benchmarks.live_with_batch
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache web_static/node_modules

@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,12 +141,14 @@ def running_server(size: int, slots: int, *extra: str):  # type: ignore[no-untyp
         "--host", "127.0.0.1", "--port", str(port), "--resolution", f"{size}x{size}",
         "--slots", str(slots), "--log-level", "warning", *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tempfile.TemporaryFile()  # not a pipe: nobody reads it while the server runs, and a full pipe blocks
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 180
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited: {process.stderr.read().decode(errors='replace')[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"server exited: {log.read().decode(errors='replace')[-2000:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
                     break
@@ -159,6 +162,7 @@ def running_server(size: int, slots: int, *extra: str):  # type: ignore[no-untyp
             process.wait(20)
         except subprocess.TimeoutExpired:
             process.kill()
+        log.close()
 
 
 @dataclass
