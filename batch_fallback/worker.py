@@ -103,7 +103,6 @@ class JobExecutor:
         self.torch_threads = torch_threads
         self.stopping = threading.Event()
         """Set when the worker shuts down: the job in hand is put back in the queue at its next step."""
-        self.jobs_run = 0
 
     def stop(self) -> None:
         self.stopping.set()
@@ -195,7 +194,6 @@ class JobExecutor:
             stop_heartbeat.set()
             heartbeat.join()
             self._use_threads(False)
-        self.jobs_run += 1
         logger.info("job %s attempt %d ended: %s", claim.job_id, claim.attempt, outcome.value if outcome else "claim lost")
         return outcome
 
