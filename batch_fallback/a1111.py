@@ -107,7 +107,7 @@ async def _generate(request: Request, img2img: bool) -> Response:
     try:
         record, _ = await asyncio.to_thread(service.create, {"kind": "img2img" if img2img else "txt2img", "params": params})
     except BatchError as error:
-        return JSONResponse({"detail": [{"loc": ["body", error.field or ""], "msg": str(error), "type": error.code}]}, status_code=422)
+        return JSONResponse({"detail": [{"loc": ["body", error.field or ""], "msg": str(error), "type": error.code}]}, status_code=error.status)
     while not record.status.terminal:
         # The job goes on if the client leaves (it is an ordinary job: GET /v1/jobs/{id} has it).
         if await request.is_disconnected():

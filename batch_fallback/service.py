@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.pipelines.loading import LoadedModel
 
-from .errors import InvalidJob, QueueFull
+from .errors import InvalidJob
 from .kinds import KINDS, AcceptContext, LiveCapture, invalid_job
 from .queues import EmbeddedQueue, Housekeeper, JobQueue, RedisQueue, resubmit_queued
 from .rendering import QualityRenderer
@@ -176,8 +176,6 @@ class BatchService:
             if existing is not None:
                 return existing, False
         accepted = kind.accept(kind.parse(request.params), self._accept_context())
-        if self.store.counts()[JobStatus.QUEUED.value] >= self.config.max_queued:
-            raise QueueFull(f"{self.config.max_queued} jobs are queued, the limit; try again later")
         priority = PRIORITY_NAMES[request.priority]
         record, created = self.store.create(
             NewJob(
@@ -189,7 +187,8 @@ class BatchService:
                 input_image=accepted.input_image,
                 idempotency_key=idempotency_key,
                 request=request.model_dump(),
-            )
+            ),
+            max_queued=self.config.max_queued,
         )
         if created:
             self.queue.submit(record.id, priority)

@@ -51,7 +51,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from .errors import JobConflict, JobNotFound
+from .errors import JobConflict, JobNotFound, QueueFull
 
 
 class JobStatus(enum.StrEnum):
@@ -219,10 +219,12 @@ class JobStore:
 
     # --- the API side --------------------------------------------------------------------------------
 
-    def create(self, new: NewJob) -> tuple[JobRecord, bool]:
+    def create(self, new: NewJob, max_queued: int | None = None) -> tuple[JobRecord, bool]:
         """Insert a queued job; with an idempotency key already used, the job it made (created=False).
 
-        Raises JobConflict when the key was used for a different request.
+        Raises JobConflict when the key was used for a different request, and QueueFull when
+        `max_queued` jobs are already queued (counted in the inserting transaction: exact on SQLite,
+        whose writers are serialised; on other databases concurrent creates may pass it by a few).
         """
         now = time.time()
         job_id = uuid.uuid4().hex
@@ -247,6 +249,12 @@ class JobStore:
         }
         try:
             with self._transaction() as connection:
+                if max_queued is not None:
+                    queued = connection.execute(
+                        select(func.count()).select_from(jobs).where(jobs.c.status == JobStatus.QUEUED.value)
+                    ).scalar_one()
+                    if queued >= max_queued:
+                        raise QueueFull(f"{queued} jobs are queued, the limit is {max_queued}; try again later")
                 connection.execute(insert(jobs).values(**row))
         except IntegrityError:
             if new.idempotency_key is None:

@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 
 from batch_helpers import PostgresServer
 
-from streamcanvas.batch_fallback.errors import JobConflict
+from streamcanvas.batch_fallback.errors import JobConflict, QueueFull
 from streamcanvas.batch_fallback.store import JobStatus, JobStore, NewJob, Priority, ResultRecord, jobs
 
 
@@ -170,3 +170,27 @@ def test_pages_do_not_skip_jobs_created_at_the_same_instant(url: str) -> None:
         seen += [record.id for record in page]
         before = (page[-1].created_at, page[-1].id)
     assert sorted(seen) == sorted(created) and len(seen) == 7
+
+
+def test_the_queue_bound_holds_under_concurrent_creates(url: str) -> None:
+    store = JobStore(url)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def create() -> None:
+        try:
+            store.create(NewJob("txt2img", {}), max_queued=10)
+            outcome = "created"
+        except QueueFull:
+            outcome = "full"
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=create) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(outcomes) == 16 and outcomes.count("created") >= 10
+    if url.startswith("sqlite"):
+        assert outcomes.count("created") == 10 and store.counts()["queued"] == 10
