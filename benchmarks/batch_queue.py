@@ -546,10 +546,15 @@ def main(null_jobs: int, model_jobs: int, modes_text: str, output: str) -> None:
         "modes": results,
         "wall_s": round(time.time() - started, 1),
     }
+    emit_report(report, output, report["other_load"]["warning"])
+
+
+def emit_report(report: dict[str, Any], output: str, warning: str | None) -> None:
+    """Print the JSON, warn on stderr, and write it to `output` unless that is '-'."""
     text = json.dumps(report, indent=2)
     click.echo(text)
-    if report["other_load"]["warning"]:
-        click.echo(f"warning: {report['other_load']['warning']}", err=True)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     if output != "-":
         path = Path(output)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,6 @@ import asyncio
 import bisect
 import contextlib
 import datetime
-import json
 import os
 import shutil
 import signal
@@ -51,7 +50,7 @@ import httpx
 
 from streamcanvas.sessions.stats import percentiles
 
-from .batch_queue import OtherLoad, environment, iso_seconds, machine_busy_s, own_cpu_s, wait_job
+from .batch_queue import OtherLoad, emit_report, environment, iso_seconds, machine_busy_s, own_cpu_s, wait_job
 from .realtime_ws import PROMPT, describe_machine, run_scenario, running_server
 from .viewers import cpu_seconds
 
@@ -390,14 +389,7 @@ def main(seconds: float, rate: float, warmup_s: float, shares_text: str, before_
         "scenarios": scenarios,
         "wall_s": round(time.time() - started, 1),
     }
-    text = json.dumps(report, indent=2)
-    click.echo(text)
-    if warning:
-        click.echo(f"warning: {warning}", err=True)
-    if output != "-":
-        path = Path(output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+    emit_report(report, output, warning)
 
 
 if __name__ == "__main__":
