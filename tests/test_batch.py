@@ -236,6 +236,8 @@ def test_broken_and_oversized_bodies(deployment: Deployment) -> None:
     jobs = deployment.jobs
     broken = jobs.http.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
     assert broken.status_code == 422 and "not valid JSON" in broken.json()["message"]
+    large_and_broken = jobs.http.post("/v1/jobs", content=b'{"kind": "' + b"x" * 400_000)  # parsed off the loop
+    assert large_and_broken.status_code == 422 and "not valid JSON" in large_and_broken.json()["message"]
     huge = jobs.http.post("/v1/jobs", content=b"x" * (33 * 1024 * 1024))
     assert huge.status_code == 413 and huge.json()["error"] == "payload_too_large"
     assert jobs.http.get("/v1/jobs/0123").status_code == 404
