@@ -20,7 +20,7 @@ CHECKS = [
 ]
 
 
-def test_the_batch_api_answers_anything_as_its_schema_says(cache_dir: Path, artifacts_dir: Path) -> None:
+def test_the_batch_api_answers_anything_as_its_schema_says(cache_dir: Path, artifacts_dir: Path, tmp_path: Path) -> None:
     # Jobs the fuzzer creates may be big; a one-second timeout keeps the worker moving.
     server = start_server(cache_dir, artifacts_dir, "batch-fuzz", env={"STREAMCANVAS_JOB_TIMEOUT_S": "1"})
     try:
@@ -37,6 +37,7 @@ def test_the_batch_api_answers_anything_as_its_schema_says(cache_dir: Path, arti
             capture_output=True,
             text=True,
             timeout=600,
+            cwd=tmp_path,  # schemathesis keeps a cache in the working directory
         )
         (artifacts_dir / "schemathesis.txt").write_text(result.stdout + result.stderr)
         assert result.returncode == 0, result.stdout[-6000:]
