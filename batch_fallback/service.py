@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from redis.exceptions import RedisError
 
 from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.pipelines.loading import LoadedModel
@@ -96,6 +99,8 @@ class BatchService:
         self.capture_live = capture_live
         self.store = JobStore(config.database_url)
         self.live_sessions = 0
+        self._stopping = threading.Event()
+        self._publisher: threading.Thread | None = None
         redis_queue = open_queue(config)
         self.executor: JobExecutor | None = None
         self.queue: JobQueue
@@ -132,9 +137,17 @@ class BatchService:
                 logger.info("sent %d queued jobs to Redis again (duplicates are claimed once)", sent)
         self.queue.start()
         self.housekeeper.start()
+        if isinstance(self.queue, RedisQueue):
+            self._publisher = threading.Thread(
+                target=self._publish_live_sessions, args=(self.queue,), name="live-sessions", daemon=True
+            )
+            self._publisher.start()
 
     def stop(self) -> None:
         """Jobs in hand go back to the queue at their next step (not counted as an attempt)."""
+        self._stopping.set()
+        if self._publisher is not None:
+            self._publisher.join(5)
         self.housekeeper.stop()
         if self.executor is not None:
             self.executor.stop()
@@ -142,15 +155,22 @@ class BatchService:
         self.store.close()
 
     def set_live_sessions(self, count: int) -> None:
-        """Called a few times a second with the number of live sessions rendering on this server.
-        Embedded: a plain assignment. Redis: published for this host's workers (a network call)."""
+        """Called a few times a second, from the event loop, with the number of live sessions
+        rendering on this server. A plain assignment; on Redis `_publish_live_sessions` passes it on."""
         self.live_sessions = count
-        if isinstance(self.queue, RedisQueue):
-            self.queue.publish_live_sessions(count)
 
-    @property
-    def live_sessions_are_remote(self) -> bool:
-        return isinstance(self.queue, RedisQueue)
+    def _publish_live_sessions(self, queue: RedisQueue) -> None:
+        """Redis: tell this host's worker processes the count when it changes, and at least once a second."""
+        published: tuple[int, float] | None = None
+        while not self._stopping.wait(0.25):
+            count, now = self.live_sessions, time.monotonic()
+            if published is not None and published[0] == count and now - published[1] < 1.0:
+                continue
+            try:
+                queue.publish_live_sessions(count)
+                published = (count, now)
+            except RedisError:
+                logger.warning("could not publish the live session count to Redis", exc_info=True)
 
     # --- jobs ----------------------------------------------------------------------------------------
 

@@ -148,18 +148,14 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
     pipe = pipe.to(placement.device)
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    vaes = [pipe.vae] if full_vae is None else [pipe.vae, full_vae.to(placement.device)]
+    for module in (pipe.unet, *vaes, pipe.text_encoder):
         module.eval()
         module.requires_grad_(False)
     # NHWC weights: measured 1.3x faster frames on this CPU (tiny model, 256²), and the layout
     # cuDNN's fp16 convolutions prefer on GPUs.
-    pipe.unet.to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
-    if full_vae is not None:
-        full_vae.to(placement.device)
-        full_vae.eval()
-        full_vae.requires_grad_(False)
-        full_vae.to(memory_format=torch.channels_last)
+    for module in (pipe.unet, *vaes):
+        module.to(memory_format=torch.channels_last)
     logger.info("loaded %s from %s on %s (vae: %s)", name, path, placement.description, vae_kind)
     return LoadedModel(
         pipe=pipe,

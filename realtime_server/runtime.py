@@ -106,22 +106,13 @@ class Runtime:
         """Tell the batch queue, four times a second, how many live sessions are rendering (it yields
         the device to them). A session counts while inputs keep coming: within LIVE_INPUT_WINDOW_S
         of its last one, so an open but idle tab does not hold batch jobs back."""
-        published: tuple[int, float] | None = None
         while True:
             active = 0
             for session in list(self.manager.sessions.values()):
                 since = session.seconds_since_input()
                 if session.state is SessionState.STREAMING and since is not None and since < LIVE_INPUT_WINDOW_S:
                     active += 1
-            now = time.monotonic()
-            try:
-                if not self.batch.live_sessions_are_remote:
-                    self.batch.set_live_sessions(active)
-                elif published is None or published[0] != active or now - published[1] >= 1.0:
-                    await asyncio.to_thread(self.batch.set_live_sessions, active)  # Redis: off the loop
-                    published = (active, now)
-            except Exception:  # noqa: BLE001 - Redis briefly unreachable: report again shortly
-                logger.warning("could not publish the live session count", exc_info=True)
+            self.batch.set_live_sessions(active)
             await asyncio.sleep(0.25)
 
     def capture_live(self, session_id: str, token: str) -> LiveCapture:

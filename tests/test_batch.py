@@ -9,10 +9,12 @@ still ends.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from PIL import Image
 from batch_helpers import TERMINAL, Jobs, PostgresServer, RedisServer, WorkerProcess, png_base64
 from conftest import TEST_RESOLUTION, start_server
 from helpers import Client, ServerProcess, make_canvas, server_env
+from streamcanvas.batch_fallback.queues import RedisQueue
 from streamcanvas.batch_fallback.store import JobStatus, JobStore
 
 SIZE = TEST_RESOLUTION
@@ -347,6 +350,37 @@ async def test_render_a_live_session_now(deployment: Deployment) -> None:
         )["id"]
     )
     assert np.array_equal(np.asarray(jobs.image(live["results"][0]["url"])), np.asarray(jobs.image(same["results"][0]["url"])))
+
+
+async def test_the_batch_side_knows_when_live_sessions_render(deployment: Deployment) -> None:
+    """The server counts live sessions with recent inputs and tells the batch side (on Redis, through a
+    key the workers on this host read): that is what batch jobs yield to."""
+
+    def counted() -> tuple[int, int | None]:
+        here = deployment.server.info()["batch"]["live_sessions_rendering"]
+        if deployment.redis is None:
+            return here, None
+        queue = RedisQueue(deployment.redis.url)  # what a worker on this host reads
+        try:
+            return here, queue.live_sessions()
+        finally:
+            queue.broker.close()
+
+    async def until(expected: int) -> tuple[int, int | None]:
+        deadline = time.monotonic() + 10
+        while (seen := await asyncio.to_thread(counted)) != (expected, None if deployment.redis is None else expected):
+            assert time.monotonic() < deadline, f"live sessions counted {seen}, expected {expected}"
+            await client.frame_for(await client.send_canvas(make_canvas(SIZE, int(time.monotonic() * 10))))
+        return seen
+
+    async with Client.connect(deployment.server.ws_url) as client:
+        await client.hello()
+        await until(1)
+        # An open tab that stops drawing stops counting after a couple of seconds.
+        deadline = time.monotonic() + 10
+        while (seen := await asyncio.to_thread(counted))[0] != 0:
+            assert time.monotonic() < deadline, f"an idle session still counted: {seen}"
+            await asyncio.sleep(0.25)
 
 
 # --- nothing is lost ------------------------------------------------------------------------------------
