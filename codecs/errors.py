@@ -26,9 +26,15 @@ class UnknownMessageType(CodecError):
 
 
 class InvalidField(CodecError):
-    """A field is missing, of the wrong type, unknown, or outside the range the protocol allows."""
+    """The message's shape is wrong: a field is missing, unknown, or of the wrong type."""
 
     code = "invalid_field"
+
+
+class InvalidValue(CodecError):
+    """A field of the right type whose value is not allowed: outside its range, not one of its choices."""
+
+    code = "invalid_value"
 
 
 class MessageTooLarge(CodecError):

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import enum
 import io
+import math
+import struct
+import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -174,8 +177,48 @@ def decode(
             raise CorruptImage(f"JPEG body could not be decoded: {error}") from None
     with _open_pillow(image_format, data) as image:
         limits.check(*image.size)
+        if image_format is ImageFormat.PNG:
+            check_png_size(data)
         try:
             rgb = image.convert("RGB")
             return np.asarray(rgb, dtype=np.uint8)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise CorruptImage(f"{image_format.value.upper()} body could not be decoded: {error}") from None
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type: grey, RGB, palette, grey+alpha, RGBA
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def check_png_size(data: bytes) -> None:
+    """CorruptImage unless the PNG's pixel data is exactly what its header's size needs.
+
+    Pillow decodes as many rows as the header declares and ignores the rest, so a header that declares
+    less than the data holds would be accepted. The image data (the IDAT chunks' zlib stream) is
+    inflated here, never past one byte more than the header allows, and its length compared.
+    """
+    width, height, depth, colour, interlace = struct.unpack(">IIBBxxB", data[16:29])
+    bits = depth * _PNG_CHANNELS.get(colour, 0)
+    if interlace:
+        passes = [(math.ceil((width - x) / dx), math.ceil((height - y) / dy)) for x, y, dx, dy in _ADAM7]
+    else:
+        passes = [(width, height)]
+    expected = sum(rows * (1 + math.ceil(columns * bits / 8)) for columns, rows in passes if columns > 0 and rows > 0)
+    inflater = zlib.decompressobj()
+    inflated = 0
+    position = 8
+    try:
+        while position + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[position : position + 8])
+            if kind == b"IDAT":
+                chunk = data[position + 8 : position + 8 + length]
+                inflated += len(inflater.decompress(chunk, expected + 1 - inflated))
+                if inflated > expected or inflater.unconsumed_tail:
+                    raise CorruptImage(f"the PNG holds more pixel data than its header's {width}x{height} needs")
+            elif kind == b"IEND":
+                break
+            position += 12 + length
+    except zlib.error as error:
+        raise CorruptImage(f"the PNG's pixel data cannot be inflated: {error}") from None
+    if inflated != expected or not inflater.eof:
+        raise CorruptImage(f"the PNG's pixel data does not match its header's {width}x{height}")

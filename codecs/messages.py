@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from .errors import InvalidField, MalformedMessage, UnknownMessageType
+from .errors import InvalidField, InvalidValue, MalformedMessage, UnknownMessageType
 from .images import ImageFormat
 
 PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
@@ -154,7 +154,7 @@ class Busy:
     type: ClassVar[str] = "busy"
     retry_after_s: float
     slots_total: int
-    queue_position: int | None = None
+    queue_position: int | None = field(default=None, metadata={"omit_if_none": True})
     queue_length: int = 0
 
 
@@ -224,7 +224,10 @@ def serialize(message: ServerMessage | ClientMessage) -> bytes:
     """One message → MsgPack bytes. Also used by Python clients (tests, benchmarks) for client messages."""
     body = {"type": message.type}
     for item in dataclasses.fields(message):
-        body[item.name] = _plain(getattr(message, item.name))
+        value = getattr(message, item.name)
+        if value is None and item.metadata.get("omit_if_none"):
+            continue  # documented as absent, not null
+        body[item.name] = _plain(value)
     return msgpack.packb(body, use_bin_type=True)
 
 
@@ -298,7 +301,7 @@ class _Fields:
     def integer(self, name: str, low: int, high: int, default: int | None = None, required: bool = False) -> Any:
         value = self.get(name, (int,), default, required)
         if value is not None and not low <= value <= high:
-            raise InvalidField(f"{self.where}: '{name}' is {value}, outside [{low}, {high}]", field=name)
+            raise InvalidValue(f"{self.where}: '{name}' is {value}, outside [{low}, {high}]", field=name)
         return value
 
     def done(self) -> None:
@@ -328,12 +331,14 @@ def _image(value: Any, where: str) -> ImagePayload:
 def _parse_hello(fields: _Fields) -> Hello:
     offered = fields.get("protocol", (list, int), required=True)
     versions = [offered] if isinstance(offered, int) else offered
-    if not versions or not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
         raise InvalidField("hello: 'protocol' must be an integer or a non-empty array of integers", field="protocol")
+    if not versions:
+        raise InvalidValue("hello: 'protocol' must list at least one version", field="protocol")
     params = fields.get("params", (dict,), default={})
     mode = fields.get("mode", (str,), default="img2img")
     if mode not in MODES:
-        raise InvalidField(f"hello: 'mode' is {mode!r}, not one of {', '.join(MODES)}", field="mode")
+        raise InvalidValue(f"hello: 'mode' is {mode!r}, not one of {', '.join(MODES)}", field="mode")
     return Hello(
         protocol=tuple(versions),
         width=fields.integer("width", 1, 1 << 16),
@@ -359,7 +364,7 @@ def parse_param_changes(changes: dict[str, Any], where: str = "params") -> dict[
                 f"{where}: '{name}' must be {_names(kinds)}, got {type(value).__name__}", field=name
             )
         if isinstance(value, str) and len(value) > _MAX_STRING:
-            raise InvalidField(f"{where}: '{name}' is longer than {_MAX_STRING} characters", field=name)
+            raise InvalidValue(f"{where}: '{name}' is longer than {_MAX_STRING} characters", field=name)
         checked[name] = float(value) if float in kinds else value
     return checked
 
@@ -379,15 +384,16 @@ def parse_client_message(data: bytes) -> ClientMessage:
     elif kind == CanvasDelta.type:
         raw_patches = fields.get("patches", (list,), required=True)
         if not 1 <= len(raw_patches) <= _MAX_RECTS:
-            raise InvalidField(f"delta: 'patches' must hold 1 to {_MAX_RECTS} patches", field="patches")
+            raise InvalidValue(f"delta: 'patches' must hold 1 to {_MAX_RECTS} patches", field="patches")
         patches = []
         for index, raw in enumerate(raw_patches):
             if not isinstance(raw, dict):
                 raise InvalidField(f"delta.patches[{index}] must be a map", field="patches")
             patch_fields = _Fields(raw, f"delta.patches[{index}]")
+            # Any integer: a position outside the canvas is out_of_bounds, checked against the canvas.
             patch = Patch(
-                x=patch_fields.integer("x", -(1 << 20), 1 << 20, required=True),
-                y=patch_fields.integer("y", -(1 << 20), 1 << 20, required=True),
+                x=patch_fields.get("x", (int,), required=True),
+                y=patch_fields.get("y", (int,), required=True),
                 image=_image(patch_fields.get("image", (dict,), required=True), f"delta.patches[{index}]"),
             )
             patch_fields.done()
@@ -399,7 +405,7 @@ def parse_client_message(data: bytes) -> ClientMessage:
     elif kind == Record.type:
         action = fields.get("action", (str,), required=True)
         if action not in RECORD_ACTIONS:
-            raise InvalidField(f"record: 'action' is {action!r}, not one of start, stop", field="action")
+            raise InvalidValue(f"record: 'action' is {action!r}, not one of start, stop", field="action")
         message = Record(action=action, seq=fields.integer("seq", 0, MAX_SEQ))
     elif kind == Ping.type:
         message = Ping(t=fields.get("t", (float, int)), seq=fields.integer("seq", 0, MAX_SEQ))

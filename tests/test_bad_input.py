@@ -42,6 +42,24 @@ def png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def png_declaring_less(size: int, declared: int) -> bytes:
+    """A real size×size PNG of one colour whose IHDR says declared×declared: Pillow alone decodes the first
+    rows of the data as a smaller picture and ignores the rest."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 40, 40)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    struct.pack_into(">II", data, 16, declared, declared)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_pillow_alone_accepts_a_png_header_smaller_than_its_data() -> None:
+    """Why the check exists: without it this PNG decodes, as 64x64, without complaint."""
+    image = Image.open(io.BytesIO(png_declaring_less(128, 64)))
+    image.load()
+    assert image.size == (64, 64)
+
+
 def canvas_message(image: dict[str, object], seq: int = 1) -> bytes:
     return packed({"type": "canvas", "seq": seq, "image": image})
 
@@ -83,7 +101,14 @@ BAD_MESSAGES: list[tuple[str, bytes, str]] = [
         packed({"type": "delta", "seq": 16, "patches": [{"x": -8, "y": 0, "image": {"format": "raw", "data": b"\0" * 192, "width": 8, "height": 8}}]}),
         "out_of_bounds",
     ),
-    ("delta with no patches", packed({"type": "delta", "seq": 17, "patches": []}), "invalid_field"),
+    ("delta with no patches", packed({"type": "delta", "seq": 17, "patches": []}), "invalid_value"),
+    (
+        "patch far outside any canvas",
+        packed({"type": "delta", "seq": 19, "patches": [{"x": 2**63, "y": 0, "image": {"format": "raw", "data": b"\0" * 192, "width": 8, "height": 8}}]}),
+        "out_of_bounds",
+    ),
+    ("seq over 2**53 - 1", packed({"type": "params", "seq": 2**53, "changes": {}}), "invalid_value"),
+    ("png whose header is smaller than its data", canvas_message({"format": "png", "data": png_declaring_less(128, 64)}), "corrupt_image"),
     ("second hello", packed({"type": "hello", "protocol": [1], "seq": 18}), "not_ready"),
 ]
 
@@ -139,12 +164,14 @@ async def test_oversize_messages(server: ServerProcess) -> None:
     ("hello", "code"),
     [
         ({"type": "hello", "protocol": [99]}, "unsupported_version"),
-        ({"type": "hello", "protocol": [1], "width": 100000, "height": 64}, "invalid_field"),
+        ({"type": "hello", "protocol": [1], "width": 100000, "height": 64}, "invalid_value"),
+        ({"type": "hello", "protocol": [1], "width": 0, "height": 64}, "invalid_value"),
+        ({"type": "hello", "protocol": [1], "width": "wide"}, "invalid_field"),
         ({"type": "hello", "protocol": [1], "width": 8192, "height": 8192}, "invalid_value"),
         ({"type": "hello", "protocol": [1], "width": 100, "height": 100}, "invalid_value"),
         ({"type": "hello", "protocol": [1], "params": {"strength": -1.0}}, "invalid_value"),
         ({"type": "hello", "protocol": [1], "codec": "gif"}, "unsupported_image_format"),
-        ({"type": "hello", "protocol": [1], "mode": "video"}, "invalid_field"),
+        ({"type": "hello", "protocol": [1], "mode": "video"}, "invalid_value"),
     ],
 )
 async def test_a_bad_hello_is_refused_with_a_reason(server: ServerProcess, hello: dict, code: str) -> None:

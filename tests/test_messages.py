@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from streamcanvas.codecs.errors import InvalidField, MalformedMessage, UnknownMessageType, UnsupportedImageFormat
+from streamcanvas.codecs.errors import InvalidField, InvalidValue, MalformedMessage, UnknownMessageType, UnsupportedImageFormat
 from streamcanvas.codecs.images import ImageFormat
 from streamcanvas.codecs.messages import (
     Canvas,
@@ -57,20 +57,25 @@ def test_integers_given_for_floats_become_floats() -> None:
     ("body", "error", "field"),
     [
         ({"type": "ping", "seq": True}, InvalidField, "seq"),
-        ({"type": "ping", "seq": -1}, InvalidField, "seq"),
+        ({"type": "ping", "seq": -1}, InvalidValue, "seq"),
+        ({"type": "ping", "seq": 2**53}, InvalidValue, "seq"),
         ({"type": "ping", "extra": 1}, InvalidField, "extra"),
         ({"type": "hello"}, InvalidField, "protocol"),
-        ({"type": "hello", "protocol": []}, InvalidField, "protocol"),
+        ({"type": "hello", "protocol": []}, InvalidValue, "protocol"),
         ({"type": "hello", "protocol": ["1"]}, InvalidField, "protocol"),
-        ({"type": "hello", "protocol": 1, "quality": 101}, InvalidField, "quality"),
+        ({"type": "hello", "protocol": 1, "quality": 101}, InvalidValue, "quality"),
+        ({"type": "hello", "protocol": 1, "width": 0}, InvalidValue, "width"),
+        ({"type": "hello", "protocol": 1, "mode": "video"}, InvalidValue, "mode"),
+        ({"type": "record", "action": "pause"}, InvalidValue, "action"),
         ({"type": "hello", "protocol": 1, "codec": "tiff"}, UnsupportedImageFormat, "format"),
         ({"type": "params", "changes": {"prompt": 5}}, InvalidField, "prompt"),
         ({"type": "params", "changes": {"seed": 1.5}}, InvalidField, "seed"),
         ({"type": "params", "changes": {"denoising_batch": 1}}, InvalidField, "denoising_batch"),
-        ({"type": "params", "changes": {"prompt": "x" * 5000}}, InvalidField, "prompt"),
+        ({"type": "params", "changes": {"prompt": "x" * 5000}}, InvalidValue, "prompt"),
         ({"type": "delta", "patches": [{"x": 0, "image": {"format": "png", "data": b""}}]}, InvalidField, "y"),
         ({"type": "delta", "patches": [[0, 0]]}, InvalidField, "patches"),
         ({"type": "canvas", "image": {"format": "png"}}, InvalidField, "data"),
+        ({"type": "delta", "patches": []}, InvalidValue, "patches"),
     ],
 )
 def test_field_errors_name_the_field(body: dict, error: type[Exception], field: str) -> None:
