@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .api import endpoint, read_json, service_of
+from .api import MAX_BODY_BYTES, endpoint, read_json, service_of
 from .errors import BatchError
 from .results import infotext
 from .store import JobRecord, JobStatus
@@ -251,11 +251,11 @@ async def samplers(request: Request) -> Response:
 
 def a1111_routes() -> list[Route]:
     return [
-        Route(f"{PREFIX}/txt2img", txt2img, methods=["POST"]),
-        Route(f"{PREFIX}/img2img", img2img, methods=["POST"]),
+        Route(f"{PREFIX}/txt2img", txt2img, methods=["POST"], max_body_size=MAX_BODY_BYTES),
+        Route(f"{PREFIX}/img2img", img2img, methods=["POST"], max_body_size=MAX_BODY_BYTES),
         Route(f"{PREFIX}/progress", progress, methods=["GET"]),
         Route(f"{PREFIX}/interrupt", interrupt, methods=["POST"]),
-        Route(f"{PREFIX}/options", options, methods=["GET", "POST"]),
+        Route(f"{PREFIX}/options", options, methods=["GET", "POST"], max_body_size=MAX_BODY_BYTES),
         Route(f"{PREFIX}/sd-models", sd_models, methods=["GET"]),
         Route(f"{PREFIX}/samplers", samplers, methods=["GET"]),
     ]

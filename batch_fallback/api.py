@@ -385,7 +385,7 @@ async def jobs_collection(request: Request) -> Response:
 
 def batch_routes() -> list[Route]:
     return [
-        Route(f"{PREFIX}/jobs", jobs_collection, methods=["GET", "POST"]),
+        Route(f"{PREFIX}/jobs", jobs_collection, methods=["GET", "POST"], max_body_size=MAX_BODY_BYTES),
         Route(f"{PREFIX}/jobs/{{job_id:str}}", get_job, methods=["GET"]),
         Route(f"{PREFIX}/jobs/{{job_id:str}}/cancel", cancel_job, methods=["POST"]),
         Route(f"{PREFIX}/jobs/{{job_id:str}}/events", job_events, methods=["GET"]),

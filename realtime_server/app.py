@@ -9,13 +9,14 @@ from collections.abc import AsyncIterator
 import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from streamcanvas.batch_fallback.a1111 import a1111_routes
 from streamcanvas.batch_fallback.api import batch_routes
 from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 
+from .http import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS
 from .outputs import output_routes
 from .runtime import Runtime
 from .web import web_routes
@@ -54,13 +55,6 @@ async def info(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-async def not_found(request: Request, _exception: Exception) -> Response:
-    """Unknown paths under the HTTP APIs answer in their JSON error shape; elsewhere plain text."""
-    if request.url.path.startswith(("/v1/", "/sdapi/")):
-        return JSONResponse({"error": "not_found", "message": f"no route {request.url.path}"}, status_code=404)
-    return PlainTextResponse("Not Found", status_code=404)
-
-
 def create_app(runtime: Runtime) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -80,11 +74,13 @@ def create_app(runtime: Runtime) -> Starlette:
             *output_routes(),
             *batch_routes(),
             *a1111_routes(),
-            *webrtc_routes(),
+            *webrtc_routes(runtime.settings.allowed_origins),
             *web_routes(),
         ],
         lifespan=lifespan,
-        exception_handlers={404: not_found},
+        exception_handlers=EXCEPTION_HANDLERS,
+        # Every route's body is capped (routes that take uploads declare a larger limit of their own).
+        max_body_size=DEFAULT_MAX_BODY_BYTES,
     )
     app.state.runtime = runtime
     app.state.batch = runtime.batch

@@ -41,8 +41,12 @@ def main() -> None:
 @click.option("--idle-timeout", "idle_timeout_s", type=float, help="Seconds without a client message before its slot is freed. Default 120.")
 @click.option("--api-key", "api_keys", multiple=True, help="Require this key in hello (repeat for several). Default: no keys.")
 @click.option("--allowed-origin", "allowed_origins", multiple=True, help="Browser Origin allowed besides the server's own (repeat; '*' for any).")
-@click.option("--ice-server", "ice_servers", multiple=True, help="STUN/TURN server URL for WebRTC (repeat). Default: none.")
+@click.option("--ice-server", "ice_servers", multiple=True, help="STUN/TURN server for WebRTC (repeat): stun:HOST:PORT, or turn:USER:CREDENTIAL@HOST:PORT for TURN with credentials. Default: none.")
 @click.option("--ice-host-address", "ice_host_addresses", multiple=True, help="Only offer WebRTC host candidates on this address (repeat). Default: every interface but loopback.")
+@click.option("--webrtc-connect-timeout", "webrtc_connect_timeout_s", type=float, help="Seconds a WebRTC peer has to connect after its offer is answered, before its session (and slot) is closed. Default 15.")
+@click.option("--http-read-timeout", "http_read_timeout_s", type=float, help="Seconds an HTTP request may take to send its head, or pause while sending its body (then 408). Default 10.")
+@click.option("--max-pending-requests", type=int, help="HTTP requests that may be half-received at once; more are refused with 503. Default 128.")
+@click.option("--slow-consumer-timeout", "slow_consumer_timeout_s", type=float, help="Seconds a WebSocket client may go without reading before it gets slow_consumer and is closed. Default 15.")
 @click.option("--batch-queue", type=click.Choice(["embedded", "redis"]), help="Batch jobs: 'embedded' (SQLite + a worker in this process, default) or 'redis' (run `streamcanvas worker` processes).")
 @click.option("--redis-url", help="Redis for --batch-queue redis, e.g. redis://127.0.0.1:6379/0.")
 @click.option("--database-url", help="SQLAlchemy URL of the job database. Default sqlite:///<cache>/jobs.db.")
@@ -60,9 +64,12 @@ def serve(**options: object) -> None:
     """
     import uvicorn
 
+    from streamcanvas.codecs.messages import Error, serialize
     from streamcanvas.pipelines.errors import PipelineError
+    from streamcanvas.sessions.session import SLOW_CONSUMER_MESSAGE
 
     from .app import create_app
+    from .connections import http_protocol, websocket_protocol
     from .runtime import Runtime
     from .settings import Settings
 
@@ -96,14 +103,21 @@ def serve(**options: object) -> None:
             "cached Hugging Face repo id (e.g. --model stabilityai/sd-turbo) for real images.",
             runtime.model.path,
         )
+    stalled = serialize(Error(code="slow_consumer", message=SLOW_CONSUMER_MESSAGE, fatal=True))
     uvicorn.run(
         create_app(runtime),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        http=http_protocol(settings.http_read_timeout_s, settings.max_pending_requests),
+        ws=websocket_protocol(stalled, close_timeout_s=5.0),
         ws_max_size=settings.max_message_bytes * 2,
         ws_per_message_deflate=False,
         ws_max_queue=4,
+        # A pong answers only after the client has read all that came before the ping: a client that has
+        # not read for slow_consumer_timeout_s is found within that time (half to ping, half to answer).
+        ws_ping_interval=settings.slow_consumer_timeout_s / 2,
+        ws_ping_timeout=settings.slow_consumer_timeout_s / 2,
         lifespan="on",
     )
 

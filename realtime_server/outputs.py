@@ -1,8 +1,10 @@
 """Video outputs for viewers: a per-session MJPEG stream that OBS, VLC, ffmpeg and `<img>` can play.
 
 Viewers need the session's viewer (or control) token, from `ready.viewer_token`, as `?token=` or an
-`Authorization: Bearer` header. Every viewer gets the newest frame as it comes (a slow one skips
-frames); the frames are encoded once, whatever the number of viewers.
+`Authorization: Bearer` header. A viewer is admitted against the session's one viewer limit (shared
+with WHEP viewers), gets the newest frame at once and then each new one (a slow one skips frames); the
+frames are encoded once, whatever the number of viewers. The stream, and its connection, end with the
+session.
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
-from streamcanvas.sessions.broadcast import TooManyViewers
+from streamcanvas.codecs.images import ImageFormat, get_encoder
+from streamcanvas.sessions.broadcast import Subscription, TooManyViewers, jpeg_of
 from streamcanvas.sessions.manager import TokenRejected
 from streamcanvas.sessions.session import Session
+from streamcanvas.sessions.slots import VIEWER_JPEG_QUALITY
 
+from .http import HTTPProblem, bearer_token
 from .runtime import Runtime
 
 # RFC 2046: the boundary parameter carries no leading "--"; each part starts with "--" + boundary.
@@ -24,35 +30,17 @@ BOUNDARY = "streamcanvasframe"
 VIEWER_ROLES = ("viewer", "control")
 
 
-class OutputError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": 'Bearer realm="streamcanvas"'} if self.status == 401 else None
-        return JSONResponse({"error": self.code, "message": str(self)}, status_code=self.status, headers=headers)
-
-
-def bearer_token(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return request.query_params.get("token")
-
-
 def check_token(request: Request, session_id: str, roles: tuple[str, ...]) -> None:
-    """The request carries a valid token of one of `roles` for this session, or OutputError."""
+    """The request carries a valid token of one of `roles` for this session, or HTTPProblem."""
     runtime: Runtime = request.app.state.runtime
     token = bearer_token(request)
     if not token:
-        raise OutputError(401, "unauthorized", f"a {' or '.join(roles)} token is required (?token= or Authorization: Bearer)")
+        raise HTTPProblem(401, "unauthorized", f"a {' or '.join(roles)} token is required (?token= or Authorization: Bearer)")
     try:
         runtime.manager.tokens.verify(token, session_id, roles)
     except TokenRejected as error:
         status, code = (403, "forbidden") if error.forbidden else (401, "unauthorized")
-        raise OutputError(status, code, str(error)) from None
+        raise HTTPProblem(status, code, str(error)) from None
 
 
 def authorized_session(request: Request, roles: tuple[str, ...]) -> Session:
@@ -60,7 +48,7 @@ def authorized_session(request: Request, roles: tuple[str, ...]) -> Session:
     session_id = request.path_params["session_id"]
     session = runtime.manager.sessions.get(session_id)
     if session is None:
-        raise OutputError(404, "unknown_session", f"no live session {session_id!r}")
+        raise HTTPProblem(404, "unknown_session", f"no live session {session_id!r}")
     check_token(request, session_id, roles)
     return session
 
@@ -70,26 +58,42 @@ def _part(jpeg: bytes) -> bytes:
     return head + jpeg + b"\r\n"
 
 
-async def mjpeg(request: Request) -> Response:
-    try:
-        session = authorized_session(request, VIEWER_ROLES)
-    except OutputError as error:
-        return error.response()
-    if session.broadcast.full:
-        return OutputError(503, "too_many_viewers", "this session has as many viewers as it allows").response()
+def _encode_viewer_jpeg(rgb) -> bytes:  # type: ignore[no-untyped-def]
+    return get_encoder(ImageFormat.JPEG).encode(rgb, VIEWER_JPEG_QUALITY)
 
-    async def parts() -> AsyncIterator[bytes]:
+
+class ViewerStream(StreamingResponse):
+    """The MJPEG response: the viewer's place is given back however the response ends (finished, the
+    client gone, or never started)."""
+
+    def __init__(self, frames: Subscription) -> None:
+        self.frames = frames
+        super().__init__(
+            self._parts(),
+            media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+            # The connection ends with the stream: a player sees the end at once, not after a keep-alive.
+            headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no", "Connection": "close"},
+        )
+
+    async def _parts(self) -> AsyncIterator[bytes]:
+        async for frame in self.frames:
+            yield _part(await jpeg_of(frame, _encode_viewer_jpeg))
+        yield f"--{BOUNDARY}--\r\n".encode()  # RFC 2046's close delimiter: the session has ended
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            async for frame in session.broadcast.subscribe():
-                yield _part(frame.jpeg)
-        except TooManyViewers:
-            return
+            await super().__call__(scope, receive, send)
+        finally:
+            self.frames.close()
 
-    return StreamingResponse(
-        parts(),
-        media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
-        headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no"},
-    )
+
+async def mjpeg(request: Request) -> Response:
+    session = authorized_session(request, VIEWER_ROLES)
+    try:
+        frames = session.broadcast.subscribe()
+    except TooManyViewers as error:
+        raise HTTPProblem(503, "too_many_viewers", str(error)) from None
+    return ViewerStream(frames)
 
 
 async def recording(request: Request) -> Response:
@@ -97,15 +101,12 @@ async def recording(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     session_id = request.path_params["session_id"]
     recording_id = request.path_params["recording_id"]
-    try:
-        check_token(request, session_id, ("control",))  # recordings outlive their session
-    except OutputError as error:
-        return error.response()
+    check_token(request, session_id, ("control",))  # recordings outlive their session
     if not (session_id.isalnum() and recording_id.isalnum()):
-        return OutputError(404, "unknown_recording", "no such recording").response()
+        raise HTTPProblem(404, "unknown_recording", "no such recording")
     path = runtime.manager.config.recordings_dir / f"{session_id}-{recording_id}.mp4"
     if not path.is_file():
-        return OutputError(404, "unknown_recording", "no such recording (or it is still being written)").response()
+        raise HTTPProblem(404, "unknown_recording", "no such recording (or it is still being written)")
     return FileResponse(path, media_type="video/mp4", filename=f"streamcanvas-{recording_id}.mp4")
 
 

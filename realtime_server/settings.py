@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -18,6 +20,37 @@ from streamcanvas.pipelines.tiny import default_cache_dir
 from streamcanvas.sessions.manager import SessionConfig
 
 _RESOLUTION = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """A STUN or TURN server for WebRTC, as browsers' RTCIceServer has it."""
+
+    url: str
+    username: str | None = None
+    credential: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> IceServer:
+        """`stun:HOST[:PORT]`, or `turn:`/`turns:` with optional credentials before the host:
+        `turn:USER:CREDENTIAL@HOST[:PORT][?transport=udp|tcp]` (percent-encode ':' and '@' in them)."""
+        scheme, _, rest = text.partition(":")
+        if scheme not in ("stun", "stuns", "turn", "turns") or not rest:
+            raise ValueError(f"{text!r} is not a stun:, stuns:, turn: or turns: URL")
+        if "@" not in rest:
+            return cls(text)
+        userinfo, _, host = rest.rpartition("@")
+        username, colon, credential = userinfo.partition(":")
+        if not scheme.startswith("turn") or not colon or not username or not host:
+            raise ValueError(f"{scheme}: URL with credentials must be turn:USER:CREDENTIAL@HOST[:PORT]")
+        return cls(f"{scheme}:{host}", unquote(username), unquote(credential))
+
+    def as_rtc(self) -> dict[str, object]:
+        """The server as a browser's RTCIceServer dictionary."""
+        entry: dict[str, object] = {"urls": [self.url]}
+        if self.username is not None:
+            entry.update(username=self.username, credential=self.credential)
+        return entry
 
 
 def _split_list(value: object) -> object:
@@ -50,6 +83,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
     idle_timeout_s: float = Field(120.0, gt=0)
     stats_interval_s: float = Field(1.0, gt=0)
+    # Connections that never finish: HTTP requests, WebRTC peers, WebSocket clients that stop reading.
+    http_read_timeout_s: float = Field(10.0, gt=0, le=3600)
+    max_pending_requests: int = Field(128, ge=1, le=100_000)
+    webrtc_connect_timeout_s: float = Field(15.0, gt=0, le=600)
+    slow_consumer_timeout_s: float = Field(15.0, gt=0, le=3600)
 
     ice_servers: Annotated[list[str], NoDecode] = []
     ice_host_addresses: Annotated[list[str], NoDecode] = []
@@ -79,6 +117,17 @@ class Settings(BaseSettings):
     _split = field_validator("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", mode="before")(
         _split_list
     )
+
+    @field_validator("ice_servers")
+    @classmethod
+    def _check_ice_servers(cls, value: list[str]) -> list[str]:
+        for text in value:
+            IceServer.parse(text)  # raises ValueError naming the bad URL
+        return value
+
+    @property
+    def ice_server_list(self) -> list[IceServer]:
+        return [IceServer.parse(text) for text in self.ice_servers]
 
     @field_validator("ice_host_addresses")
     @classmethod

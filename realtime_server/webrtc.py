@@ -20,46 +20,62 @@ import logging
 import time
 import uuid
 from fractions import Fraction
+from typing import ClassVar
 
 import msgpack
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from streamcanvas.codecs.messages import Error, parse_server_message
+from streamcanvas.sessions.broadcast import BroadcastFrame, Subscription, TooManyViewers
 from streamcanvas.sessions.manager import TooManyConnections
 from streamcanvas.sessions.session import CloseReason, Session
 
-from .outputs import VIEWER_ROLES, OutputError, authorized_session, bearer_token
+from .http import HTTPProblem, bearer_token, check_api_key, require_content_type
+from .outputs import VIEWER_ROLES, authorized_session
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
 _VIDEO_CLOCK = 90_000
 _CHANNEL_QUEUE = 64
-_MAX_SDP_BYTES = 64 * 1024
+_REPEAT_S = 0.5
 
 
 class RenderedTrack(MediaStreamTrack):
-    """The session's rendered frames as a video track: always the newest frame, honest timestamps."""
+    """The session's rendered frames as a video track: always the newest frame, honest timestamps.
+    The track ends when the session does."""
 
     kind = "video"
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, frames: Subscription) -> None:
         super().__init__()
-        self.session = session
-        self._frames = session.broadcast.subscribe()
+        self._frames = frames
         self._started: float | None = None
+        self._last: BroadcastFrame | None = None
 
     async def recv(self) -> VideoFrame:
+        """The next frame; while the session renders nothing new, the newest one again every
+        _REPEAT_S (a receiver shows a frame only once the next one starts arriving, so a viewer
+        that joins an idle session would otherwise see nothing)."""
         try:
-            frame = await anext(self._frames)
+            if self._last is None:
+                frame = await anext(self._frames)
+            else:
+                frame = await asyncio.wait_for(anext(self._frames), _REPEAT_S)
+        except TimeoutError:
+            frame = self._last
         except StopAsyncIteration:
             self.stop()
             raise MediaStreamError from None
+        assert frame is not None
+        self._last = frame
         now = time.monotonic()
         if self._started is None:
             self._started = now
@@ -67,6 +83,10 @@ class RenderedTrack(MediaStreamTrack):
         video.pts = round((now - self._started) * _VIDEO_CLOCK)  # when it was ready, not a fixed rate
         video.time_base = Fraction(1, _VIDEO_CLOCK)
         return video
+
+    def stop(self) -> None:
+        self._frames.close()
+        super().stop()
 
 
 def advertise_only(addresses: list[str]) -> None:
@@ -90,33 +110,93 @@ def advertise_only(addresses: list[str]) -> None:
 
 
 def _peer_connection(runtime: Runtime) -> RTCPeerConnection:
-    servers = [RTCIceServer(urls=url) for url in runtime.settings.ice_servers]
+    servers = [
+        RTCIceServer(urls=server.url, username=server.username, credential=server.credential)
+        for server in runtime.settings.ice_server_list
+    ]
     # An explicit list: RTCConfiguration(iceServers=None) would add a public STUN server.
     return RTCPeerConnection(RTCConfiguration(iceServers=servers))
 
 
-class PeerSession:
-    """One RTCPeerConnection bound to one Session, and the tasks that move its bytes."""
+class Peer:
+    """One RTCPeerConnection tied to one session, with the guarantees every WebRTC resource has:
 
-    kind = "whip"
+    - it must reach "connected" within `webrtc_connect_timeout_s` of its answer, or it is closed;
+    - it ends when the session ends (the session's own peer, and every WHEP viewer of it);
+    - closing it, for whatever reason, releases everything it holds, once.
+    """
+
+    kind: ClassVar[str]
 
     def __init__(self, runtime: Runtime, session: Session) -> None:
         self.runtime = runtime
         self.session = session
         self.resource_id = uuid.uuid4().hex
-        runtime.peers[self.resource_id] = self
         self.pc = _peer_connection(runtime)
         self.tasks: set[asyncio.Task[None]] = set()
-        self.inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_CHANNEL_QUEUE)
-        self.channel = None
-        self.pc.on("track", self._on_track)
-        self.pc.on("datachannel", self._on_datachannel)
+        self.closed = False
+        self._connected = asyncio.Event()
         self.pc.on("connectionstatechange", self._on_state)
 
     def spawn(self, coroutine) -> None:  # type: ignore[no-untyped-def]
         task = asyncio.get_running_loop().create_task(coroutine)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def start(self) -> None:
+        """Called once the answer is made: the resource exists and its deadline runs from now."""
+        self.runtime.peers[self.resource_id] = self
+        self.spawn(self._watch())
+
+    async def _watch(self) -> None:
+        timeout = self.runtime.settings.webrtc_connect_timeout_s
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            logger.info("%s %s: the peer did not connect within %g s; closed", self.kind, self.resource_id, timeout)
+            await self.close()
+            return
+        await self.session.wait_closed()
+        await self.close()
+
+    async def _on_state(self) -> None:
+        state = self.pc.connectionState
+        if state == "connected":
+            self._connected.set()
+        elif state in ("failed", "closed"):
+            await self.close()
+
+    def release(self) -> None:
+        """What this kind of peer holds besides the connection."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.runtime.peers.pop(self.resource_id, None)
+        self.release()
+        for task in list(self.tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        await self.pc.close()
+
+
+class PeerSession(Peer):
+    """A client's own session over WebRTC: its video in, the rendered video out, the protocol's other
+    messages on a data channel."""
+
+    kind = "whip"
+
+    def __init__(self, runtime: Runtime, session: Session) -> None:
+        super().__init__(runtime, session)
+        self.inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_CHANNEL_QUEUE)
+        self.channel = None
+        self.pc.on("track", self._on_track)
+        self.pc.on("datachannel", self._on_datachannel)
+
+    def release(self) -> None:
+        self.session.close(CloseReason.CLIENT_LEFT)  # no-op when the session ended first
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "video":
@@ -173,124 +253,127 @@ class PeerSession:
                 self.channel.send(payload)
         await self.close()
 
-    async def _on_state(self) -> None:
-        if self.pc.connectionState in ("failed", "closed"):
-            await self.close()
 
-    async def close(self) -> None:
-        self.session.close(CloseReason.CLIENT_LEFT)
-        self.runtime.peers.pop(self.resource_id, None)
-        for task in list(self.tasks):
-            if task is not asyncio.current_task():
-                task.cancel()
-        await self.pc.close()
-
-
-class ViewerPeer:
-    """A WHEP viewer: one RTCPeerConnection sending a session's rendered track, nothing more."""
+class ViewerPeer(Peer):
+    """A WHEP viewer: one RTCPeerConnection sending a session's rendered track, nothing more. It counts
+    against the session's viewer limit from the moment it is admitted."""
 
     kind = "whep"
 
-    def __init__(self, runtime: Runtime, session: Session) -> None:
-        self.runtime = runtime
-        self.resource_id = uuid.uuid4().hex
-        runtime.peers[self.resource_id] = self
-        self.pc = _peer_connection(runtime)
-        self.track = RenderedTrack(session)
-        self.pc.on("connectionstatechange", self._on_state)
+    def __init__(self, runtime: Runtime, session: Session, frames: Subscription) -> None:
+        super().__init__(runtime, session)
+        self.track = RenderedTrack(frames)
 
-    async def _on_state(self) -> None:
-        if self.pc.connectionState in ("failed", "closed"):
-            await self.close()
-
-    async def close(self) -> None:
-        self.runtime.peers.pop(self.resource_id, None)
+    def release(self) -> None:
         self.track.stop()
-        await self.pc.close()
 
 
-def _problem(status: int, code: str, message: str, **extra: object) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message, **extra}, status_code=status)
-
-
-async def _read_offer(request: Request, content_type: str) -> bytes | JSONResponse:
+async def _read_offer(request: Request, content_type: str) -> bytes:
+    """The offer's bytes, once the request has passed every check that needs no body. The body itself is
+    capped by the app's body limit (413 before a byte is read when Content-Length says more)."""
     runtime: Runtime = request.app.state.runtime
-    if not request.headers.get("content-type", "").startswith(content_type):
-        return _problem(415, "unsupported_media_type", f"send the offer as {content_type}")
+    require_content_type(request, content_type)
     if not runtime.ready:
-        return _problem(503, "busy", f"the server is {runtime.readiness.value}")
-    body = await request.body()
-    if len(body) > _MAX_SDP_BYTES:
-        return _problem(413, "message_too_large", f"the offer is over {_MAX_SDP_BYTES} bytes")
-    return body
+        raise HTTPProblem(503, "busy", f"the server is {runtime.readiness.value}")
+    return await request.body()
 
 
-async def _open_session(runtime: Runtime, hello: dict) -> tuple[Session, dict] | JSONResponse:
-    """A session for a WebRTC peer, past its hello: (session, ready) or the HTTP answer refusing it."""
+async def _open_session(runtime: Runtime, hello: dict) -> tuple[Session, dict]:
+    """A session for a WebRTC peer, past its hello: (session, ready), or HTTPProblem refusing it."""
     try:
         session = runtime.manager.open("webrtc")
     except TooManyConnections as error:
-        return _problem(503, "busy", str(error))
-    session.frames_to_client = False
-    hello = {**hello, "type": "hello", "queue": False}  # no waiting in line over one HTTP request
-    await session.handle(msgpack.packb(hello, use_bin_type=True))
-    first = await asyncio.wait_for(session.next_outgoing(), 5)
+        raise HTTPProblem(503, "busy", str(error)) from None
+    try:
+        session.frames_to_client = False
+        hello = {**hello, "type": "hello", "queue": False}  # no waiting in line over one HTTP request
+        await session.handle(msgpack.packb(hello, use_bin_type=True))
+        first = session.pending_control()
+    except BaseException:
+        session.close(CloseReason.ERROR)
+        raise
     answer = parse_server_message(first) if first else {"type": "error", "code": "closed", "message": "closed"}
     if answer["type"] == "ready":
         return session, answer
     session.close(CloseReason.ERROR)
     if answer["type"] == "busy":
-        return _problem(503, "busy", "all slots are busy", busy=answer)
+        raise HTTPProblem(503, "busy", "all slots are busy", busy=answer)
     status = 401 if answer.get("code") == "unauthorized" else 400
-    return _problem(status, answer.get("code", "error"), answer.get("message", "hello refused"))
+    raise HTTPProblem(status, answer.get("code", "error"), answer.get("message", "hello refused"))
 
 
-async def _answer(peer: PeerSession | ViewerPeer, sdp: str, rendered: RenderedTrack | None) -> str | JSONResponse:
+async def _answer(peer: Peer, sdp: str, outgoing: RenderedTrack | None) -> str:
+    """The SDP answer, with the peer started; on any failure the peer (and all it holds) is closed."""
     try:
         await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         if not any(transceiver.kind == "video" for transceiver in peer.pc.getTransceivers()):
             raise ValueError("the offer has no video m-line")
-        if rendered is not None:
-            peer.pc.addTrack(rendered)
+        if outgoing is not None:
+            peer.pc.addTrack(outgoing)
         await peer.pc.setLocalDescription(await peer.pc.createAnswer())
-    except (ValueError, TypeError, AttributeError) as error:  # aiortc's errors for SDP it cannot use
+        answer = peer.pc.localDescription.sdp
+    except asyncio.CancelledError:
         await peer.close()
-        return _problem(400, "invalid_sdp", f"the offer could not be used: {error}")
-    return peer.pc.localDescription.sdp
+        raise
+    except Exception as error:  # noqa: BLE001 - aiortc raises many types for SDP it cannot use; all are the offer's
+        await peer.close()
+        logger.info("refused an offer: %s: %s", type(error).__name__, error)
+        raise HTTPProblem(400, "invalid_sdp", f"the offer could not be used: {type(error).__name__}: {error}") from None
+    peer.start()
+    return answer
 
 
 async def offer(request: Request) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
+    if request.headers.get("authorization"):
+        check_api_key(request, runtime.settings.api_keys)  # the key may also ride in hello.api_key
     body = await _read_offer(request, "application/json")
-    if isinstance(body, JSONResponse):
-        return body
     try:
         document = json.loads(body)
     except ValueError as error:
-        return _problem(400, "malformed_message", f"not JSON: {error}")
+        raise HTTPProblem(400, "malformed_message", f"not JSON: {error}") from None
     if not isinstance(document, dict) or document.get("type") != "offer" or not isinstance(document.get("sdp"), str):
-        return _problem(400, "invalid_field", 'expected {"type": "offer", "sdp": "...", "hello": {...}}')
+        raise HTTPProblem(400, "invalid_field", 'expected {"type": "offer", "sdp": "...", "hello": {...}}')
     hello = document.get("hello", {"protocol": [1]})
     if not isinstance(hello, dict):
-        return _problem(400, "invalid_field", "'hello' must be an object with the hello message's fields")
-    opened = await _open_session(runtime, hello)
-    if isinstance(opened, JSONResponse):
-        return opened
-    session, ready = opened
-    peer = PeerSession(runtime, session)
-    answer = await _answer(peer, document["sdp"], RenderedTrack(session))
-    if isinstance(answer, JSONResponse):
-        return answer
-    return JSONResponse({"sdp": answer, "type": "answer", "session_id": session.id, "ready": ready})
+        raise HTTPProblem(400, "invalid_field", "'hello' must be an object with the hello message's fields")
+    token = bearer_token(request)
+    if token and runtime.settings.api_keys and "api_key" not in hello:
+        hello = {**hello, "api_key": token}
+    session, ready = await _open_session(runtime, hello)
+    try:
+        peer = PeerSession(runtime, session)
+        own_frames = session.broadcast.subscribe(viewer=False)
+    except BaseException:
+        session.close(CloseReason.ERROR)
+        raise
+    answer = await _answer(peer, document["sdp"], RenderedTrack(own_frames))
+    ice_servers = [server.as_rtc() for server in runtime.settings.ice_server_list]
+    return JSONResponse(
+        {"sdp": answer, "type": "answer", "session_id": session.id, "ready": ready, "ice_servers": ice_servers}
+    )
 
 
 # --- WHIP (RFC 9725) ingest and WHEP egress --------------------------------------------------------
 
 _WHIP_PARAMS = {"prompt": str, "negative_prompt": str, "strength": float, "steps": int, "seed": int, "guidance_scale": float}
+_ALLOW_ENDPOINT = "OPTIONS, POST"
+_ALLOW_RESOURCE = "OPTIONS, DELETE, PATCH"
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _ice_links(runtime: Runtime) -> dict[str, str]:
-    links = [f'<{url}>; rel="ice-server"' for url in runtime.settings.ice_servers]
+    """RFC 9725 §4.6: one `Link: <url>; rel="ice-server"` per server, with TURN credentials."""
+    links = []
+    for server in runtime.settings.ice_server_list:
+        link = f'<{server.url}>; rel="ice-server"'
+        if server.username is not None:
+            link += f"; username={_quoted(server.username)}; credential={_quoted(server.credential or '')}"
+            link += '; credential-type="password"'
+        links.append(link)
     return {"Link": ", ".join(links)} if links else {}
 
 
@@ -299,12 +382,19 @@ def _sdp_created(runtime: Runtime, location: str, sdp: str, extra: dict[str, str
     return Response(sdp, status_code=201, media_type="application/sdp", headers=headers)
 
 
+def _options(allow: str, accepts_sdp: bool) -> Response:
+    headers = {"Allow": allow}
+    if accepts_sdp:
+        headers["Accept-Post"] = "application/sdp"
+    return Response(status_code=204, headers=headers)
+
+
 async def whip(request: Request) -> Response:
     """Publish a video stream; the server renders it. Parameters ride on the URL's query string."""
     runtime: Runtime = request.app.state.runtime
-    body = await _read_offer(request, "application/sdp")
-    if isinstance(body, JSONResponse):
-        return body
+    if request.method == "OPTIONS":
+        return _options(_ALLOW_ENDPOINT, accepts_sdp=True)
+    token = check_api_key(request, runtime.settings.api_keys)
     query = request.query_params
     hello: dict = {"protocol": [1], "params": {}}
     try:
@@ -315,18 +405,17 @@ async def whip(request: Request) -> Response:
             if name in query:
                 hello["params"][name] = kind(query[name])
     except ValueError as error:
-        return _problem(400, "invalid_field", f"a query parameter is not a number: {error}")
-    token = bearer_token(request)
+        raise HTTPProblem(400, "invalid_field", f"a query parameter is not a number: {error}") from None
     if token:
         hello["api_key"] = token
-    opened = await _open_session(runtime, hello)
-    if isinstance(opened, JSONResponse):
-        return opened
-    session, ready = opened
-    peer = PeerSession(runtime, session)
+    body = await _read_offer(request, "application/sdp")
+    session, ready = await _open_session(runtime, hello)
+    try:
+        peer = PeerSession(runtime, session)
+    except BaseException:
+        session.close(CloseReason.ERROR)
+        raise
     answer = await _answer(peer, body.decode(errors="replace"), None)
-    if isinstance(answer, JSONResponse):
-        return answer
     return _sdp_created(
         runtime,
         f"/v1/whip/{peer.resource_id}",
@@ -342,42 +431,60 @@ async def whip(request: Request) -> Response:
 async def whep(request: Request) -> Response:
     """Watch a session's rendered video; the bearer token is its viewer (or control) token."""
     runtime: Runtime = request.app.state.runtime
+    if request.method == "OPTIONS":
+        return _options(_ALLOW_ENDPOINT, accepts_sdp=True)
+    session = authorized_session(request, VIEWER_ROLES)
     body = await _read_offer(request, "application/sdp")
-    if isinstance(body, JSONResponse):
-        return body
     try:
-        session = authorized_session(request, VIEWER_ROLES)
-    except OutputError as error:
-        return error.response()
-    if session.broadcast.full:
-        return _problem(503, "too_many_viewers", "this session has as many viewers as it allows")
-    viewer = ViewerPeer(runtime, session)
+        frames = session.broadcast.subscribe()
+    except TooManyViewers as error:
+        raise HTTPProblem(503, "too_many_viewers", str(error)) from None
+    try:
+        viewer = ViewerPeer(runtime, session, frames)
+    except BaseException:
+        frames.close()
+        raise
     answer = await _answer(viewer, body.decode(errors="replace"), viewer.track)
-    if isinstance(answer, JSONResponse):
-        return answer
     return _sdp_created(runtime, f"/v1/whep/{viewer.resource_id}", answer, {})
 
 
 async def resource(request: Request) -> Response:
     """DELETE ends a WHIP/WHEP resource; PATCH (trickle ICE, ICE restart) is not supported."""
     runtime: Runtime = request.app.state.runtime
+    if request.method == "OPTIONS":
+        return _options(_ALLOW_RESOURCE, accepts_sdp=False)
     peer = runtime.peers.get(request.path_params["resource_id"])
     if peer is None or peer.kind != request.path_params["kind"]:
-        return _problem(404, "unknown_resource", "no such WHIP/WHEP resource (it may have ended)")
+        raise HTTPProblem(404, "unknown_resource", "no such WHIP/WHEP resource (it may have ended)")
     if request.method == "DELETE":
         await peer.close()
         return Response(status_code=200)
-    return Response(
-        status_code=405,
-        headers={"Allow": "DELETE"},
-        content="trickle ICE and ICE restarts are not supported: all candidates are in the answer",
+    raise HTTPProblem(
+        405,
+        "method_not_allowed",
+        "trickle ICE and ICE restarts are not supported: all candidates are in the answer",
+        headers={"Allow": "OPTIONS, DELETE"},
     )
 
 
-def webrtc_routes() -> list[Route]:
+_EXPOSED = ["Location", "Link", "Accept-Post", "X-Streamcanvas-Session", "X-Streamcanvas-Control-Token", "X-Streamcanvas-Viewer-Token"]
+
+
+def webrtc_routes(allowed_origins: list[str]) -> list[Route]:
+    """The signalling routes. Browsers on the origins in `allowed_origins` (--allowed-origin) may call
+    them cross-origin (CORS, preflight included)."""
+    cors = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=allowed_origins,
+            allow_methods=["POST", "DELETE", "PATCH", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=_EXPOSED,
+        )
+    ]
     return [
-        Route("/v1/webrtc/offer", offer, methods=["POST"]),
-        Route("/v1/whip", whip, methods=["POST"]),
-        Route("/v1/sessions/{session_id:str}/whep", whep, methods=["POST"]),
-        Route("/v1/{kind:str}/{resource_id:str}", resource, methods=["DELETE", "PATCH"]),
+        Route("/v1/webrtc/offer", offer, methods=["POST"], middleware=cors),
+        Route("/v1/whip", whip, methods=["POST", "OPTIONS"], middleware=cors),
+        Route("/v1/sessions/{session_id:str}/whep", whep, methods=["POST", "OPTIONS"], middleware=cors),
+        Route("/v1/{kind:str}/{resource_id:str}", resource, methods=["DELETE", "PATCH", "OPTIONS"], middleware=cors),
     ]

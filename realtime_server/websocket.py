@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from urllib.parse import urlsplit
 
@@ -12,6 +13,7 @@ from streamcanvas.codecs.messages import Busy, Error, serialize
 from streamcanvas.sessions.manager import TooManyConnections
 from streamcanvas.sessions.session import CloseReason, Session, SessionState
 
+from .connections import SLOW_CONSUMER_CLOSE
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,9 @@ CLOSE_CODES = {
     CloseReason.BUSY: 1013,
 }
 _SEND_DRAIN_S = 5.0
+_GONE = (WebSocketDisconnect, RuntimeError, OSError)
+"""What sending raises once the client has gone: Starlette turns the server's OSError into
+WebSocketDisconnect, and refuses (RuntimeError) to send after a disconnect it has seen."""
 
 
 def origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:
@@ -63,30 +68,26 @@ async def stream_endpoint(websocket: WebSocket) -> None:
         except (TimeoutError, asyncio.CancelledError):
             sender.cancel()
         if websocket.client_state is WebSocketState.CONNECTED:
-            try:
+            with contextlib.suppress(*_GONE):  # the peer went away while we were closing
                 await websocket.close(code=CLOSE_CODES[session.close_reason or CloseReason.CLIENT_LEFT])
-            except (RuntimeError, OSError):
-                pass  # the peer went away while we were closing
 
 
 async def _receive_loop(websocket: WebSocket, session: Session) -> None:
+    """Hand every message to the session until either side ends it (the session enforces the idle
+    timeout itself, for every transport)."""
     while session.state not in (SessionState.CLOSING, SessionState.CLOSED):
-        # A client waiting in line is waiting on us, so only active sessions can idle out.
-        timeout = None if session.state is SessionState.QUEUED else session.config.idle_timeout_s
-        try:
-            message = await asyncio.wait_for(websocket.receive(), timeout)
-        except TimeoutError:
-            session.send_control(
-                Error(
-                    code="idle_timeout",
-                    message=f"no message for {session.config.idle_timeout_s:g} s; the slot has been freed",
-                    fatal=True,
-                )
-            )
-            session.close(CloseReason.IDLE)
+        receiving = asyncio.ensure_future(websocket.receive())
+        ended = asyncio.ensure_future(session.wait_closed())
+        await asyncio.wait((receiving, ended), return_when=asyncio.FIRST_COMPLETED)
+        ended.cancel()
+        if not receiving.done():
+            receiving.cancel()
             return
+        message = receiving.result()
         if message["type"] == "websocket.disconnect":
-            session.close(CloseReason.CLIENT_LEFT)
+            # 1008 "slow_consumer" comes from the connection itself: the client stopped reading.
+            slow = (message.get("code"), message.get("reason")) == SLOW_CONSUMER_CLOSE
+            session.close(CloseReason.ERROR if slow else CloseReason.CLIENT_LEFT)
             return
         data = message.get("bytes")
         if data is None:
@@ -104,7 +105,7 @@ async def _send_loop(websocket: WebSocket, session: Session) -> None:
     try:
         while (payload := await session.next_outgoing()) is not None:
             await websocket.send_bytes(payload)
-    except (WebSocketDisconnect, RuntimeError, OSError):
+    except _GONE:
         session.close(CloseReason.CLIENT_LEFT)
 
 
@@ -115,5 +116,5 @@ async def _refuse(websocket: WebSocket, runtime: Runtime, reason: str) -> None:
         await websocket.send_bytes(serialize(busy))
         await websocket.send_bytes(serialize(Error(code="busy", message=reason, fatal=True)))
         await websocket.close(code=CLOSE_CODES[CloseReason.BUSY])
-    except (WebSocketDisconnect, RuntimeError, OSError):
+    except _GONE:
         pass  # the client left before hearing why

@@ -1,14 +1,17 @@
 """One session's rendered frames, fanned out to any number of viewers at the cost of one encode.
 
-The slot's worker publishes each frame's JPEG once (only while someone watches); every viewer awaits
-the newest one. A viewer that falls behind skips frames instead of queueing them: latest-wins, per
-viewer, with nothing buffered but the one newest frame.
+The slot's worker hands over every frame it renders (the RGB array, and its JPEG while someone
+watches); the broadcast keeps only the newest. Every viewer — an MJPEG stream, a WHEP peer, whatever
+comes next — is a `Subscription`: it counts against the session's viewer limit from the moment it is
+admitted, gets the newest frame at once (encoded on demand if nobody watched when it was rendered), and
+then each newer one. A viewer that falls behind skips frames instead of queueing them: latest-wins, with
+nothing buffered but the one newest frame. When the session ends, every subscription ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +20,11 @@ import numpy as np
 @dataclass(frozen=True)
 class BroadcastFrame:
     seq: int
-    jpeg: bytes
+    rgb: np.ndarray
     width: int
     height: int
-    rgb: np.ndarray | None = None
-    """The decoded frame as well, for video tracks (WebRTC) that encode it themselves."""
+    jpeg: bytes | None = None
+    """Set when someone watched as it was rendered; otherwise encoded when a viewer first needs it."""
 
 
 class TooManyViewers(Exception):
@@ -40,13 +43,9 @@ class FrameBroadcast:
 
     @property
     def wanted(self) -> bool:
-        """Read by the worker thread to skip the extra encode when nobody watches (a stale read only
+        """Read by the worker thread to skip the JPEG encode when nobody watches (a stale read only
         costs or saves one frame's encode)."""
         return self.viewers > 0
-
-    @property
-    def full(self) -> bool:
-        return self.viewers >= self.max_viewers
 
     def publish(self, frame: BroadcastFrame) -> None:
         self.latest = frame
@@ -60,19 +59,48 @@ class FrameBroadcast:
         event, self._next = self._next, asyncio.Event()
         event.set()
 
-    async def subscribe(self) -> AsyncIterator[BroadcastFrame]:
-        """The newest frame now (if any), then each newer one as it comes, until the session ends."""
-        if self.full:
-            raise TooManyViewers(f"this session already has {self.viewers} viewers, the limit")
-        self.viewers += 1
-        try:
-            seen = 0
-            while not self.closed:
-                frame = self.latest
-                if frame is None or frame.seq <= seen:
-                    await self._next.wait()
-                    continue
-                seen = frame.seq
-                yield frame
-        finally:
-            self.viewers -= 1
+    def subscribe(self, viewer: bool = True) -> Subscription:
+        """Admit one consumer now, or raise TooManyViewers. `viewer=False` is for the session's own
+        client (its WebRTC output track), which does not count against the viewer limit."""
+        if self.closed:
+            raise TooManyViewers("the session has ended")
+        if viewer:
+            if self.viewers >= self.max_viewers:
+                raise TooManyViewers(f"this session already has {self.viewers} viewers, the limit")
+            self.viewers += 1
+        return Subscription(self, viewer)
+
+
+class Subscription:
+    """One consumer's view of a broadcast: iterate for the newest frame now, then each newer one."""
+
+    def __init__(self, broadcast: FrameBroadcast, counted: bool) -> None:
+        self._broadcast = broadcast
+        self._counted = counted
+        self._seen = 0
+
+    def close(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._broadcast.viewers -= 1
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> BroadcastFrame:
+        broadcast = self._broadcast
+        while not broadcast.closed:
+            frame = broadcast.latest
+            if frame is not None and frame.seq > self._seen:
+                self._seen = frame.seq
+                return frame
+            await broadcast._next.wait()
+        self.close()
+        raise StopAsyncIteration
+
+
+async def jpeg_of(frame: BroadcastFrame, encode: Callable[[np.ndarray], bytes]) -> bytes:
+    """The frame's JPEG: the one encoded for viewers when it was rendered, or one made now, off the loop."""
+    if frame.jpeg is not None:
+        return frame.jpeg
+    return await asyncio.to_thread(encode, frame.rgb)

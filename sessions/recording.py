@@ -58,8 +58,8 @@ class Recorder:
         self._last_pts = -_MIN_FRAME_MS  # so the first frame is at 0
         self._stopped = False
         self._queue: queue.Queue[tuple[float, np.ndarray] | None] = queue.Queue(maxsize=_QUEUE_FRAMES)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             self._container = av.open(str(path), mode="w", format="mp4")
             # No B-frames: with render-time (variable) timestamps, reordered frames can get a decode
             # time after their presentation time, which the MP4 muxer refuses.
@@ -107,7 +107,7 @@ class Recorder:
                 self._encode(av, stamp, rgb)
             for packet in self._stream.encode(None):
                 self._container.mux(packet)
-        except (av.FFmpegError, ValueError) as error:
+        except (av.FFmpegError, OSError, ValueError) as error:  # a full disk, a removed directory
             logger.exception("recording %s failed", self.path)
             self.error = f"{type(error).__name__}: {error}"
         finally:

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, assert_never
 
 import numpy as np
 
@@ -128,6 +128,7 @@ class DeliveredFrame:
 
 
 _INTERNAL_ERROR_MESSAGE = "the frame failed on the server; the slot has been reset and your next input renders"
+SLOW_CONSUMER_MESSAGE = "the client is not reading its messages"
 
 
 class Session:
@@ -171,6 +172,12 @@ class Session:
         self.frames_to_client = True
         self.recording_id = ""
 
+        # The idle timeout, for every transport: no message (or video frame) for idle_timeout_s ends an
+        # active session. A session waiting in line is waiting on us, and does not idle out.
+        self._last_activity = time.monotonic()
+        self._closed_event = asyncio.Event()
+        self._idle_task = self.loop.create_task(self._watch_idle(), name=f"idle-{self.id}")
+
     # ------------------------------------------------------------------------------------------------
     # Incoming (event loop)
 
@@ -178,6 +185,7 @@ class Session:
         """Process one received message; every problem becomes a typed `error` to this client."""
         if self.state in (SessionState.CLOSING, SessionState.CLOSED):
             return
+        self._last_activity = time.monotonic()
         message: ClientMessage | None = None
         try:
             if len(data) > self.config.max_message_bytes:
@@ -209,6 +217,16 @@ class Session:
             )
             if fatal:
                 self.close(CloseReason.ERROR)
+        except Exception:  # noqa: BLE001 - the adapter boundary: a bug must not end the connection silently
+            logger.exception("session %s: unexpected error handling a %s message", self.id, getattr(message, "type", "?"))
+            self.send_control(
+                Error(
+                    code="internal_error",
+                    message="the server failed to handle this message; the session goes on",
+                    ref_seq=getattr(message, "seq", None),
+                    ref_type=getattr(message, "type", None),
+                )
+            )
 
     async def _dispatch(self, message: ClientMessage) -> None:
         match message:
@@ -236,7 +254,11 @@ class Session:
             case Record():
                 await self._record(message)
             case Ping():
+                if self.state is SessionState.CONNECTING:
+                    raise NotReady("'ping' before hello: send hello first")
                 self.send_control(Pong(t=message.t, seq=message.seq))
+            case _:
+                assert_never(message)
 
     async def _record(self, message: Record) -> None:
         if self.state not in (SessionState.READY, SessionState.STREAMING):
@@ -278,6 +300,7 @@ class Session:
         """A frame of the client's video track (WebRTC): the newest whole canvas, latest-wins."""
         if self.state not in (SessionState.READY, SessionState.STREAMING) or self._canvas is None:
             return  # before ready, or a txt2img session: the track's frames have nowhere to go
+        self._last_activity = time.monotonic()
         canvas = self._canvas
         scaled = await asyncio.to_thread(canvas.fit, rgb)
         with self._condition:
@@ -353,6 +376,7 @@ class Session:
     def bind(self, slot: Slot) -> None:
         """Called once the pool has attached this session to a slot (at once, or from the queue)."""
         self.slot = slot
+        self._last_activity = time.monotonic()  # the idle timeout starts when the slot is ours
         # A client that waited in line may already have sent its canvas: it is streaming from the start.
         self.state = SessionState.STREAMING if self._newest is not None else SessionState.READY
         self.send_control(
@@ -447,10 +471,9 @@ class Session:
     def closed(self) -> bool:
         return self._closed
 
-    def deliver(self, frame: DeliveredFrame, dropped_inputs: int, viewer_frame: BroadcastFrame | None) -> None:
+    def deliver(self, frame: DeliveredFrame, dropped_inputs: int, viewer_frame: BroadcastFrame) -> None:
         self._call_on_loop(self._set_frame, frame, dropped_inputs)
-        if viewer_frame is not None:
-            self._call_on_loop(self._publish, viewer_frame)
+        self._call_on_loop(self._publish, viewer_frame)
 
     def report_skipped(self, dropped_inputs: int) -> None:
         self._call_on_loop(self._count_skipped, dropped_inputs)
@@ -501,13 +524,18 @@ class Session:
             if isinstance(message, Stats):
                 return  # stats are a periodic summary; the next one supersedes this
             self._control.append(
-                serialize(Error(code="slow_consumer", message="the client is not reading its messages", fatal=True))
+                serialize(Error(code="slow_consumer", message=SLOW_CONSUMER_MESSAGE, fatal=True))
             )
             self._wakeup.set()
             self.close(CloseReason.ERROR)
             return
         self._control.append(serialize(message))
         self._wakeup.set()
+
+    def pending_control(self) -> bytes | None:
+        """The oldest control message not yet sent, without waiting (signalling answers a hello within
+        its HTTP request: the answer, ready or an error, is queued by the time `handle()` returns)."""
+        return self._control.popleft() if self._control else None
 
     async def next_outgoing(self) -> bytes | None:
         """The next message to send: control messages first, then the newest frame; None when done."""
@@ -526,10 +554,16 @@ class Session:
             await self._wakeup.wait()
 
     async def _send_stats(self) -> None:
+        """Every stats interval while inputs or frames flow, and until one has said fps 0 after they stop."""
+        counted = (0, 0)
+        last_fps = 0.0
         while self.state in (SessionState.READY, SessionState.STREAMING):
             await asyncio.sleep(self.config.stats_interval_s)
-            if self.state is SessionState.STREAMING:
-                self.send_control(self.current_stats())
+            now = (self.stats.inputs, self.stats.frames)
+            if self.state is SessionState.STREAMING and (now != counted or last_fps > 0):
+                stats = self.current_stats()
+                self.send_control(stats)
+                counted, last_fps = now, stats.fps
 
     def current_stats(self) -> Stats:
         stats = self.stats
@@ -547,6 +581,25 @@ class Session:
     # ------------------------------------------------------------------------------------------------
     # Ending
 
+    async def _watch_idle(self) -> None:
+        timeout = self.config.idle_timeout_s
+        while self.state not in (SessionState.CLOSING, SessionState.CLOSED):
+            if self.state is SessionState.QUEUED:
+                await asyncio.sleep(timeout)
+                continue
+            remaining = self._last_activity + timeout - time.monotonic()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+                continue
+            self.send_control(
+                Error(code="idle_timeout", message=f"no message for {timeout:g} s; the slot has been freed", fatal=True)
+            )
+            self.close(CloseReason.IDLE)
+
+    async def wait_closed(self) -> None:
+        """Return once the session has ended (for anything that must end with it: peers, viewers)."""
+        await self._closed_event.wait()
+
     def close(self, reason: CloseReason) -> None:
         """End the session now: the slot is freed at once; queued control messages still go out."""
         if self.state in (SessionState.CLOSING, SessionState.CLOSED):
@@ -559,6 +612,9 @@ class Session:
         self._frame = None
         if self._stats_task is not None:
             self._stats_task.cancel()
+        if self._idle_task is not asyncio.current_task():
+            self._idle_task.cancel()
+        self._closed_event.set()
         self.broadcast.close()  # viewers' streams end with the session
         if self.recorder is not None:  # a recording in progress is finished, not lost
             recorder, self.recorder = self.recorder, None

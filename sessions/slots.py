@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 _POLL_S = 0.25
 """How often an idle worker re-checks whether its session is still attached."""
 _MAX_GRACE_S = 0.5
+VIEWER_JPEG_QUALITY = 85
 
 
 class Slot:
@@ -150,11 +151,12 @@ class Slot:
             recorder = session.recorder
             if recorder is not None:
                 recorder.offer(result.image)
-            viewer_frame = None
+            # The newest frame is kept for viewers who join later; while anyone watches, it is also encoded
+            # once, as JPEG (MJPEG, OBS), however many watch.
+            jpeg = None
             if session.broadcast.wanted:
-                # Viewers (MJPEG, OBS) get JPEG: one encode per frame however many watch.
-                jpeg = payload if encoder.format is ImageFormat.JPEG else self._jpeg.encode(result.image, 85)
-                viewer_frame = BroadcastFrame(frame_seq, jpeg, stream.width, stream.height, result.image)
+                jpeg = payload if encoder.format is ImageFormat.JPEG else self._jpeg.encode(result.image, VIEWER_JPEG_QUALITY)
+            viewer_frame = BroadcastFrame(frame_seq, result.image, stream.width, stream.height, jpeg)
             # Latency counts once per input: from its arrival to the first frame that fully shows it.
             session.deliver(DeliveredFrame(serialize(message), first_answer, timings), job.dropped, viewer_frame)
 

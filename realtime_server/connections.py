@@ -1,0 +1,171 @@
+"""Connection guards uvicorn does not have: read deadlines for HTTP requests, and slow WebSocket readers.
+
+uvicorn's own settings cover what they can (keep-alive timeout, WebSocket size, ping interval and pong
+timeout). Two things it has no setting for are added here as subclasses of its protocol classes, the
+extension point its `http=` and `ws=` options take:
+
+- **HTTP read deadline.** A request must send its head within `read_timeout_s` of the connection
+  opening (or of its first byte, on a kept-alive connection), and then never pause more than
+  `read_timeout_s` between body bytes; otherwise it gets `408` and the connection is closed. At most
+  `max_pending` connections may be in that state (connected, request not yet fully received) at once;
+  one more is answered `503` and closed at once. Half-sent requests therefore hold nothing for long.
+- **Slow WebSocket readers.** uvicorn pings each WebSocket; a pong comes back only after the client has
+  read everything sent before the ping. When the pong is overdue, the client is sent the protocol's
+  `slow_consumer` error and a close frame (code 1008), behind whatever it has not read yet, and the
+  application is told at once (so the session and its slot are freed); if the client still has not
+  answered the close after `close_timeout_s`, the TCP connection is reset rather than left waiting
+  for a flush that never comes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+logger = logging.getLogger(__name__)
+
+SLOW_CONSUMER_CLOSE = (1008, "slow_consumer")
+
+
+def _raw_response(status: int, phrase: str, code: str, message: str) -> bytes:
+    body = json.dumps({"error": code, "message": message}).encode()
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a read deadline and a cap on unfinished requests."""
+
+    read_timeout_s: ClassVar[float] = 10.0
+    max_pending: ClassVar[int] = 128
+    pending: ClassVar[set[GuardedHttpProtocol]] = set()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.pending) >= self.max_pending:
+            logger.warning("refused a connection: %d requests are already being received", len(self.pending))
+            self._answer_and_close(
+                503, "Service Unavailable", "busy", f"{len(self.pending)} requests are being received; try again"
+            )
+            return
+        self._expect_bytes()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._expect_bytes()
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self.parser.should_upgrade() and self._should_upgrade():
+            self._done_reading()  # a WebSocket: its own protocol takes the connection over
+        else:
+            self._arm()  # now the body, if any: no gap longer than the deadline
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self._arm()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._done_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._done_reading()
+        super().connection_lost(exc)
+
+    def _expect_bytes(self) -> None:
+        self.pending.add(self)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+        self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+
+    def _done_reading(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        self.pending.discard(self)
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.flow is not None and self.flow.read_paused:
+            self._arm()  # we paused reading (the application has not taken the body yet): not the client's fault
+            return
+        self.pending.discard(self)
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
+            self._answer_and_close(
+                408, "Request Timeout", "request_timeout",
+                f"the request was not received within {self.read_timeout_s:g} s",
+            )  # fmt: skip
+        else:
+            self.transport.close()
+
+    def _answer_and_close(self, status: int, phrase: str, code: str, message: str) -> None:
+        self.transport.write(_raw_response(status, phrase, code, message))
+        self.transport.close()
+
+
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol that ends slow readers with the protocol's own error and close code."""
+
+    stalled_message: ClassVar[bytes | None] = None
+    """Sent to a client that stopped reading, before the close frame (the `slow_consumer` error)."""
+    close_timeout_s: ClassVar[float] = 5.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.close_timeout = self.close_timeout_s
+
+    def keepalive_timeout(self) -> None:
+        """The pong is overdue: the client has not read what was sent before the ping."""
+        self.pong_timer = None
+        self.pending_ping_payload = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        if self.stalled_message is not None:
+            self.conn.send_binary(self.stalled_message)
+        self.conn.send_close(*SLOW_CONSUMER_CLOSE)
+        self.transport.write(b"".join(self.conn.data_to_send()))  # queued behind the unread data
+        self.close_sent = True
+        code, reason = SLOW_CONSUMER_CLOSE
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self._reset_later()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.close" and self.close_timer is not None:
+            self._reset_later()
+
+    def _reset_later(self) -> None:
+        """If the close handshake has not finished by then, reset the connection: a plain close would
+        wait for the unread data to drain, which a client that does not read never lets happen."""
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+
+
+def http_protocol(read_timeout_s: float, max_pending: int) -> type[GuardedHttpProtocol]:
+    """A protocol class for uvicorn's `http=` option with these limits (and its own count of requests)."""
+    attributes = {"read_timeout_s": read_timeout_s, "max_pending": max_pending, "pending": set()}
+    return type("GuardedHttpProtocol", (GuardedHttpProtocol,), attributes)
+
+
+def websocket_protocol(stalled_message: bytes, close_timeout_s: float) -> type[GuardedWebSocketProtocol]:
+    attributes = {"stalled_message": stalled_message, "close_timeout_s": close_timeout_s}
+    return type("GuardedWebSocketProtocol", (GuardedWebSocketProtocol,), attributes)
