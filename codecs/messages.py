@@ -305,9 +305,10 @@ class _Fields:
         return value
 
     def done(self) -> None:
-        unknown = sorted(set(self.body) - self.seen)
+        # Keys are str or bin (strict_map_key); a bin key is named by its repr, never sent back as bytes.
+        unknown = sorted(key if isinstance(key, str) else repr(key) for key in self.body if key not in self.seen)
         if unknown:
-            raise InvalidField(f"{self.where}: unknown field '{unknown[0]}'", field=unknown[0])
+            raise InvalidField(f"{self.where}: unknown field {unknown[0]!r}", field=unknown[0])
 
 
 def _names(kinds: tuple[type, ...]) -> str:

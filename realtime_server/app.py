@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 
 import torch
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
@@ -16,6 +18,7 @@ from streamcanvas.batch_fallback.a1111 import a1111_routes
 from streamcanvas.batch_fallback.api import batch_routes
 from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 
+from .connections import JSONContentTooLarge
 from .http import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS
 from .outputs import output_routes
 from .runtime import Runtime
@@ -78,9 +81,12 @@ def create_app(runtime: Runtime) -> Starlette:
             *web_routes(),
         ],
         lifespan=lifespan,
+        middleware=[
+            Middleware(JSONContentTooLarge),
+            # Every route's body is capped (routes that take uploads declare a larger limit of their own).
+            Middleware(RequestBodyLimitMiddleware, max_body_size=DEFAULT_MAX_BODY_BYTES),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
-        # Every route's body is capped (routes that take uploads declare a larger limit of their own).
-        max_body_size=DEFAULT_MAX_BODY_BYTES,
     )
     app.state.runtime = runtime
     app.state.batch = runtime.batch

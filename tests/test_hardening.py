@@ -1,0 +1,312 @@
+"""Requests and connections that never complete hold nothing for long (docs/limits.md).
+
+A real server on loopback with short limits: oversized bodies (the server's memory is measured), half-
+sent requests on real sockets, a WebSocket client that stops reading, viewers of sessions that end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import msgpack
+import pytest
+import websockets
+
+from conftest import TEST_RESOLUTION, start_server
+from helpers import Client, ServerProcess, decode_frame, make_canvas
+
+READ_TIMEOUT_S = 2.0
+MAX_PENDING = 30
+SLOW_CONSUMER_S = 2.0
+SIZE = TEST_RESOLUTION
+MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def guarded(cache_dir: Path, artifacts_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    blocker = tmp_path_factory.mktemp("recordings") / "a-file"
+    blocker.write_text("a file where the recordings directory should be")
+    process = start_server(
+        cache_dir, artifacts_dir, "hardening",
+        "--slots", "1",
+        "--http-read-timeout", str(READ_TIMEOUT_S),
+        "--max-pending-requests", str(MAX_PENDING),
+        "--slow-consumer-timeout", str(SLOW_CONSUMER_S),
+        env={"STREAMCANVAS_RECORDINGS_DIR": str(blocker / "recordings"), "STREAMCANVAS_STATS_INTERVAL_S": "0.25"},
+    )  # fmt: skip
+    yield process
+    process.stop()
+
+
+def rss_mb(server: ServerProcess) -> float:
+    assert server.process is not None
+    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def send_body(server: ServerProcess, head: str, chunks: Iterator[bytes], limit_s: float = 20.0) -> tuple[bytes, int]:
+    """Send a request head and then body chunks until the server answers or closes; (answer, bytes sent)."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=limit_s) as sock:
+        sock.sendall(head.encode())
+        sock.setblocking(False)
+        deadline = time.monotonic() + limit_s
+        answer = b""
+        for chunk in chunks:
+            if time.monotonic() > deadline:
+                break
+            try:
+                answer += sock.recv(65536)
+                break  # the server answered before the body was done
+            except BlockingIOError:
+                pass
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            try:
+                sent += sock.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.01)
+            except (ConnectionResetError, BrokenPipeError):
+                break
+        sock.settimeout(5)
+        try:
+            while b"\r\n\r\n" not in answer:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except (ConnectionResetError, TimeoutError, OSError):
+            pass
+    return answer, sent
+
+
+def megabytes(total_mb: int, size: int = MB) -> Iterator[bytes]:
+    block = b"x" * size
+    for _ in range(total_mb * MB // size):
+        yield block
+
+
+def chunked(total_mb: int) -> Iterator[bytes]:
+    block = b"x" * (64 * 1024)
+    framed = f"{len(block):x}\r\n".encode() + block + b"\r\n"
+    for _ in range(total_mb * 16):
+        yield framed
+
+
+@pytest.mark.parametrize("path", ["/v1/whip", "/v1/webrtc/offer", "/v1/sessions/nope/whep"])
+def test_a_huge_body_is_refused_without_being_read(guarded: ServerProcess, path: str) -> None:
+    before = rss_mb(guarded)
+    content_type = "application/json" if path.endswith("offer") else "application/sdp"
+    declared = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {300 * MB}\r\n\r\n"
+    answer, sent = send_body(guarded, declared, megabytes(300))
+    status = answer.split(b" ", 2)[1] if answer else b""
+    assert status == b"413", answer[:300]  # the declared length alone is enough
+    assert b'"payload_too_large"' in answer and b"connection: close" in answer.lower()
+    assert sent < 100 * MB, f"the client got {sent} bytes in before the answer"
+    streamed = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    answer, sent = send_body(guarded, streamed, chunked(300))
+    status = answer.split(b" ", 2)[1] if answer else b""
+    # WHEP checks the viewer's credentials (here: an unknown session) before it reads a byte.
+    assert status == (b"404" if "whep" in path else b"413"), answer[:300]
+    assert rss_mb(guarded) - before < 40, "the server buffered the body"
+    assert httpx.get(f"{guarded.base_url}/healthz").status_code == 200
+
+
+def test_the_413_names_the_limit(guarded: ServerProcess) -> None:
+    response = httpx.post(
+        f"{guarded.base_url}/v1/whip", content=b"v=0\r\n" * 20000, headers={"content-type": "application/sdp"}
+    )
+    assert response.status_code == 413
+    assert response.json() == {"error": "payload_too_large", "message": "the body is over the limit of 65536 bytes"}
+
+
+def test_half_sent_requests_are_answered_408_and_closed(guarded: ServerProcess) -> None:
+    sockets = []
+    try:
+        for index in range(MAX_PENDING - 5):
+            sock = socket.create_connection(("127.0.0.1", guarded.port), timeout=10)
+            if index % 2:
+                sock.sendall(b"POST /v1/whip HTTP/1.1\r\nHost: x\r\nContent-Type: appl")  # head never finished
+            else:
+                sock.sendall(b"POST /v1/whip HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\nContent-Length: 100\r\n\r\nv=0")
+            sockets.append(sock)
+        started = time.monotonic()
+        answers = []
+        for sock in sockets:
+            data = b""
+            while chunk := sock.recv(4096):
+                data += chunk
+            answers.append(data)
+        assert time.monotonic() - started < READ_TIMEOUT_S + 3
+        assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers), answers[:3]
+        # A connection that sends nothing at all is closed too.
+        silent = socket.create_connection(("127.0.0.1", guarded.port), timeout=10)
+        sockets.append(silent)
+        assert silent.recv(4096).startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert httpx.get(f"{guarded.base_url}/healthz").status_code == 200
+
+
+def test_too_many_half_sent_requests_are_refused_at_once(guarded: ServerProcess) -> None:
+    sockets = [socket.create_connection(("127.0.0.1", guarded.port), timeout=10) for _ in range(MAX_PENDING)]
+    try:
+        for sock in sockets:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", guarded.port), timeout=10)
+        sockets.append(extra)
+        answer = extra.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b'"busy"' in answer
+    finally:
+        for sock in sockets:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{guarded.base_url}/healthz").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(f"{guarded.base_url}/healthz").status_code == 200
+
+
+async def slots_free(server: ServerProcess) -> int:
+    async with httpx.AsyncClient(timeout=10) as http:
+        return (await http.get(f"{server.base_url}/v1/info")).json()["slots_free"]
+
+
+async def test_a_websocket_client_that_stops_reading_gets_slow_consumer(guarded: ServerProcess) -> None:
+    async with Client.connect(guarded.ws_url, max_queue=2) as client:
+        await client.hello(width=SIZE, height=SIZE)
+        stopped_reading = time.monotonic()
+
+        async def keep_drawing() -> None:
+            for index in range(400):
+                await client.send_canvas(make_canvas(SIZE, index % 7))
+                await asyncio.sleep(0.05)
+
+        drawing = asyncio.create_task(keep_drawing())
+        freed_after = None
+        while time.monotonic() - stopped_reading < 4 * SLOW_CONSUMER_S + 5:
+            if await slots_free(guarded) == 1:
+                freed_after = time.monotonic() - stopped_reading
+                break
+            await asyncio.sleep(0.2)
+        drawing.cancel()
+        assert freed_after is not None, "the slot of a client that stopped reading was not freed"
+        assert freed_after <= SLOW_CONSUMER_S + 2
+        # Reading again now (within the 5 s before the reset), the client finds the error and the code.
+        errors = []
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                message = await client.recv(timeout=10)
+                if message["type"] == "error":
+                    errors.append(message)
+        assert [error["code"] for error in errors] == ["slow_consumer"] and errors[0]["fatal"] is True
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+async def test_a_client_that_never_reads_again_is_reset(guarded: ServerProcess) -> None:
+    async with Client.connect(guarded.ws_url, max_queue=2) as client:
+        await client.hello(width=SIZE, height=SIZE)
+        sock = client.connection.transport.get_extra_info("socket")
+        for index in range(60):
+            await client.send_canvas(make_canvas(SIZE, index % 5))
+            await asyncio.sleep(0.05)
+        client.connection.transport.pause_reading()  # not even the library reads now
+        deadline = time.monotonic() + SLOW_CONSUMER_S + 5 + 6
+        state = None
+        while time.monotonic() < deadline:
+            state = struct.unpack("B", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
+            if state != 1:  # TCP_ESTABLISHED
+                break
+            await asyncio.sleep(0.25)
+        assert state != 1, "the server kept the connection of a client that never reads"
+
+
+async def test_a_new_mjpeg_viewer_gets_the_newest_frame_at_once_and_the_stream_ends_with_the_session(
+    guarded: ServerProcess,
+) -> None:
+    async with httpx.AsyncClient(timeout=10) as http:
+        async with Client.connect(guarded.ws_url) as client:
+            ready = await client.hello(width=SIZE, height=SIZE, codec="jpeg")
+            shown = decode_frame(await client.frame_for(await client.send_canvas(make_canvas(SIZE, 5))))
+            await asyncio.sleep(1.0)  # the session is idle: nothing new will be rendered
+            url = f"{guarded.base_url}/v1/sessions/{ready['session_id']}/mjpeg?token={ready['viewer_token']}"
+            async with http.stream("GET", url) as stream:
+                assert stream.status_code == 200
+                body = b""
+                parts = stream.aiter_bytes()
+                started = time.monotonic()
+                while body.count(b"\xff\xd9") < 1:
+                    body += await asyncio.wait_for(anext(parts), 3)
+                assert time.monotonic() - started < 3
+                jpeg = body[body.index(b"\xff\xd8") : body.index(b"\xff\xd9") + 2]
+                seen = decode_frame({"codec": "jpeg", "image": jpeg})
+                assert abs(seen.astype(int) - shown.astype(int)).mean() < 8  # the session's newest frame
+                await client.connection.close()
+                ended = time.monotonic()
+                async for data in parts:
+                    body += data
+                assert time.monotonic() - ended < 3, "the MJPEG stream outlived its session"
+                assert body.endswith(b"--streamcanvasframe--\r\n")
+
+
+async def test_recording_to_an_unwritable_directory_is_a_typed_error(guarded: ServerProcess) -> None:
+    async with Client.connect(guarded.ws_url) as client:
+        await client.hello(width=SIZE, height=SIZE)
+        await client.connection.send(msgpack.packb({"type": "record", "action": "start", "seq": 4}))
+        error = await client.expect("error")
+        assert error["code"] == "recording_failed" and error["fatal"] is False and error["ref_seq"] == 4
+        assert (await client.ping())["type"] == "pong"  # the session goes on
+    assert "Traceback" not in guarded.log()
+
+
+async def test_hello_comes_first_even_for_ping(guarded: ServerProcess) -> None:
+    async with Client.connect(guarded.ws_url) as client:
+        await client.connection.send(msgpack.packb({"type": "ping", "seq": 1, "t": 1.0}))
+        error = await client.expect("error")
+        assert error["code"] == "not_ready" and error["fatal"] is False and error["ref_seq"] == 1
+        await client.hello(width=SIZE, height=SIZE)
+        assert (await client.ping())["type"] == "pong"
+
+
+async def test_stats_stop_when_the_stream_is_idle(guarded: ServerProcess) -> None:
+    async with Client.connect(guarded.ws_url) as client:
+        await client.hello(width=SIZE, height=SIZE)
+        await client.frame_for(await client.send_canvas(make_canvas(SIZE, 2)))
+        arrivals = []
+        started = time.monotonic()
+        while time.monotonic() - started < 4:
+            try:
+                message = await client.recv(timeout=0.5, keep_stats=True)
+            except TimeoutError:
+                continue
+            if message["type"] == "stats":
+                arrivals.append((time.monotonic() - started, message["fps"]))
+        assert arrivals, "stats come while frames flow"
+        assert not [t for t, _ in arrivals if t > 3], f"stats kept coming while idle: {arrivals}"
+        assert arrivals[-1][1] == 0  # the last one said the stream had stopped
+
+
+async def test_dropping_the_socket_at_any_moment_logs_no_server_error(guarded: ServerProcess) -> None:
+    for attempt in range(8):
+        async with Client.connect(guarded.ws_url) as client:
+            if attempt % 2:
+                await client.connection.send(msgpack.packb({"type": "hello", "protocol": [99]}))  # fatal
+            else:
+                await client.hello(width=SIZE, height=SIZE)
+                await client.send_canvas(make_canvas(SIZE, attempt))
+            client.connection.transport.abort()
+    deadline = time.monotonic() + 10
+    while await slots_free(guarded) != 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    log = guarded.log()
+    assert "Exception in ASGI application" not in log and "Traceback" not in log
