@@ -25,6 +25,7 @@ from typing import ClassVar
 import msgpack
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import SessionDescription
 from av import VideoFrame
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -179,7 +180,10 @@ class Peer:
         for task in list(self.tasks):
             if task is not asyncio.current_task():
                 task.cancel()
-        await self.pc.close()
+        try:
+            await self.pc.close()
+        except Exception as error:  # noqa: BLE001 - aiortc can fail to tear down what it half-built
+            logger.info("%s %s: closing the peer connection failed: %s: %s", self.kind, self.resource_id, type(error).__name__, error)
 
 
 class PeerSession(Peer):
@@ -287,7 +291,11 @@ async def _open_session(runtime: Runtime, hello: dict) -> tuple[Session, dict]:
     try:
         session.frames_to_client = False
         hello = {**hello, "type": "hello", "queue": False}  # no waiting in line over one HTTP request
-        await session.handle(msgpack.packb(hello, use_bin_type=True))
+        try:
+            message = msgpack.packb(hello, use_bin_type=True)
+        except (OverflowError, ValueError, TypeError) as error:  # a number past 64 bits, a lone surrogate
+            raise HTTPProblem(400, "invalid_value", f"the hello cannot be sent on: {error}") from None
+        await session.handle(message)
         first = session.pending_control()
     except BaseException:
         session.close(CloseReason.ERROR)
@@ -302,9 +310,20 @@ async def _open_session(runtime: Runtime, hello: dict) -> tuple[Session, dict]:
     raise HTTPProblem(status, answer.get("code", "error"), answer.get("message", "hello refused"))
 
 
+def _check_offer(sdp: str) -> None:
+    """What aiortc accepts but cannot use: media without a DTLS fingerprint (its DTLS start fails later,
+    in a task of its own, long after the answer was sent)."""
+    description = SessionDescription.parse(sdp)
+    for media in description.media:
+        dtls = media.dtls
+        if dtls is None or not dtls.fingerprints:
+            raise ValueError(f"the {media.kind} m-line has no DTLS fingerprint")
+
+
 async def _answer(peer: Peer, sdp: str, outgoing: RenderedTrack | None) -> str:
     """The SDP answer, with the peer started; on any failure the peer (and all it holds) is closed."""
     try:
+        _check_offer(sdp)
         await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         if not any(transceiver.kind == "video" for transceiver in peer.pc.getTransceivers()):
             raise ValueError("the offer has no video m-line")
@@ -330,7 +349,7 @@ async def offer(request: Request) -> JSONResponse:
     body = await _read_offer(request, "application/json")
     try:
         document = json.loads(body)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nested deeper than the parser goes
         raise HTTPProblem(400, "malformed_message", f"not JSON: {error}") from None
     if not isinstance(document, dict) or document.get("type") != "offer" or not isinstance(document.get("sdp"), str):
         raise HTTPProblem(400, "invalid_field", 'expected {"type": "offer", "sdp": "...", "hello": {...}}')
