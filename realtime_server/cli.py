@@ -10,6 +10,7 @@ import click
 import pydantic
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+SHUTDOWN_GRACE_S = 10
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -109,7 +110,7 @@ def serve(**options: object) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        http=http_protocol(settings.http_read_timeout_s, settings.max_pending_requests),
+        http=http_protocol(settings.http_read_timeout_s, settings.slow_consumer_timeout_s, settings.max_pending_requests),
         ws=websocket_protocol(stalled, close_timeout_s=5.0),
         ws_max_size=settings.max_message_bytes * 2,
         ws_per_message_deflate=False,
@@ -119,6 +120,8 @@ def serve(**options: object) -> None:
         ws_ping_interval=settings.slow_consumer_timeout_s / 2,
         ws_ping_timeout=settings.slow_consumer_timeout_s / 2,
         lifespan="on",
+        # Connections still open this long after SIGTERM are cut, so a client cannot hold up a shutdown.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
 
 

@@ -5,10 +5,15 @@ timeout). Two things it has no setting for are added here as subclasses of its p
 extension point its `http=` and `ws=` options take:
 
 - **HTTP read deadline.** A request must send its head within `read_timeout_s` of the connection
-  opening (or of its first byte, on a kept-alive connection), and then never pause more than
-  `read_timeout_s` between body bytes; otherwise it gets `408` and the connection is closed. At most
-  `max_pending` connections may be in that state (connected, request not yet fully received) at once;
-  one more is answered `503` and closed at once. Half-sent requests therefore hold nothing for long.
+  opening (or of its first byte, on a kept-alive connection), then never pause more than
+  `read_timeout_s` between body bytes, and finish its body within `BODY_DEADLINE_FACTOR` times that;
+  otherwise it gets `408` and the connection is closed. At most `max_pending` connections may be in
+  that state (connected, request not yet fully received) at once; when one more arrives, the one that
+  has been arriving longest gets `408` and is closed, so a flood of idle sockets cannot lock others
+  out. A response sent before its request's body was read ends the connection (the rest of the body
+  is never read).
+- **HTTP write deadline.** A response (an MJPEG stream, say) that the client does not read for
+  `write_timeout_s` — the transport's buffer stays full — is ended with a TCP reset.
 - **Slow WebSocket readers.** uvicorn pings each WebSocket; a pong comes back only after the client has
   read everything sent before the ping. When the pong is overdue, the client is sent the protocol's
   `slow_consumer` error and a close frame (code 1008), behind whatever it has not read yet, and the
@@ -44,29 +49,59 @@ def _raw_response(status: int, phrase: str, code: str, message: str) -> bytes:
     return head.encode() + body
 
 
+TRANSPORT_SCOPE_KEY = "streamcanvas.transport"
+"""Where a request's scope carries its connection's transport, for `limit_send_buffer`."""
+BODY_DEADLINE_FACTOR = 6
+"""A request body must be complete within this many read timeouts of its head (60 s by default)."""
+
+
+def _reset(transport: asyncio.BaseTransport) -> None:
+    """Drop a connection with a TCP reset: with unsent data queued, even an aborted socket would
+    otherwise linger in the kernel, still trying to deliver it to a client that does not read."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()  # type: ignore[attr-defined]
+
+
+def limit_send_buffer(scope: Any, size: int) -> None:
+    """Cap the kernel's send buffer of this request's connection (for a long-lived response such as an
+    MJPEG stream). Linux grows a socket's send buffer to megabytes; a live stream wants little queued
+    (what is queued is latency), and the write deadline can only start once the buffers are full."""
+    transport = scope.get(TRANSPORT_SCOPE_KEY)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a read deadline and a cap on unfinished requests."""
+    """uvicorn's httptools protocol with read and write deadlines and a cap on unfinished requests."""
 
     read_timeout_s: ClassVar[float] = 10.0
+    write_timeout_s: ClassVar[float] = 15.0
     max_pending: ClassVar[int] = 128
-    pending: ClassVar[set[GuardedHttpProtocol]] = set()
+    pending: ClassVar[dict[GuardedHttpProtocol, None]] = {}
+    """Connections whose request is being received, oldest first (a dict keeps insertion order)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._read_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._body_deadline = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.pending) >= self.max_pending:
-            logger.warning("refused a connection: %d requests are already being received", len(self.pending))
-            self._answer_and_close(
-                503, "Service Unavailable", "busy", f"{len(self.pending)} requests are being received; try again"
-            )
-            return
+            oldest = next(iter(self.pending))
+            logger.warning("%d requests are being received; the oldest one is ended", len(self.pending))
+            oldest._read_timed_out(evicted=True)
         self._expect_bytes()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope[TRANSPORT_SCOPE_KEY] = self.transport  # type: ignore[literal-required]
         self._expect_bytes()
 
     def on_headers_complete(self) -> None:
@@ -74,6 +109,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade() and self._should_upgrade():
             self._done_reading()  # a WebSocket: its own protocol takes the connection over
         else:
+            self._body_deadline = self.loop.time() + BODY_DEADLINE_FACTOR * self.read_timeout_s
             self._arm()  # now the body, if any: no gap longer than the deadline
 
     def on_body(self, body: bytes) -> None:
@@ -84,38 +120,67 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._done_reading()
 
+    def on_response_complete(self) -> None:
+        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+            # Answered before its body was read (401, 404, 413 …): reading the rest only to throw it
+            # away would let a client hold the connection as long as it keeps sending.
+            self._done_reading()
+            self.transport.close()
+        super().on_response_complete()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._done_reading()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         super().connection_lost(exc)
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        self._write_timer = None
+        logger.info("a response was not read for %g s; the connection is reset", self.write_timeout_s)
+        _reset(self.transport)
+
     def _expect_bytes(self) -> None:
-        self.pending.add(self)
+        self.pending[self] = None
+        self._body_deadline = 0.0
         self._arm()
 
     def _arm(self) -> None:
         if self._read_timer is not None:
             self._read_timer.cancel()
-        self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+        delay = self.read_timeout_s
+        if self._body_deadline:
+            delay = max(0.0, min(delay, self._body_deadline - self.loop.time()))
+        self._read_timer = self.loop.call_later(delay, self._read_timed_out)
 
     def _done_reading(self) -> None:
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
-        self.pending.discard(self)
+        self.pending.pop(self, None)
 
-    def _read_timed_out(self) -> None:
+    def _read_timed_out(self, evicted: bool = False) -> None:
         self._read_timer = None
-        if self.flow is not None and self.flow.read_paused:
+        if not evicted and self.flow is not None and self.flow.read_paused:
             self._arm()  # we paused reading (the application has not taken the body yet): not the client's fault
             return
-        self.pending.discard(self)
+        self.pending.pop(self, None)
         if self.transport.is_closing():
             return
         if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
-            self._answer_and_close(
-                408, "Request Timeout", "request_timeout",
-                f"the request was not received within {self.read_timeout_s:g} s",
-            )  # fmt: skip
+            reason = "other requests are waiting" if evicted else f"the deadline is {self.read_timeout_s:g} s"
+            self._answer_and_close(408, "Request Timeout", "request_timeout", f"the request was not received in time ({reason})")
         else:
             self.transport.close()
 
@@ -155,21 +220,21 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.close" and self.close_timer is not None:
             self._reset_later()
 
+    def handle_close(self, event: Any) -> None:
+        super().handle_close(event)
+        if self.transport.is_closing():
+            self._reset_later()  # our echo of the client's close may sit behind data it never reads
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._reset_later()
+
     def _reset_later(self) -> None:
         """If the close handshake has not finished by then, reset the connection: a plain close would
         wait for the unread data to drain, which a client that does not read never lets happen."""
         if self.close_timer is not None:
             self.close_timer.cancel()
-        self.close_timer = self.loop.call_later(self.close_timeout, self._reset)
-
-    def _reset(self) -> None:
-        """Drop the connection with a TCP reset: with unsent data queued, even an aborted socket would
-        otherwise linger in the kernel, still trying to deliver it to a client that does not read."""
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.transport.abort()
+        self.close_timer = self.loop.call_later(self.close_timeout, _reset, self.transport)
 
 
 class JSONContentTooLarge:
@@ -216,9 +281,14 @@ class JSONContentTooLarge:
         await self.app(scope, receive, send_json)
 
 
-def http_protocol(read_timeout_s: float, max_pending: int) -> type[GuardedHttpProtocol]:
+def http_protocol(read_timeout_s: float, write_timeout_s: float, max_pending: int) -> type[GuardedHttpProtocol]:
     """A protocol class for uvicorn's `http=` option with these limits (and its own count of requests)."""
-    attributes = {"read_timeout_s": read_timeout_s, "max_pending": max_pending, "pending": set()}
+    attributes = {
+        "read_timeout_s": read_timeout_s,
+        "write_timeout_s": write_timeout_s,
+        "max_pending": max_pending,
+        "pending": {},
+    }
     return type("GuardedHttpProtocol", (GuardedHttpProtocol,), attributes)
 
 

@@ -62,6 +62,8 @@ async def starlette_error_handler(request: Request, error: Exception) -> Respons
     if not request.url.path.startswith(("/v1/", "/sdapi/")):
         return PlainTextResponse(error.detail, status_code=error.status_code, headers=headers)
     code = _STARLETTE_CODES.get(error.status_code, "http_error")
+    if error.status_code == 413:
+        headers["Connection"] = "close"  # the rest of the body is not read
     message = f"no route {request.url.path}" if error.status_code == 404 else error.detail
     if error.status_code == 413:
         limit = request.scope.get("starlette.max_body_size")

@@ -22,12 +22,15 @@ from streamcanvas.sessions.manager import TokenRejected
 from streamcanvas.sessions.session import Session
 from streamcanvas.sessions.slots import VIEWER_JPEG_QUALITY
 
+from .connections import limit_send_buffer
 from .http import HTTPProblem, bearer_token
 from .runtime import Runtime
 
 # RFC 2046: the boundary parameter carries no leading "--"; each part starts with "--" + boundary.
 BOUNDARY = "streamcanvasframe"
 VIEWER_ROLES = ("viewer", "control")
+MJPEG_SEND_BUFFER_BYTES = 256 * 1024
+"""A few frames in flight to a viewer at most: latest-wins happens here, not in kernel buffers."""
 
 
 def check_token(request: Request, session_id: str, roles: tuple[str, ...]) -> None:
@@ -66,14 +69,13 @@ class ViewerStream(StreamingResponse):
     """The MJPEG response: the viewer's place is given back however the response ends (finished, the
     client gone, or never started)."""
 
+    MEDIA_TYPE = f"multipart/x-mixed-replace; boundary={BOUNDARY}"
+    # The connection ends with the stream: a player sees the end at once, not after a keep-alive.
+    HEADERS = {"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no", "Connection": "close"}
+
     def __init__(self, frames: Subscription) -> None:
         self.frames = frames
-        super().__init__(
-            self._parts(),
-            media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
-            # The connection ends with the stream: a player sees the end at once, not after a keep-alive.
-            headers={"Cache-Control": "no-cache, no-store", "X-Accel-Buffering": "no", "Connection": "close"},
-        )
+        super().__init__(self._parts(), media_type=self.MEDIA_TYPE, headers=self.HEADERS)
 
     async def _parts(self) -> AsyncIterator[bytes]:
         async for frame in self.frames:
@@ -81,6 +83,7 @@ class ViewerStream(StreamingResponse):
         yield f"--{BOUNDARY}--\r\n".encode()  # RFC 2046's close delimiter: the session has ended
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit_send_buffer(scope, MJPEG_SEND_BUFFER_BYTES)
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -89,6 +92,8 @@ class ViewerStream(StreamingResponse):
 
 async def mjpeg(request: Request) -> Response:
     session = authorized_session(request, VIEWER_ROLES)
+    if request.method == "HEAD":  # what a player would get, without taking a viewer's place
+        return Response(status_code=200, headers=ViewerStream.HEADERS, media_type=ViewerStream.MEDIA_TYPE)
     try:
         frames = session.broadcast.subscribe()
     except TooManyViewers as error:

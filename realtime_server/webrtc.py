@@ -140,6 +140,9 @@ class Peer:
         self.pc.on("connectionstatechange", self._on_state)
 
     def spawn(self, coroutine) -> None:  # type: ignore[no-untyped-def]
+        if self.closed:  # e.g. a data channel that opens while the connection is being closed
+            coroutine.close()
+            return
         task = asyncio.get_running_loop().create_task(coroutine)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -150,14 +153,19 @@ class Peer:
         self.spawn(self._watch())
 
     async def _watch(self) -> None:
+        """Close the peer when its session ends, or when it has not connected by the deadline."""
         timeout = self.runtime.settings.webrtc_connect_timeout_s
+        connected = asyncio.ensure_future(self._connected.wait())
+        ended = asyncio.ensure_future(self.session.wait_closed())
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except TimeoutError:
-            logger.info("%s %s: the peer did not connect within %g s; closed", self.kind, self.resource_id, timeout)
-            await self.close()
-            return
-        await self.session.wait_closed()
+            await asyncio.wait((connected, ended), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not connected.done() and not ended.done():
+                logger.info("%s %s: the peer did not connect within %g s; closed", self.kind, self.resource_id, timeout)
+            else:
+                await ended
+        finally:
+            connected.cancel()
+            ended.cancel()
         await self.close()
 
     async def _on_state(self) -> None:
@@ -202,6 +210,12 @@ class PeerSession(Peer):
     def release(self) -> None:
         self.session.close(CloseReason.CLIENT_LEFT)  # no-op when the session ended first
 
+    def start(self) -> None:
+        super().start()
+        # The session's outgoing messages are taken from the start, data channel or not (a WHIP
+        # publisher has none): they go out once a channel is open, and never pile up.
+        self.spawn(self._send_outgoing())
+
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "video":
             self.spawn(self._consume(track))
@@ -245,7 +259,6 @@ class PeerSession(Peer):
                 )
 
         self.spawn(self._handle_inbox())
-        self.spawn(self._send_outgoing())
 
     async def _handle_inbox(self) -> None:
         while True:
@@ -342,8 +355,10 @@ async def _answer(peer: Peer, sdp: str, outgoing: RenderedTrack | None) -> str:
     return answer
 
 
-async def offer(request: Request) -> JSONResponse:
+async def offer(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
+    if request.method == "OPTIONS":
+        return _options(_ALLOW_ENDPOINT, accepts_sdp=False)
     if request.headers.get("authorization"):
         check_api_key(request, runtime.settings.api_keys)  # the key may also ride in hello.api_key
     body = await _read_offer(request, "application/json")
@@ -362,7 +377,7 @@ async def offer(request: Request) -> JSONResponse:
     session, ready = await _open_session(runtime, hello)
     try:
         peer = PeerSession(runtime, session)
-        own_frames = session.broadcast.subscribe(viewer=False)
+        own_frames = session.broadcast.subscribe(viewer=False, jpeg=False)
     except BaseException:
         session.close(CloseReason.ERROR)
         raise
@@ -377,7 +392,7 @@ async def offer(request: Request) -> JSONResponse:
 
 _WHIP_PARAMS = {"prompt": str, "negative_prompt": str, "strength": float, "steps": int, "seed": int, "guidance_scale": float}
 _ALLOW_ENDPOINT = "OPTIONS, POST"
-_ALLOW_RESOURCE = "OPTIONS, DELETE, PATCH"
+_ALLOW_RESOURCE = "OPTIONS, DELETE"
 
 
 def _quoted(value: str) -> str:
@@ -454,8 +469,10 @@ async def whep(request: Request) -> Response:
         return _options(_ALLOW_ENDPOINT, accepts_sdp=True)
     session = authorized_session(request, VIEWER_ROLES)
     body = await _read_offer(request, "application/sdp")
+    if session.closed:
+        raise HTTPProblem(404, "unknown_session", "the session ended while the offer was being read")
     try:
-        frames = session.broadcast.subscribe()
+        frames = session.broadcast.subscribe(jpeg=False)  # the track encodes the frames itself
     except TooManyViewers as error:
         raise HTTPProblem(503, "too_many_viewers", str(error)) from None
     try:
@@ -482,7 +499,7 @@ async def resource(request: Request) -> Response:
         405,
         "method_not_allowed",
         "trickle ICE and ICE restarts are not supported: all candidates are in the answer",
-        headers={"Allow": "OPTIONS, DELETE"},
+        headers={"Allow": _ALLOW_RESOURCE},
     )
 
 
@@ -502,7 +519,7 @@ def webrtc_routes(allowed_origins: list[str]) -> list[Route]:
         )
     ]
     return [
-        Route("/v1/webrtc/offer", offer, methods=["POST"], middleware=cors),
+        Route("/v1/webrtc/offer", offer, methods=["POST", "OPTIONS"], middleware=cors),
         Route("/v1/whip", whip, methods=["POST", "OPTIONS"], middleware=cors),
         Route("/v1/sessions/{session_id:str}/whep", whep, methods=["POST", "OPTIONS"], middleware=cors),
         Route("/v1/{kind:str}/{resource_id:str}", resource, methods=["DELETE", "PATCH", "OPTIONS"], middleware=cors),

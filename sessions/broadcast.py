@@ -37,15 +37,16 @@ class FrameBroadcast:
     def __init__(self, max_viewers: int) -> None:
         self.max_viewers = max_viewers
         self.viewers = 0
+        self.jpeg_viewers = 0
         self.latest: BroadcastFrame | None = None
         self.closed = False
         self._next = asyncio.Event()
 
     @property
     def wanted(self) -> bool:
-        """Read by the worker thread to skip the JPEG encode when nobody watches (a stale read only
-        costs or saves one frame's encode)."""
-        return self.viewers > 0
+        """Whether anyone wants JPEG (an MJPEG viewer), read by the worker thread to skip the encode
+        otherwise (a stale read only costs or saves one frame's encode)."""
+        return self.jpeg_viewers > 0
 
     def publish(self, frame: BroadcastFrame) -> None:
         self.latest = frame
@@ -59,30 +60,37 @@ class FrameBroadcast:
         event, self._next = self._next, asyncio.Event()
         event.set()
 
-    def subscribe(self, viewer: bool = True) -> Subscription:
+    def subscribe(self, viewer: bool = True, jpeg: bool = True) -> Subscription:
         """Admit one consumer now, or raise TooManyViewers. `viewer=False` is for the session's own
-        client (its WebRTC output track), which does not count against the viewer limit."""
+        client (its WebRTC output track), which does not count against the viewer limit; `jpeg=False`
+        for consumers that encode the RGB frames themselves (video tracks)."""
         if self.closed:
             raise TooManyViewers("the session has ended")
         if viewer:
             if self.viewers >= self.max_viewers:
                 raise TooManyViewers(f"this session already has {self.viewers} viewers, the limit")
             self.viewers += 1
-        return Subscription(self, viewer)
+        if jpeg:
+            self.jpeg_viewers += 1
+        return Subscription(self, viewer, jpeg)
 
 
 class Subscription:
     """One consumer's view of a broadcast: iterate for the newest frame now, then each newer one."""
 
-    def __init__(self, broadcast: FrameBroadcast, counted: bool) -> None:
+    def __init__(self, broadcast: FrameBroadcast, counted: bool, jpeg: bool) -> None:
         self._broadcast = broadcast
         self._counted = counted
+        self._jpeg = jpeg
         self._seen = 0
 
     def close(self) -> None:
         if self._counted:
             self._counted = False
             self._broadcast.viewers -= 1
+        if self._jpeg:
+            self._jpeg = False
+            self._broadcast.jpeg_viewers -= 1
 
     def __aiter__(self) -> Subscription:
         return self

@@ -172,8 +172,9 @@ class Session:
         self.frames_to_client = True
         self.recording_id = ""
 
-        # The idle timeout, for every transport: no message (or video frame) for idle_timeout_s ends an
-        # active session. A session waiting in line is waiting on us, and does not idle out.
+        # The idle timeout, for every transport: no message (or video frame) from the client and no frame
+        # rendered for it for idle_timeout_s ends the session. A session waiting in line is waiting on
+        # us, and does not idle out.
         self._last_activity = time.monotonic()
         self._closed_event = asyncio.Event()
         self._idle_task = self.loop.create_task(self._watch_idle(), name=f"idle-{self.id}")
@@ -494,6 +495,7 @@ class Session:
         self.stats.dropped_inputs += dropped_inputs
         if self.state not in (SessionState.READY, SessionState.STREAMING):
             return
+        self._last_activity = time.monotonic()  # a client waiting for a slow frame is not idle
         if not self.frames_to_client:
             latency = (time.monotonic() - frame.answers.received_at) * 1000 if frame.answers else None
             self.stats.frame_sent(latency, frame.timings)

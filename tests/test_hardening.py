@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import msgpack
+import numpy as np
 import pytest
 import websockets
 
@@ -38,7 +39,11 @@ def guarded(cache_dir: Path, artifacts_dir: Path, tmp_path_factory: pytest.TempP
         "--http-read-timeout", str(READ_TIMEOUT_S),
         "--max-pending-requests", str(MAX_PENDING),
         "--slow-consumer-timeout", str(SLOW_CONSUMER_S),
-        env={"STREAMCANVAS_RECORDINGS_DIR": str(blocker / "recordings"), "STREAMCANVAS_STATS_INTERVAL_S": "0.25"},
+        env={
+            "STREAMCANVAS_RECORDINGS_DIR": str(blocker / "recordings"),
+            "STREAMCANVAS_STATS_INTERVAL_S": "0.25",
+            "STREAMCANVAS_MAX_VIEWERS": "1",
+        },
     )  # fmt: skip
     yield process
     process.stop()
@@ -120,6 +125,26 @@ def test_a_huge_body_is_refused_without_being_read(guarded: ServerProcess, path:
     assert httpx.get(f"{guarded.base_url}/healthz").status_code == 200
 
 
+def test_a_body_that_keeps_coming_after_the_answer_ends_the_connection(guarded: ServerProcess) -> None:
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/sessions/nope/whep HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(b"4\r\nv=0\n\r\n")
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 404"), answer
+        closed = False
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not closed:
+            try:
+                sock.sendall(b"4\r\nxxxx\r\n")
+                sock.settimeout(0.2)
+                closed = sock.recv(65536) == b""
+            except TimeoutError:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+        assert closed, "the server went on reading a body it had already answered"
+
+
 def test_the_413_names_the_limit(guarded: ServerProcess) -> None:
     response = httpx.post(
         f"{guarded.base_url}/v1/whip", content=b"v=0\r\n" * 20000, headers={"content-type": "application/sdp"}
@@ -157,24 +182,30 @@ def test_half_sent_requests_are_answered_408_and_closed(guarded: ServerProcess) 
     assert httpx.get(f"{guarded.base_url}/healthz").status_code == 200
 
 
-def test_too_many_half_sent_requests_are_refused_at_once(guarded: ServerProcess) -> None:
-    sockets = [socket.create_connection(("127.0.0.1", guarded.port), timeout=10) for _ in range(MAX_PENDING)]
+def test_half_sent_requests_cannot_lock_other_clients_out(cache_dir: Path, artifacts_dir: Path) -> None:
+    """With the cap of half-received requests reached, each new connection ends the oldest of them
+    (a server with a long read deadline, so that only the cap can end them)."""
+    server = start_server(cache_dir, artifacts_dir, "eviction", "--http-read-timeout", "60", "--max-pending-requests", "10")
+    sockets = []
     try:
-        for sock in sockets:
+        for _ in range(10):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
             sock.sendall(b"GET /healthz HTTP/1.1\r\n")
-        time.sleep(0.3)
-        extra = socket.create_connection(("127.0.0.1", guarded.port), timeout=10)
-        sockets.append(extra)
-        answer = extra.recv(4096)
-        assert answer.startswith(b"HTTP/1.1 503"), answer
-        assert b'"busy"' in answer
+            sockets.append(sock)
+            time.sleep(0.01)
+        for index in range(3):
+            assert httpx.get(f"{server.base_url}/healthz", timeout=5).status_code == 200
+            evicted = sockets[index].recv(4096)
+            assert evicted.startswith(b"HTTP/1.1 408"), evicted
+            assert b"other requests are waiting" in evicted
+            refill = socket.create_connection(("127.0.0.1", server.port), timeout=10)  # back at the cap
+            refill.sendall(b"GET /healthz HTTP/1.1\r\n")
+            sockets.append(refill)
+        assert tcp_state(sockets[3]) == 1  # the others are still being waited for
     finally:
         for sock in sockets:
             sock.close()
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{guarded.base_url}/healthz").status_code != 200 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert httpx.get(f"{guarded.base_url}/healthz").status_code == 200
+        server.stop()
 
 
 async def slots_free(server: ServerProcess) -> int:
@@ -310,3 +341,67 @@ async def test_dropping_the_socket_at_any_moment_logs_no_server_error(guarded: S
         await asyncio.sleep(0.2)
     log = guarded.log()
     assert "Exception in ASGI application" not in log and "Traceback" not in log
+
+
+def tcp_state(sock: socket.socket) -> int:
+    return struct.unpack("B", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
+
+
+def noise(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+
+
+async def read_everything(client: Client) -> None:
+    while True:
+        await client.recv(timeout=60)
+
+
+async def test_an_mjpeg_viewer_that_stops_reading_is_reset_and_gives_its_place_back(guarded: ServerProcess) -> None:
+    async with Client.connect(guarded.ws_url) as client, httpx.AsyncClient(timeout=10) as http:
+        ready = await client.hello(width=SIZE, height=SIZE, codec="jpeg", quality=95)
+        path = f"/v1/sessions/{ready['session_id']}/mjpeg?token={ready['viewer_token']}"
+        reading = asyncio.create_task(read_everything(client))  # the session's own client keeps reading
+        viewer = socket.socket()
+        viewer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills after a few frames
+        viewer.connect(("127.0.0.1", guarded.port))
+        viewer.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert viewer.recv(64).startswith(b"HTTP/1.1 200")
+        # The only viewer place is taken (STREAMCANVAS_MAX_VIEWERS=1) ...
+        assert (await http.get(f"{guarded.base_url}{path}")).status_code == 503
+        # ... and the viewer reads no more while frames keep coming.
+        started = time.monotonic()
+        index = 0
+        while tcp_state(viewer) == 1 and time.monotonic() - started < SLOW_CONSUMER_S + 15:
+            index += 1
+            await client.send_canvas(noise(index))  # big frames: the buffers fill sooner
+            await asyncio.sleep(0.05)
+        assert tcp_state(viewer) != 1, "the server kept a viewer that does not read"
+        viewer.close()
+        reading.cancel()
+        async with http.stream("GET", f"{guarded.base_url}{path}") as again:
+            assert again.status_code == 200  # the place was given back
+
+
+def test_shutdown_is_not_held_up_by_a_client_that_does_not_read(cache_dir: Path, artifacts_dir: Path) -> None:
+    server = start_server(cache_dir, artifacts_dir, "shutdown", "--slots", "1")
+
+    async def stall_then_stop() -> float:
+        async with Client.connect(server.ws_url, max_queue=2) as client:
+            await client.hello(width=SIZE, height=SIZE)
+            for index in range(40):
+                await client.send_canvas(make_canvas(SIZE, index % 5))
+                await asyncio.sleep(0.05)
+            client.connection.transport.pause_reading()
+            assert server.process is not None
+            server.process.terminate()
+            started = time.monotonic()
+            while server.process.poll() is None and time.monotonic() - started < 30:
+                await asyncio.sleep(0.2)
+            return time.monotonic() - started
+
+    try:
+        took = asyncio.run(stall_then_stop())
+    finally:
+        server.stop()
+    assert server.process is not None and server.process.returncode is not None
+    assert took < 20, f"the server took {took:.1f} s to stop"

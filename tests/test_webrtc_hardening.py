@@ -304,8 +304,13 @@ async def test_whip_and_whep_answer_options_with_cors(rtc_server: ServerProcess)
                 path, headers={"origin": "http://evil.example", "access-control-request-method": "POST"}
             )
             assert "access-control-allow-origin" not in foreign.headers
+        offer_preflight = await http.options(
+            "/v1/webrtc/offer",
+            headers={"origin": ORIGIN, "access-control-request-method": "POST", "access-control-request-headers": "content-type"},
+        )
+        assert offer_preflight.status_code == 200 and offer_preflight.headers["access-control-allow-origin"] == ORIGIN
         resource = await http.options("/v1/whip/0123")
-        assert resource.status_code == 204 and "DELETE" in resource.headers["allow"]
+        assert resource.status_code == 204 and resource.headers["allow"] == "OPTIONS, DELETE"
         # A cross-origin answer exposes the headers a WHIP client must read.
         refused = await http.post("/v1/whip", content=b"v=0", headers={"origin": ORIGIN, "content-type": "text/plain"})
         assert refused.headers["access-control-allow-origin"] == ORIGIN

@@ -80,7 +80,7 @@ def documented_errors(path: Path = PROTOCOL_DOC) -> DocumentedErrors:
         elif in_table:
             break  # the first table under the heading is the error table
     closes_section = text.split("## Close codes", 1)[1].split("\n## ", 1)[0]
-    close_codes = {int(code): meaning.strip() for code, meaning in re.findall(r"(\d{4}) ([^·\n]+)", closes_section)}
+    close_codes = {int(code): meaning.strip() for code, meaning in re.findall(r"(\d{4})\s+([^·\n]+)", closes_section)}
     return DocumentedErrors(codes, close_codes)
 
 
