@@ -18,8 +18,7 @@ from streamcanvas.batch_fallback.a1111 import a1111_routes
 from streamcanvas.batch_fallback.api import batch_routes
 from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 
-from .connections import JSONContentTooLarge
-from .http import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS
+from .http import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, JSONContentTooLarge
 from .outputs import output_routes
 from .runtime import Runtime
 from .web import web_routes

@@ -46,8 +46,8 @@ def main() -> None:
 @click.option("--ice-host-address", "ice_host_addresses", multiple=True, help="Only offer WebRTC host candidates on this address (repeat). Default: every interface but loopback.")
 @click.option("--webrtc-connect-timeout", "webrtc_connect_timeout_s", type=float, help="Seconds a WebRTC peer has to connect after its offer is answered, before its session (and slot) is closed. Default 15.")
 @click.option("--http-read-timeout", "http_read_timeout_s", type=float, help="Seconds an HTTP request may take to send its head, or pause while sending its body (then 408). Default 10.")
-@click.option("--max-pending-requests", type=int, help="HTTP requests that may be half-received at once; more are refused with 503. Default 128.")
-@click.option("--slow-consumer-timeout", "slow_consumer_timeout_s", type=float, help="Seconds a WebSocket client may go without reading before it gets slow_consumer and is closed. Default 15.")
+@click.option("--max-pending-requests", type=int, help="HTTP requests that may be half-received at once; one more ends the oldest (408). Default 128.")
+@click.option("--slow-consumer-timeout", "slow_consumer_timeout_s", type=float, help="Seconds a WebSocket client (or an HTTP response, e.g. MJPEG) may go unread before it is ended: slow_consumer, then a reset. Default 15.")
 @click.option("--batch-queue", type=click.Choice(["embedded", "redis"]), help="Batch jobs: 'embedded' (SQLite + a worker in this process, default) or 'redis' (run `streamcanvas worker` processes).")
 @click.option("--redis-url", help="Redis for --batch-queue redis, e.g. redis://127.0.0.1:6379/0.")
 @click.option("--database-url", help="SQLAlchemy URL of the job database. Default sqlite:///<cache>/jobs.db.")
@@ -65,9 +65,9 @@ def serve(**options: object) -> None:
     """
     import uvicorn
 
-    from streamcanvas.codecs.messages import Error, serialize
+    from streamcanvas.codecs.messages import serialize
     from streamcanvas.pipelines.errors import PipelineError
-    from streamcanvas.sessions.session import SLOW_CONSUMER_MESSAGE
+    from streamcanvas.sessions.session import SLOW_CONSUMER
 
     from .app import create_app
     from .connections import http_protocol, websocket_protocol
@@ -104,14 +104,13 @@ def serve(**options: object) -> None:
             "cached Hugging Face repo id (e.g. --model stabilityai/sd-turbo) for real images.",
             runtime.model.path,
         )
-    stalled = serialize(Error(code="slow_consumer", message=SLOW_CONSUMER_MESSAGE, fatal=True))
     uvicorn.run(
         create_app(runtime),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         http=http_protocol(settings.http_read_timeout_s, settings.slow_consumer_timeout_s, settings.max_pending_requests),
-        ws=websocket_protocol(stalled, close_timeout_s=5.0),
+        ws=websocket_protocol(serialize(SLOW_CONSUMER), close_timeout_s=5.0),
         ws_max_size=settings.max_message_bytes * 2,
         ws_per_message_deflate=False,
         ws_max_queue=4,

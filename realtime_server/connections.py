@@ -237,50 +237,6 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.close_timer = self.loop.call_later(self.close_timeout, _reset, self.transport)
 
 
-class JSONContentTooLarge:
-    """Starlette's body limit (`max_body_size`) answers 413 in plain text, whatever the endpoint would
-    have said; the API's errors are JSON. This ASGI middleware, outside the limit, rewrites that answer
-    into the documented shape and closes the connection (the unread rest of the body is not read)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        replaced = False
-
-        async def send_json(message: Any) -> None:
-            nonlocal replaced
-            if message["type"] == "http.response.start" and message["status"] == 413:
-                headers = dict(message.get("headers", []))
-                if not headers.get(b"content-type", b"").startswith(b"application/json"):
-                    replaced = True
-                    responder = scope.get("starlette._body_limit_responder")
-                    limit = getattr(responder, "max_body_size", None)
-                    text = f"the body is over the limit of {limit} bytes" if limit else "the body is too large"
-                    body = json.dumps({"error": "payload_too_large", "message": text}).encode()
-                    await send(
-                        {
-                            "type": "http.response.start",
-                            "status": 413,
-                            "headers": [
-                                (b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close"),
-                            ],
-                        }
-                    )
-                    await send({"type": "http.response.body", "body": body})
-                    return
-            if replaced:
-                return  # the plain-text body of the answer that was replaced
-            await send(message)
-
-        await self.app(scope, receive, send_json)
-
-
 def http_protocol(read_timeout_s: float, write_timeout_s: float, max_pending: int) -> type[GuardedHttpProtocol]:
     """A protocol class for uvicorn's `http=` option with these limits (and its own count of requests)."""
     attributes = {

@@ -15,6 +15,7 @@ from collections.abc import Collection
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 AUTHENTICATE = {"WWW-Authenticate": 'Bearer realm="streamcanvas"'}
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
@@ -54,6 +55,11 @@ async def problem_handler(_request: Request, error: Exception) -> Response:
     return error.response()
 
 
+def payload_too_large(limit: int | None) -> HTTPProblem:
+    text = f"the body is over the limit of {limit} bytes" if limit else "the body is too large"
+    return HTTPProblem(413, "payload_too_large", text, headers={"Connection": "close"})  # the rest is not read
+
+
 async def starlette_error_handler(request: Request, error: Exception) -> Response:
     """Starlette's HTTPExceptions (no route, wrong method, body over its limit): JSON under the APIs,
     plain text for the page's files."""
@@ -61,14 +67,42 @@ async def starlette_error_handler(request: Request, error: Exception) -> Respons
     headers = dict(error.headers or {})
     if not request.url.path.startswith(("/v1/", "/sdapi/")):
         return PlainTextResponse(error.detail, status_code=error.status_code, headers=headers)
+    if error.status_code == 413:
+        return payload_too_large(request.scope.get("starlette.max_body_size")).response()
     code = _STARLETTE_CODES.get(error.status_code, "http_error")
-    if error.status_code == 413:
-        headers["Connection"] = "close"  # the rest of the body is not read
     message = f"no route {request.url.path}" if error.status_code == 404 else error.detail
-    if error.status_code == 413:
-        limit = request.scope.get("starlette.max_body_size")
-        message = f"the body is over the limit of {limit} bytes" if limit is not None else "the body is too large"
     return HTTPProblem(error.status_code, code, message, headers=headers).response()
+
+
+class JSONContentTooLarge:
+    """Starlette's body limit (`max_body_size`) answers 413 in plain text when the declared length is
+    over it, whatever the endpoint said; the API's errors are JSON. This ASGI middleware, outside the
+    limit, answers `payload_too_large` instead."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_json(message: Message) -> None:
+            nonlocal replaced
+            if replaced:
+                return  # the rest of the plain-text answer
+            headers = dict(message.get("headers", []))
+            if message["type"] == "http.response.start" and message["status"] == 413 and not headers.get(
+                b"content-type", b""
+            ).startswith(b"application/json"):
+                replaced = True
+                responder = scope.get("starlette._body_limit_responder")
+                await payload_too_large(getattr(responder, "max_body_size", None)).response()(scope, receive, send)
+                return
+            await send(message)
+
+        await self.app(scope, receive, send_json)
 
 
 async def disconnect_handler(_request: Request, _error: Exception) -> Response:

@@ -38,7 +38,7 @@ from streamcanvas.sessions.broadcast import BroadcastFrame, Subscription, TooMan
 from streamcanvas.sessions.manager import TooManyConnections
 from streamcanvas.sessions.session import CloseReason, Session
 
-from .http import HTTPProblem, bearer_token, check_api_key, require_content_type
+from .http import HTTPProblem, check_api_key, require_content_type
 from .outputs import VIEWER_ROLES, authorized_session
 from .runtime import Runtime
 
@@ -135,6 +135,8 @@ class Peer:
         self.resource_id = uuid.uuid4().hex
         self.pc = _peer_connection(runtime)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.track: RenderedTrack | None = None
+        """The rendered video this peer sends, if any."""
         self.closed = False
         self._connected = asyncio.Event()
         self.pc.on("connectionstatechange", self._on_state)
@@ -176,8 +178,9 @@ class Peer:
             await self.close()
 
     def release(self) -> None:
-        """What this kind of peer holds besides the connection."""
-        raise NotImplementedError
+        """What the peer holds besides the connection."""
+        if self.track is not None:
+            self.track.stop()
 
     async def close(self) -> None:
         if self.closed:
@@ -200,14 +203,17 @@ class PeerSession(Peer):
 
     kind = "whip"
 
-    def __init__(self, runtime: Runtime, session: Session) -> None:
+    def __init__(self, runtime: Runtime, session: Session, send_video: bool) -> None:
         super().__init__(runtime, session)
+        if send_video:  # the session's own output: not a viewer, and never JPEG
+            self.track = RenderedTrack(session.broadcast.subscribe(viewer=False, jpeg=False))
         self.inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_CHANNEL_QUEUE)
         self.channel = None
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
 
     def release(self) -> None:
+        super().release()
         self.session.close(CloseReason.CLIENT_LEFT)  # no-op when the session ended first
 
     def start(self) -> None:
@@ -281,9 +287,6 @@ class ViewerPeer(Peer):
         super().__init__(runtime, session)
         self.track = RenderedTrack(frames)
 
-    def release(self) -> None:
-        self.track.stop()
-
 
 async def _read_offer(request: Request, content_type: str) -> bytes:
     """The offer's bytes, once the request has passed every check that needs no body. The body itself is
@@ -333,15 +336,23 @@ def _check_offer(sdp: str) -> None:
             raise ValueError(f"the {media.kind} m-line has no DTLS fingerprint")
 
 
-async def _answer(peer: Peer, sdp: str, outgoing: RenderedTrack | None) -> str:
+def _session_peer(runtime: Runtime, session: Session, send_video: bool) -> PeerSession:
+    try:
+        return PeerSession(runtime, session, send_video)
+    except BaseException:
+        session.close(CloseReason.ERROR)
+        raise
+
+
+async def _answer(peer: Peer, sdp: str) -> str:
     """The SDP answer, with the peer started; on any failure the peer (and all it holds) is closed."""
     try:
         _check_offer(sdp)
         await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         if not any(transceiver.kind == "video" for transceiver in peer.pc.getTransceivers()):
             raise ValueError("the offer has no video m-line")
-        if outgoing is not None:
-            peer.pc.addTrack(outgoing)
+        if peer.track is not None:
+            peer.pc.addTrack(peer.track)
         await peer.pc.setLocalDescription(await peer.pc.createAnswer())
         answer = peer.pc.localDescription.sdp
     except asyncio.CancelledError:
@@ -359,8 +370,8 @@ async def offer(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     if request.method == "OPTIONS":
         return _options(_ALLOW_ENDPOINT, accepts_sdp=False)
-    if request.headers.get("authorization"):
-        check_api_key(request, runtime.settings.api_keys)  # the key may also ride in hello.api_key
+    # The key may come as a bearer header (checked before the body is read) or in hello.api_key.
+    token = check_api_key(request, runtime.settings.api_keys) if request.headers.get("authorization") else None
     body = await _read_offer(request, "application/json")
     try:
         document = json.loads(body)
@@ -371,17 +382,11 @@ async def offer(request: Request) -> Response:
     hello = document.get("hello", {"protocol": [1]})
     if not isinstance(hello, dict):
         raise HTTPProblem(400, "invalid_field", "'hello' must be an object with the hello message's fields")
-    token = bearer_token(request)
-    if token and runtime.settings.api_keys and "api_key" not in hello:
+    if token and "api_key" not in hello:
         hello = {**hello, "api_key": token}
     session, ready = await _open_session(runtime, hello)
-    try:
-        peer = PeerSession(runtime, session)
-        own_frames = session.broadcast.subscribe(viewer=False, jpeg=False)
-    except BaseException:
-        session.close(CloseReason.ERROR)
-        raise
-    answer = await _answer(peer, document["sdp"], RenderedTrack(own_frames))
+    peer = _session_peer(runtime, session, send_video=True)
+    answer = await _answer(peer, document["sdp"])
     ice_servers = [server.as_rtc() for server in runtime.settings.ice_server_list]
     return JSONResponse(
         {"sdp": answer, "type": "answer", "session_id": session.id, "ready": ready, "ice_servers": ice_servers}
@@ -444,12 +449,8 @@ async def whip(request: Request) -> Response:
         hello["api_key"] = token
     body = await _read_offer(request, "application/sdp")
     session, ready = await _open_session(runtime, hello)
-    try:
-        peer = PeerSession(runtime, session)
-    except BaseException:
-        session.close(CloseReason.ERROR)
-        raise
-    answer = await _answer(peer, body.decode(errors="replace"), None)
+    peer = _session_peer(runtime, session, send_video=False)
+    answer = await _answer(peer, body.decode(errors="replace"))
     return _sdp_created(
         runtime,
         f"/v1/whip/{peer.resource_id}",
@@ -480,7 +481,7 @@ async def whep(request: Request) -> Response:
     except BaseException:
         frames.close()
         raise
-    answer = await _answer(viewer, body.decode(errors="replace"), viewer.track)
+    answer = await _answer(viewer, body.decode(errors="replace"))
     return _sdp_created(runtime, f"/v1/whep/{viewer.resource_id}", answer, {})
 
 

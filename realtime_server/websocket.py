@@ -75,30 +75,32 @@ async def stream_endpoint(websocket: WebSocket) -> None:
 async def _receive_loop(websocket: WebSocket, session: Session) -> None:
     """Hand every message to the session until either side ends it (the session enforces the idle
     timeout itself, for every transport)."""
-    while session.state not in (SessionState.CLOSING, SessionState.CLOSED):
-        receiving = asyncio.ensure_future(websocket.receive())
-        ended = asyncio.ensure_future(session.wait_closed())
-        await asyncio.wait((receiving, ended), return_when=asyncio.FIRST_COMPLETED)
-        ended.cancel()
-        if not receiving.done():
-            receiving.cancel()
-            return
-        message = receiving.result()
-        if message["type"] == "websocket.disconnect":
-            # 1008 "slow_consumer" comes from the connection itself: the client stopped reading.
-            slow = (message.get("code"), message.get("reason")) == SLOW_CONSUMER_CLOSE
-            session.close(CloseReason.ERROR if slow else CloseReason.CLIENT_LEFT)
-            return
-        data = message.get("bytes")
-        if data is None:
-            session.send_control(
-                Error(
-                    code="malformed_message",
-                    message="text messages are not part of the protocol; send binary MsgPack messages",
+    ended = asyncio.ensure_future(session.wait_closed())
+    try:
+        while session.state not in (SessionState.CLOSING, SessionState.CLOSED):
+            receiving = asyncio.ensure_future(websocket.receive())
+            await asyncio.wait((receiving, ended), return_when=asyncio.FIRST_COMPLETED)
+            if not receiving.done():
+                receiving.cancel()
+                return
+            message = receiving.result()
+            if message["type"] == "websocket.disconnect":
+                # 1008 "slow_consumer" comes from the connection itself: the client stopped reading.
+                slow = (message.get("code"), message.get("reason")) == SLOW_CONSUMER_CLOSE
+                session.close(CloseReason.ERROR if slow else CloseReason.CLIENT_LEFT)
+                return
+            data = message.get("bytes")
+            if data is None:
+                session.send_control(
+                    Error(
+                        code="malformed_message",
+                        message="text messages are not part of the protocol; send binary MsgPack messages",
+                    )
                 )
-            )
-            continue
-        await session.handle(data)
+                continue
+            await session.handle(data)
+    finally:
+        ended.cancel()
 
 
 async def _send_loop(websocket: WebSocket, session: Session) -> None:

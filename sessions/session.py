@@ -128,7 +128,8 @@ class DeliveredFrame:
 
 
 _INTERNAL_ERROR_MESSAGE = "the frame failed on the server; the slot has been reset and your next input renders"
-SLOW_CONSUMER_MESSAGE = "the client is not reading its messages"
+SLOW_CONSUMER = Error(code="slow_consumer", message="the client is not reading its messages", fatal=True)
+"""Sent when the control queue overflows here, and by the WebSocket connection when its pong is late."""
 
 
 class Session:
@@ -473,8 +474,7 @@ class Session:
         return self._closed
 
     def deliver(self, frame: DeliveredFrame, dropped_inputs: int, viewer_frame: BroadcastFrame) -> None:
-        self._call_on_loop(self._set_frame, frame, dropped_inputs)
-        self._call_on_loop(self._publish, viewer_frame)
+        self._call_on_loop(self._deliver_on_loop, frame, dropped_inputs, viewer_frame)
 
     def report_skipped(self, dropped_inputs: int) -> None:
         self._call_on_loop(self._count_skipped, dropped_inputs)
@@ -505,9 +505,11 @@ class Session:
         self._frame = frame
         self._wakeup.set()
 
-    def _publish(self, frame: BroadcastFrame) -> None:
+    def _deliver_on_loop(self, frame: DeliveredFrame, dropped_inputs: int, viewer_frame: BroadcastFrame) -> None:
+        """One hop to the loop per frame: the client's frame, then the viewers'."""
+        self._set_frame(frame, dropped_inputs)
         if self.state in (SessionState.READY, SessionState.STREAMING):
-            self.broadcast.publish(frame)
+            self.broadcast.publish(viewer_frame)
 
     def _count_skipped(self, dropped_inputs: int) -> None:
         self.stats.dropped_inputs += dropped_inputs
@@ -526,7 +528,7 @@ class Session:
             if isinstance(message, Stats):
                 return  # stats are a periodic summary; the next one supersedes this
             self._control.append(
-                serialize(Error(code="slow_consumer", message=SLOW_CONSUMER_MESSAGE, fatal=True))
+                serialize(SLOW_CONSUMER)
             )
             self._wakeup.set()
             self.close(CloseReason.ERROR)
