@@ -1,4 +1,5 @@
-"""The dependency direction: realtime_server → sessions → pipelines; codecs imports nothing of ours."""
+"""The dependency direction: realtime_server → sessions → pipelines → trt_engines; codecs imports nothing
+of ours."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 ALLOWED = {
     "codecs": set(),
-    "pipelines": set(),
+    "trt_engines": set(),
+    "pipelines": {"trt_engines"},
     "sessions": {"pipelines", "codecs"},
     "batch_fallback": {"pipelines", "codecs"},
-    "realtime_server": {"sessions", "pipelines", "codecs", "batch_fallback"},
-    "benchmarks": {"realtime_server", "sessions", "pipelines", "codecs", "batch_fallback"},
+    "realtime_server": {"sessions", "pipelines", "trt_engines", "codecs", "batch_fallback"},
+    "benchmarks": {"realtime_server", "sessions", "pipelines", "trt_engines", "codecs", "batch_fallback"},
 }
 
 

@@ -1,0 +1,132 @@
+"""Getting a model's artifacts out of the engine cache, building what is missing when allowed.
+
+An ONNX graph is exported per component; a TensorRT engine is built from that graph for one shape
+range, GPU and TensorRT version. Both go through `EngineCache`, so their keys, atomic writes and locks
+are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from .cache import EngineCache, EngineKey, Entry, fingerprint_module
+from .components import Component, ShapeRange
+from .export import DEFAULT_OPSET, EXPORT_VERSION, export_component
+
+logger = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+ENGINE_FILE = "engine.plan"
+
+Progress = Callable[[str], None]
+
+
+class ArtifactBuilder:
+    """One loaded pipeline's ONNX graphs and TensorRT engines, from the cache or built into it."""
+
+    def __init__(
+        self,
+        cache: EngineCache,
+        pipe: StableDiffusionPipeline,
+        *,
+        model_name: str,
+        opset: int = DEFAULT_OPSET,
+        progress: Progress | None = None,
+    ) -> None:
+        self.cache = cache
+        self.pipe = pipe
+        self.model_name = model_name
+        self.opset = opset
+        self.progress = progress or (lambda stage: None)
+        self._fingerprints: dict[Component, str] = {}
+        self.built: list[str] = []
+        """Names of the entries this builder built itself (the rest came from the cache)."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    def module(self, component: Component) -> torch.nn.Module:
+        return self.pipe.unet if component is Component.UNET else self.pipe.vae
+
+    def fingerprint(self, component: Component) -> str:
+        if component not in self._fingerprints:
+            self.progress(f"fingerprint {component.value} weights")
+            self._fingerprints[component] = fingerprint_module(self.module(component))
+        return self._fingerprints[component]
+
+    def _notes(self) -> dict[str, object]:
+        return {"model": self.model_name, "device": str(self.device), "torch": torch.__version__}
+
+    def onnx_key(self, component: Component) -> EngineKey:
+        return EngineKey(
+            kind="onnx",
+            component=component.value,
+            weights=self.fingerprint(component),
+            export_version=EXPORT_VERSION,
+            opset=self.opset,
+            dtype=str(self.module(component).dtype).removeprefix("torch."),
+        )
+
+    def onnx(self, component: Component, allow_build: bool = True) -> Entry:
+        key = self.onnx_key(component)
+
+        def build(directory: Path) -> dict[str, object]:
+            self.progress(f"export {component.value} to ONNX")
+            export_component(self.pipe, component, directory / ONNX_FILE, opset=self.opset)
+            self.built.append(key.name)
+            return self._notes()
+
+        return self.cache.get_or_build(key, build if allow_build else None)
+
+    def tensorrt_key(self, component: Component, shapes: ShapeRange) -> EngineKey:
+        from .tensorrt_backend import tensorrt_environment
+
+        onnx_key = self.onnx_key(component)
+        return EngineKey(
+            kind="tensorrt",
+            component=component.value,
+            weights=onnx_key.weights,
+            export_version=EXPORT_VERSION,
+            opset=self.opset,
+            dtype=onnx_key.dtype,
+            min_side=shapes.min_side,
+            opt_side=shapes.opt_side,
+            max_side=shapes.max_side,
+            min_batch=shapes.min_batch,
+            opt_batch=shapes.opt_batch,
+            max_batch=shapes.max_batch,
+            **tensorrt_environment(self.device),
+        )
+
+    def tensorrt(self, component: Component, shapes: ShapeRange, allow_build: bool = False) -> Entry:
+        from .tensorrt_backend import build_engine, tensorrt_environment
+
+        key = self.tensorrt_key(component, shapes)
+
+        def build(directory: Path) -> dict[str, object]:
+            graph = self.onnx(component, allow_build=True)
+            self.progress(f"build {component.value} TensorRT engine")
+            profile = shapes.profile(
+                component,
+                text_length=self.pipe.tokenizer.model_max_length,
+                text_width=self.pipe.unet.config.cross_attention_dim,
+            )
+            build_engine(
+                graph.file(ONNX_FILE),
+                directory / ENGINE_FILE,
+                profile,
+                fp16=key.dtype == "float16",
+                timing_cache=self.cache.timing_cache(tensorrt_environment(self.device)),
+                progress=lambda step: self.progress(f"build {component.value} TensorRT engine: {step}"),
+            )
+            self.built.append(key.name)
+            return {**self._notes(), "onnx": graph.key.name}
+
+        return self.cache.get_or_build(key, build if allow_build else None)
+

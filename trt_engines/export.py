@@ -1,0 +1,142 @@
+"""ONNX export of the stream's components, as the live loop calls them.
+
+Each component is traced at a small shape and written with dynamic batch, height and width, so one file
+serves every session size and stream-batch depth (TensorRT then narrows it to an optimisation profile).
+The graph is simplified with onnxslim (constant folding, shape-op elimination) before it is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import onnxslim
+import torch
+from diffusers import AutoencoderTiny, StableDiffusionPipeline
+
+from .components import LATENT_CHANNELS, SIGNATURES, VAE_SCALE, Component
+
+logger = logging.getLogger(__name__)
+
+EXPORT_VERSION = 1
+"""Bumped whenever what this module writes changes, so cached exports (and engines) are rebuilt."""
+
+DEFAULT_OPSET = 17
+EXTERNAL_DATA_BYTES = 1 << 30
+"""Weights above this go to a `.data` file beside the graph (protobuf caps a file at 2 GiB)."""
+
+_TRACE_SIDE = 128
+_TRACE_BATCH = 2
+
+
+class _UNetGraph(torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class _EncoderGraph(torch.nn.Module):
+    """Image → unscaled latent: TAESD's latents, or the mode of AutoencoderKL's distribution."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        encoded = self.vae.encode(images)
+        if isinstance(self.vae, AutoencoderTiny):
+            return encoded.latents
+        return encoded.latent_dist.mode()
+
+
+class _DecoderGraph(torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+def side_multiple(pipe: StableDiffusionPipeline) -> int:
+    """Image sides the exported UNet accepts must be multiples of this.
+
+    diffusers' UNet picks an upsampling path in Python from the latent size; the traced graph keeps the
+    path taken at export, which is the right one only when the latent divides by 2^(number of
+    downsamplings). SD 1.x/2.x: 64 pixels; the tiny test model: 16.
+    """
+    return VAE_SCALE * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+def _graph_and_inputs(pipe: StableDiffusionPipeline, component: Component) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    unet = pipe.unet
+    device, dtype = unet.device, unet.dtype
+    latent = _TRACE_SIDE // VAE_SCALE
+    if component is Component.UNET:
+        inputs = (
+            torch.randn(_TRACE_BATCH, LATENT_CHANNELS, latent, latent, device=device, dtype=dtype),
+            torch.tensor([500, 700][:_TRACE_BATCH], dtype=torch.int64, device=device),
+            torch.randn(_TRACE_BATCH, 77, unet.config.cross_attention_dim, device=device, dtype=dtype),
+        )
+        return _UNetGraph(unet), inputs
+    vae = pipe.vae
+    if component is Component.VAE_ENCODER:
+        return _EncoderGraph(vae), (torch.rand(1, 3, _TRACE_SIDE, _TRACE_SIDE, device=device, dtype=vae.dtype) * 2 - 1,)
+    return _DecoderGraph(vae), (torch.randn(1, LATENT_CHANNELS, latent, latent, device=device, dtype=vae.dtype),)
+
+
+def _dynamic_axes(component: Component) -> dict[str, dict[int, str]]:
+    latent = {0: "batch", 2: "latent_height", 3: "latent_width"}
+    image = {0: "batch", 2: "height", 3: "width"}
+    if component is Component.UNET:
+        return {"sample": latent, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}, "noise_pred": latent}
+    if component is Component.VAE_ENCODER:
+        return {"images": image, "latents": latent}
+    return {"latents": latent, "images": image}
+
+
+@torch.no_grad()
+def export_component(pipe: StableDiffusionPipeline, component: Component, path: Path, *, opset: int = DEFAULT_OPSET) -> None:
+    """Write `component` of `pipe` (its UNet, or its live VAE's encoder/decoder) to the ONNX file `path`.
+
+    The graph is traced on the pipeline's own device and dtype. Large weights go to `path` + `.data`.
+    """
+    if opset < 17:
+        raise ValueError(f"opset {opset} is too old: 17 or newer is needed (GroupNorm/LayerNorm export)")
+    graph, inputs = _graph_and_inputs(pipe, component)
+    signature = SIGNATURES[component]
+    path = Path(path)
+    with tempfile.TemporaryDirectory(prefix="streamcanvas-export-", dir=path.parent) as scratch:
+        traced = Path(scratch) / "traced.onnx"
+        with warnings.catch_warnings():
+            # The tracer warns about every Python branch on a shape; side_multiple() covers the one that
+            # matters, and the parity tests run the graphs at shapes other than the traced one.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                graph,
+                inputs,
+                str(traced),
+                input_names=list(signature.inputs),
+                output_names=[signature.output],
+                dynamic_axes=_dynamic_axes(component),
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        weights = sum(parameter.numel() * parameter.element_size() for parameter in graph.parameters())
+        external = weights > EXTERNAL_DATA_BYTES
+        slimmed = onnxslim.slim(str(traced))
+        if external:
+            onnx.save_model(
+                slimmed, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data"
+            )
+        else:
+            onnx.save_model(slimmed, str(path))
+    logger.info("exported %s to %s (opset %d%s)", component.value, path, opset, ", external weights" if external else "")
+
