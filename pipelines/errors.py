@@ -25,3 +25,7 @@ class InvalidParameter(PipelineError, ValueError):
 
 class DeviceUnavailable(PipelineError):
     """The requested device (e.g. cuda) does not exist on this machine."""
+
+
+class BackendUnavailable(PipelineError):
+    """The requested inference backend (onnxruntime, tensorrt, ...) cannot run here; says what is missing."""

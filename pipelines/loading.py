@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+from .backends import Backend, eager_backend
 from .devices import DevicePlacement, choose_placement
 from .errors import ModelLoadError, ModelNotFound
 from .tiny import TAESD_SUBDIR, ensure_tiny_model, is_tiny_model
@@ -54,6 +55,8 @@ class LoadedModel:
     full_vae: torch.nn.Module | None = None
     """The model's own AutoencoderKL, kept when `pipe.vae` is a TAESD: full-quality batch renders decode
     with it while live frames use the fast one."""
+    backend: Backend = field(default_factory=eager_backend)
+    """What runs the live stream's UNet and VAE (`pipelines.backends.prepare_backend` sets it)."""
 
     @property
     def quality_vae(self) -> torch.nn.Module:

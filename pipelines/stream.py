@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -31,6 +32,8 @@ from streamdiffusion import StreamDiffusion
 
 from .errors import InvalidParameter
 from .loading import LoadedModel
+
+logger = logging.getLogger(__name__)
 
 CfgType = Literal["none", "full", "self", "initialize"]
 CFG_TYPES: tuple[str, ...] = get_args(CfgType)
@@ -175,6 +178,9 @@ class StreamPipeline:
         self.img2img = True
         self.prompt_encodings = 0
         self._stream: _SessionStream | None = None
+        self.backend = "torch"
+        """What runs this stream's UNet and VAE: the model's backend, or torch where its engines do not
+        cover this stream's size or batch."""
         self._embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
         self._embedded_prompt: tuple[str, str] | None = None
         self._noise: torch.Tensor | None = None
@@ -245,6 +251,7 @@ class StreamPipeline:
             frame_buffer_size=1,
             cfg_type=params.cfg_type,
         )
+        self._use_backend(stream, params.cfg_type)
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
         stream.prepare_stream(generator, params.guidance_scale, params.delta)
         # txt2img starts every frame from the same seeded noise, so a prompt change is all that moves it.
@@ -254,6 +261,23 @@ class StreamPipeline:
         self._stream = stream
         self._primed = False
         self._fed.clear()
+
+    def _use_backend(self, stream: _SessionStream, cfg_type: CfgType) -> None:
+        # The UNet's batch is the stream batch, doubled for full CFG or one more for "initialize" (whether
+        # CFG applies depends on guidance_scale, which changes without a rebuild: assume the larger).
+        unet_batch = {"full": 2 * stream.batch_size, "initialize": stream.batch_size + 1}.get(cfg_type, stream.batch_size)
+        backend = self.model.backend
+        compiled = backend.compiled_for(self.width, self.height, unet_batch)
+        if compiled is not None:
+            stream.unet, stream.vae = compiled
+            self.backend = backend.name
+        else:
+            if backend.name != "torch":
+                logger.info(
+                    "%s does not cover %dx%d with UNet batch %d; this stream runs on torch",
+                    backend.name, self.width, self.height, unet_batch,
+                )
+            self.backend = "torch"
 
     @torch.no_grad()
     def render(self, image: np.ndarray | None, tag: int = 0, refill: bool = False) -> RenderResult:

@@ -26,6 +26,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .paths import default_cache_dir
+
 TINY_MODEL_VERSION = 2
 """Bumped whenever the shape of the tiny model changes, so cached copies are rebuilt."""
 
@@ -44,16 +46,6 @@ _CORPUS = (
     "cinematic lighting high quality masterpiece beautiful cute small large old new fantasy science "
     "fiction robot dragon space planet galaxy abstract pattern texture wood stone glass metal water fire"
 )
-
-
-def default_cache_dir() -> Path:
-    """Where the tiny model is built on first use: $STREAMCANVAS_CACHE_DIR, else the XDG cache."""
-    explicit = os.environ.get("STREAMCANVAS_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "streamcanvas"
 
 
 def default_tiny_model_dir() -> Path:

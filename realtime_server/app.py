@@ -44,6 +44,7 @@ async def info(request: Request) -> JSONResponse:
         "status": runtime.readiness.value,
         "model": runtime.model.describe(),
         "device": runtime.model.placement.description,
+        "backend": runtime.model.backend.describe(),
         "torch_threads": torch.get_num_threads(),
         "resolution": {"width": width, "height": height},
         "max_resolution": runtime.settings.max_resolution,

@@ -13,6 +13,7 @@ import numpy as np
 from streamcanvas.batch_fallback.errors import Forbidden, InvalidJob
 from streamcanvas.batch_fallback.kinds import LiveCapture
 from streamcanvas.batch_fallback.service import BatchService
+from streamcanvas.pipelines.backends import prepare_backend
 from streamcanvas.pipelines.devices import in_short_lived_thread
 from streamcanvas.pipelines.loading import LoadedModel, inference_threads, load_model
 from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
@@ -52,10 +53,18 @@ class Runtime:
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
-        """Load the model (raising ModelNotFound / ModelLoadError) before anything listens."""
+        """Load the model and prepare its backend (raising ModelNotFound / ModelLoadError /
+        BackendUnavailable) before anything listens."""
         threads = inference_threads(settings.threads)
         spec = settings.model_spec()
-        model = in_short_lived_thread(lambda: load_model(spec))
+        backend_config = settings.backend_config(threads)
+
+        def load() -> LoadedModel:
+            model = load_model(spec)
+            model.backend = prepare_backend(model, backend_config)
+            return model
+
+        model = in_short_lived_thread(load)
         return cls(settings, model, threads)
 
     async def start(self) -> None:

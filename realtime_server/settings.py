@@ -15,8 +15,9 @@ from typing_extensions import Annotated
 
 from streamcanvas.batch_fallback.service import BatchConfig
 from streamcanvas.codecs.images import ImageLimits
+from streamcanvas.pipelines.backends import BackendConfig, BackendName, ShapeRange
 from streamcanvas.pipelines.loading import ModelSpec
-from streamcanvas.pipelines.tiny import default_cache_dir
+from streamcanvas.pipelines.paths import default_cache_dir
 from streamcanvas.sessions.manager import SessionConfig
 
 _RESOLUTION = re.compile(r"^(\d{2,5})x(\d{2,5})$")
@@ -73,6 +74,13 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     threads: int | None = Field(None, ge=1, le=256)
     warmup: bool = True
+    # Compiled inference (pipelines.backends): what runs the UNet and VAE, and where engines are kept.
+    backend: BackendName = "auto"
+    engine_dir: Path | None = None
+    build_engines: bool = False
+    engine_min_resolution: int = Field(256, ge=64, le=4096, multiple_of=8)
+    engine_max_batch: int = Field(8, ge=1, le=16)
+    cuda_graphs: bool = False
 
     resolution: str = "512x512"
     max_resolution: str = "1024x1024"
@@ -198,6 +206,28 @@ class Settings(BaseSettings):
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(model=self.model, tiny_vae=self.tiny_vae, lora=self.lora, device=self.device, dtype=self.dtype)
+
+    def backend_config(self, threads: int) -> BackendConfig:
+        """TensorRT engines cover sides from engine_min_resolution (or the session size, if smaller) to
+        max_resolution, tuned for the default session size."""
+        width, height = self.size
+        max_width, max_height = self._size(self.max_resolution)
+        shapes = ShapeRange(
+            min_side=min(self.engine_min_resolution, width, height),
+            opt_side=max(width, height),
+            max_side=max(max_width, max_height, width, height),
+            max_batch=self.engine_max_batch,
+            opt_batch=min(2, self.engine_max_batch),
+        )
+        return BackendConfig(
+            name=self.backend,
+            engine_dir=self.engine_dir,
+            build_engines=self.build_engines,
+            shapes=shapes,
+            threads=threads,
+            measure_side=max(width, height),
+            cuda_graphs=self.cuda_graphs,
+        )
 
     def batch_config(self) -> BatchConfig:
         cache = default_cache_dir()

@@ -51,7 +51,7 @@ def artifacts_dir() -> Path:
 
 
 def start_server(
-    cache_dir: Path, artifacts_dir: Path, name: str, *args: str, env: dict[str, str] | None = None
+    cache_dir: Path, artifacts_dir: Path, name: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120.0
 ) -> ServerProcess:
     # Each named server has its own job database and results, so servers running at once do not
     # share batch jobs (a restarted server of the same name finds its jobs again).
@@ -61,7 +61,7 @@ def start_server(
     arguments = ["--resolution", f"{TEST_RESOLUTION}x{TEST_RESOLUTION}", "--threads", "2", *batch, *args]
     log_path = artifacts_dir / f"server-{name}.log"
     log_path.unlink(missing_ok=True)
-    return ServerProcess(arguments, {**server_env(cache_dir), **(env or {})}, log_path).start()
+    return ServerProcess(arguments, {**server_env(cache_dir), **(env or {})}, log_path).start(timeout)
 
 
 @pytest.fixture(scope="session")

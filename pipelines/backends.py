@@ -1,0 +1,342 @@
+"""Which implementation runs the stream's UNet and VAE: eager torch, torch.compile, ONNX Runtime or
+TensorRT.
+
+Only the component calls change between backends; StreamDiffusion's loop (stream batch, residual CFG,
+the similar-image filter, each session's state) is the same on all of them. `prepare_backend` runs once
+at start-up:
+
+- an explicitly requested backend that cannot run is a `BackendUnavailable` error naming what is
+  missing, never a silent fallback;
+- `auto` takes TensorRT on CUDA when the `tensorrt` package imports and the engines are cached (or
+  `build_engines` allows building them), else ONNX Runtime when a measurement on this machine says it is
+  faster than torch, else torch. Every step down is logged with its reason and kept in
+  `Backend.fallbacks` (shown in /v1/info).
+
+ONNX graphs are exported on demand (seconds, cached); TensorRT engines take minutes per component and
+are built only when asked (`streamcanvas engines build`, or `serve --build-engines`).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import torch
+
+from streamcanvas.trt_engines.builder import ENGINE_FILE, ONNX_FILE, ArtifactBuilder
+from streamcanvas.trt_engines.cache import CacheError, EngineCache, EntryMissing
+from streamcanvas.trt_engines.components import Component, CompiledUNet, CompiledVae, ShapeRange
+from streamcanvas.trt_engines.export import side_multiple
+from streamcanvas.trt_engines.onnxruntime_backend import GraphLoadError, OnnxRuntimeRunner, OnnxRuntimeUnavailable, check_dtype
+from streamcanvas.trt_engines.tensorrt_backend import (
+    EngineBuildError,
+    TensorRTRunner,
+    TensorRTUnavailable,
+    tensorrt_unavailable_reason,
+)
+
+from .errors import BackendUnavailable
+from .paths import default_engine_dir
+
+if TYPE_CHECKING:
+    from .loading import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BACKENDS", "Backend", "BackendConfig", "BackendName", "ShapeRange", "prepare_backend"]
+
+BackendName = Literal["auto", "torch", "compile", "onnxruntime", "tensorrt"]
+BACKENDS: tuple[str, ...] = get_args(BackendName)
+
+MEASURE_ROUNDS = 5
+MEASURE_BUDGET_S = 10.0
+"""`auto` stops measuring after this long (at least one round): a full-size model on a CPU takes seconds a call."""
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: BackendName = "torch"
+    engine_dir: Path | None = None
+    build_engines: bool = False
+    """Build missing TensorRT engines at start-up (minutes per component on a real model)."""
+    shapes: ShapeRange = ShapeRange()
+    """Sizes and UNet batches TensorRT engines are built for (ONNX graphs take any)."""
+    threads: int = 1
+    """ONNX Runtime intra-op threads, shared by every slot."""
+    measure_side: int = 512
+    """Image side `auto` measures ONNX Runtime against torch at (the default session size)."""
+    cuda_graphs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKENDS:
+            raise BackendUnavailable(f"unknown backend {self.name!r}; choose one of {', '.join(BACKENDS)}")
+
+    @property
+    def cache(self) -> EngineCache:
+        return EngineCache(self.engine_dir or default_engine_dir())
+
+
+@dataclass
+class Backend:
+    """The backend a model runs on, why, and its compiled components (None for eager torch)."""
+
+    name: str
+    requested: str
+    reason: str
+    fallbacks: tuple[str, ...] = ()
+    engines: tuple[str, ...] = ()
+    unet: Any = None
+    vae: Any = None
+    shapes: ShapeRange | None = None
+    """Sizes and batches the compiled components accept; None: any (sides still need `side_multiple`)."""
+    side_multiple: int = 8
+    measurement: dict[str, float] | None = None
+    _log: list[str] = field(default_factory=list, repr=False)
+
+    def compiled_for(self, width: int, height: int, unet_batch: int) -> tuple[Any, Any] | None:
+        """The (unet, vae) to use for a stream of this size, or None where eager torch must run it."""
+        if self.unet is None:
+            return None
+        if width % self.side_multiple or height % self.side_multiple:
+            return None
+        if self.shapes is not None and not self.shapes.covers(width, height, unet_batch):
+            return None
+        return self.unet, self.vae
+
+    def describe(self) -> dict[str, object]:
+        described: dict[str, object] = {
+            "name": self.name,
+            "requested": self.requested,
+            "reason": self.reason,
+            "fallbacks": list(self.fallbacks),
+            "engines": list(self.engines),
+            "side_multiple": self.side_multiple,
+        }
+        if self.shapes is not None:
+            described["shapes"] = {
+                "sides": [self.shapes.min_side, self.shapes.max_side],
+                "unet_batch": [self.shapes.min_batch, self.shapes.max_batch],
+            }
+        if self.measurement is not None:
+            described["measurement"] = self.measurement
+        return described
+
+
+def eager_backend(reason: str = "requested") -> Backend:
+    return Backend(name="torch", requested="torch", reason=reason)
+
+
+def prepare_backend(model: LoadedModel, config: BackendConfig) -> Backend:
+    """Set up the configured backend for `model` (blocking: export, engine loading, measurement)."""
+    if config.name == "torch":
+        return eager_backend()
+    if config.name == "compile":
+        return _compiled_by_torch(model)
+    if config.name == "onnxruntime":
+        return _onnxruntime(model, config, requested="onnxruntime")
+    if config.name == "tensorrt":
+        return _tensorrt(model, config, requested="tensorrt")
+    return _auto(model, config)
+
+
+def _auto(model: LoadedModel, config: BackendConfig) -> Backend:
+    fallbacks: list[str] = []
+
+    def fall_back(backend: str, reason: str) -> None:
+        logger.warning("backend auto: not %s: %s", backend, reason)
+        fallbacks.append(f"{backend}: {reason}")
+
+    device = model.placement.device
+    unavailable = tensorrt_unavailable_reason(device)
+    if unavailable is None:
+        try:
+            backend = _tensorrt(model, config, requested="auto")
+        except BackendUnavailable as error:
+            fall_back("tensorrt", str(error))
+        else:
+            logger.info("backend auto: tensorrt (%s)", backend.reason)
+            return backend
+    else:
+        fall_back("tensorrt", unavailable)
+    try:
+        backend = _onnxruntime(model, config, requested="auto")
+    except BackendUnavailable as error:
+        fall_back("onnxruntime", str(error))
+    else:
+        backend.measurement = measure(model, backend, config.measure_side)
+        torch_ms, onnx_ms = backend.measurement["torch_ms"], backend.measurement["onnxruntime_ms"]
+        comparison = (
+            f"{onnx_ms:.1f} ms vs torch {torch_ms:.1f} ms for one frame's UNet and VAE calls "
+            f"at {backend.measurement['side']:.0f}² on this machine ({torch_ms / onnx_ms:.2f}x)"
+        )
+        if onnx_ms < torch_ms:
+            backend.reason = f"measured faster: {comparison}"
+            backend.fallbacks = tuple(fallbacks)
+            logger.info("backend auto: onnxruntime, %s", backend.reason)
+            return backend
+        fall_back("onnxruntime", f"measured slower: {comparison}")
+    logger.info("backend auto: torch (eager)")
+    chosen = eager_backend(reason="fallback: " + fallbacks[-1])
+    chosen.requested = "auto"
+    chosen.fallbacks = tuple(fallbacks)
+    return chosen
+
+
+def _onnxruntime(model: LoadedModel, config: BackendConfig, requested: str) -> Backend:
+    device, dtype = model.placement.device, model.placement.dtype
+    runners = {}
+    names = []
+    try:
+        check_dtype(dtype)
+        builder = ArtifactBuilder(config.cache, model.pipe, model_name=model.name)
+        for component in Component:
+            entry = builder.onnx(component)
+            runners[component] = _load_or_rebuild(
+                lambda entry=entry: OnnxRuntimeRunner(entry.file(ONNX_FILE), device, threads=config.threads),
+                config.cache,
+                entry.path,
+                lambda component=component: builder.onnx(component),
+                loader_errors=(GraphLoadError,),
+            )
+            names.append(entry.key.name)
+    except (OnnxRuntimeUnavailable, GraphLoadError, CacheError, OSError) as error:
+        raise BackendUnavailable(f"onnxruntime cannot run here: {error}") from error
+    backend = _compiled_backend(model, "onnxruntime", requested, runners)
+    backend.engines = tuple(names)
+    backend.reason = "requested"
+    return backend
+
+
+def _tensorrt(model: LoadedModel, config: BackendConfig, requested: str) -> Backend:
+    device = model.placement.device
+    unavailable = tensorrt_unavailable_reason(device)
+    if unavailable is not None:
+        raise BackendUnavailable(f"tensorrt cannot run here: {unavailable}")
+    builder = ArtifactBuilder(config.cache, model.pipe, model_name=model.name)
+    shapes = config.shapes
+    runners = {}
+    names = []
+    try:
+        for component in Component:
+            entry = builder.tensorrt(component, shapes, allow_build=config.build_engines)
+            runners[component] = _load_or_rebuild(
+                lambda entry=entry: TensorRTRunner(entry.file(ENGINE_FILE), device, cuda_graphs=config.cuda_graphs),
+                config.cache,
+                entry.path,
+                lambda component=component: builder.tensorrt(component, shapes, allow_build=config.build_engines),
+                loader_errors=(EngineBuildError,),
+            )
+            names.append(entry.key.name)
+    except EntryMissing as error:
+        raise BackendUnavailable(
+            f"{error}. Build the engines with `streamcanvas engines build --backend tensorrt "
+            f"{_model_arguments(model)}--resolution {shapes.opt_side}x{shapes.opt_side} "
+            f"--max-resolution {shapes.max_side}x{shapes.max_side} --engine-min-resolution {shapes.min_side} "
+            f"--engine-max-batch {shapes.max_batch}`, or start the server with --build-engines"
+        ) from None
+    except (CacheError, EngineBuildError, TensorRTUnavailable, OSError) as error:
+        raise BackendUnavailable(f"tensorrt engines could not be prepared: {error}") from error
+    backend = _compiled_backend(model, "tensorrt", requested, runners)
+    backend.engines = tuple(names)
+    backend.shapes = shapes
+    backend.reason = "requested" if requested == "tensorrt" else "the tensorrt package imports and the engines are built"
+    return backend
+
+
+def _model_arguments(model: LoadedModel) -> str:
+    """The build command's model options (the engines are keyed by the weights these load)."""
+    arguments = "" if model.is_test_model else f"--model {model.name} "
+    if model.lora is not None:
+        arguments += f"--lora {model.lora} "
+    return arguments + f"--dtype {str(model.placement.dtype).removeprefix('torch.')} "
+
+
+def _load_or_rebuild(
+    load: Callable[[], Any],
+    cache: EngineCache,
+    path: Path,
+    rebuild: Callable[[], object],
+    loader_errors: tuple[type[BaseException], ...],
+) -> Any:
+    """Load an artifact; if the runtime refuses a file that passed its checksum (written by another
+    version, say), remove it, rebuild it in the same place, and load it once more."""
+    try:
+        return load()
+    except loader_errors as error:
+        logger.warning("%s could not be loaded (%s); rebuilding it", path.name, error)
+        cache.remove(path)
+        rebuild()
+        return load()
+
+
+def _compiled_backend(model: LoadedModel, name: str, requested: str, runners: dict[Component, Any]) -> Backend:
+    pipe, dtype = model.pipe, model.placement.dtype
+    return Backend(
+        name=name,
+        requested=requested,
+        reason="",
+        unet=CompiledUNet(runners[Component.UNET], dtype),
+        vae=CompiledVae(runners[Component.VAE_ENCODER], runners[Component.VAE_DECODER], dtype, pipe.vae.config.scaling_factor),
+        side_multiple=side_multiple(pipe),
+    )
+
+
+class _TorchCompiledVae:
+    """A VAE whose encode and decode go through torch.compile (the shared module itself is left as it is)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        self.encode = torch.compile(vae.encode)
+        self.decode = torch.compile(vae.decode)
+        self.dtype = vae.dtype
+        self.config = vae.config
+
+
+def _compiled_by_torch(model: LoadedModel) -> Backend:
+    return Backend(
+        name="compile",
+        requested="compile",
+        reason="requested (each new shape compiles on first use: about a minute on a CPU)",
+        unet=torch.compile(model.pipe.unet),
+        vae=_TorchCompiledVae(model.pipe.vae),
+    )
+
+
+@torch.no_grad()
+def measure(model: LoadedModel, backend: Backend, side: int, rounds: int = MEASURE_ROUNDS) -> dict[str, float]:
+    """Median milliseconds of one frame's component calls (VAE encode, UNet at batch 2, VAE decode),
+    eager torch against `backend`, in alternating rounds after one warm-up each (up to `rounds`, fewer
+    once MEASURE_BUDGET_S has passed)."""
+    pipe, placement = model.pipe, model.placement
+    side = max(backend.side_multiple, side - side % backend.side_multiple)
+    latent = side // 8
+    generator = torch.Generator().manual_seed(0)
+    image = (torch.rand(1, 3, side, side, generator=generator) * 2 - 1).to(placement.device, placement.dtype)
+    latents = torch.randn(2, 4, latent, latent, generator=generator).to(placement.device, placement.dtype)
+    timesteps = torch.tensor([500, 800], device=placement.device)
+    text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=generator).to(placement.device, placement.dtype)
+
+    def frame(unet: Any, vae: Any) -> float:
+        started = time.perf_counter()
+        vae.encode(image)
+        unet(latents, timesteps, encoder_hidden_states=text, return_dict=False)
+        vae.decode(latents[:1], return_dict=False)
+        if placement.device.type == "cuda":
+            torch.cuda.synchronize(placement.device)
+        return (time.perf_counter() - started) * 1000
+
+    contenders = {"torch": (pipe.unet, pipe.vae), backend.name: (backend.unet, backend.vae)}
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for name, (unet, vae) in contenders.items():
+        frame(unet, vae)  # warm-up
+    started = time.perf_counter()
+    for done in range(rounds):
+        if done and time.perf_counter() - started > MEASURE_BUDGET_S:
+            break
+        for name, (unet, vae) in contenders.items():
+            times[name].append(frame(unet, vae))
+    return {"side": float(side), **{f"{name}_ms": round(statistics.median(values), 2) for name, values in times.items()}}

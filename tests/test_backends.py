@@ -1,0 +1,337 @@
+"""Compiled inference on the CPU: ONNX export parity, the engine cache, backend selection, and whole
+frames through real servers on ONNX Runtime against eager torch."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from filelock import FileLock
+
+from conftest import TEST_RESOLUTION, start_server
+from helpers import Client, ServerProcess, decode_frame, make_canvas, server_env
+
+from streamcanvas.pipelines.backends import BACKENDS, BackendConfig, prepare_backend
+from streamcanvas.pipelines.errors import BackendUnavailable
+from streamcanvas.pipelines.loading import ModelSpec, load_model
+from streamcanvas.pipelines.stream import CFG_TYPES
+from streamcanvas.pipelines.tiny import make_tiny_lora
+from streamcanvas.trt_engines.builder import ONNX_FILE, ArtifactBuilder
+from streamcanvas.trt_engines.cache import MANIFEST, EngineCache, EngineKey, fingerprint_module
+from streamcanvas.trt_engines.components import Component, ShapeRange
+from streamcanvas.trt_engines.onnxruntime_backend import OnnxRuntimeRunner
+
+SIZE = TEST_RESOLUTION
+
+
+def cli(*args: str, cache_dir: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamcanvas.realtime_server.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=server_env(cache_dir),
+    )
+
+
+# ---- ONNX export parity -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_vae_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    return load_model(ModelSpec(model=str(tiny_model_dir), tiny_vae="none"))
+
+
+@pytest.mark.parametrize("vae", ["taesd", "full"])
+def test_every_exported_component_matches_torch_at_other_shapes(
+    vae: str, tiny_model, full_vae_model, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    model = tiny_model if vae == "taesd" else full_vae_model
+    assert type(model.pipe.vae).__name__ == ("AutoencoderTiny" if vae == "taesd" else "AutoencoderKL")
+    builder = ArtifactBuilder(EngineCache(tmp_path), model.pipe, model_name="tiny")
+    runners = {component: OnnxRuntimeRunner(builder.onnx(component).file(ONNX_FILE), torch.device("cpu"), threads=2) for component in Component}
+    generator = torch.Generator().manual_seed(0)
+    worst: dict[str, float] = {}
+    # The graphs were traced at 128² with batch 2: other sides, non-square sizes and batches must work.
+    for height, width, batch in [(64, 64, 1), (128, 192, 3), (256, 256, 4)]:
+        latents = torch.randn(batch, 4, height // 8, width // 8, generator=generator)
+        timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+        text = torch.randn(batch, 77, model.pipe.unet.config.cross_attention_dim, generator=generator)
+        images = torch.rand(1, 3, height, width, generator=generator) * 2 - 1
+        with torch.no_grad():
+            expected = {
+                "unet": model.pipe.unet(latents, timesteps, encoder_hidden_states=text, return_dict=False)[0],
+                "vae_decoder": model.pipe.vae.decode(latents[:1], return_dict=False)[0],
+            }
+            encoded = model.pipe.vae.encode(images)
+            expected["vae_encoder"] = encoded.latents if vae == "taesd" else encoded.latent_dist.mode()
+        got = {
+            "unet": runners[Component.UNET]({"sample": latents, "timestep": timesteps, "encoder_hidden_states": text}, latents.shape, torch.float32),
+            "vae_decoder": runners[Component.VAE_DECODER]({"latents": latents[:1]}, expected["vae_decoder"].shape, torch.float32),
+            "vae_encoder": runners[Component.VAE_ENCODER]({"images": images}, expected["vae_encoder"].shape, torch.float32),
+        }
+        for name in expected:
+            difference = (expected[name] - got[name]).abs().max().item()
+            worst[name] = max(worst.get(name, 0.0), difference)
+    assert all(difference <= 1e-3 for difference in worst.values()), worst
+
+
+# ---- the cache key ------------------------------------------------------------------------------------
+
+BASE_KEY = EngineKey(
+    kind="tensorrt", component="unet", weights="a" * 64, export_version=1, opset=17, dtype="float16",
+    min_side=256, opt_side=512, max_side=1024, min_batch=1, opt_batch=2, max_batch=8,
+    tensorrt="10.5.0", gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0", cuda="12.6",
+)
+KEY_CHANGES = [
+    ("kind", "onnx"), ("component", "vae_decoder"), ("weights", "b" * 64), ("export_version", 2), ("opset", 18),
+    ("dtype", "float32"), ("min_side", 320), ("opt_side", 768), ("max_side", 768), ("min_batch", 2),
+    ("opt_batch", 4), ("max_batch", 4), ("tensorrt", "10.6.0"), ("gpu", "NVIDIA GeForce RTX 4090"),
+    ("compute_capability", "8.9"), ("cuda", "12.8"),
+]
+
+
+@pytest.mark.parametrize("field,value", KEY_CHANGES, ids=[field for field, _ in KEY_CHANGES])
+def test_changing_any_key_field_changes_the_key(field: str, value: object) -> None:
+    changed = dataclasses.replace(BASE_KEY, **{field: value})
+    assert changed.digest != BASE_KEY.digest and changed.name != BASE_KEY.name
+
+
+def test_the_table_covers_every_key_field_and_nothing_else_changes_the_key(tmp_path: Path) -> None:
+    assert {field for field, _ in KEY_CHANGES} == {field.name for field in dataclasses.fields(EngineKey)}
+    # The same fields, however the key is made, in any cache directory, name the same entry.
+    rebuilt = EngineKey(**json.loads(json.dumps(dict(reversed(list(BASE_KEY.fields().items()))))))
+    assert rebuilt.digest == BASE_KEY.digest
+    assert EngineCache(tmp_path / "a").entry_path(BASE_KEY).name == EngineCache(tmp_path / "b").entry_path(rebuilt).name
+
+
+def test_the_weights_fingerprint_follows_the_weights_not_their_path(tiny_model_dir: Path, tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
+    moved = load_model(ModelSpec(model=str(copy)))
+    assert fingerprint_module(moved.pipe.unet) == fingerprint_module(tiny_model.pipe.unet)
+    lora = make_tiny_lora(tmp_path / "lora", tiny_model_dir)
+    fused = load_model(ModelSpec(model=str(tiny_model_dir), lora=str(lora)))
+    assert fingerprint_module(fused.pipe.unet) != fingerprint_module(tiny_model.pipe.unet)
+    assert fingerprint_module(fused.pipe.vae) == fingerprint_module(tiny_model.pipe.vae)
+
+
+# ---- the cache on disk: corrupt entries, two builders, crashes, list and prune ----------------------------
+
+
+def test_a_corrupt_entry_is_detected_and_rebuilt(tiny_model, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    cache = EngineCache(tmp_path)
+    builder = ArtifactBuilder(cache, tiny_model.pipe, model_name="tiny")
+    entry = builder.onnx(Component.VAE_DECODER)
+    graph = entry.file(ONNX_FILE)
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, same size
+    graph.write_bytes(bytes(data))
+    good, bad = cache.entries()
+    assert [(path.name, problem) for path, problem in bad] == [(entry.path.name, f"{ONNX_FILE} does not match its checksum")]
+    rebuilt = builder.onnx(Component.VAE_DECODER)
+    assert "unusable" in caplog.text and rebuilt.created > entry.created
+    OnnxRuntimeRunner(rebuilt.file(ONNX_FILE), torch.device("cpu"), threads=1)  # loads
+    (rebuilt.path / MANIFEST).write_text("{not json")
+    assert builder.onnx(Component.VAE_DECODER).created > rebuilt.created
+
+
+def test_two_builder_processes_build_once_and_both_succeed(tiny_model_dir: Path, tiny_model, cache_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    engines = tmp_path / "engines"
+    key = ArtifactBuilder(EngineCache(engines), tiny_model.pipe, model_name="tiny").onnx_key(Component.VAE_DECODER)
+    engines.mkdir()
+    command = [sys.executable, "-m", "streamcanvas.realtime_server.cli", "engines", "build", "--model", str(tiny_model_dir),
+               "--engine-dir", str(engines), "--component", "vae_decoder", "--backend", "onnxruntime"]
+    # Hold the entry's lock ourselves until both builders are waiting on it, so they truly overlap.
+    lock = FileLock(str(engines / f".{key.name}.lock"))
+    lock.acquire()
+    logs = [tmp_path / f"builder-{index}.log" for index in range(2)]
+    builders = [subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=server_env(cache_dir)) for log in logs]
+    try:
+        deadline = time.monotonic() + 120
+        while not all("waiting for it" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline, [log.read_text() for log in logs]
+            assert all(builder.poll() is None for builder in builders), [log.read_text() for log in logs]
+            time.sleep(0.2)
+        assert not EngineCache(engines).entry_path(key).exists()
+    finally:
+        lock.release()
+    assert [builder.wait(120) for builder in builders] == [0, 0]
+    outputs = [log.read_text() for log in logs]
+    assert sorted(line.split()[0] for output in outputs for line in output.splitlines() if key.name in line and line.startswith(("built ", "cached"))) == ["built", "cached"]
+    assert sum(output.count("exported vae_decoder") for output in outputs) == 1
+    assert "using " + key.name + ", built by another process" in "".join(outputs)
+    good, bad = EngineCache(engines).entries()
+    assert [entry.key for entry in good] == [key] and bad == []
+
+
+def test_a_builder_killed_mid_build_leaves_no_entry_and_the_next_build_recovers(tiny_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    engines = tmp_path / "engines"
+    command = [sys.executable, "-m", "streamcanvas.realtime_server.cli", "engines", "build", "--model", str(tiny_model_dir),
+               "--engine-dir", str(engines), "--component", "unet"]
+    builder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=server_env(cache_dir))
+    deadline = time.monotonic() + 120
+    while not list(engines.glob(".unet-onnx-*.partial-*")):
+        assert builder.poll() is None and time.monotonic() < deadline, "the build ended before it could be interrupted"
+        time.sleep(0.02)
+    builder.send_signal(signal.SIGKILL)
+    builder.wait(10)
+    good, bad = EngineCache(engines).entries()
+    assert good == [] and [problem for _, problem in bad] == ["left over from a build that did not finish"]
+    listed = cli("engines", "list", "--engine-dir", str(engines), cache_dir=cache_dir)
+    assert "unusable" in listed.stdout and "did not finish" in listed.stdout
+    rebuilt = cli(*command[3:], cache_dir=cache_dir)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert rebuilt.stdout.startswith("built") and "export unet to ONNX" in rebuilt.stderr  # the progress bar's stages
+    good, bad = EngineCache(engines).entries()
+    assert [entry.key.component for entry in good] == ["unet"] and bad == []
+
+
+def test_engines_list_and_prune_on_a_real_cache(tiny_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    engines = tmp_path / "engines"
+    built = cli("engines", "build", "--model", str(tiny_model_dir), "--engine-dir", str(engines), cache_dir=cache_dir)
+    assert built.returncode == 0, built.stderr
+    assert [line.split()[0] for line in built.stdout.splitlines()] == ["built"] * 3
+    again = cli("engines", "build", "--model", str(tiny_model_dir), "--engine-dir", str(engines), cache_dir=cache_dir)
+    assert [line.split()[0] for line in again.stdout.splitlines()] == ["cached"] * 3
+
+    listed = cli("engines", "list", "--engine-dir", str(engines), cache_dir=cache_dir)
+    assert listed.returncode == 0 and "3 entries" in listed.stdout
+    for component in ("unet", "vae_encoder", "vae_decoder"):
+        assert any(line.startswith(component) and " onnx " in line and "float32" in line for line in listed.stdout.splitlines())
+    records = [json.loads(line) for line in cli("engines", "list", "--json", "--engine-dir", str(engines), cache_dir=cache_dir).stdout.splitlines()]
+    assert {record["key"]["component"] for record in records} == {"unet", "vae_encoder", "vae_decoder"}
+    assert all(record["key"]["opset"] == 17 and record["size"] > 0 and record["info"]["model"] for record in records)
+
+    # One entry last used ten days ago, one broken, one half-built.
+    old, broken, fine = sorted(Path(record["path"]) for record in records)
+    ten_days_ago = time.time() - 10 * 86400
+    os.utime(old / MANIFEST, (ten_days_ago, ten_days_ago))
+    (broken / ONNX_FILE).unlink()
+    (engines / ".unet-onnx-0123.partial-99999-0").mkdir()
+    dry = cli("engines", "prune", "--unused-for", "7", "--dry-run", "--engine-dir", str(engines), cache_dir=cache_dir)
+    assert dry.returncode == 0 and "3 to remove, 1 kept" in dry.stdout and old.exists() and broken.exists()
+    pruned = cli("engines", "prune", "--unused-for", "7", "--engine-dir", str(engines), cache_dir=cache_dir)
+    assert pruned.returncode == 0 and "3 removed, 1 kept" in pruned.stdout, pruned.stdout
+    assert sorted(path.name for path in engines.iterdir() if path.is_dir()) == [fine.name]
+    everything = cli("engines", "prune", "--all", "--engine-dir", str(engines), cache_dir=cache_dir)
+    assert "1 removed, 0 kept" in everything.stdout and not fine.exists()
+
+
+# ---- choosing the backend ------------------------------------------------------------------------------
+
+
+def test_the_cli_offers_exactly_the_backends_there_are() -> None:
+    from streamcanvas.realtime_server.cli import BACKEND_CHOICES
+
+    assert tuple(BACKEND_CHOICES) == BACKENDS
+
+
+def test_auto_measures_and_reports_its_choice(server: ServerProcess) -> None:
+    backend = server.info()["backend"]
+    assert backend["requested"] == "auto"
+    assert backend["fallbacks"][0].startswith("tensorrt: ")  # no CUDA here
+    measured = backend["measurement"] if backend["name"] == "onnxruntime" else None
+    log = server.log()
+    if backend["name"] == "onnxruntime":
+        assert measured["onnxruntime_ms"] < measured["torch_ms"]
+        assert len(backend["engines"]) == 3 and backend["reason"].startswith("measured faster")
+        assert "backend auto: onnxruntime, measured faster" in log
+    else:
+        assert backend["name"] == "torch" and "onnxruntime: measured slower" in backend["fallbacks"][-1]
+        assert "backend auto: not onnxruntime: measured slower" in log
+
+
+def test_an_unavailable_backend_fails_at_start_up(cache_dir: Path) -> None:
+    tensorrt = cli("serve", "--port", "0", "--backend", "tensorrt", "--resolution", "128x128", cache_dir=cache_dir)
+    assert tensorrt.returncode == 2
+    assert "cannot start: tensorrt cannot run here:" in tensorrt.stderr
+    assert "tensorrt package is not installed" in tensorrt.stderr or "not a CUDA device" in tensorrt.stderr
+    bfloat16 = cli("serve", "--port", "0", "--backend", "onnxruntime", "--dtype", "bfloat16", "--resolution", "128x128", cache_dir=cache_dir)
+    assert bfloat16.returncode == 2 and "onnxruntime cannot run here: bfloat16 is not supported" in bfloat16.stderr
+
+
+def test_an_unknown_backend_is_a_usage_error(cache_dir: Path) -> None:
+    result = cli("serve", "--backend", "tensorflow", cache_dir=cache_dir)
+    assert result.returncode == 2 and "tensorflow" in result.stderr
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        BackendConfig(name="tensorflow")  # type: ignore[arg-type]
+
+
+def test_tensorrt_shapes_refuse_inconsistent_ranges() -> None:
+    with pytest.raises(ValueError, match="min_side <= opt_side <= max_side"):
+        ShapeRange(min_side=512, opt_side=256, max_side=1024)
+    shapes = ShapeRange(min_side=256, opt_side=512, max_side=768, max_batch=4)
+    assert shapes.covers(256, 768, 4) and not shapes.covers(128, 512) and not shapes.covers(512, 512, 5)
+    assert shapes.profile(Component.UNET, text_width=1024)["encoder_hidden_states"] == ((1, 77, 1024), (2, 77, 1024), (4, 77, 1024))
+
+
+# ---- whole frames: ONNX Runtime against torch through real servers ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def torch_and_onnx_servers(cache_dir: Path, artifacts_dir: Path):  # type: ignore[no-untyped-def]
+    servers = [
+        start_server(cache_dir, artifacts_dir, f"backend-{name}", "--backend", name, "--slots", "1")
+        for name in ("torch", "onnxruntime")
+    ]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def psnr(expected: np.ndarray, got: np.ndarray) -> float:
+    error = np.mean((expected.astype(np.float64) - got.astype(np.float64)) ** 2)
+    return float("inf") if error == 0 else 10 * np.log10(255.0**2 / error)
+
+
+async def _frames(server: ServerProcess, mode: str, cfg_type: str) -> list[np.ndarray]:
+    params = {"prompt": "a lighthouse at night", "seed": 5, "cfg_type": cfg_type, "guidance_scale": 1.8, "steps": 2}
+    async with Client.connect(server.ws_url) as client:
+        await client.hello(mode=mode, params=params)
+        if mode == "txt2img":
+            frames = [decode_frame(await client.expect("frame"))]
+            frames.append(decode_frame(await client.frame_for(await client.send_params(prompt="a lighthouse by day"))))
+            return frames
+        return [decode_frame(await client.frame_for(await client.send_canvas(make_canvas(SIZE, seed)))) for seed in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("mode", ["img2img", "txt2img"])
+@pytest.mark.parametrize("cfg_type", CFG_TYPES)
+async def test_onnxruntime_frames_match_torch_frames(torch_and_onnx_servers, mode: str, cfg_type: str) -> None:  # type: ignore[no-untyped-def]
+    eager, onnx = torch_and_onnx_servers
+    assert (eager.info()["backend"]["name"], onnx.info()["backend"]["name"]) == ("torch", "onnxruntime")
+    expected, got = await asyncio.gather(_frames(eager, mode, cfg_type), _frames(onnx, mode, cfg_type))
+    assert len(expected) == len(got)
+    for reference, frame in zip(expected, got):
+        assert frame.std() > 5, "a blank frame would match trivially"
+        assert psnr(reference, frame) >= 40.0
+
+
+async def test_a_session_size_the_graphs_do_not_take_runs_on_torch(torch_and_onnx_servers) -> None:  # type: ignore[no-untyped-def]
+    _, onnx = torch_and_onnx_servers
+    side = onnx.info()["backend"]["side_multiple"]
+    odd = SIZE + 8  # a multiple of 8 but not of the UNet's side multiple
+    assert odd % side
+    async with Client.connect(onnx.ws_url) as client:
+        await client.hello(width=odd, height=odd, params={"prompt": "a boat"})
+        frame = decode_frame(await client.frame_for(await client.send_canvas(make_canvas(odd, 4))))
+    assert frame.shape == (odd, odd, 3)
+    assert f"does not cover {odd}x{odd}" in onnx.log()
+
+
+def test_prepare_backend_reuses_cached_graphs(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    config = BackendConfig(name="onnxruntime", engine_dir=tmp_path, threads=1, measure_side=64)
+    first = prepare_backend(tiny_model, config)
+    created = {entry.key.name: entry.created for entry in EngineCache(tmp_path).entries()[0]}
+    second = prepare_backend(tiny_model, config)
+    assert first.engines == second.engines and set(created) == set(first.engines)
+    assert {entry.key.name: entry.created for entry in EngineCache(tmp_path).entries()[0]} == created
+    assert second.name == "onnxruntime" and second.reason == "requested" and second.measurement is None
