@@ -9,7 +9,11 @@ from pathlib import Path
 import click
 import pydantic
 
+from .engine_commands import engines
+
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+BACKEND_CHOICES = ["auto", "torch", "compile", "onnxruntime", "tensorrt"]
+"""As pipelines.backends.BACKENDS (a test checks they agree); repeated so `--help` needs no torch import."""
 SHUTDOWN_GRACE_S = 10
 
 
@@ -39,6 +43,12 @@ def main() -> None:
 @click.option("--device", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N. Default auto.")
 @click.option("--dtype", help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.")
 @click.option("--threads", type=int, help="Torch CPU threads for inference. Default: all cores.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), help="What runs the UNet and VAE: auto (TensorRT on CUDA when its engines are built, else ONNX Runtime where measured faster than torch, else torch), torch, compile (torch.compile), onnxruntime or tensorrt. Default auto.")
+@click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), help="The engine cache (ONNX graphs, TensorRT engines). Default <cache>/engines.")
+@click.option("--build-engines", is_flag=True, default=None, help="Build missing TensorRT engines at start-up (minutes each on a real model). Default: say what is missing and which command builds it.")
+@click.option("--engine-min-resolution", type=int, help="Smallest image side TensorRT engines accept. Default 256 (or the session size, if smaller).")
+@click.option("--engine-max-batch", type=int, help="Largest UNet batch TensorRT engines accept (steps x CFG factor). Default 8.")
+@click.option("--cuda-graphs", is_flag=True, default=None, help="Replay TensorRT calls as CUDA graphs (less launch overhead per frame).")
 @click.option("--idle-timeout", "idle_timeout_s", type=float, help="Seconds without a client message before its slot is freed. Default 120.")
 @click.option("--api-key", "api_keys", multiple=True, help="Require this key in hello (repeat for several). Default: no keys.")
 @click.option("--allowed-origin", "allowed_origins", multiple=True, help="Browser Origin allowed besides the server's own (repeat; '*' for any).")
@@ -165,12 +175,29 @@ def worker(**options: object) -> None:
 @main.command("make-tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
-def make_tiny_model_command(directory: Path, seed: int) -> None:
-    """Build the tiny untrained SD-1.x-shaped test model into DIRECTORY (diffusers layout, TAESD in taesd/)."""
+@click.option(
+    "--full-size",
+    type=click.Choice(["sd15", "sd-turbo"]),
+    help="Instead of the tiny model, one with the real architecture and size of Stable Diffusion 1.5 or "
+    "sd-turbo (SD 2.1) and random weights (float16, about 2 GB): real-cost frames for benchmarks on a "
+    "machine that cannot download weights.",
+)
+def make_tiny_model_command(directory: Path, seed: int, full_size: str | None) -> None:
+    """Build an untrained test model into DIRECTORY (diffusers layout, TAESD in taesd/): the tiny
+    SD-1.x-shaped one by default, or a full-size one with --full-size."""
+    if full_size is not None:
+        from streamcanvas.pipelines.full_size import make_full_size_model
+
+        path = make_full_size_model(directory, architecture=full_size, seed=seed)  # type: ignore[arg-type]
+        click.echo(f"wrote a full-size {full_size} model with random weights to {path}")
+        return
     from streamcanvas.pipelines.tiny import make_tiny_model
 
     path = make_tiny_model(directory, seed=seed)
     click.echo(f"wrote the tiny test model to {path}")
+
+
+main.add_command(engines)
 
 
 def _validation_message(error: pydantic.ValidationError) -> str:
