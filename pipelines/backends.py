@@ -32,7 +32,13 @@ from streamcanvas.trt_engines.builder import ENGINE_FILE, ONNX_FILE, ArtifactBui
 from streamcanvas.trt_engines.cache import CacheError, EngineCache, EntryMissing
 from streamcanvas.trt_engines.components import Component, CompiledUNet, CompiledVae, ShapeRange
 from streamcanvas.trt_engines.export import side_multiple
-from streamcanvas.trt_engines.onnxruntime_backend import GraphLoadError, OnnxRuntimeRunner, OnnxRuntimeUnavailable, check_dtype
+from streamcanvas.trt_engines.onnxruntime_backend import (
+    GraphLoadError,
+    OnnxRuntimeRunner,
+    OnnxRuntimeUnavailable,
+    check_dtype,
+    providers_for,
+)
 from streamcanvas.trt_engines.tensorrt_backend import (
     EngineBuildError,
     TensorRTRunner,
@@ -193,6 +199,7 @@ def _onnxruntime(model: LoadedModel, config: BackendConfig, requested: str) -> B
     names = []
     try:
         check_dtype(dtype)
+        providers_for(device)  # before exporting anything: is there a provider for this device at all?
         builder = ArtifactBuilder(config.cache, model.pipe, model_name=model.name)
         for component in Component:
             entry = builder.onnx(component)

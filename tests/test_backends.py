@@ -335,3 +335,21 @@ def test_prepare_backend_reuses_cached_graphs(tiny_model, tmp_path: Path) -> Non
     assert first.engines == second.engines and set(created) == set(first.engines)
     assert {entry.key.name: entry.created for entry in EngineCache(tmp_path).entries()[0]} == created
     assert second.name == "onnxruntime" and second.reason == "requested" and second.measurement is None
+
+
+@pytest.mark.slow
+def test_torch_compile_frames_match_eager_frames(tiny_model_dir: Path) -> None:
+    """The `compile` backend (inductor on the CPU; about a minute to compile the first frame's shapes)."""
+    from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
+
+    model = load_model(ModelSpec(model=str(tiny_model_dir)))
+    canvases = [make_canvas(64, seed) for seed in (1, 2, 3)]
+    frames = {}
+    for name in ("torch", "compile"):
+        model.backend = prepare_backend(model, BackendConfig(name=name))  # type: ignore[arg-type]
+        stream = StreamPipeline(model, 64, 64)
+        stream.configure(StreamParams(prompt="a cat"), img2img=True)
+        assert stream.backend == name
+        frames[name] = np.stack([stream.render(canvas, tag=index).image for index, canvas in enumerate(canvases)])
+    assert frames["torch"].std() > 5
+    assert psnr(frames["torch"], frames["compile"]) >= 40.0
