@@ -43,7 +43,8 @@ import websockets
 
 from streamcanvas.codecs.images import ImageFormat
 from streamcanvas.codecs.messages import Canvas, Hello, ImagePayload, parse_server_message, serialize
-from streamcanvas.pipelines.loading import ModelSpec, load_model
+from streamcanvas.pipelines.backends import BACKENDS, BackendConfig, prepare_backend
+from streamcanvas.pipelines.loading import ModelSpec, inference_threads, load_model
 from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
 from streamcanvas.sessions.stats import percentiles
 
@@ -92,8 +93,10 @@ def make_canvases(size: int, count: int = CANVAS_COUNT) -> list[np.ndarray]:
 class BareRun:
     """The same pipeline the server runs, driven in this process with no server in between."""
 
-    def __init__(self, size: int, warmup_frames: int) -> None:
+    def __init__(self, size: int, warmup_frames: int, backend: str) -> None:
         self.model = load_model(ModelSpec())
+        config = BackendConfig(name=backend, threads=inference_threads(None), measure_side=size)  # type: ignore[arg-type]
+        self.model.backend = prepare_backend(self.model, config)
         self.stream = StreamPipeline(self.model, size, size)
         self.stream.configure(StreamParams(prompt=PROMPT), img2img=True)
         self.canvases = make_canvases(size)
@@ -124,6 +127,7 @@ class BareRun:
             "fps_per_round": [round(fps, 2) for fps in runs],
             "frame_ms": percentiles(self.frame_ms),
             "model": self.model.describe(),
+            "backend": self.model.backend.describe(),
         }
 
 
@@ -175,7 +179,8 @@ class ClientResult:
 
 
 async def run_client(
-    url: str, size: int, payloads: list[bytes], rate_hz: float | None, warmup_s: float, seconds: float
+    url: str, size: int, payloads: list[bytes], rate_hz: float | None, warmup_s: float, seconds: float,
+    params: dict[str, Any] | None = None,
 ) -> ClientResult:
     """One client. rate_hz=None means lockstep: send the next canvas once the previous one is answered."""
     result = ClientResult()
@@ -183,7 +188,7 @@ async def run_client(
     answered_event = asyncio.Event()
     highest_answered = 0
     async with websockets.connect(url, compression=None, max_size=None, open_timeout=30) as connection:
-        await connection.send(serialize(Hello(protocol=(1,), width=size, height=size, codec=ImageFormat.JPEG, quality=80, params={"prompt": PROMPT})))
+        await connection.send(serialize(Hello(protocol=(1,), width=size, height=size, codec=ImageFormat.JPEG, quality=80, params={"prompt": PROMPT, **(params or {})})))
         ready = parse_server_message(await asyncio.wait_for(connection.recv(), 30))
         if ready["type"] != "ready":
             raise RuntimeError(f"not ready: {ready}")
@@ -236,10 +241,13 @@ async def run_client(
     return result
 
 
-async def run_scenario(url: str, size: int, clients: int, rate_hz: float | None, warmup_s: float, seconds: float) -> dict[str, Any]:
+async def run_scenario(
+    url: str, size: int, clients: int, rate_hz: float | None, warmup_s: float, seconds: float,
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     payloads = [simplejpeg.encode_jpeg(canvas, quality=90) for canvas in make_canvases(size)]
     results = await asyncio.gather(
-        *(run_client(url, size, payloads, rate_hz, warmup_s, seconds) for _ in range(clients))
+        *(run_client(url, size, payloads, rate_hz, warmup_s, seconds, params) for _ in range(clients))
     )
     latency = [value for result in results for value in result.latency_ms]
     sent = sum(result.sent for result in results)
@@ -284,19 +292,21 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 @click.option("--warmup", "warmup_s", default=3.0, show_default=True, help="Unmeasured seconds at the start of each server run.")
 @click.option("--rounds", default=3, show_default=True, help="Alternations of bare and steady runs (seconds split between them).")
 @click.option("--flood-factor", default=4.0, show_default=True, help="How much faster than bare fps the flood client sends.")
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS), help="The backend of the bare loop and the server.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
 def main(
-    resolution: int, clients: int, seconds: float, warmup_s: float, rounds: int, flood_factor: float, output: Path | None
+    resolution: int, clients: int, seconds: float, warmup_s: float, rounds: int, flood_factor: float, backend: str,
+    output: Path | None,
 ) -> None:
     """Benchmark the real-time WebSocket path against the bare pipeline; prints JSON."""
     started = time.time()
-    bare_run = BareRun(resolution, warmup_frames=8)
+    bare_run = BareRun(resolution, warmup_frames=8, backend=backend)
     round_s = seconds / rounds
     bare_rounds = [bare_run.run(round_s)]
     rate = bare_rounds[0]
     scenarios: dict[str, Any] = {}
     steady_rounds = []
-    with running_server(resolution, clients) as url:
+    with running_server(resolution, clients, "--backend", backend) as url:
         # This machine's speed drifts; bare and steady alternate so they are compared under the same drift.
         for index in range(rounds):
             if index:
@@ -310,7 +320,7 @@ def main(
     report = {
         "benchmark": "realtime_ws",
         "machine": describe_machine(),
-        "config": {"resolution": resolution, "clients": clients, "seconds": seconds, "rounds": rounds, "warmup_s": warmup_s, "prompt": PROMPT, "codec": "jpeg q80"},
+        "config": {"resolution": resolution, "clients": clients, "seconds": seconds, "rounds": rounds, "warmup_s": warmup_s, "prompt": PROMPT, "codec": "jpeg q80", "backend": backend},
         "bare": bare,
         "scenarios": scenarios,
         "bare_fps": bare["fps"],
