@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from streamcanvas.pipelines.loading import ModelSpec, inference_threads, load_mo
 from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
 from streamcanvas.sessions.stats import percentiles
 
-from .realtime_ws import PROMPT, describe_machine, make_canvases, merge_rounds, run_scenario, running_server
+from .realtime_ws import PROMPT, describe_machine, emit_report, make_canvases, merge_rounds, run_scenario, running_server
 
 THROUGHPUT_RATE_HZ = 200.0
 
@@ -163,11 +162,7 @@ def main(
         "results": results,
         "wall_s": round(time.time() - started, 1),
     }
-    text = json.dumps(report, indent=2)
-    click.echo(text)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text + "\n")
+    emit_report(report, output)
 
 
 if __name__ == "__main__":

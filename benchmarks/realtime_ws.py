@@ -333,6 +333,11 @@ def main(
     }
     for scenario in scenarios.values():
         scenario.pop("latency_samples_ms")
+    emit_report(report, output)
+
+
+def emit_report(report: dict[str, Any], output: Path | None) -> None:
+    """Print a benchmark's JSON, and write it to `output` if given."""
     text = json.dumps(report, indent=2)
     click.echo(text)
     if output is not None:
