@@ -22,7 +22,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -102,7 +102,6 @@ class Backend:
     """Sizes and batches the compiled components accept; None: any (sides still need `side_multiple`)."""
     side_multiple: int = 8
     measurement: dict[str, float] | None = None
-    _log: list[str] = field(default_factory=list, repr=False)
 
     def compiled_for(self, width: int, height: int, unet_batch: int) -> tuple[Any, Any] | None:
         """The (unet, vae) to use for a stream of this size, or None where eager torch must run it."""
