@@ -102,10 +102,18 @@ def _dynamic_axes(component: Component) -> dict[str, dict[int, str]]:
 
 
 @torch.no_grad()
-def export_component(pipe: StableDiffusionPipeline, component: Component, path: Path, *, opset: int = DEFAULT_OPSET) -> None:
+def export_component(
+    pipe: StableDiffusionPipeline,
+    component: Component,
+    path: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    external_above: int = EXTERNAL_DATA_BYTES,
+) -> None:
     """Write `component` of `pipe` (its UNet, or its live VAE's encoder/decoder) to the ONNX file `path`.
 
-    The graph is traced on the pipeline's own device and dtype. Large weights go to `path` + `.data`.
+    The graph is traced on the pipeline's own device and dtype. Weights of more than `external_above`
+    bytes go to `path` + `.data`.
     """
     if opset < 17:
         raise ValueError(f"opset {opset} is too old: 17 or newer is needed (GroupNorm/LayerNorm export)")
@@ -130,13 +138,19 @@ def export_component(pipe: StableDiffusionPipeline, component: Component, path: 
                 dynamo=False,
             )
         weights = sum(parameter.numel() * parameter.element_size() for parameter in graph.parameters())
-        external = weights > EXTERNAL_DATA_BYTES
-        slimmed = onnxslim.slim(str(traced))
+        if weights < onnx.checker.MAXIMUM_PROTOBUF:
+            model = onnxslim.slim(str(traced))
+        else:
+            # onnxslim holds the whole graph as one protobuf, which cannot pass 2 GiB (a float32 SD UNet is
+            # 3.4 GB): keep it as exported. ONNX Runtime and TensorRT run their own graph optimisations.
+            logger.info("%s has %.1f GB of weights: kept as exported, without onnxslim", component.value, weights / 1e9)
+            model = onnx.load(str(traced))
+        external = weights > external_above
         if external:
             onnx.save_model(
-                slimmed, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data"
+                model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=f"{path.name}.data"
             )
         else:
-            onnx.save_model(slimmed, str(path))
+            onnx.save_model(model, str(path))
     logger.info("exported %s to %s (opset %d%s)", component.value, path, opset, ", external weights" if external else "")
 
