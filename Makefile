@@ -64,6 +64,7 @@ test: setup browser redis postgresql
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
+	$(BIN)/python -m streamcanvas.benchmarks.backends
 	$(BIN)/python -m streamcanvas.benchmarks.realtime_ws
 	$(BIN)/python -m streamcanvas.benchmarks.batch_queue
 	$(BIN)/python -m streamcanvas.benchmarks.live_with_batch
