@@ -83,7 +83,8 @@ def send_body(server: ServerProcess, head: str, chunks: Iterator[bytes], limit_s
                 break
         sock.settimeout(5)
         try:
-            while b"\r\n\r\n" not in answer:
+            # The whole answer: its head, then as much body as it declares (the two may arrive apart).
+            while not _complete(answer):
                 data = sock.recv(65536)
                 if not data:
                     break
@@ -91,6 +92,17 @@ def send_body(server: ServerProcess, head: str, chunks: Iterator[bytes], limit_s
         except (ConnectionResetError, TimeoutError, OSError):
             pass
     return answer, sent
+
+
+def _complete(answer: bytes) -> bool:
+    head, separator, body = answer.partition(b"\r\n\r\n")
+    if not separator:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return True
 
 
 def megabytes(total_mb: int, size: int = MB) -> Iterator[bytes]:
