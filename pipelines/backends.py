@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import torch
 
 from streamcanvas.trt_engines.builder import ENGINE_FILE, ONNX_FILE, ArtifactBuilder
-from streamcanvas.trt_engines.cache import CacheError, EngineCache, EntryMissing
+from streamcanvas.trt_engines.cache import CacheError, EngineCache, Entry, EntryMissing
 from streamcanvas.trt_engines.components import Component, CompiledUNet, CompiledVae, ShapeRange
 from streamcanvas.trt_engines.export import side_multiple
 from streamcanvas.trt_engines.onnxruntime_backend import (
@@ -194,28 +194,20 @@ def _auto(model: LoadedModel, config: BackendConfig) -> Backend:
 
 def _onnxruntime(model: LoadedModel, config: BackendConfig, requested: str) -> Backend:
     device, dtype = model.placement.device, model.placement.dtype
-    runners = {}
-    names = []
     try:
         check_dtype(dtype)
         providers_for(device)  # before exporting anything: is there a provider for this device at all?
-        builder = ArtifactBuilder(config.cache, model.pipe, model_name=model.name)
-        for component in Component:
-            entry = builder.onnx(component)
-            runners[component] = _load_or_rebuild(
-                lambda entry=entry: OnnxRuntimeRunner(entry.file(ONNX_FILE), device, threads=config.threads),
-                config.cache,
-                entry.path,
-                lambda component=component: builder.onnx(component),
-                loader_errors=(GraphLoadError,),
-            )
-            names.append(entry.key.name)
+        cache = config.cache
+        builder = ArtifactBuilder(cache, model.pipe, model_name=model.name)
+        runners, names = _load_runners(
+            cache,
+            builder.onnx,
+            lambda entry: OnnxRuntimeRunner(entry.file(ONNX_FILE), device, threads=config.threads),
+            loader_errors=(GraphLoadError,),
+        )
     except (OnnxRuntimeUnavailable, GraphLoadError, CacheError, OSError) as error:
         raise BackendUnavailable(f"onnxruntime cannot run here: {error}") from error
-    backend = _compiled_backend(model, "onnxruntime", requested, runners)
-    backend.engines = tuple(names)
-    backend.reason = "requested"
-    return backend
+    return _compiled_backend(model, "onnxruntime", requested, runners, names, reason="requested")
 
 
 def _tensorrt(model: LoadedModel, config: BackendConfig, requested: str) -> Backend:
@@ -223,21 +215,15 @@ def _tensorrt(model: LoadedModel, config: BackendConfig, requested: str) -> Back
     unavailable = tensorrt_unavailable_reason(device)
     if unavailable is not None:
         raise BackendUnavailable(f"tensorrt cannot run here: {unavailable}")
-    builder = ArtifactBuilder(config.cache, model.pipe, model_name=model.name)
-    shapes = config.shapes
-    runners = {}
-    names = []
+    cache, shapes = config.cache, config.shapes
+    builder = ArtifactBuilder(cache, model.pipe, model_name=model.name)
     try:
-        for component in Component:
-            entry = builder.tensorrt(component, shapes, allow_build=config.build_engines)
-            runners[component] = _load_or_rebuild(
-                lambda entry=entry: TensorRTRunner(entry.file(ENGINE_FILE), device, cuda_graphs=config.cuda_graphs),
-                config.cache,
-                entry.path,
-                lambda component=component: builder.tensorrt(component, shapes, allow_build=config.build_engines),
-                loader_errors=(EngineBuildError,),
-            )
-            names.append(entry.key.name)
+        runners, names = _load_runners(
+            cache,
+            lambda component: builder.tensorrt(component, shapes, allow_build=config.build_engines),
+            lambda entry: TensorRTRunner(entry.file(ENGINE_FILE), device, cuda_graphs=config.cuda_graphs),
+            loader_errors=(EngineBuildError,),
+        )
     except EntryMissing as error:
         raise BackendUnavailable(
             f"{error}. Build the engines with `streamcanvas engines build --backend tensorrt "
@@ -247,10 +233,9 @@ def _tensorrt(model: LoadedModel, config: BackendConfig, requested: str) -> Back
         ) from None
     except (CacheError, EngineBuildError, TensorRTUnavailable, OSError) as error:
         raise BackendUnavailable(f"tensorrt engines could not be prepared: {error}") from error
-    backend = _compiled_backend(model, "tensorrt", requested, runners)
-    backend.engines = tuple(names)
+    reason = "requested" if requested == "tensorrt" else "the tensorrt package imports and the engines are built"
+    backend = _compiled_backend(model, "tensorrt", requested, runners, names, reason)
     backend.shapes = shapes
-    backend.reason = "requested" if requested == "tensorrt" else "the tensorrt package imports and the engines are built"
     return backend
 
 
@@ -262,30 +247,40 @@ def _model_arguments(model: LoadedModel) -> str:
     return arguments + f"--dtype {str(model.placement.dtype).removeprefix('torch.')} "
 
 
-def _load_or_rebuild(
-    load: Callable[[], Any],
+def _load_runners(
     cache: EngineCache,
-    path: Path,
-    rebuild: Callable[[], object],
+    fetch: Callable[[Component], Entry],
+    load: Callable[[Entry], Any],
     loader_errors: tuple[type[BaseException], ...],
-) -> Any:
-    """Load an artifact; if the runtime refuses a file that passed its checksum (written by another
-    version, say), remove it, rebuild it in the same place, and load it once more."""
-    try:
-        return load()
-    except loader_errors as error:
-        logger.warning("%s could not be loaded (%s); rebuilding it", path.name, error)
-        cache.remove(path)
-        rebuild()
-        return load()
+) -> tuple[dict[Component, Any], tuple[str, ...]]:
+    """Every component's runner, loaded from its cache entry, and the entries' names.
+
+    An entry the runtime refuses although it passed its checksum (written by another version, say) is
+    removed, fetched again (rebuilt in the same place) and loaded once more."""
+    runners: dict[Component, Any] = {}
+    names = []
+    for component in Component:
+        entry = fetch(component)
+        try:
+            runners[component] = load(entry)
+        except loader_errors as error:
+            logger.warning("%s could not be loaded (%s); rebuilding it", entry.path.name, error)
+            cache.remove(entry.path)
+            entry = fetch(component)
+            runners[component] = load(entry)
+        names.append(entry.key.name)
+    return runners, tuple(names)
 
 
-def _compiled_backend(model: LoadedModel, name: str, requested: str, runners: dict[Component, Any]) -> Backend:
+def _compiled_backend(
+    model: LoadedModel, name: str, requested: str, runners: dict[Component, Any], engines: tuple[str, ...], reason: str
+) -> Backend:
     pipe, dtype = model.pipe, model.placement.dtype
     return Backend(
         name=name,
         requested=requested,
-        reason="",
+        reason=reason,
+        engines=engines,
         unet=CompiledUNet(runners[Component.UNET], dtype),
         vae=CompiledVae(runners[Component.VAE_ENCODER], runners[Component.VAE_DECODER], dtype, pipe.vae.config.scaling_factor),
         side_multiple=side_multiple(pipe),

@@ -158,11 +158,12 @@ def _cache(engine_dir: Path | None):  # type: ignore[no-untyped-def]
 
 
 def _size(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
+    scaled, unit = float(size), "B"
+    for larger in ("KiB", "MiB", "GiB"):
+        if scaled < 1024:
+            break
+        scaled, unit = scaled / 1024, larger
+    return f"{size} B" if unit == "B" else f"{scaled:.1f} {unit}"
 
 
 def _age(seconds: float) -> str:
