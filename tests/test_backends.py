@@ -370,3 +370,23 @@ def test_torch_compile_frames_match_eager_frames(tiny_model_dir: Path) -> None:
         frames[name] = np.stack([stream.render(canvas, tag=index).image for index, canvas in enumerate(canvases)])
     assert frames["torch"].std() > 5
     assert psnr(frames["torch"], frames["compile"]) >= 40.0
+
+
+def test_a_graph_the_runtime_refuses_is_rebuilt(tiny_model, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A file that passes its checksum but that ONNX Runtime cannot load (as one written by another
+    version would be) is removed, rebuilt and loaded."""
+    import hashlib
+
+    cache = EngineCache(tmp_path)
+    entry = ArtifactBuilder(cache, tiny_model.pipe, model_name="tiny").onnx(Component.VAE_DECODER)
+    garbage = b"not an onnx graph" * 100
+    entry.file(ONNX_FILE).write_bytes(garbage)
+    manifest = json.loads((entry.path / MANIFEST).read_text())
+    manifest["files"][ONNX_FILE] = {"size": len(garbage), "sha256": hashlib.sha256(garbage).hexdigest()}
+    (entry.path / MANIFEST).write_text(json.dumps(manifest))
+    assert cache.lookup(entry.key) is not None  # the checksum alone cannot tell
+
+    backend = prepare_backend(tiny_model, BackendConfig(name="onnxruntime", engine_dir=tmp_path, threads=1))
+    assert backend.name == "onnxruntime" and entry.key.name in backend.engines
+    assert f"{entry.key.name} could not be loaded" in caplog.text
+    assert entry.file(ONNX_FILE).read_bytes() != garbage
