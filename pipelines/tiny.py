@@ -11,6 +11,7 @@ functions of the input, prompt and seed, but they are not pictures of anything: 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import shutil
@@ -28,12 +29,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .paths import default_cache_dir
 
-TINY_MODEL_VERSION = 2
+TINY_MODEL_VERSION = 3
 """Bumped whenever the shape of the tiny model changes, so cached copies are rebuilt."""
 
 VOCAB_SIZE = 1000
 TAESD_SUBDIR = "taesd"
-_MARKER = "streamcanvas_tiny_model.json"
+MARKER = "streamcanvas_tiny_model.json"
 
 # Words the tokenizer learns merges from. Any text still tokenizes (byte-level fallback); these only make
 # common prompt words a few tokens long instead of one token per letter.
@@ -44,7 +45,7 @@ _CORPUS = (
     "red orange yellow green blue purple pink black white gray brown gold silver colorful bright dark "
     "light shadow style oil watercolor pencil digital art anime cartoon realistic detailed sharp soft "
     "cinematic lighting high quality masterpiece beautiful cute small large old new fantasy science "
-    "fiction robot dragon space planet galaxy abstract pattern texture wood stone glass metal water fire"
+    "fiction robot dragon space planet galaxy abstract pattern texture wood stone glass metal water fire smooth"
 )
 
 
@@ -109,8 +110,10 @@ def build_tokenizer_files(vocab_size: int = VOCAB_SIZE) -> tuple[dict[str, int],
     return {token: index for index, token in enumerate(vocab_tokens)}, merges
 
 
-def build_tiny_components(seed: int = 0) -> dict[str, object]:
-    """The components of a tiny SD-1.x pipeline, with deterministic random weights."""
+def build_tiny_components(seed: int = 0, vae_channels: tuple[int, ...] = (32, 32, 64, 64)) -> dict[str, object]:
+    """The components of a tiny SD-1.x pipeline, with deterministic random weights.
+
+    `vae_channels` are the full VAE's four block widths (the trained toy model uses narrower ones)."""
     vocab, merges = build_tokenizer_files()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
@@ -127,7 +130,8 @@ def build_tiny_components(seed: int = 0) -> dict[str, object]:
     )
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        block_out_channels=(32, 32, 64, 64),
+        block_out_channels=vae_channels,
+        norm_num_groups=min(32, *vae_channels),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -191,21 +195,52 @@ def make_tiny_model(directory: Path | str, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(staging, safe_serialization=True)
     tiny_vae.save_pretrained(staging / TAESD_SUBDIR, safe_serialization=True)
-    (staging / _MARKER).write_text(json.dumps({"version": TINY_MODEL_VERSION, "seed": seed}))
+    marker = {"kind": "untrained", "version": TINY_MODEL_VERSION, "seed": seed, "weights_fingerprint": weights_fingerprint(staging)}
+    (staging / MARKER).write_text(json.dumps(marker, indent=2))
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
     return target
 
 
+def weights_fingerprint(directory: Path | str) -> str:
+    """SHA-256 over every weights file of a saved model directory (names and bytes, in path order)."""
+    digest = hashlib.sha256()
+    root = Path(directory)
+    for path in sorted(root.rglob("*.safetensors")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def is_tiny_model(directory: Path | str) -> bool:
-    return (Path(directory) / _MARKER).is_file()
+    """True for the project's own test models, trained or not (they carry a marker file)."""
+    return (Path(directory) / MARKER).is_file()
+
+
+def _marker(directory: Path | str) -> dict[str, object] | None:
+    try:
+        return json.loads((Path(directory) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def tiny_model_kind(directory: Path | str) -> str | None:
+    """"trained" or "untrained" for the project's own models, None for any other model."""
+    marker = _marker(directory)
+    return None if marker is None else str(marker.get("kind", "untrained"))
+
+
+def stream_defaults(directory: Path | str) -> dict[str, object]:
+    """The stream parameters the project's own model was made for (its marker says), else none."""
+    marker = _marker(directory) or {}
+    return dict(marker.get("stream_defaults", {}))  # type: ignore[call-overload]
 
 
 def ensure_tiny_model(directory: Path | str | None = None) -> Path:
     """Return the cached tiny model directory, building it first if it is missing or outdated."""
     target = Path(directory) if directory is not None else default_tiny_model_dir()
-    marker = target / _MARKER
+    marker = target / MARKER
     if marker.is_file():
         try:
             if json.loads(marker.read_text()).get("version") == TINY_MODEL_VERSION:
