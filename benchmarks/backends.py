@@ -113,7 +113,7 @@ def server_runs(
 
 
 @click.command()
-@click.option("--model", help="A diffusers directory or cached repo id. Default: the tiny test model.")
+@click.option("--model", help="A diffusers directory or cached repo id. Default: the trained toy model.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--resolution", "resolutions", type=int, multiple=True, help="Square frame size (repeat). Default 256 and 512.")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "compile", "onnxruntime", "tensorrt"]),
@@ -157,7 +157,7 @@ def main(
     report = {
         "benchmark": "backends",
         "machine": describe_machine(),
-        "config": {"model": model or "streamcanvas tiny test model", "device": device, "steps": steps, "seconds": seconds,
+        "config": {"model": model or "streamcanvas trained toy model", "device": device, "steps": steps, "seconds": seconds,
                    "rounds": rounds, "prompt": PROMPT, "backends": chosen},
         "results": results,
         "wall_s": round(time.time() - started, 1),

@@ -2,7 +2,7 @@
 
 The server never downloads weights: a model is a local diffusers directory, or a Hugging Face repo id
 that is already in the local cache (`huggingface-cli download` it beforehand on a machine that can).
-With no model configured the project's own tiny test model is built (once, cached) and loaded through
+With no model configured the project's own trained toy model is trained (once, cached) and loaded through
 exactly the same `from_pretrained` path.
 """
 
@@ -22,7 +22,8 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from .backends import Backend, eager_backend
 from .devices import DevicePlacement, choose_placement
 from .errors import ModelLoadError, ModelNotFound
-from .tiny import TAESD_SUBDIR, ensure_tiny_model, is_tiny_model
+from .tiny import TAESD_SUBDIR, stream_defaults, tiny_model_kind
+from .toy_model import ensure_toy_model
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ TINY_VAE_NONE = "none"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to load. `model=None` means the project's tiny test model."""
+    """What to load. `model=None` means the project's trained toy model (trained on first use)."""
 
     model: str | None = None
     tiny_vae: str = TINY_VAE_AUTO
@@ -50,11 +51,15 @@ class LoadedModel:
     name: str
     path: Path
     vae_kind: str
-    is_test_model: bool
+    toy_model: str | None = None
+    """"trained" or "untrained" for the project's own tiny models (no real weights), None for real ones."""
     lora: str | None = None
     full_vae: torch.nn.Module | None = None
     """The model's own AutoencoderKL, kept when `pipe.vae` is a TAESD: full-quality batch renders decode
     with it while live frames use the fast one."""
+    stream_defaults: dict[str, object] = field(default_factory=dict)
+    """Stream parameters this model works best with, where they differ from StreamParams' defaults (a
+    session's hello still overrides them)."""
     backend: Backend = field(default_factory=eager_backend)
     """What runs the live stream's UNet and VAE (`pipelines.backends.prepare_backend` sets it)."""
 
@@ -71,7 +76,12 @@ class LoadedModel:
             "device": str(self.placement.device),
             "dtype": str(self.placement.dtype).removeprefix("torch."),
             "test_model": self.is_test_model,
+            "toy_model": self.toy_model,
         }
+
+    @property
+    def is_test_model(self) -> bool:
+        return self.toy_model is not None
 
 
 def resolve_model_path(name: str, what: str = "model") -> Path:
@@ -100,8 +110,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     """Load the pipeline's components onto the chosen device. Raises ModelNotFound / ModelLoadError."""
     placement = choose_placement(spec.device, spec.dtype)
     if spec.model is None:
-        path = ensure_tiny_model()
-        name = "streamcanvas tiny test model"
+        path = ensure_toy_model()
+        name = "streamcanvas trained toy model"
     else:
         path = resolve_model_path(spec.model)
         name = spec.model
@@ -166,7 +176,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         name=name,
         path=path,
         vae_kind=vae_kind,
-        is_test_model=is_tiny_model(path),
+        toy_model=tiny_model_kind(path),
+        stream_defaults=stream_defaults(path),
         lora=spec.lora,
         full_vae=full_vae,
     )

@@ -28,7 +28,7 @@ def main() -> None:
 @click.option(
     "--model",
     help="A local diffusers directory, or a Hugging Face repo id already in the local cache "
-    "(e.g. stabilityai/sd-turbo); looked up offline. Default: the project's tiny untrained test model.",
+    "(e.g. stabilityai/sd-turbo); looked up offline. Default: the project's trained toy model (trained on first use).",
 )
 @click.option(
     "--tiny-vae",
@@ -107,12 +107,15 @@ def serve(**options: object) -> None:
     except PipelineError as error:
         click.echo(f"streamcanvas: cannot start: {error}", err=True)
         sys.exit(2)
-    if runtime.model.is_test_model:
+    if runtime.model.toy_model is not None:
         log.warning(
-            "no --model given: frames come from streamcanvas's tiny UNTRAINED test model (%s); they follow "
-            "your canvas and prompt but are not pictures. Point --model at a diffusers directory or a "
-            "cached Hugging Face repo id (e.g. --model stabilityai/sd-turbo) for real images.",
+            "%s: frames come from streamcanvas's tiny %s TOY model (%s), not from real weights. %s "
+            "Point --model at a diffusers directory or a cached Hugging Face repo id (e.g. --model "
+            "stabilityai/sd-turbo) for real images.",
+            "no --model given" if runtime.settings.model is None else f"--model {runtime.settings.model}",
+            runtime.model.toy_model,
             runtime.model.path,
+            TOY_MODEL_NOTES[runtime.model.toy_model],
         )
     uvicorn.run(
         create_app(runtime),
@@ -138,7 +141,7 @@ def serve(**options: object) -> None:
 @click.option("--redis-url", help="The Redis the server queues jobs on (--batch-queue redis). Required.")
 @click.option("--database-url", help="The server's job database (SQLAlchemy URL). Default sqlite:///<cache>/jobs.db.")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), help="Where result images go (shared with the server). Default <cache>/results.")
-@click.option("--model", help="As for serve: a diffusers directory or a cached repo id. Default: the tiny test model.")
+@click.option("--model", help="As for serve: a diffusers directory or a cached repo id. Default: the trained toy model.")
 @click.option("--tiny-vae", help="As for serve (used for previews).")
 @click.option("--lora", help="As for serve.")
 @click.option("--device", help="auto, cpu, cuda or cuda:N. Default auto.")
@@ -172,6 +175,13 @@ def worker(**options: object) -> None:
         sys.exit(2)
 
 
+TOY_MODEL_NOTES = {
+    "trained": "It was trained here, in minutes, on generated drawings: it follows your canvas and knows a few "
+    "colour and effect words (red, blue, ... smooth, sketch, dark), but it paints no pictures of things.",
+    "untrained": "Its weights are random: frames follow your canvas and prompt only faintly and look like dark noise.",
+}
+
+
 @main.command("make-tiny-model")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
@@ -182,9 +192,23 @@ def worker(**options: object) -> None:
     "sd-turbo (SD 2.1) and random weights (float16, about 2 GB): real-cost frames for benchmarks on a "
     "machine that cannot download weights.",
 )
-def make_tiny_model_command(directory: Path, seed: int, full_size: str | None) -> None:
-    """Build an untrained test model into DIRECTORY (diffusers layout, TAESD in taesd/): the tiny
-    SD-1.x-shaped one by default, or a full-size one with --full-size."""
+@click.option(
+    "--train",
+    is_flag=True,
+    help="Train the tiny model on generated drawings (about 3 minutes on 2 cores): the toy model the server "
+    "uses by default, whose frames follow the canvas and a few prompt words.",
+)
+def make_tiny_model_command(directory: Path, seed: int, full_size: str | None, train: bool) -> None:
+    """Build a test model into DIRECTORY (diffusers layout, TAESD in taesd/): the tiny SD-1.x-shaped one,
+    untrained by default or trained with --train, or a full-size one with random weights with --full-size."""
+    if full_size is not None and train:
+        raise click.UsageError("--train and --full-size exclude each other: only the tiny model can be trained here")
+    if train:
+        from streamcanvas.pipelines.toy_model import TrainingPlan, train_toy_model
+
+        path = train_toy_model(directory, TrainingPlan(seed=seed))
+        click.echo(f"wrote the trained toy model to {path}")
+        return
     if full_size is not None:
         from streamcanvas.pipelines.full_size import make_full_size_model
 
@@ -194,7 +218,7 @@ def make_tiny_model_command(directory: Path, seed: int, full_size: str | None) -
     from streamcanvas.pipelines.tiny import make_tiny_model
 
     path = make_tiny_model(directory, seed=seed)
-    click.echo(f"wrote the tiny test model to {path}")
+    click.echo(f"wrote the untrained tiny test model to {path}")
 
 
 main.add_command(engines)

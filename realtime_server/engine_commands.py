@@ -25,7 +25,7 @@ def engines() -> None:
 
 
 @engines.command("build")
-@click.option("--model", help="As for serve: a diffusers directory or a cached repo id. Default: the tiny test model.")
+@click.option("--model", help="As for serve: a diffusers directory or a cached repo id. Default: the trained toy model.")
 @click.option("--tiny-vae", help="As for serve: the live VAE whose encoder/decoder are built.")
 @click.option("--lora", help="As for serve: fused into the UNet before export (the engine is keyed by the fused weights).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N. Default auto.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
@@ -42,7 +43,8 @@ class Runtime:
         # On the CPU the slots share the cores: each worker gets its share of torch threads, so their
         # OpenMP pools together never outnumber the cores (see in_short_lived_thread).
         per_slot = max(1, threads // settings.slots) if model.placement.device.type == "cpu" else None
-        self.manager = SessionManager(settings.session_config(), model, threads_per_slot=per_slot)
+        config = dataclasses.replace(settings.session_config(), default_params=StreamParams().replace(**model.stream_defaults))
+        self.manager = SessionManager(config, model, threads_per_slot=per_slot)
         self.readiness = Readiness.WARMING_UP
         self.warmup_ms: float | None = None
         self.failure: str | None = None

@@ -14,6 +14,7 @@ import jwt
 from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 from streamcanvas.pipelines.loading import LoadedModel
+from streamcanvas.pipelines.stream import StreamParams
 
 from .session import CloseReason, Session, SessionState
 from .slots import SlotPool
@@ -40,6 +41,8 @@ class SessionConfig:
     max_viewers: int = 64
     recordings_dir: Path = Path("recordings")
     max_recording_s: float = 3600.0
+    default_params: StreamParams = field(default_factory=StreamParams)
+    """Where a session starts before its hello's params: StreamParams' defaults, or the model's own."""
 
     def limits_dict(self) -> dict[str, int]:
         return {

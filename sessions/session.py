@@ -157,7 +157,7 @@ class Session:
         self._closed = False
         self._canvas: CanvasBuffer | None = None
         self._has_canvas = False
-        self._params = StreamParams()
+        self._params = self.config.default_params
         self._newest: InputMark | None = None
         self._taken_number = 0
 
@@ -334,7 +334,7 @@ class Session:
         height = hello.height or self.config.default_height
         self._check_resolution(width, height)
         try:
-            params = StreamParams().replace(**hello.params)
+            params = self.config.default_params.replace(**hello.params)
         except InvalidParameter as error:
             raise InvalidParameter(error.field, f"in hello: {error}") from None
         self.protocol = max(common)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,9 +32,30 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(cache_dir: Path) -> Path:
+    """The UNTRAINED tiny model (built in under a second): for tests that need the shapes, not the pictures."""
     from streamcanvas.pipelines.tiny import make_tiny_model
 
     return make_tiny_model(cache_dir / "tiny-model")
+
+
+def ensure_toy_model_in(cache_dir: Path) -> Path:
+    """The TRAINED toy model, where a server whose cache is `cache_dir` looks for its default model.
+
+    Trained once per test run (about 3 minutes). For quick local runs, STREAMCANVAS_TEST_TOY_MODEL may name
+    an already trained copy (`streamcanvas make-tiny-model --train DIR`); it is used only if it was trained
+    by the current plan."""
+    from streamcanvas.pipelines.toy_model import TrainingPlan, default_toy_model_dir, ensure_toy_model, trained_by
+
+    target = cache_dir / default_toy_model_dir().name
+    prebuilt = os.environ.get("STREAMCANVAS_TEST_TOY_MODEL")
+    if prebuilt and not target.exists() and trained_by(Path(prebuilt), TrainingPlan()):
+        shutil.copytree(prebuilt, target)
+    return ensure_toy_model(target, progress=False)
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(cache_dir: Path) -> Path:
+    return ensure_toy_model_in(cache_dir)
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +81,7 @@ def start_server(
     if "--database-url" in args:
         batch = []
     arguments = ["--resolution", f"{TEST_RESOLUTION}x{TEST_RESOLUTION}", "--threads", "2", *batch, *args]
+    ensure_toy_model_in(cache_dir)  # the server's default model: trained here, not inside its start-up timeout
     log_path = artifacts_dir / f"server-{name}.log"
     log_path.unlink(missing_ok=True)
     return ServerProcess(arguments, {**server_env(cache_dir), **(env or {})}, log_path).start(timeout)
@@ -66,7 +89,7 @@ def start_server(
 
 @pytest.fixture(scope="session")
 def server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
-    """The shared server: two slots, default settings, the tiny model built on first use."""
+    """The shared server: two slots, default settings, the trained toy model."""
     process = start_server(cache_dir, artifacts_dir, "shared", "--slots", "2")
     yield process
     process.stop()

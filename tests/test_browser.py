@@ -122,7 +122,7 @@ def test_drawing_and_typing_change_the_rendered_frames(page: Page) -> None:
     wait_settled(page)
     drawing, output = hashes(page)
     assert page.locator("#status").inner_text() == "Live"
-    assert page.locator("#model-name").inner_text() == "untrained test model"
+    assert page.locator("#model-name").inner_text() == "trained toy model"
 
     stroke(page, [(0.2, 0.2), (0.5, 0.4), (0.8, 0.3)])
     wait_settled(page)

@@ -65,6 +65,6 @@ def test_bad_settings_are_usage_errors(cache_dir: Path) -> None:
     assert result.returncode == 2 and "batch_live_share" in result.stderr
 
 
-def test_the_server_says_it_runs_the_untrained_test_model(server: ServerProcess) -> None:
+def test_the_server_says_it_runs_the_trained_toy_model(server: ServerProcess) -> None:
     log = server.log()
-    assert "UNTRAINED test model" in log and "--model" in log
+    assert "no --model given" in log and "trained TOY model" in log and "--model stabilityai/sd-turbo" in log

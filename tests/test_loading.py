@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from diffusers import AutoencoderKL, AutoencoderTiny
 
-from streamcanvas.pipelines import tiny
+from streamcanvas.pipelines import tiny, toy_model
 from streamcanvas.pipelines.devices import choose_placement
 from streamcanvas.pipelines.errors import DeviceUnavailable, ModelLoadError, ModelNotFound
 from streamcanvas.pipelines.loading import ModelSpec, load_model
@@ -21,7 +21,7 @@ def test_tiny_model_has_the_shape_of_sd1(tiny_model) -> None:  # type: ignore[no
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert pipe.tokenizer.model_max_length == 77
     assert len(pipe.tokenizer("a red house").input_ids) < len("a red house") + 2  # merges were learned
-    assert tiny_model.is_test_model
+    assert tiny_model.is_test_model and tiny_model.toy_model == "untrained"
 
 
 def test_full_vae_can_be_chosen(tiny_model_dir: Path) -> None:
@@ -29,14 +29,17 @@ def test_full_vae_can_be_chosen(tiny_model_dir: Path) -> None:
     assert isinstance(model.pipe.vae, AutoencoderKL) and model.vae_kind == "AutoencoderKL"
 
 
-def test_the_default_model_is_built_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_model_is_the_cached_trained_toy_model(
+    toy_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --model: the trained toy model from the cache, loaded as it is (training happens once per cache)."""
     monkeypatch.setenv("STREAMCANVAS_CACHE_DIR", str(tmp_path))
-    first = load_model(ModelSpec())
-    built = (first.path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
-    second = load_model(ModelSpec())
-    assert first.path == second.path == tmp_path / f"tiny-sd-v{tiny.TINY_MODEL_VERSION}"
-    assert (second.path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == built
-    assert second.is_test_model and second.name == "streamcanvas tiny test model"
+    cached = shutil.copytree(toy_model_dir, tmp_path / toy_model.default_toy_model_dir().name)
+    weights = cached / "unet" / "diffusion_pytorch_model.safetensors"
+    built = weights.stat().st_mtime_ns
+    model = load_model(ModelSpec())
+    assert model.path == cached and weights.stat().st_mtime_ns == built
+    assert model.toy_model == "trained" and model.name == "streamcanvas trained toy model"
 
 
 def test_a_repo_id_is_resolved_from_the_local_hugging_face_cache(

@@ -18,7 +18,7 @@ async def test_health_and_info(server: ServerProcess) -> None:
     health = httpx.get(f"{server.base_url}/healthz")
     assert health.status_code == 200 and health.json() == {"status": "ready"}
     info = server.info()
-    assert info["model"]["test_model"] is True
+    assert info["model"]["test_model"] is True and info["model"]["toy_model"] == "trained"
     assert info["model"]["device"] == "cpu" and info["model"]["dtype"] == "float32"
     assert info["model"]["vae"].startswith("AutoencoderTiny")
     assert info["resolution"] == {"width": SIZE, "height": SIZE}

@@ -82,7 +82,7 @@ connection.addEventListener("state", (event) => {
   if (name === "ready") {
     const ready = event.detail.ready;
     state.needFull = true;
-    $("#model-name").textContent = ready.model.test_model ? "untrained test model" : ready.model.name;
+    $("#model-name").textContent = ready.model.toy_model ? `${ready.model.toy_model} toy model` : ready.model.name;
     $("#model-name").title = `${ready.model.name} · ${ready.model.device} · ${ready.model.vae}`;
     const viewer = new URL("/obs.html", location.href);
     viewer.search = new URLSearchParams({ session: ready.session_id, token: ready.viewer_token }).toString();
