@@ -14,8 +14,9 @@ something a person recognises:
    the UNet serves both.
 3. **UNet and text encoder**: a denoiser in that latent space whose clean target is the picture
    *restyled by the prompt*: a colour word tints it (`COLOURS`), an effect word changes its texture
-   (`EFFECTS`), any other words change nothing. img2img at strength 0.3–0.6 therefore returns the canvas,
-   recognisable and restyled, and a prompt change shows.
+   (`EFFECTS`), any other words change nothing. img2img at strength 0.3–0.6 returns the canvas,
+   recognisable and blurred. In the current step budget the words are not yet learnt apart: every
+   colour word gives the same brownish tint.
 
 What it is not: a picture generator. txt2img from pure noise gives a vague tinted blur, and it knows no
 words beyond the ones above. It is there so that everything can be built, tested and shown on machines
