@@ -28,7 +28,7 @@ def main() -> None:
 @click.option(
     "--model",
     help="A local diffusers directory, or a Hugging Face repo id already in the local cache "
-    "(e.g. stabilityai/sd-turbo); looked up offline. Default: the project's trained toy model (trained on first use).",
+    "(e.g. stabilityai/sd-turbo); looked up offline. Default: the project's trained toy model (its weights ship with the package).",
 )
 @click.option(
     "--tiny-vae",
@@ -176,7 +176,7 @@ def worker(**options: object) -> None:
 
 
 TOY_MODEL_NOTES = {
-    "trained": "It was trained here, in minutes, on generated drawings: it follows your canvas and knows a few "
+    "trained": "It was trained by this project, offline, on generated drawings: it follows your canvas and knows a few "
     "colour and effect words (red, blue, ... smooth, sketch, dark), but it paints no pictures of things.",
     "untrained": "Its weights are random: frames follow your canvas and prompt only faintly and look like dark noise.",
 }
@@ -195,18 +195,26 @@ TOY_MODEL_NOTES = {
 @click.option(
     "--train",
     is_flag=True,
-    help="Train the tiny model on generated drawings (about 3 minutes on 2 cores): the toy model the server "
-    "uses by default, whose frames follow the canvas and a few prompt words.",
+    help="Train the tiny model on generated drawings (minutes on 2 cores): the toy model the server uses by "
+    "default, whose frames follow the canvas and a few prompt words. A model in DIRECTORY that was trained "
+    "by the same plan is kept (see --retrain).",
 )
-def make_tiny_model_command(directory: Path, seed: int, full_size: str | None, train: bool) -> None:
+@click.option("--retrain", is_flag=True, help="With --train: train even if DIRECTORY holds a model trained by the same plan.")
+def make_tiny_model_command(directory: Path, seed: int, full_size: str | None, train: bool, retrain: bool) -> None:
     """Build a test model into DIRECTORY (diffusers layout, TAESD in taesd/): the tiny SD-1.x-shaped one,
     untrained by default or trained with --train, or a full-size one with random weights with --full-size."""
     if full_size is not None and train:
         raise click.UsageError("--train and --full-size exclude each other: only the tiny model can be trained here")
+    if retrain and not train:
+        raise click.UsageError("--retrain goes with --train")
     if train:
-        from streamcanvas.pipelines.toy_model import TrainingPlan, train_toy_model
+        from streamcanvas.pipelines.toy_model import TrainingPlan, train_toy_model, trained_by
 
-        path = train_toy_model(directory, TrainingPlan(seed=seed))
+        plan = TrainingPlan(seed=seed)
+        if trained_by(directory, plan) and not retrain:
+            click.echo(f"{directory} already holds the toy model trained by this plan; kept it (--retrain to train again)")
+            return
+        path = train_toy_model(directory, plan)
         click.echo(f"wrote the trained toy model to {path}")
         return
     if full_size is not None:

@@ -42,6 +42,21 @@ def test_make_tiny_model_writes_a_loadable_diffusers_directory(tmp_path: Path) -
     assert (tmp_path / "tiny" / "taesd" / "config.json").is_file()
 
 
+def test_train_keeps_a_model_trained_by_the_same_plan(tmp_path: Path, toy_model_dir: Path) -> None:
+    import shutil
+
+    from streamcanvas.pipelines.tiny import weights_fingerprint
+
+    copy = tmp_path / "toy"
+    shutil.copytree(toy_model_dir, copy)
+    before = weights_fingerprint(copy)
+    result = run("make-tiny-model", "--train", str(copy))
+    assert result.returncode == 0, result.stderr
+    assert "kept it" in result.stdout and weights_fingerprint(copy) == before
+    alone = run("make-tiny-model", "--retrain", str(tmp_path / "x"))
+    assert alone.returncode == 2 and "--retrain goes with --train" in alone.stderr
+
+
 def test_a_missing_model_fails_before_listening(tmp_path: Path, cache_dir: Path) -> None:
     port = free_port()
     result = run("serve", "--port", str(port), "--model", str(tmp_path / "nowhere"), env=server_env(cache_dir))
