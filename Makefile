@@ -25,7 +25,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
 WEB_STAMP := web_static/node_modules/.package-lock.json
 
-.PHONY: setup serve test bench clean browser redis postgresql
+.PHONY: setup serve test bench clean browser redis postgresql toy-weights
 
 setup: $(STAMP) $(WEB_STAMP)
 
@@ -62,6 +62,11 @@ serve: setup
 
 test: setup browser redis postgresql
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Retrain the toy model's shipped weights (pipelines/toy_weights) after its recipe or plan changed;
+# the test suite retrains them too and checks that it gets the same weights.
+toy-weights: setup
+	$(BIN)/streamcanvas make-tiny-model --train --retrain pipelines/toy_weights
 
 bench: setup
 	$(BIN)/python -m streamcanvas.benchmarks.backends

@@ -33,7 +33,7 @@ TINY_VAE_NONE = "none"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to load. `model=None` means the project's trained toy model (trained on first use)."""
+    """What to load. `model=None` means the project's trained toy model (shipped weights; see `ensure_toy_model`)."""
 
     model: str | None = None
     tiny_vae: str = TINY_VAE_AUTO

@@ -110,10 +110,14 @@ def build_tokenizer_files(vocab_size: int = VOCAB_SIZE) -> tuple[dict[str, int],
     return {token: index for index, token in enumerate(vocab_tokens)}, merges
 
 
-def build_tiny_components(seed: int = 0, vae_channels: tuple[int, ...] = (32, 32, 64, 64)) -> dict[str, object]:
+def build_tiny_components(
+    seed: int = 0, vae_channels: tuple[int, ...] = (32, 32, 64, 64), vae_norm_groups: int | None = None
+) -> dict[str, object]:
     """The components of a tiny SD-1.x pipeline, with deterministic random weights.
 
-    `vae_channels` are the full VAE's four block widths (the trained toy model uses narrower ones)."""
+    `vae_channels` are the full VAE's four block widths and `vae_norm_groups` its GroupNorm groups
+    (default: as many as the narrowest block has channels, at most 32). The trained toy model uses
+    narrower blocks and fewer groups."""
     vocab, merges = build_tokenizer_files()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
@@ -131,7 +135,7 @@ def build_tiny_components(seed: int = 0, vae_channels: tuple[int, ...] = (32, 32
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         block_out_channels=vae_channels,
-        norm_num_groups=min(32, *vae_channels),
+        norm_num_groups=vae_norm_groups or min(32, *vae_channels),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,

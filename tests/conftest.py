@@ -39,16 +39,32 @@ def tiny_model_dir(cache_dir: Path) -> Path:
 
 
 def ensure_toy_model_in(cache_dir: Path) -> Path:
-    """The TRAINED toy model, where a server whose cache is `cache_dir` looks for its default model.
+    """The TRAINED toy model that a server whose cache is `cache_dir` takes as its default model.
 
-    Trained once per test run (about 3 minutes). For quick local runs, STREAMCANVAS_TEST_TOY_MODEL may name
-    an already trained copy (`streamcanvas make-tiny-model --train DIR`); it is used only if it was trained
-    by the current plan."""
-    from streamcanvas.pipelines.toy_model import TrainingPlan, default_toy_model_dir, ensure_toy_model, trained_by
+    That is the shipped one (pipelines/toy_weights). Only while the recipe has changed and the shipped
+    weights have not been retrained yet (`make toy-weights`) is it trained into the cache, once per test
+    run (minutes, longer than one test's timeout allows), or copied from STREAMCANVAS_TEST_TOY_MODEL, a
+    directory trained by the current plan (`streamcanvas make-tiny-model --train DIR`)."""
+    from streamcanvas.pipelines.toy_model import (
+        SHIPPED_TOY_MODEL,
+        TrainingPlan,
+        default_toy_model_dir,
+        ensure_toy_model,
+        shipped_for,
+        trained_by,
+    )
 
+    if shipped_for(TrainingPlan()):
+        return SHIPPED_TOY_MODEL
     target = cache_dir / default_toy_model_dir().name
     prebuilt = os.environ.get("STREAMCANVAS_TEST_TOY_MODEL")
-    if prebuilt and not target.exists() and trained_by(Path(prebuilt), TrainingPlan()):
+    if prebuilt and not target.exists():
+        if not trained_by(Path(prebuilt), TrainingPlan()):
+            pytest.fail(
+                f"STREAMCANVAS_TEST_TOY_MODEL={prebuilt} holds no toy model trained by the current plan: "
+                f"run `streamcanvas make-tiny-model --train {prebuilt}` (or `make test`, which does)",
+                pytrace=False,
+            )
         shutil.copytree(prebuilt, target)
     return ensure_toy_model(target, progress=False)
 
@@ -81,7 +97,7 @@ def start_server(
     if "--database-url" in args:
         batch = []
     arguments = ["--resolution", f"{TEST_RESOLUTION}x{TEST_RESOLUTION}", "--threads", "2", *batch, *args]
-    ensure_toy_model_in(cache_dir)  # the server's default model: trained here, not inside its start-up timeout
+    ensure_toy_model_in(cache_dir)  # the server's default model: if it must be trained, here, not inside its start-up timeout
     log_path = artifacts_dir / f"server-{name}.log"
     log_path.unlink(missing_ok=True)
     return ServerProcess(arguments, {**server_env(cache_dir), **(env or {})}, log_path).start(timeout)

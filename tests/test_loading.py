@@ -29,17 +29,14 @@ def test_full_vae_can_be_chosen(tiny_model_dir: Path) -> None:
     assert isinstance(model.pipe.vae, AutoencoderKL) and model.vae_kind == "AutoencoderKL"
 
 
-def test_the_default_model_is_the_cached_trained_toy_model(
-    toy_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """No --model: the trained toy model from the cache, loaded as it is (training happens once per cache)."""
+def test_the_default_model_is_the_shipped_trained_toy_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --model: the trained toy model's shipped weights, loaded as they are (nothing trained, nothing
+    written to the cache)."""
     monkeypatch.setenv("STREAMCANVAS_CACHE_DIR", str(tmp_path))
-    cached = shutil.copytree(toy_model_dir, tmp_path / toy_model.default_toy_model_dir().name)
-    weights = cached / "unet" / "diffusion_pytorch_model.safetensors"
-    built = weights.stat().st_mtime_ns
     model = load_model(ModelSpec())
-    assert model.path == cached and weights.stat().st_mtime_ns == built
+    assert model.path == toy_model.SHIPPED_TOY_MODEL
     assert model.toy_model == "trained" and model.name == "streamcanvas trained toy model"
+    assert not (tmp_path / toy_model.default_toy_model_dir().name).exists()
 
 
 def test_a_repo_id_is_resolved_from_the_local_hugging_face_cache(
