@@ -137,6 +137,65 @@ def test_drawing_and_typing_change_the_rendered_frames(page: Page) -> None:
     assert page.evaluate("document.querySelector('#output').naturalWidth") == SIZE
 
 
+PIXELS_JS = """async () => {
+  const img = document.querySelector('#output');
+  await img.decode();
+  const canvas = document.createElement('canvas');
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  const context = canvas.getContext('2d');
+  context.drawImage(img, 0, 0);
+  const doc = streamcanvas.doc;
+  return {
+    drawing: Array.from(doc.viewContext.getImageData(0, 0, doc.width, doc.height).data),
+    output: Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data),
+  };
+}"""
+
+
+def set_brush(page: Page, colour: str, size: int) -> None:
+    page.fill("#color", colour)
+    page.evaluate(f"(() => {{ const s = document.querySelector('#size'); s.value = {size}; s.dispatchEvent(new Event('input')); }})()")
+
+
+def test_the_frame_shows_what_is_drawn(page: Page, artifacts_dir: Path) -> None:
+    """A house drawn with real pointer events on the trained toy model: the frame is the drawing,
+    restyled, in the same place (the grey levels of drawing and frame correlate), and a colour word in
+    the prompt tints it. Its screenshot is the README's."""
+    size = 256
+    page.select_option("#resolution", str(size))
+    wait_settled(page)
+    page.fill("#prompt", "a house on a hill")
+    page.click("[data-tool=fill]")
+    set_brush(page, "#9fd0ff", 8)
+    stroke(page, [(0.5, 0.1)])  # sky
+    page.click("[data-tool=brush]")
+    set_brush(page, "#3f8f3f", 48)
+    stroke(page, [(0.0, 0.92), (1.0, 0.92)])  # grass
+    set_brush(page, "#b03a30", 18)
+    for points in ([(0.3, 0.45), (0.3, 0.8)], [(0.3, 0.8), (0.7, 0.8)], [(0.7, 0.8), (0.7, 0.45)], [(0.3, 0.45), (0.7, 0.45)]):
+        stroke(page, points)  # walls
+    set_brush(page, "#5f3010", 18)
+    stroke(page, [(0.22, 0.5), (0.5, 0.22), (0.78, 0.5)])  # roof
+    set_brush(page, "#f2c200", 36)
+    stroke(page, [(0.8, 0.15), (0.84, 0.17), (0.82, 0.2)])  # sun
+    wait_settled(page)
+
+    def rgb(which: str) -> np.ndarray:
+        return np.array(page.evaluate(PIXELS_JS)[which], np.float64).reshape(size, size, 4)[..., :3]
+
+    def redness(image: np.ndarray) -> float:
+        return float((image[..., 0] - image[..., 2]).mean())
+
+    drawing, output = rgb("drawing"), rgb("output")
+    correlation = float(np.corrcoef(drawing.mean(axis=2).ravel(), output.mean(axis=2).ravel())[0, 1])
+    assert correlation > 0.6, correlation
+    page.screenshot(path=str(artifacts_dir / "browser-house.png"))
+    page.fill("#prompt", "a blue house on a hill")
+    wait_settled(page)
+    blue = rgb("output")
+    assert redness(blue) < redness(output) - 15, (redness(blue), redness(output))
+
+
 def test_only_what_changed_is_sent_and_sending_is_paced(page: Page) -> None:
     wait_settled(page)
     received: list[int] = []
