@@ -6,9 +6,14 @@ The server runs with `--ice-host-address 127.0.0.1`, and this process limits its
 the same way, so the WebRTC media flows over loopback like everything else here. Each client sends
 new input at --rate per second for --seconds after a warm-up: the WebSocket client JPEG canvases, the
 WebRTC client a generated 640x480 video track. Reported for both: frames received per second, the
-server's own input-to-frame latency (its stats), and for WebSocket also the client-measured latency.
-(The tiny test model's frames do not carry their input visibly, so WebRTC latency is the server's
-figure plus the media path, which the client cannot attribute frame by frame.) Prints JSON.
+server's own input-to-frame latency (its stats), and the client-measured latency.
+
+WebRTC frames carry no sequence number back, so the input track draws its own: a white bar in one of
+`SLOTS` places, the next place for each new input. The default model (the trained toy model) renders
+the canvas where it was drawn, so the client reads the bar's place off each frame it receives and times
+the first frame that shows an input against when that input was sent (media path included, both ways).
+With `SLOTS` places an input is told apart from the ones `SLOTS` inputs before and after it, which is
+unambiguous while the latency stays under `SLOTS / rate` seconds. Prints JSON.
 """
 
 from __future__ import annotations
@@ -29,11 +34,18 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSes
 from av import VideoFrame
 
 from streamcanvas.realtime_server.webrtc import advertise_only
+from streamcanvas.sessions.stats import percentiles
 
 from .realtime_ws import PROMPT, describe_machine, run_scenario, running_server
 
 
+SLOTS = 8
+"""Places of the bar across the input frame: input n draws it in place n % SLOTS."""
+
+
 class PacedPattern(MediaStreamTrack):
+    """A 640x480 video track at `rate_hz`: dark grey, with a full-height white bar in place n % SLOTS."""
+
     kind = "video"
 
     def __init__(self, rate_hz: float) -> None:
@@ -41,19 +53,37 @@ class PacedPattern(MediaStreamTrack):
         self.interval = 1 / rate_hz
         self.count = 0
         self.started = time.monotonic()
+        self.sent_at: dict[int, float] = {}
 
     async def recv(self) -> VideoFrame:
         due = self.started + self.count * self.interval
         await asyncio.sleep(max(0.0, due - time.monotonic()))
-        image = np.empty((480, 640, 3), np.uint8)
-        image[:] = (40 * (self.count % 6), 90, 160)
-        x = (self.count * 8) % 560
-        image[200:280, x : x + 80] = 255
+        image = np.full((480, 640, 3), 40, np.uint8)
+        width = 640 // SLOTS
+        place = self.count % SLOTS
+        image[:, place * width : (place + 1) * width] = 255
         frame = VideoFrame.from_ndarray(image, format="rgb24")
         frame.pts = round((time.monotonic() - self.started) * 90_000)
         frame.time_base = fractions.Fraction(1, 90_000)
+        self.sent_at[self.count] = time.monotonic()
+        if len(self.sent_at) > 4 * SLOTS:  # bounded: only the latest inputs can still be shown
+            del self.sent_at[min(self.sent_at)]
         self.count += 1
         return frame
+
+
+def bar_place(rgb: np.ndarray) -> int | None:
+    """Which of the SLOTS places the bar is in, or None if no place stands out (a frame mid-change)."""
+    columns = rgb.astype(np.float64).mean(axis=(0, 2))
+    places = np.array([part.mean() for part in np.array_split(columns, SLOTS)])
+    ranked = np.sort(places)
+    return int(places.argmax()) if ranked[-1] - ranked[-2] > 0.5 * (ranked[-1] - ranked[0]) and ranked[-1] - ranked[0] > 30 else None
+
+
+def attribute(place: int, received: float, sent_at: dict[int, float]) -> int | None:
+    """The newest input sent before `received` whose bar is in `place`."""
+    candidates = [n for n, sent in sent_at.items() if n % SLOTS == place and sent <= received]
+    return max(candidates) if candidates else None
 
 
 async def webrtc_client(base_url: str, size: int, rate_hz: float, warmup_s: float, seconds: float) -> dict[str, Any]:
@@ -61,16 +91,28 @@ async def webrtc_client(base_url: str, size: int, rate_hz: float, warmup_s: floa
     channel = pc.createDataChannel("control")
     stats: list[dict] = []
     channel.on("message", lambda data: stats.append(msgpack.unpackb(data)))
-    pc.addTrack(PacedPattern(rate_hz))
+    pattern = PacedPattern(rate_hz)
+    pc.addTrack(pattern)
     received: list[float] = []
+    latencies: list[tuple[float, float]] = []  # (received at, latency in ms) of each input's first frame
+    shown = {"newest": -1, "unreadable": 0}
 
     @pc.on("track")
     def on_track(track) -> None:  # type: ignore[no-untyped-def]
         async def consume() -> None:
             with contextlib.suppress(Exception):
                 while True:
-                    await track.recv()
-                    received.append(time.monotonic())
+                    frame = await track.recv()
+                    now = time.monotonic()
+                    received.append(now)
+                    place = bar_place(frame.to_ndarray(format="rgb24"))
+                    if place is None:
+                        shown["unreadable"] += 1
+                        continue
+                    number = attribute(place, now, pattern.sent_at)
+                    if number is not None and number > shown["newest"]:
+                        shown["newest"] = number
+                        latencies.append((now, (now - pattern.sent_at[number]) * 1000))
 
         asyncio.ensure_future(consume())
 
@@ -87,12 +129,19 @@ async def webrtc_client(base_url: str, size: int, rate_hz: float, warmup_s: floa
     await asyncio.sleep(warmup_s)
     measure_from = time.monotonic()
     stats_from = len(stats)
+    sent_before = pattern.count
     await asyncio.sleep(seconds)
+    sent_in_window = pattern.count - sent_before
     window = [stamp for stamp in received if stamp >= measure_from]
+    measured = [latency for stamp, latency in latencies if stamp >= measure_from]
     last = next((message for message in reversed(stats[stats_from:]) if message["type"] == "stats"), {})
     await pc.close()
     return {
         "fps_received": round(len(window) / seconds, 2),
+        "client_latency_ms": percentiles(measured),
+        "inputs_seen": len(measured),
+        "inputs_sent": sent_in_window,
+        "unreadable_frames": shown["unreadable"],
         "server_latency_ms": last.get("latency_ms"),
         "server_fps": last.get("fps"),
         "server_timings_ms": last.get("timings_ms"),
