@@ -40,15 +40,17 @@ HASH_JS = """
 (data) => { let h = 2166136261; for (let i = 0; i < data.length; i++) { h ^= data[i]; h = Math.imul(h, 16777619); } return h >>> 0; }
 """
 DRAWING_HASH = f"() => ({HASH_JS})(streamcanvas.doc.viewContext.getImageData(0, 0, streamcanvas.doc.width, streamcanvas.doc.height).data)"
-OUTPUT_HASH = f"""async () => {{
+# Statements that leave the latest AI frame's RGBA pixels in `output`.
+READ_OUTPUT_JS = """
   const img = document.querySelector('#output');
   await img.decode();
   const canvas = document.createElement('canvas');
   canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
   const context = canvas.getContext('2d');
   context.drawImage(img, 0, 0);
-  return ({HASH_JS})(context.getImageData(0, 0, canvas.width, canvas.height).data);
-}}"""
+  const output = context.getImageData(0, 0, canvas.width, canvas.height).data;
+"""
+OUTPUT_HASH = f"async () => {{ {READ_OUTPUT_JS} return ({HASH_JS})(output); }}"
 
 
 @pytest.fixture(scope="module")
@@ -137,19 +139,10 @@ def test_drawing_and_typing_change_the_rendered_frames(page: Page) -> None:
     assert page.evaluate("document.querySelector('#output').naturalWidth") == SIZE
 
 
-PIXELS_JS = """async () => {
-  const img = document.querySelector('#output');
-  await img.decode();
-  const canvas = document.createElement('canvas');
-  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
-  const context = canvas.getContext('2d');
-  context.drawImage(img, 0, 0);
+PIXELS_JS = f"""async () => {{ {READ_OUTPUT_JS}
   const doc = streamcanvas.doc;
-  return {
-    drawing: Array.from(doc.viewContext.getImageData(0, 0, doc.width, doc.height).data),
-    output: Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data),
-  };
-}"""
+  return {{ drawing: Array.from(doc.viewContext.getImageData(0, 0, doc.width, doc.height).data), output: Array.from(output) }};
+}}"""
 
 
 def set_brush(page: Page, colour: str, size: int) -> None:
