@@ -92,9 +92,11 @@ def test_a_plan_the_shipped_weights_do_not_fit_is_trained_into_the_cache(tmp_pat
 def test_the_training_script_reproduces_the_shipped_weights(tmp_path: Path) -> None:
     """`streamcanvas make-tiny-model --train` (what `make toy-weights` runs), with the whole plan, from scratch.
 
-    On a CPU of the kind that trained the shipped weights (same kernels, same torch) the weights are the
-    same to the bit. Elsewhere the rounding differs, so the weights do too, and the retrained model must
-    do what the shipped one does: round trips as good, the same colours for the same words."""
+    On the machine that trained the shipped weights they come out the same to the bit. On another CPU
+    the rounding can differ (AVX2 and AVX-512 kernels do; so may two CPUs that report the same model name
+    but have other cache sizes, which oneDNN picks its blocking by), and so do the weights: then the
+    retrained model must do what the shipped one does: round trips as good, the same colours for the
+    same words. (That training is deterministic on one machine is `test_training_is_seeded_and_deterministic`.)"""
     from test_cli import run
 
     result = run("make-tiny-model", "--train", str(tmp_path / "toy"), env={**os.environ, "STREAMCANVAS_CACHE_DIR": str(tmp_path)}, timeout=2300)
@@ -102,10 +104,9 @@ def test_the_training_script_reproduces_the_shipped_weights(tmp_path: Path) -> N
     shipped = json.loads((SHIPPED_TOY_MODEL / MARKER).read_text())
     retrained = json.loads((tmp_path / "toy" / MARKER).read_text())
     assert retrained["plan"] == shipped["plan"] and retrained["version"] == shipped["version"]
-    if retrained["cpu"] == shipped["cpu"] and retrained["torch"] == shipped["torch"]:
-        assert retrained["weights_fingerprint"] == shipped["weights_fingerprint"]
+    if retrained["weights_fingerprint"] == shipped["weights_fingerprint"]:
         return
-    print(f"trained on {retrained['cpu']} (torch {retrained['torch']}), shipped from {shipped['cpu']} (torch {shipped['torch']})")
+    print(f"other weights: trained on {retrained['cpu']} (torch {retrained['torch']}), shipped from {shipped['cpu']} (torch {shipped['torch']})")
     ours, theirs = (behaviour(load_model(ModelSpec(model=str(path)))) for path in (tmp_path / "toy", SHIPPED_TOY_MODEL))
     assert abs(ours["round_trip_db"] - theirs["round_trip_db"]) < 1.0, (ours, theirs)
     for word in ("red", "blue", "dark"):
