@@ -2,8 +2,8 @@
 
 The server never downloads weights: a model is a local diffusers directory, or a Hugging Face repo id
 that is already in the local cache (`huggingface-cli download` it beforehand on a machine that can).
-With no model configured the project's own trained toy model is trained (once, cached) and loaded through
-exactly the same `from_pretrained` path.
+With no model configured the project's own trained toy model (its weights ship in the package) is loaded
+through exactly the same `from_pretrained` path.
 """
 
 from __future__ import annotations

@@ -217,27 +217,24 @@ def weights_fingerprint(directory: Path | str) -> str:
     return digest.hexdigest()
 
 
-def is_tiny_model(directory: Path | str) -> bool:
-    """True for the project's own test models, trained or not (they carry a marker file)."""
-    return (Path(directory) / MARKER).is_file()
-
-
-def _marker(directory: Path | str) -> dict[str, object] | None:
+def read_marker(directory: Path | str) -> dict[str, object] | None:
+    """The marker of the project's own models (trained or not), or None for any other directory."""
     try:
-        return json.loads((Path(directory) / MARKER).read_text())
+        marker = json.loads((Path(directory) / MARKER).read_text())
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None
 
 
 def tiny_model_kind(directory: Path | str) -> str | None:
     """"trained" or "untrained" for the project's own models, None for any other model."""
-    marker = _marker(directory)
+    marker = read_marker(directory)
     return None if marker is None else str(marker.get("kind", "untrained"))
 
 
 def stream_defaults(directory: Path | str) -> dict[str, object]:
     """The stream parameters the project's own model was made for (its marker says), else none."""
-    marker = _marker(directory) or {}
+    marker = read_marker(directory) or {}
     return dict(marker.get("stream_defaults", {}))  # type: ignore[call-overload]
 
 

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from . import drawings
 from .paths import default_cache_dir
-from .tiny import _CORPUS, MARKER, TAESD_SUBDIR, build_tiny_components, weights_fingerprint
+from .tiny import _CORPUS, MARKER, TAESD_SUBDIR, build_tiny_components, read_marker, weights_fingerprint
 
 TOY_MODEL_VERSION = 5
 """Bumped whenever what training produces changes (data, targets, losses), so cached copies retrain."""
@@ -497,11 +497,8 @@ def train_toy_model(directory: Path | str, plan: TrainingPlan = TrainingPlan(), 
 
 
 def _trained_marker(directory: Path) -> dict[str, object] | None:
-    try:
-        marker = json.loads((Path(directory) / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) and marker.get("kind") == "trained" else None
+    marker = read_marker(directory)
+    return marker if marker is not None and marker.get("kind") == "trained" else None
 
 
 def trained_by(directory: Path, plan: TrainingPlan) -> bool:

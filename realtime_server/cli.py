@@ -177,7 +177,7 @@ def worker(**options: object) -> None:
 
 TOY_MODEL_NOTES = {
     "trained": "It was trained by this project, offline, on generated drawings: it follows your canvas and knows a few "
-    "colour and effect words (red, blue, ... smooth, sketch, dark), but it paints no pictures of things.",
+    "words (the colours red, orange, yellow, green, blue, purple, pink, brown, and dark), but it paints no pictures of things.",
     "untrained": "Its weights are random: frames follow your canvas and prompt only faintly and look like dark noise.",
 }
 
