@@ -44,8 +44,16 @@ def infotext(params: dict[str, Any], seed: int, model_name: str) -> str:
 
 
 def write_results(
-    results_dir: Path, job_id: str, kind: str, params: dict[str, Any], images: list[Image.Image], model_name: str
+    results_dir: Path,
+    job_id: str,
+    kind: str,
+    params: dict[str, Any],
+    images: list[Image.Image],
+    model_name: str,
+    rendered_on: dict[str, Any] | None = None,
 ) -> list[ResultRecord]:
+    """Write each image as a PNG with its parameters: A1111's `parameters` text and our own JSON
+    (`streamcanvas`), which adds `rendered_on` (on the CPU, the torch thread counts it ran on)."""
     directory = results_dir / job_id
     directory.mkdir(parents=True, exist_ok=True)
     records = []
@@ -55,7 +63,7 @@ def write_results(
         info.add_text("parameters", infotext(params, seed, model_name))
         info.add_text(
             "streamcanvas",
-            json.dumps({"job_id": job_id, "kind": kind, "index": index, "model": model_name, **params, "seed": seed}),
+            json.dumps({"job_id": job_id, "kind": kind, "index": index, "model": model_name, **params, "seed": seed, **(rendered_on or {})}),
         )
         path = result_path(results_dir, job_id, index)
         partial = path.with_name(f".{path.name}.partial-{os.getpid()}")

@@ -129,6 +129,7 @@ class JobExecutor:
         last_step_at: float | None = None  # the first step also built the pipeline: it is not timed
         last_preview_at = 0.0
         position = {"step": 0, "steps": 0}
+        threads_used = {torch.get_num_threads()}  # the counts the job's torch ops ran on (CPU)
 
         def check_interrupts() -> None:
             if self.stopping.is_set():
@@ -157,7 +158,7 @@ class JobExecutor:
             flags["cancel"] = flags["cancel"] or cancel
             check()
             live = self.gate.live_active()
-            self._use_threads(live)
+            threads_used.add(self._use_threads(live))
             step_s = now - last_step_at if last_step_at is not None else 0.0
             paused += self.gate.after_step(step_s, check_interrupts, live)  # a pause is not running time
             last_step_at = time.monotonic()
@@ -170,8 +171,9 @@ class JobExecutor:
                 raise ValueError(f"this worker does not know the job kind {record.kind!r} (an older version?)")
             images = kind.run(record.params, claimed.input_image, self.renderer, on_step)
             check()
+            rendered_on = {"torch_threads": sorted(threads_used)} if self.renderer.model.placement.device.type == "cpu" else {}
             produced = write_results(
-                self.results_dir, claim.job_id, record.kind, record.params, images, self.renderer.model.name
+                self.results_dir, claim.job_id, record.kind, record.params, images, self.renderer.model.name, rendered_on
             )
             outcome = JobStatus.FINISHED if self.store.finish(claim, produced) else None
         except JobLost:
@@ -197,14 +199,17 @@ class JobExecutor:
         logger.info("job %s attempt %d ended: %s", claim.job_id, claim.attempt, outcome.value if outcome else "claim lost")
         return outcome
 
-    def _use_threads(self, live: bool) -> None:
+    def _use_threads(self, live: bool) -> int:
         """On the CPU, one torch thread while live sessions stream, so the batch job's OpenMP pool and
-        the live slots' together do not outnumber the cores; all of them otherwise."""
+        the live slots' together do not outnumber the cores; all of them otherwise. Returns the count
+        now in use. (The count changes the order of float sums, so the last bits of the image: the
+        result records the counts a job ran on.)"""
         if self.torch_threads is None or self.torch_threads <= 1:
-            return
+            return torch.get_num_threads()
         wanted = 1 if live else self.torch_threads
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
+        return wanted
 
     def _transient(self, claimed: ClaimedJob, error: BaseException) -> JobStatus | None:
         claim, record = claimed.claim, claimed.record
