@@ -157,11 +157,71 @@ class _SessionStream(StreamDiffusion):
             embeds = torch.cat([unconditional.repeat(self.frame_bff_size, 1, 1), embeds], dim=0)
         self.prompt_embeds = embeds
 
+    # One denoising-batch step, split around its UNet call so that several sessions' steps can share
+    # one call (`render_together`). `finish_step(unet(*unet_inputs(x)))` is `predict_x0_batch(x)`.
+
+    def unet_inputs(self, x_t_latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This step's UNet batch: (latents, timesteps, prompt embeddings), CFG rows included."""
+        if not self.use_denoising_batch:
+            raise RuntimeError("only a denoising-batch stream splits its step around the UNet call")
+        if self.denoising_steps_num > 1:
+            x_t_latent = torch.cat((x_t_latent, self.x_t_latent_buffer), dim=0)
+            self.stock_noise = torch.cat((self.init_noise[0:1], self.stock_noise[:-1]), dim=0)
+        self._step_latent = x_t_latent
+        timesteps = self.sub_timesteps_tensor
+        latents = x_t_latent
+        if self.guidance_scale > 1.0 and self.cfg_type == "initialize":
+            latents, timesteps = torch.cat([latents[0:1], latents]), torch.cat([timesteps[0:1], timesteps])
+        elif self.guidance_scale > 1.0 and self.cfg_type == "full":
+            latents, timesteps = torch.cat([latents, latents]), torch.cat([timesteps, timesteps])
+        return latents, timesteps, self.prompt_embeds
+
+    def finish_step(self, model_pred: torch.Tensor) -> torch.Tensor:
+        """The rest of the step, given the UNet's output for `unet_inputs`: the newest finished x0."""
+        x_t_latent = self._step_latent
+        # Upstream's unet_step does the CFG arithmetic, the scheduler step and the stock noise; it is
+        # handed the UNet output already computed instead of calling the UNet again.
+        unet = self.unet
+        self.unet = _Computed(model_pred)
+        try:
+            x0_batch, _ = self.unet_step(x_t_latent, self.sub_timesteps_tensor)
+        finally:
+            self.unet = unet
+        if self.denoising_steps_num == 1:
+            self.x_t_latent_buffer = None
+            return x0_batch
+        buffer = self.alpha_prod_t_sqrt[1:] * x0_batch[:-1]
+        if self.do_add_noise:
+            buffer = buffer + self.beta_prod_t_sqrt[1:] * self.init_noise[1:]
+        self.x_t_latent_buffer = buffer
+        return x0_batch[-1].unsqueeze(0)
+
     def encode_image(self, image_tensors: torch.Tensor) -> torch.Tensor:
         # The latent distribution's mode instead of a sample: same canvas, same latent, less flicker.
         image_tensors = image_tensors.to(device=self.device, dtype=self.vae.dtype)
         latent = retrieve_latents(self.vae.encode(image_tensors), sample_mode="argmax")
         return self.add_noise(latent * self.vae.config.scaling_factor, self.init_noise[0], 0)
+
+
+class _Computed:
+    """Stands in for the UNet inside `finish_step`: answers with the output computed already."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        self.output = output
+
+    def __call__(self, *args: object, **kwargs: object) -> tuple[torch.Tensor]:
+        return (self.output,)
+
+
+@dataclass
+class PendingFrame:
+    """A frame begun by `StreamPipeline.begin`: the UNet inputs of its step, waiting for the UNet."""
+
+    stream: StreamPipeline
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    embeddings: torch.Tensor
+    started: float
 
 
 class StreamPipeline:
@@ -279,6 +339,17 @@ class StreamPipeline:
                 )
             self.backend = "torch"
 
+    @property
+    def batchable(self) -> bool:
+        """Whether this stream's frames can share a UNet call with other streams (`render_together`):
+        configured, with a denoising batch (one UNet call a frame)."""
+        return self._stream is not None and self._stream.use_denoising_batch
+
+    @property
+    def shape_key(self) -> tuple[int, int, int]:
+        """Streams whose frames may share a UNet call agree on this: (width, height, embedding length)."""
+        return self.width, self.height, self.model.pipe.tokenizer.model_max_length
+
     @torch.no_grad()
     def render(self, image: np.ndarray | None, tag: int = 0, refill: bool = False) -> RenderResult:
         """Turn one input (H×W×3 uint8 RGB, or None for txt2img) into one output frame.
@@ -287,10 +358,33 @@ class StreamPipeline:
         input fed `depth - 1` frames earlier. With `refill`, a new input after an idle spell (the stream
         settled) is pushed through the whole batch at once, so its first frame already shows it.
         """
+        started = time.perf_counter()
+        latent = self._feed(image, tag, refill, started)
+        if isinstance(latent, RenderResult):
+            return latent
+        stream = self._stream
+        assert stream is not None
+        denoised = stream.predict_x0_batch(latent)
+        return self._output(stream.decode_image(denoised), started)
+
+    @torch.no_grad()
+    def begin(self, image: np.ndarray | None, tag: int = 0, refill: bool = False) -> PendingFrame | RenderResult:
+        """`render` up to its UNet call: the call's inputs, for `render_together` to batch (or the
+        finished result, when the similar-image filter skipped the input)."""
+        if not self.batchable:
+            raise RuntimeError("begin() needs a configured stream with a denoising batch")
+        started = time.perf_counter()
+        latent = self._feed(image, tag, refill, started)
+        if isinstance(latent, RenderResult):
+            return latent
+        assert self._stream is not None
+        return PendingFrame(self, *self._stream.unet_inputs(latent), started=started)
+
+    def _feed(self, image: np.ndarray | None, tag: int, refill: bool, started: float) -> torch.Tensor | RenderResult:
+        """Check and encode one input and account for it in the stream batch; the latent to denoise."""
         stream = self._stream
         if stream is None:
             raise RuntimeError("configure() must be called before render()")
-        started = time.perf_counter()
         if self.img2img:
             if image is None:
                 raise InvalidParameter("image", "img2img needs an input image")
@@ -317,10 +411,75 @@ class StreamPipeline:
             self._fed.append(tag)
         while len(self._fed) > self.depth:
             self._fed.popleft()
-        denoised = stream.predict_x0_batch(latent)
-        decoded = stream.decode_image(denoised)
+        return latent
+
+    def _output(self, decoded: torch.Tensor, started: float) -> RenderResult:
+        assert self._stream is not None
         output = ((decoded[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-        return RenderResult(output.cpu().numpy(), self._fed[0], _elapsed_ms(started, stream))
+        return RenderResult(output.cpu().numpy(), self._fed[0], _elapsed_ms(started, self._stream))
+
+
+@torch.no_grad()
+def render_together(
+    frames: list[tuple[StreamPipeline, np.ndarray | None, int, bool]],
+) -> list[RenderResult | Exception]:
+    """Render one frame for each of several streams with one UNet call and one VAE decode.
+
+    Each entry is (stream, image, tag, refill) as `StreamPipeline.render` takes them; the streams must
+    be `batchable`, distinct, and share a `shape_key` and a model. Every stream keeps its own latents,
+    noise, timesteps, prompt and CFG mode: only the calls are stacked, so each frame equals the one
+    the stream renders alone up to float rounding. A failure in one stream's own part is returned in
+    its place; one in the shared calls is returned for all of them.
+    """
+    if not frames:
+        return []
+    streams = [stream for stream, *_ in frames]
+    if len({id(stream) for stream in streams}) != len(streams):
+        raise ValueError("a stream can take part in a batch only once")
+    if len({(stream.shape_key, id(stream.model)) for stream in streams}) != 1:
+        raise ValueError("streams rendered together must share a model, a size and an embedding length")
+    results: list[RenderResult | Exception | None] = [None] * len(frames)
+    pending: list[tuple[int, PendingFrame]] = []
+    for index, (stream, image, tag, refill) in enumerate(frames):
+        try:
+            begun = stream.begin(image, tag, refill)
+        except Exception as error:  # noqa: BLE001 - this stream's input or state: only its frame fails
+            results[index] = error
+            continue
+        if isinstance(begun, RenderResult):
+            results[index] = begun
+        else:
+            pending.append((index, begun))
+    if pending:
+        try:
+            for index, result in zip((index for index, _ in pending), _run_pending([p for _, p in pending])):
+                results[index] = result
+        except Exception as error:  # noqa: BLE001 - the shared call failed: every frame in it did
+            for index, _ in pending:
+                results[index] = error
+    assert all(result is not None for result in results)
+    return results  # type: ignore[return-value]
+
+
+def _run_pending(pending: list[PendingFrame]) -> list[RenderResult]:
+    first = pending[0].stream
+    model = first.model
+    sizes = [frame.latents.shape[0] for frame in pending]
+    compiled = model.backend.compiled_for(first.width, first.height, sum(sizes))
+    unet, vae = compiled if compiled is not None else (model.pipe.unet, model.pipe.vae)
+    model_pred = unet(
+        torch.cat([frame.latents for frame in pending]),
+        torch.cat([frame.timesteps for frame in pending]),
+        encoder_hidden_states=torch.cat([frame.embeddings for frame in pending]),
+        return_dict=False,
+    )[0]
+    denoised = []
+    for frame, share in zip(pending, model_pred.split(sizes)):
+        assert frame.stream._stream is not None
+        denoised.append(frame.stream._stream.finish_step(share))
+    scaling = model.pipe.vae.config.scaling_factor
+    decoded = vae.decode(torch.cat(denoised) / scaling, return_dict=False)[0]
+    return [frame.stream._output(image.unsqueeze(0), frame.started) for frame, image in zip(pending, decoded)]
 
 
 def _elapsed_ms(started: float, stream: StreamDiffusion) -> float:

@@ -82,6 +82,14 @@ def tiny_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def toy_model(toy_model_dir: Path):  # type: ignore[no-untyped-def]
+    """The TRAINED toy model, loaded: for tests whose frames must show their input and prompt."""
+    from streamcanvas.pipelines.loading import ModelSpec, load_model
+
+    return load_model(ModelSpec(model=str(toy_model_dir)))
+
+
+@pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     path = Path(__file__).resolve().parent.parent / "artifacts"
     path.mkdir(exist_ok=True)

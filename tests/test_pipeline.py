@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from streamcanvas.pipelines.errors import InvalidParameter
-from streamcanvas.pipelines.stream import CFG_TYPES, StreamParams, StreamPipeline
+from streamcanvas.pipelines.stream import CFG_TYPES, RenderResult, StreamParams, StreamPipeline, render_together
 
 from helpers import make_canvas
 
@@ -173,3 +173,59 @@ def test_render_checks_its_input(tiny_model) -> None:  # type: ignore[no-untyped
         pipeline.render(None)
     with pytest.raises(InvalidParameter):
         StreamPipeline(tiny_model, 100, 100)
+
+
+# --- several sessions' frames in one UNet call ---------------------------------------------------------
+
+TOGETHER = [  # four sessions that differ in everything a session may set
+    {"prompt": "a red house", "seed": 1, "strength": 0.5, "steps": 2, "cfg_type": "self", "guidance_scale": 1.4},
+    {"prompt": "a blue boat", "seed": 2, "strength": 0.6, "steps": 3, "cfg_type": "full", "guidance_scale": 1.8},
+    {"prompt": "a green tree", "seed": 3, "strength": 0.4, "steps": 1, "cfg_type": "none"},
+    {"prompt": "a dark sky", "seed": 4, "strength": 0.5, "steps": 2, "cfg_type": "initialize", "guidance_scale": 1.5},
+]
+
+
+def test_streams_rendered_together_match_each_rendered_alone(toy_model) -> None:  # type: ignore[no-untyped-def]
+    """Stacked into one UNet call and one VAE decode, every stream still renders its own frames: those
+    it renders alone, up to float rounding (the batch changes the order of the sums), for frame after
+    frame, while each keeps its own stream batch, noise, prompt and CFG mode."""
+    canvases = [[make_canvas(SIZE, 10 * session + frame) for frame in range(4)] for session in range(len(TOGETHER))]
+    alone = []
+    for params, inputs in zip(TOGETHER, canvases):
+        pipeline = stream(toy_model, **params)
+        alone.append([pipeline.render(canvas, tag=tag).image for tag, canvas in enumerate(inputs)])
+    batched = [stream(toy_model, **params) for params in TOGETHER]
+    assert all(pipeline.batchable for pipeline in batched)
+    for frame in range(4):
+        results = render_together([(pipeline, canvases[index][frame], frame, False) for index, pipeline in enumerate(batched)])
+        for index, result in enumerate(results):
+            assert isinstance(result, RenderResult), result
+            assert result.answers == max(0, frame - batched[index].depth + 1)
+            difference = np.abs(result.image.astype(int) - alone[index][frame].astype(int))
+            assert difference.max() <= 1 and difference.mean() < 0.01, (index, frame, difference.max(), difference.mean())
+    # ...and the frames are each session's own: a mix-up of prompts or canvases would be far off.
+    for index in range(1, len(TOGETHER)):
+        assert np.abs(alone[index][-1].astype(int) - alone[0][-1].astype(int)).mean() > 5
+
+
+def test_one_streams_bad_input_fails_only_its_frame(toy_model) -> None:  # type: ignore[no-untyped-def]
+    good, bad = stream(toy_model, prompt="a red house"), stream(toy_model, prompt="a blue boat")
+    results = render_together([(good, make_canvas(SIZE, 1), 1, False), (bad, make_canvas(SIZE // 2, 1), 1, False)])
+    assert isinstance(results[0], RenderResult) and results[0].image.shape == (SIZE, SIZE, 3)
+    assert isinstance(results[1], InvalidParameter) and results[1].field == "image"
+    alone = stream(toy_model, prompt="a red house").render(make_canvas(SIZE, 1)).image
+    assert np.abs(results[0].image.astype(int) - alone.astype(int)).max() <= 2
+
+
+def test_only_compatible_streams_render_together(toy_model) -> None:  # type: ignore[no-untyped-def]
+    small = StreamPipeline(toy_model, 64, 64)
+    small.configure(StreamParams(prompt="x"), img2img=True)
+    with pytest.raises(ValueError, match="share a model, a size"):
+        render_together([(stream(toy_model, prompt="x"), make_canvas(SIZE, 1), 1, False), (small, make_canvas(64, 1), 1, False)])
+    same = stream(toy_model, prompt="x")
+    with pytest.raises(ValueError, match="only once"):
+        render_together([(same, make_canvas(SIZE, 1), 1, False), (same, make_canvas(SIZE, 2), 2, False)])
+    sequential = stream(toy_model, prompt="x", denoising_batch=False)
+    assert not sequential.batchable
+    with pytest.raises(RuntimeError, match="denoising batch"):
+        sequential.begin(make_canvas(SIZE, 1))
