@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     resolution: str = "512x512"
     max_resolution: str = "1024x1024"
     slots: int = Field(1, ge=1, le=64)
+    sessions_per_slot: int = Field(1, ge=1, le=64)
+    batching: bool = True
+    frame_target_ms: float | None = Field(None, gt=0, le=60_000)
     max_waiting: int = Field(8, ge=0, le=1024)
     max_connections: int = Field(64, ge=1, le=100_000)
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
@@ -190,6 +193,9 @@ class Settings(BaseSettings):
             max_width=max(max_width, width),
             max_height=max(max_height, height),
             slots=self.slots,
+            sessions_per_slot=self.sessions_per_slot,
+            batching=self.batching,
+            frame_target_ms=self.frame_target_ms,
             max_waiting=self.max_waiting,
             max_connections=self.max_connections,
             max_message_bytes=self.max_message_bytes,

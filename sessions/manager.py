@@ -3,57 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jwt
 
-from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 from streamcanvas.pipelines.loading import LoadedModel
-from streamcanvas.pipelines.stream import StreamParams
 
+from .config import SessionConfig
 from .session import CloseReason, Session, SessionState
 from .slots import SlotPool
 
-
-@dataclass(frozen=True)
-class SessionConfig:
-    default_width: int = 512
-    default_height: int = 512
-    max_width: int = 1024
-    max_height: int = 1024
-    slots: int = 1
-    max_waiting: int = 8
-    max_connections: int = 64
-    max_message_bytes: int = 8 * 1024 * 1024
-    image_limits: ImageLimits = field(default_factory=ImageLimits)
-    idle_timeout_s: float = 120.0
-    stats_interval_s: float = 1.0
-    busy_retry_after_s: float = 5.0
-    control_queue_size: int = 64
-    api_keys: frozenset[str] = frozenset()
-    token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
-    token_ttl_s: float = 12 * 3600
-    max_viewers: int = 64
-    recordings_dir: Path = Path("recordings")
-    max_recording_s: float = 3600.0
-    default_params: StreamParams = field(default_factory=StreamParams)
-    """Where a session starts before its hello's params: StreamParams' defaults, or the model's own."""
-
-    def limits_dict(self) -> dict[str, int]:
-        return {
-            "max_message_bytes": self.max_message_bytes,
-            "max_width": self.max_width,
-            "max_height": self.max_height,
-            "max_image_width": self.image_limits.max_width,
-            "max_image_height": self.image_limits.max_height,
-            "max_image_pixels": self.image_limits.max_pixels,
-            "idle_timeout_s": int(self.idle_timeout_s),
-        }
+__all__ = ["SessionConfig", "SessionManager", "TokenRejected", "Tokens", "TooManyConnections"]
 
 
 class TooManyConnections(Exception):
@@ -101,7 +63,15 @@ class SessionManager:
         self.config = config
         self.model = model
         self.model_description = model.describe()
-        self.pool = SlotPool(model, config.slots, config.max_waiting, threads_per_slot)
+        self.pool = SlotPool(
+            model,
+            config.slots,
+            config.max_waiting,
+            threads_per_slot,
+            sessions_per_slot=config.sessions_per_slot,
+            batching=config.batching,
+            frame_target_ms=config.frame_target_ms,
+        )
         self.sessions: dict[str, Session] = {}
         self.tokens = Tokens(config.token_secret, config.token_ttl_s)
 
@@ -116,9 +86,28 @@ class SessionManager:
     def open(self, transport: str) -> Session:
         if len(self.sessions) >= self.config.max_connections:
             raise TooManyConnections(f"{len(self.sessions)} connections are open, the limit is {self.config.max_connections}")
-        session = Session(self, transport)
+        session = Session(self, self.config, transport)
         self.sessions[session.id] = session
         return session
+
+    # The broker a session sees (`sessions.session.SessionBroker`) ----------------------------------
+
+    @property
+    def slots_total(self) -> int:
+        return self.pool.size
+
+    @property
+    def queue_length(self) -> int:
+        return self.pool.queue_length
+
+    def acquire(self, session: Session) -> bool:
+        return self.pool.acquire(session)
+
+    def enqueue(self, session: Session) -> int | None:
+        return self.pool.enqueue(session)
+
+    def issue_token(self, session_id: str, role: str) -> str:
+        return self.tokens.issue(session_id, role)
 
     def forget(self, session: Session) -> None:
         """Called by Session.close(): drop it and free its slot or place in line at once."""
@@ -128,9 +117,7 @@ class SessionManager:
     def info(self) -> dict[str, Any]:
         states = [session.state for session in self.sessions.values()]
         return {
-            "slots_total": self.pool.size,
-            "slots_free": self.pool.free,
-            "queue_length": self.pool.queue_length,
+            **self.pool.describe(),
             "sessions": len(states),
             "streaming": sum(1 for state in states if state is SessionState.STREAMING),
             "protocol_versions": list(PROTOCOL_VERSIONS),

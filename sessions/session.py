@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar, assert_never
+from typing import Protocol, TypeVar, assert_never
 
 import numpy as np
 
@@ -56,6 +56,7 @@ from streamcanvas.pipelines.stream import StreamParams
 
 from .broadcast import BroadcastFrame, FrameBroadcast
 from .canvas import CanvasBuffer
+from .config import SessionConfig
 from .recording import Recorder, RecordingFailed
 from .errors import (
     InvalidResolution,
@@ -66,11 +67,8 @@ from .errors import (
     UnsupportedVersion,
     WrongMode,
 )
+from .jobs import DeliveredFrame, InputMark, RenderJob
 from .stats import SessionStats, percentiles
-
-if TYPE_CHECKING:
-    from .manager import SessionManager
-    from .slots import Slot
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,35 +94,28 @@ class CloseReason(enum.Enum):
     SHUTDOWN = "shutdown"
 
 
-@dataclass(frozen=True)
-class InputMark:
-    number: int
-    """Server-side input counter: every canvas, delta or params message is one input."""
-    client_seq: int | None
-    received_at: float
+class SessionBroker(Protocol):
+    """What a session needs from the server around it (the `SessionManager` is one): a place to
+    render, tokens, and to be forgotten when it ends."""
 
+    model_description: dict[str, object]
 
-@dataclass(frozen=True)
-class RenderJob:
-    """A copy of everything one frame needs, taken by the worker under the session's lock."""
+    @property
+    def slots_total(self) -> int: ...
 
-    image: np.ndarray | None
-    newest: InputMark
-    taken_at: float
-    params: StreamParams
-    img2img: bool
-    dropped: int
-    fresh: bool
-    """False when re-rendering the same input to flush it through the stream batch."""
-    waited: bool
-    """True when the worker had nothing to do until this input arrived (the stream was idle)."""
+    @property
+    def queue_length(self) -> int: ...
 
+    def acquire(self, session: Session) -> bool:
+        """Seat the session in a slot now; False when every place is taken."""
 
-@dataclass(frozen=True)
-class DeliveredFrame:
-    payload: bytes
-    answers: InputMark | None
-    timings: dict[str, float]
+    def enqueue(self, session: Session) -> int | None:
+        """Put the session in line for a place: its 1-based position, or None when the line is full."""
+
+    def issue_token(self, session_id: str, role: str) -> str: ...
+
+    def forget(self, session: Session) -> None:
+        """The session has ended: drop it and free its place (or its place in line) at once."""
 
 
 _INTERNAL_ERROR_MESSAGE = "the frame failed on the server; the slot has been reset and your next input renders"
@@ -133,9 +124,9 @@ SLOW_CONSUMER = Error(code="slow_consumer", message="the client is not reading i
 
 
 class Session:
-    def __init__(self, manager: SessionManager, transport: str) -> None:
-        self.manager = manager
-        self.config = manager.config
+    def __init__(self, broker: SessionBroker, config: SessionConfig, transport: str) -> None:
+        self.broker = broker
+        self.config = config
         self.transport = transport
         self.id = uuid.uuid4().hex
         self.state = SessionState.CONNECTING
@@ -150,7 +141,6 @@ class Session:
         self.quality = 80
         self.mode = "img2img"
         self.protocol: int | None = None
-        self.slot: Slot | None = None
 
         # Shared with the worker thread, under _condition.
         self._condition = threading.Condition()
@@ -160,6 +150,7 @@ class Session:
         self._params = self.config.default_params
         self._newest: InputMark | None = None
         self._taken_number = 0
+        self._waker: Callable[[], None] | None = None
 
         # Outgoing side, event loop only.
         self._control: collections.deque[bytes] = collections.deque()
@@ -344,11 +335,10 @@ class Session:
             self._params = params
             if self.mode == "img2img":
                 self._canvas = CanvasBuffer(width, height, self.config.image_limits)
-        slot = self.manager.pool.acquire(self)
-        if slot is not None:
-            self.bind(slot)
+        if self.broker.acquire(self):
+            self.bind()
             return
-        position = self.manager.pool.enqueue(self) if hello.queue else None
+        position = self.broker.enqueue(self) if hello.queue else None
         self.queue_moved(position)
         if position is None:
             self.close(CloseReason.BUSY)
@@ -373,11 +363,12 @@ class Session:
         if self.state is SessionState.READY:
             self.state = SessionState.STREAMING
         self._has_canvas = self._has_canvas or canvas_changed
-        self._condition.notify_all()
+        waker = self._waker
+        if waker is not None:
+            waker()
 
-    def bind(self, slot: Slot) -> None:
-        """Called once the pool has attached this session to a slot (at once, or from the queue)."""
-        self.slot = slot
+    def bind(self) -> None:
+        """Called once this session has a place in a slot (at once, or from the line)."""
         self._last_activity = time.monotonic()  # the idle timeout starts when the slot is ours
         # A client that waited in line may already have sent its canvas: it is streaming from the start.
         self.state = SessionState.STREAMING if self._newest is not None else SessionState.READY
@@ -392,9 +383,9 @@ class Session:
                 mode=self.mode,
                 params=_params_dict(self._params),
                 limits=self.config.limits_dict(),
-                model=self.manager.model_description,
-                token=self.manager.tokens.issue(self.id, "control"),
-                viewer_token=self.manager.tokens.issue(self.id, "viewer"),
+                model=self.broker.model_description,
+                token=self.broker.issue_token(self.id, "control"),
+                viewer_token=self.broker.issue_token(self.id, "viewer"),
             )
         )
         if self.mode == "txt2img":
@@ -407,56 +398,47 @@ class Session:
         self.send_control(
             Busy(
                 retry_after_s=self.config.busy_retry_after_s,
-                slots_total=self.manager.pool.size,
+                slots_total=self.broker.slots_total,
                 queue_position=position,
-                queue_length=self.manager.pool.queue_length,
+                queue_length=self.broker.queue_length,
             )
         )
 
     # ------------------------------------------------------------------------------------------------
     # Worker side (called from the slot's thread)
 
-    def take_job(self, settled: bool, timeout: float, grace: float = 0.0) -> RenderJob | None:
-        """Wait for something to render and return a copy of the newest state, or None after `timeout`.
-
-        A new input is taken at once. When the stream has not settled (its newest input is still inside
-        the stream batch) and nothing new comes within `grace` seconds, the same input is returned again
-        to flush it through; inputs that keep arriving within `grace` are pipelined instead.
-        """
+    def set_waker(self, wake: Callable[[], None] | None) -> None:
         with self._condition:
-            started = time.monotonic()
-            flush_at = started + grace
-            deadline = started + max(timeout, grace)
-            waited = False
-            while not self._closed:
-                newest = self._newest
-                renderable = newest is not None and (self.mode == "txt2img" or self._has_canvas)
-                now = time.monotonic()
-                if renderable and newest.number != self._taken_number:
-                    break
-                if renderable and not settled and now >= flush_at:
-                    break
-                if now >= deadline:
-                    return None
-                waited = True
-                wake_at = flush_at if renderable and not settled else deadline
-                self._condition.wait(wake_at - now)
-            else:
+            self._waker = wake
+
+    def take_job(self, settled: bool, flush: bool) -> RenderJob | None:
+        """A copy of the newest state if there is an input not taken yet; with `flush` and a stream that
+        has not settled (its newest input is still inside the stream batch), the same input again; else
+        None. Never waits: the slot's waker is called when something arrives."""
+        with self._condition:
+            newest = self._newest
+            if self._closed or newest is None or not (self.mode == "txt2img" or self._has_canvas):
                 return None
-            assert newest is not None
-            dropped = max(0, newest.number - self._taken_number - 1)
             fresh = newest.number != self._taken_number
+            if not fresh and (settled or not flush):
+                return None
+            dropped = max(0, newest.number - self._taken_number - 1)
             self._taken_number = newest.number
-            image = self._canvas.snapshot() if self._canvas is not None else None
             return RenderJob(
-                image=image,
+                image=self._canvas.snapshot() if self._canvas is not None else None,
                 newest=newest,
                 taken_at=time.monotonic(),
                 params=self._params,
                 img2img=self.mode == "img2img",
+                width=self.width,
+                height=self.height,
                 dropped=dropped,
                 fresh=fresh,
-                waited=waited,
+                codec=self.codec,
+                quality=self.quality,
+                wants_message=self.frames_to_client,
+                wants_jpeg=self.broadcast.wanted,
+                recorder=self.recorder,
             )
 
     def seconds_since_input(self) -> float | None:
@@ -612,7 +594,7 @@ class Session:
         self.state = SessionState.CLOSING
         with self._condition:
             self._closed = True
-            self._condition.notify_all()
+            self._waker = None
         self._frame = None
         if self._stats_task is not None:
             self._stats_task.cancel()
@@ -623,7 +605,7 @@ class Session:
         if self.recorder is not None:  # a recording in progress is finished, not lost
             recorder, self.recorder = self.recorder, None
             self.loop.run_in_executor(None, recorder.stop)
-        self.manager.forget(self)
+        self.broker.forget(self)
         self._wakeup.set()
 
 

@@ -1,9 +1,19 @@
-"""Slots: the fixed number of sessions a device renders at once, each with its own worker thread.
+"""Slots: the render scheduler. Each slot is one worker thread that serves up to `capacity` sessions.
 
-The pool lives on the event loop (acquire, enqueue, release are plain calls there). Each slot's worker
-thread owns the per-session `StreamPipeline` of whichever session is attached, pulls the newest input
-with `Session.take_job()`, renders and encodes it, and hands the frame back. Inference therefore never
-runs on the event loop, and a slot never works through a backlog: it always takes the newest canvas.
+The pool lives on the event loop (acquire, enqueue, release are plain calls there). A slot's worker
+thread owns one `StreamPipeline` per attached client and talks to the clients only through the
+`RenderClient` protocol (`sessions.jobs`): it never imports or reads a `Session`. Inference therefore
+never runs on the event loop, and a slot never works through a backlog: it always takes each client's
+newest input.
+
+Every round the worker takes a job from each client that has something to render, least recently
+served first (round-robin: a client that always has input cannot starve the others, because a served
+client goes to the back of the line), at most `batch_limit` of them. The jobs whose streams can share
+a UNet call (same size, one call a frame) render together (`pipelines.stream.render_together`); the
+others one by one. With a frame-time target the batch limit adapts: a round slower than the target
+takes one client fewer next time, one well under it one more, between 1 and `capacity`. A client
+whose stream has not settled and gets no new input within about one frame is rendered again with the
+same input, to flush it through the stream batch.
 """
 
 from __future__ import annotations
@@ -12,43 +22,99 @@ import collections
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from streamcanvas.codecs.images import ImageFormat, get_encoder
 from streamcanvas.codecs.messages import Frame, serialize
 from streamcanvas.pipelines.loading import LoadedModel
-from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
+from streamcanvas.pipelines.stream import RenderResult, StreamParams, StreamPipeline, render_together
 
 from .broadcast import BroadcastFrame
-from .session import DeliveredFrame, InputMark
-
-if TYPE_CHECKING:
-    from .session import Session
+from .jobs import DeliveredFrame, InputMark, RenderClient, RenderJob
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.25
-"""How often an idle worker re-checks whether its session is still attached."""
+"""How often an idle worker re-checks its clients without being woken."""
 _MAX_GRACE_S = 0.5
 VIEWER_JPEG_QUALITY = 85
+_GROW_BELOW = 0.6
+"""A round under this fraction of the frame-time target lets the batch limit grow by one."""
+
+
+class Admittable(RenderClient, Protocol):
+    """What the pool hands slots to: a render client that can be told it is in, or where it waits."""
+
+    def bind(self) -> None: ...
+
+    def queue_moved(self, position: int | None) -> None: ...
+
+
+@dataclass(eq=False)
+class _Seat:
+    """One client's place in a slot, and its stream: worker thread only (the list is guarded)."""
+
+    client: RenderClient
+    stream: StreamPipeline | None = None
+    configured: tuple[StreamParams, bool] | None = None
+    marks: dict[int, InputMark] = field(default_factory=dict)
+    last_answered: InputMark | None = None
+    settled: bool = True
+    flush_at: float = 0.0
+    waited: bool = True
+    """No input was waiting when the worker last looked: the next one refills the stream batch."""
+    frame_seq: int = 0
+
+    def reset(self) -> None:
+        self.stream, self.configured, self.settled = None, None, True
+        self.marks.clear()
 
 
 class Slot:
-    def __init__(self, index: int, model: LoadedModel, torch_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        model: LoadedModel,
+        torch_threads: int | None = None,
+        capacity: int = 1,
+        batching: bool = True,
+        frame_target_ms: float | None = None,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"a slot serves at least one session, got {capacity}")
         self.index = index
         self.model = model
         self.torch_threads = torch_threads
+        self.capacity = capacity
+        self.batching = batching
+        self.frame_target_ms = frame_target_ms
+        self.batch_limit = capacity
+        """How many clients one round renders at most (adapts to the frame-time target)."""
+        self.rounds = 0
+        self.batched_frames = 0
+        """Frames rendered in a shared UNet call (for /v1/info and the benchmark)."""
         self._jpeg = get_encoder(ImageFormat.JPEG)
         self._condition = threading.Condition()
-        self._session: Session | None = None
+        self._seats: list[_Seat] = []
+        self._woken = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"slot-{index}", daemon=True)
 
     @property
-    def session(self) -> Session | None:
-        return self._session
+    def clients(self) -> list[RenderClient]:
+        with self._condition:
+            return [seat.client for seat in self._seats]
+
+    @property
+    def load(self) -> int:
+        return len(self._seats)
+
+    @property
+    def room(self) -> int:
+        return self.capacity - len(self._seats)
 
     def start(self) -> None:
         self._thread.start()
@@ -59,15 +125,35 @@ class Slot:
             self._condition.notify_all()
         self._thread.join(timeout)
 
-    def attach(self, session: Session) -> None:
+    def attach(self, client: RenderClient) -> None:
         with self._condition:
-            self._session = session
+            if len(self._seats) >= self.capacity:
+                raise RuntimeError(f"slot {self.index} is full")
+            self._seats.append(_Seat(client))
+            self._woken = True
             self._condition.notify_all()
+        client.set_waker(self._wake)
 
-    def detach(self, session: Session) -> None:
+    def detach(self, client: RenderClient) -> bool:
+        client.set_waker(None)
         with self._condition:
-            if self._session is session:
-                self._session = None
+            before = len(self._seats)
+            self._seats = [seat for seat in self._seats if seat.client is not client]
+            self._woken = True
+            self._condition.notify_all()
+            return len(self._seats) != before
+
+    def holds(self, client: RenderClient) -> bool:
+        with self._condition:
+            return any(seat.client is client for seat in self._seats)
+
+    def describe(self) -> dict[str, object]:
+        return {"sessions": self.load, "capacity": self.capacity, "batch_limit": self.batch_limit}
+
+    def _wake(self) -> None:
+        with self._condition:
+            self._woken = True
+            self._condition.notify_all()
 
     # Worker thread -----------------------------------------------------------------------------------
 
@@ -76,108 +162,200 @@ class Slot:
             torch.set_num_threads(self.torch_threads)  # OpenMP's thread count is per calling thread
         while True:
             with self._condition:
-                while self._session is None and not self._stopping:
+                while not self._seats and not self._stopping:
                     self._condition.wait()
                 if self._stopping:
                     return
-                session = self._session
-            assert session is not None
-            self._serve(session)
+                seats = list(self._seats)
+                self._woken = False
+            taken = self._take(seats)
+            if taken:
+                self._render(taken)
+                self._to_the_back([seat for seat, _ in taken])
+                continue
+            now = time.monotonic()
+            flushes = [seat.flush_at - now for seat in seats if not seat.settled]
+            with self._condition:
+                if not self._woken and not self._stopping:
+                    self._condition.wait(max(0.0, min([_POLL_S, *flushes])))
 
-    def _attached(self, session: Session) -> bool:
-        return self._session is session and not self._stopping and not session.closed
-
-    def _serve(self, session: Session) -> None:
-        stream = StreamPipeline(self.model, session.width, session.height)
-        configured: tuple[StreamParams, bool] | None = None
-        encoder = get_encoder(session.codec)
-        marks: dict[int, InputMark] = {}
-        last_answered: InputMark | None = None
-        settled = True
-        frame_seq = 0
-        idle = True
-        grace = 0.0
-        while self._attached(session):
-            job = session.take_job(settled, _POLL_S, grace)
+    def _take(self, seats: list[_Seat]) -> list[tuple[_Seat, RenderJob]]:
+        limit = self.batch_limit if self.batching else 1
+        taken = []
+        now = time.monotonic()
+        for seat in seats:
+            if len(taken) >= limit:
+                break
+            if seat.client.closed:
+                continue
+            flush = now >= seat.flush_at
+            job = seat.client.take_job(seat.settled, flush)
             if job is None:
-                idle = True
+                seat.waited = True
+                if flush and not seat.settled:
+                    seat.flush_at = now + _POLL_S  # nothing to flush after all: do not spin on it
                 continue
-            refill, idle = idle or job.waited, False
-            marks[job.newest.number] = job.newest
+            taken.append((seat, job))
+        return taken
+
+    def _to_the_back(self, served: list[_Seat]) -> None:
+        with self._condition:
+            rest = [seat for seat in self._seats if seat not in served]
+            self._seats = rest + [seat for seat in served if seat in self._seats]
+
+    def _render(self, taken: list[tuple[_Seat, RenderJob]]) -> None:
+        started = time.perf_counter()
+        together: dict[tuple[int, int, int], list[tuple[_Seat, RenderJob, bool]]] = collections.defaultdict(list)
+        alone: list[tuple[_Seat, RenderJob, bool]] = []
+        for seat, job in taken:
+            refill, seat.waited = seat.waited, False
             try:
-                if configured != (job.params, job.img2img):
-                    stream.configure(job.params, job.img2img)
-                    configured = (job.params, job.img2img)
-                result = stream.render(job.image, tag=job.newest.number, refill=refill)
-                settled = stream.settled
-                # Wait about one frame for the next input before flushing this one through the batch.
-                grace = min(result.inference_ms / 1000, _MAX_GRACE_S)
-                if result.image is None:
-                    session.report_skipped(job.dropped)
-                    continue
-                encode_started = time.perf_counter()
-                payload = encoder.encode(result.image, session.quality)
-                encode_ms = (time.perf_counter() - encode_started) * 1000
-            except Exception as error:  # noqa: BLE001 - the worker is an entry point: report, reset, go on
-                logger.exception("slot %d: frame failed for session %s", self.index, session.id)
-                session.report_failure(f"{type(error).__name__}: {error}", job.newest.client_seq)
-                stream = StreamPipeline(self.model, session.width, session.height)
-                configured = None
-                settled = True
-                marks.clear()
+                stream = self._configured(seat, job)
+            except Exception as error:  # noqa: BLE001 - this client's parameters: only its frame fails
+                self._failed(seat, job, error)
                 continue
-            # An input is answered by the first frame that fully shows it; later frames may show it too.
-            first_answer = marks.pop(result.answers, None)
-            if first_answer is not None:
-                last_answered = first_answer
-            answers = last_answered if last_answered and last_answered.number == result.answers else None
-            # Only inputs still inside the stream batch can be answered later; forget the rest.
-            marks = {number: mark for number, mark in marks.items() if number > result.answers}
-            frame_seq += 1
-            timings = {
-                "queue_ms": round((job.taken_at - job.newest.received_at) * 1000 if job.fresh else 0.0, 3),
-                "inference_ms": round(result.inference_ms, 3),
-                "encode_ms": round(encode_ms, 3),
-            }
+            (together[stream.shape_key] if self.batching and stream.batchable else alone).append((seat, job, refill))
+        for group in together.values():
+            if len(group) == 1:
+                alone.extend(group)
+                continue
+            assert all(seat.stream is not None for seat, _, _ in group)
+            results = render_together([(seat.stream, job.image, job.newest.number, refill) for seat, job, refill in group])  # type: ignore[misc]
+            self.batched_frames += len(group)
+            for (seat, job, _), result in zip(group, results):
+                self._finish(seat, job, result)
+        for seat, job, refill in alone:
+            assert seat.stream is not None
+            try:
+                result: RenderResult | Exception = seat.stream.render(job.image, tag=job.newest.number, refill=refill)
+            except Exception as error:  # noqa: BLE001 - reported to that client below
+                result = error
+            self._finish(seat, job, result)
+        self.rounds += 1
+        self._adapt(len(taken), (time.perf_counter() - started) * 1000)
+
+    def _adapt(self, rendered: int, round_ms: float) -> None:
+        target = self.frame_target_ms
+        if target is None or not self.batching:
+            return
+        if round_ms > target and self.batch_limit > 1:
+            self.batch_limit -= 1
+        elif round_ms < target * _GROW_BELOW and rendered >= self.batch_limit and self.batch_limit < self.capacity:
+            self.batch_limit += 1
+
+    def _configured(self, seat: _Seat, job: RenderJob) -> StreamPipeline:
+        if seat.stream is None or (seat.stream.width, seat.stream.height) != (job.width, job.height):
+            seat.reset()
+            seat.stream = StreamPipeline(self.model, job.width, job.height)
+        if seat.configured != (job.params, job.img2img):
+            seat.configured = None
+            seat.stream.configure(job.params, job.img2img)
+            seat.configured = (job.params, job.img2img)
+        return seat.stream
+
+    def _failed(self, seat: _Seat, job: RenderJob, error: Exception) -> None:
+        logger.error(
+            "slot %d: frame failed for session %s", self.index, seat.client.id, exc_info=(type(error), error, error.__traceback__)
+        )
+        seat.client.report_failure(f"{type(error).__name__}: {error}", job.newest.client_seq)
+        seat.reset()
+
+    def _finish(self, seat: _Seat, job: RenderJob, result: RenderResult | Exception) -> None:
+        if isinstance(result, Exception):
+            self._failed(seat, job, result)
+            return
+        assert seat.stream is not None
+        seat.settled = seat.stream.settled
+        # Wait about one frame for the next input before flushing this one through the batch.
+        seat.flush_at = time.monotonic() + min(result.inference_ms / 1000, _MAX_GRACE_S)
+        seat.marks[job.newest.number] = job.newest
+        if result.image is None:
+            seat.client.report_skipped(job.dropped)
+            return
+        try:
+            encode_started = time.perf_counter()
+            encoded = get_encoder(job.codec).encode(result.image, job.quality) if job.wants_message else None
+            jpeg = None
+            if job.wants_jpeg:
+                reuse = encoded is not None and job.codec is ImageFormat.JPEG
+                jpeg = encoded if reuse else self._jpeg.encode(result.image, VIEWER_JPEG_QUALITY)
+            encode_ms = (time.perf_counter() - encode_started) * 1000
+        except Exception as error:  # noqa: BLE001 - reported to that client
+            self._failed(seat, job, error)
+            return
+        # An input is answered by the first frame that fully shows it; later frames may show it too.
+        first_answer = seat.marks.pop(result.answers, None)
+        if first_answer is not None:
+            seat.last_answered = first_answer
+        last = seat.last_answered
+        answers = last if last is not None and last.number == result.answers else None
+        # Only inputs still inside the stream batch can be answered later; forget the rest.
+        seat.marks = {number: mark for number, mark in seat.marks.items() if number > result.answers}
+        seat.frame_seq += 1
+        timings = {
+            "queue_ms": round((job.taken_at - job.newest.received_at) * 1000 if job.fresh else 0.0, 3),
+            "inference_ms": round(result.inference_ms, 3),
+            "encode_ms": round(encode_ms, 3),
+        }
+        payload = None
+        if encoded is not None:
             message = Frame(
-                seq=frame_seq,
+                seq=seat.frame_seq,
                 input_seq=answers.client_seq if answers else None,
-                width=stream.width,
-                height=stream.height,
-                codec=encoder.format.value,
-                image=payload,
+                width=job.width,
+                height=job.height,
+                codec=job.codec.value,
+                image=encoded,
                 timings=timings,
             )
-            recorder = session.recorder
-            if recorder is not None:
-                recorder.offer(result.image)
-            # The newest frame is kept for viewers who join later; while anyone watches, it is also encoded
-            # once, as JPEG (MJPEG, OBS), however many watch.
-            jpeg = None
-            if session.broadcast.wanted:
-                jpeg = payload if encoder.format is ImageFormat.JPEG else self._jpeg.encode(result.image, VIEWER_JPEG_QUALITY)
-            viewer_frame = BroadcastFrame(frame_seq, result.image, stream.width, stream.height, jpeg)
-            # Latency counts once per input: from its arrival to the first frame that fully shows it.
-            session.deliver(DeliveredFrame(serialize(message), first_answer, timings), job.dropped, viewer_frame)
+            payload = serialize(message)
+        if job.recorder is not None:
+            job.recorder.offer(result.image)
+        viewer_frame = BroadcastFrame(seat.frame_seq, result.image, job.width, job.height, jpeg)
+        # Latency counts once per input: from its arrival to the first frame that fully shows it.
+        seat.client.deliver(DeliveredFrame(payload, first_answer, timings), job.dropped, viewer_frame)
 
 
 class SlotPool:
-    """A fixed set of slots plus a bounded line of sessions waiting for one. Event-loop only."""
+    """A fixed set of slots plus a bounded line of sessions waiting for a place. Event-loop only."""
 
-    def __init__(self, model: LoadedModel, size: int, max_waiting: int, threads_per_slot: int | None = None) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        size: int,
+        max_waiting: int,
+        threads_per_slot: int | None = None,
+        sessions_per_slot: int = 1,
+        batching: bool = True,
+        frame_target_ms: float | None = None,
+    ) -> None:
         if size < 1:
             raise ValueError(f"a pool needs at least one slot, got {size}")
-        self.slots = [Slot(index, model, threads_per_slot) for index in range(size)]
+        self.slots = [
+            Slot(index, model, threads_per_slot, sessions_per_slot, batching, frame_target_ms) for index in range(size)
+        ]
+        self.sessions_per_slot = sessions_per_slot
         self.max_waiting = max_waiting
-        self._waiting: collections.deque[Session] = collections.deque()
+        self._waiting: collections.deque[Admittable] = collections.deque()
 
     @property
     def size(self) -> int:
         return len(self.slots)
 
     @property
+    def capacity(self) -> int:
+        """Sessions the pool renders at once: slots × sessions per slot."""
+        return self.size * self.sessions_per_slot
+
+    @property
     def free(self) -> int:
-        return sum(1 for slot in self.slots if slot.session is None)
+        """Slots with no session at all."""
+        return sum(1 for slot in self.slots if slot.load == 0)
+
+    @property
+    def places_free(self) -> int:
+        """Sessions that can still start rendering now."""
+        return sum(slot.room for slot in self.slots)
 
     @property
     def queue_length(self) -> int:
@@ -191,35 +369,47 @@ class SlotPool:
         for slot in self.slots:
             slot.stop()
 
-    def acquire(self, session: Session) -> Slot | None:
-        for slot in self.slots:
-            if slot.session is None:
-                slot.attach(session)
-                return slot
-        return None
+    def acquire(self, client: RenderClient) -> bool:
+        """Seat the client in the least loaded slot with room; False when every slot is full."""
+        open_slots = [slot for slot in self.slots if slot.room > 0]
+        if not open_slots:
+            return False
+        min(open_slots, key=lambda slot: slot.load).attach(client)
+        return True
 
-    def enqueue(self, session: Session) -> int | None:
-        """Put the session in line; its 1-based position, or None when the line is full."""
+    def enqueue(self, client: Admittable) -> int | None:
+        """Put the client in line; its 1-based position, or None when the line is full."""
         if len(self._waiting) >= self.max_waiting:
             return None
-        self._waiting.append(session)
+        self._waiting.append(client)
         return len(self._waiting)
 
-    def release(self, session: Session) -> None:
-        """Free the session's slot (or its place in line) at once and hand the slot to the next in line."""
-        if session in self._waiting:
-            self._waiting.remove(session)
+    def release(self, client: RenderClient) -> None:
+        """Free the client's place (or its place in line) at once and hand it to the next in line."""
+        if client in self._waiting:
+            self._waiting.remove(client)  # type: ignore[arg-type]
             self._announce_positions()
             return
         for slot in self.slots:
-            if slot.session is session:
-                slot.detach(session)
+            if slot.detach(client):
                 if self._waiting:
                     following = self._waiting.popleft()
                     slot.attach(following)
-                    following.bind(slot)
+                    following.bind()
                     self._announce_positions()
                 return
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "slots_total": self.size,
+            "slots_free": self.free,
+            "sessions_per_slot": self.sessions_per_slot,
+            "session_capacity": self.capacity,
+            "session_places_free": self.places_free,
+            "queue_length": self.queue_length,
+            "batched_frames": sum(slot.batched_frames for slot in self.slots),
+            "slots": [slot.describe() for slot in self.slots],
+        }
 
     def _announce_positions(self) -> None:
         for position, waiting in enumerate(self._waiting, start=1):
