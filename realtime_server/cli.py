@@ -85,7 +85,7 @@ def serve(**options: object) -> None:
     from .app import create_app
     from .connections import http_protocol, websocket_protocol
     from .runtime import Runtime
-    from .settings import Settings
+    from .settings import Settings, validation_message
 
     given = {name: value for name, value in options.items() if value not in (None, ())}
     for name in ("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses"):
@@ -94,7 +94,7 @@ def serve(**options: object) -> None:
     try:
         settings = Settings(**given)
     except pydantic.ValidationError as error:
-        raise click.UsageError(_validation_message(error)) from None
+        raise click.UsageError(validation_message(error)) from None
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -162,14 +162,14 @@ def worker(**options: object) -> None:
     from streamcanvas.batch_fallback.process import run_worker
     from streamcanvas.pipelines.errors import PipelineError
 
-    from .settings import Settings
+    from .settings import Settings, validation_message
 
     given = {name: value for name, value in options.items() if value is not None}
     given.setdefault("batch_queue", "redis")
     try:
         settings = Settings(**given)
     except pydantic.ValidationError as error:
-        raise click.UsageError(_validation_message(error)) from None
+        raise click.UsageError(validation_message(error)) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run_worker(settings.batch_config(), settings.model_spec(), settings.threads)
@@ -233,14 +233,6 @@ def make_tiny_model_command(directory: Path, seed: int, full_size: str | None, t
 
 
 main.add_command(engines)
-
-
-def _validation_message(error: pydantic.ValidationError) -> str:
-    lines = []
-    for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "settings"
-        lines.append(f"{where}: {problem['msg']}")
-    return "; ".join(lines)
 
 
 if __name__ == "__main__":

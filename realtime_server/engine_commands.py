@@ -145,9 +145,9 @@ def _settings(options: dict[str, object]):  # type: ignore[no-untyped-def]
     try:
         return Settings(**given)
     except pydantic.ValidationError as error:
-        from .cli import _validation_message
+        from .settings import validation_message
 
-        raise click.UsageError(_validation_message(error)) from None
+        raise click.UsageError(validation_message(error)) from None
 
 
 def _cache(engine_dir: Path | None):  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import unquote
 from typing import Literal
 
+import pydantic
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
@@ -257,3 +258,12 @@ class Settings(BaseSettings):
             image_limits=ImageLimits(max_width=side, max_height=side, max_pixels=self.max_image_pixels),
             api_keys=frozenset(self.api_keys),
         )
+
+
+def validation_message(error: pydantic.ValidationError) -> str:
+    """One line a command-line user can act on: every invalid setting and what is wrong with it."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "settings"
+        lines.append(f"{where}: {problem['msg']}")
+    return "; ".join(lines)

@@ -55,3 +55,55 @@ def test_inference_is_not_called_from_coroutines() -> None:
                             assert call.func.attr not in {"render", "configure", "predict_x0_batch"}, (
                                 f"{path.relative_to(ROOT)}:{call.lineno} runs inference inside {node.name}()"
                             )
+
+
+def relative_imports(path: Path, with_type_checking: bool) -> set[str]:
+    """The sibling modules a module imports relatively (`from .x import y`, `from . import x`)."""
+    tree = ast.parse(path.read_text())
+    skipped: set[int] = set()
+    if not with_type_checking:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and ast.unparse(node.test) in {"TYPE_CHECKING", "typing.TYPE_CHECKING"}:
+                skipped.update(id(inner) for inner in ast.walk(node))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in skipped:
+            if node.module:
+                found.add(node.module.split(".")[0])
+            else:
+                found.update(alias.name for alias in node.names)
+    return found
+
+
+def cycle_in(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        state[module] = 1
+        for imported in sorted(graph.get(module, ())):
+            if state.get(imported) == 1:
+                return [*path[path.index(imported) :], imported] if imported in path else [*path, imported]
+            if imported not in state and (found := visit(imported, [*path, imported])):
+                return found
+        state[module] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (found := visit(module, [module])):
+            return found
+    return None
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_no_import_cycle_among_a_packages_modules(package: str) -> None:
+    """Relative imports form no cycle. In sessions/ not even through `if TYPE_CHECKING:` imports: slots
+    know RenderClient, not Session; a session knows its broker, not the manager."""
+    strict = package == "sessions"
+    graph = {path.stem: relative_imports(path, strict) for path in (ROOT / package).glob("*.py")}
+    assert cycle_in(graph) is None, f"{package}/: {' → '.join(cycle_in(graph) or [])}"
+
+
+def test_the_slots_never_see_a_session() -> None:
+    assert "session" not in relative_imports(ROOT / "sessions" / "slots.py", with_type_checking=True)
+    assert "manager" not in relative_imports(ROOT / "sessions" / "session.py", with_type_checking=True)
+    assert cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the checker finds cycles
