@@ -113,6 +113,11 @@ class Backend:
             return None
         return self.unet, self.vae
 
+    @property
+    def max_batch(self) -> int | None:
+        """The largest batch its compiled components accept (TensorRT's profile), None for any."""
+        return self.shapes.max_batch if self.unet is not None and self.shapes is not None else None
+
     def describe(self) -> dict[str, object]:
         described: dict[str, object] = {
             "name": self.name,

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from .loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 CfgType = Literal["none", "full", "self", "initialize"]
 CFG_TYPES: tuple[str, ...] = get_args(CfgType)
 
@@ -197,10 +198,18 @@ class _SessionStream(StreamDiffusion):
         return x0_batch[-1].unsqueeze(0)
 
     def encode_image(self, image_tensors: torch.Tensor) -> torch.Tensor:
-        # The latent distribution's mode instead of a sample: same canvas, same latent, less flicker.
-        image_tensors = image_tensors.to(device=self.device, dtype=self.vae.dtype)
-        latent = retrieve_latents(self.vae.encode(image_tensors), sample_mode="argmax")
-        return self.add_noise(latent * self.vae.config.scaling_factor, self.init_noise[0], 0)
+        return self.noised(encode_latents(self.vae, image_tensors))
+
+    def noised(self, latent: torch.Tensor) -> torch.Tensor:
+        """An encoded canvas, noised to the stream's first timestep."""
+        return self.add_noise(latent, self.init_noise[0], 0)
+
+
+def encode_latents(vae: object, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled latents of a batch of images in [-1, 1]. The latent distribution's mode instead of a
+    sample: same canvas, same latent, less flicker."""
+    pixels = pixels.to(dtype=vae.dtype)  # type: ignore[attr-defined]
+    return retrieve_latents(vae.encode(pixels), sample_mode="argmax") * vae.config.scaling_factor  # type: ignore[attr-defined]
 
 
 class _Computed:
@@ -215,13 +224,15 @@ class _Computed:
 
 @dataclass
 class PendingFrame:
-    """A frame begun by `StreamPipeline.begin`: the UNet inputs of its step, waiting for the UNet."""
+    """A frame begun by `StreamPipeline.begin`, waiting for its UNet calls: `primes` steps that push
+    the latent into the stream batch (after an idle spell), then the step that renders the frame."""
 
     stream: StreamPipeline
-    latents: torch.Tensor
-    timesteps: torch.Tensor
-    embeddings: torch.Tensor
+    latent: torch.Tensor | None
+    """None until the canvas in `pixels` is encoded (with the other streams' canvases)."""
+    primes: int
     started: float
+    pixels: torch.Tensor | None = None
 
 
 class StreamPipeline:
@@ -359,29 +370,39 @@ class StreamPipeline:
         settled) is pushed through the whole batch at once, so its first frame already shows it.
         """
         started = time.perf_counter()
-        latent = self._feed(image, tag, refill, started)
-        if isinstance(latent, RenderResult):
-            return latent
+        fed = self._feed(image, tag, refill, started)
+        if isinstance(fed, RenderResult):
+            return fed
+        source, primes = fed
         stream = self._stream
         assert stream is not None
+        latent = stream.encode_image(source) if self.img2img else source
+        for _ in range(primes):
+            stream.predict_x0_batch(latent)
         denoised = stream.predict_x0_batch(latent)
         return self._output(stream.decode_image(denoised), started)
 
     @torch.no_grad()
     def begin(self, image: np.ndarray | None, tag: int = 0, refill: bool = False) -> PendingFrame | RenderResult:
-        """`render` up to its UNet call: the call's inputs, for `render_together` to batch (or the
-        finished result, when the similar-image filter skipped the input)."""
+        """`render` up to its UNet calls: the input's latent and how many steps it takes, for
+        `render_together` to batch (or the finished result, when the similar-image filter skipped it)."""
         if not self.batchable:
             raise RuntimeError("begin() needs a configured stream with a denoising batch")
         started = time.perf_counter()
-        latent = self._feed(image, tag, refill, started)
-        if isinstance(latent, RenderResult):
-            return latent
-        assert self._stream is not None
-        return PendingFrame(self, *self._stream.unet_inputs(latent), started=started)
+        fed = self._feed(image, tag, refill, started)
+        if isinstance(fed, RenderResult):
+            return fed
+        source, primes = fed
+        if self.img2img:
+            return PendingFrame(self, None, primes, started, pixels=source)
+        return PendingFrame(self, source, primes, started)
 
-    def _feed(self, image: np.ndarray | None, tag: int, refill: bool, started: float) -> torch.Tensor | RenderResult:
-        """Check and encode one input and account for it in the stream batch; the latent to denoise."""
+    def _feed(
+        self, image: np.ndarray | None, tag: int, refill: bool, started: float
+    ) -> tuple[torch.Tensor, int] | RenderResult:
+        """Check one input and account for it in the stream batch: the canvas as pixels in [-1, 1]
+        (img2img; encoding is left to the caller) or the starting noise (txt2img), and how many steps
+        must push it into the stream batch before the step that renders the frame."""
         stream = self._stream
         if stream is None:
             raise RuntimeError("configure() must be called before render()")
@@ -396,22 +417,22 @@ class StreamPipeline:
             pixels = pixels.to(self.model.placement.dtype) / 127.5 - 1.0
             if stream.similar_image_filter and stream.similar_filter(pixels) is None:
                 return RenderResult(None, self._fed[-1] if self._fed else tag, _elapsed_ms(started, stream))
-            latent = stream.encode_image(pixels)
+            latent = pixels
         else:
             assert self._noise is not None
             latent = self._noise
+        primes = 0
         if not self._primed or (refill and self.settled and tag != self._fed[-1]):
             # Fill the stream batch with this input, so the frame is not decoded from zero latents (or,
             # after an idle spell, from the previous input's).
-            for _ in range(self.depth - 1):
-                stream.predict_x0_batch(latent)
+            primes = self.depth - 1
             self._fed.extend([tag] * self.depth)
             self._primed = True
         else:
             self._fed.append(tag)
         while len(self._fed) > self.depth:
             self._fed.popleft()
-        return latent
+        return latent, primes
 
     def _output(self, decoded: torch.Tensor, started: float) -> RenderResult:
         assert self._stream is not None
@@ -464,22 +485,70 @@ def render_together(
 def _run_pending(pending: list[PendingFrame]) -> list[RenderResult]:
     first = pending[0].stream
     model = first.model
-    sizes = [frame.latents.shape[0] for frame in pending]
-    compiled = model.backend.compiled_for(first.width, first.height, sum(sizes))
-    unet, vae = compiled if compiled is not None else (model.pipe.unet, model.pipe.vae)
-    model_pred = unet(
-        torch.cat([frame.latents for frame in pending]),
-        torch.cat([frame.timesteps for frame in pending]),
-        encoder_hidden_states=torch.cat([frame.embeddings for frame in pending]),
-        return_dict=False,
-    )[0]
-    denoised = []
-    for frame, share in zip(pending, model_pred.split(sizes)):
-        assert frame.stream._stream is not None
-        denoised.append(frame.stream._stream.finish_step(share))
+    canvases = [frame for frame in pending if frame.pixels is not None]
+    for chunk in _chunks(canvases, [1] * len(canvases), model.backend.max_batch):
+        vae = _components(chunk[0].stream, len(chunk))[1]
+        latents = encode_latents(vae, torch.cat([frame.pixels for frame in chunk]))  # type: ignore[misc]
+        for frame, latent in zip(chunk, latents.split(1)):
+            assert frame.stream._stream is not None
+            frame.latent, frame.pixels = frame.stream._stream.noised(latent), None
+    # Streams that refill take their priming steps together too (at most MAX_STEPS - 1 rounds).
+    while priming := [frame for frame in pending if frame.primes > 0]:
+        _step_together(priming)
+        for frame in priming:
+            frame.primes -= 1
+    denoised = _step_together(pending)
+    decoded: list[torch.Tensor] = []
     scaling = model.pipe.vae.config.scaling_factor
-    decoded = vae.decode(torch.cat(denoised) / scaling, return_dict=False)[0]
-    return [frame.stream._output(image.unsqueeze(0), frame.started) for frame, image in zip(pending, decoded)]
+    for chunk in _chunks(denoised, [1] * len(denoised), model.backend.max_batch):
+        vae = _components(first, len(chunk))[1]
+        decoded.extend(vae.decode(torch.cat(chunk) / scaling, return_dict=False)[0].split(1))
+    return [frame.stream._output(image, frame.started) for frame, image in zip(pending, decoded)]
+
+
+def _step_together(frames: list[PendingFrame]) -> list[torch.Tensor]:
+    """One denoising-batch step of every frame's stream, in as few UNet calls as the backend's batch
+    range allows (one, unless TensorRT's profile is smaller): each stream's newest x0."""
+    streams = [frame.stream._stream for frame in frames]
+    assert all(stream is not None for stream in streams)
+    inputs = [stream.unet_inputs(frame.latent) for stream, frame in zip(streams, frames)]  # type: ignore[union-attr, arg-type]
+    sizes = [latents.shape[0] for latents, _, _ in inputs]
+    shares: list[torch.Tensor] = []
+    for chunk in _chunks(inputs, sizes, frames[0].stream.model.backend.max_batch):
+        chunk_sizes = [latents.shape[0] for latents, _, _ in chunk]
+        unet = _components(frames[0].stream, sum(chunk_sizes))[0]
+        model_pred = unet(
+            torch.cat([latents for latents, _, _ in chunk]),
+            torch.cat([timesteps for _, timesteps, _ in chunk]),
+            encoder_hidden_states=torch.cat([embeddings for _, _, embeddings in chunk]),
+            return_dict=False,
+        )[0]
+        shares.extend(model_pred.split(chunk_sizes))
+    return [stream.finish_step(share) for stream, share in zip(streams, shares)]  # type: ignore[union-attr]
+
+
+def _components(stream: StreamPipeline, batch: int) -> tuple[object, object]:
+    """The (unet, vae) for a call of this batch at this stream's size: compiled where they cover it."""
+    compiled = stream.model.backend.compiled_for(stream.width, stream.height, batch)
+    return compiled if compiled is not None else (stream.model.pipe.unet, stream.model.pipe.vae)
+
+
+def _chunks(items: list[T], sizes: list[int], limit: int | None) -> list[list[T]]:
+    """`items` in order, cut into runs whose sizes add up to at most `limit` (an item larger than the
+    limit is a run of its own); one run when there is no limit."""
+    if not items:
+        return []
+    if limit is None:
+        return [list(items)]
+    runs: list[list[T]] = [[]]
+    total = 0
+    for item, size in zip(items, sizes):
+        if runs[-1] and total + size > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += size
+    return runs
 
 
 def _elapsed_ms(started: float, stream: StreamDiffusion) -> float:

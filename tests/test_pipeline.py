@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from streamcanvas.pipelines.backends import Backend
 from streamcanvas.pipelines.errors import InvalidParameter
 from streamcanvas.pipelines.stream import CFG_TYPES, RenderResult, StreamParams, StreamPipeline, render_together
+
+from streamcanvas.trt_engines.components import Component, ShapeRange
 
 from helpers import make_canvas
 
@@ -229,3 +234,33 @@ def test_only_compatible_streams_render_together(toy_model) -> None:  # type: ig
     assert not sequential.batchable
     with pytest.raises(RuntimeError, match="denoising batch"):
         sequential.begin(make_canvas(SIZE, 1))
+
+
+def test_a_backend_with_a_batch_range_gets_calls_that_fit_it(toy_model) -> None:  # type: ignore[no-untyped-def]
+    """TensorRT engines accept UNet batches up to their profile's max: a larger group is cut into calls
+    that fit. The model's own torch modules stand in for the engines here (same call signature), with
+    a range of 3: four two-row streams become four calls, their frames still each stream's own."""
+    calls: list[int] = []
+
+    class CountingUNet:
+        def __init__(self, unet) -> None:  # type: ignore[no-untyped-def]
+            self.unet = unet
+
+        def __call__(self, sample, *args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(sample.shape[0])
+            return self.unet(sample, *args, **kwargs)
+
+    backend = Backend(
+        name="ranged", requested="test", reason="test", unet=CountingUNet(toy_model.pipe.unet), vae=toy_model.pipe.vae,
+        shapes=ShapeRange(min_side=64, opt_side=SIZE, max_side=SIZE, max_batch=3),
+    )  # fmt: skip
+    ranged = dataclasses.replace(toy_model, backend=backend)
+    params = [{"prompt": f"a red house {index}", "seed": index, "steps": 2} for index in range(4)]
+    alone = [stream(toy_model, **p).render(make_canvas(SIZE, 1)).image for p in params]
+    streams = [stream(ranged, **p) for p in params]
+    calls.clear()
+    results = render_together([(pipeline, make_canvas(SIZE, 1), 1, False) for pipeline in streams])
+    assert calls == [2, 2, 2, 2] * 2  # the priming step, then the frame's step: never more than 3 rows
+    for result, expected in zip(results, alone):
+        assert np.abs(result.image.astype(int) - expected.astype(int)).max() <= 1
+    assert ShapeRange(max_batch=4).profile(Component.VAE_DECODER)["latents"] == ((1, 4, 32, 32), (1, 4, 64, 64), (4, 4, 128, 128))

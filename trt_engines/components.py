@@ -85,10 +85,12 @@ class ShapeRange:
                 "timestep": tuple((batch,) for batch in batches),  # type: ignore[dict-item]
                 "encoder_hidden_states": tuple((batch, text_length, text_width) for batch in batches),  # type: ignore[dict-item]
             }
-        # The VAE sees one frame at a time (frame_buffer_size 1).
+        # The VAE sees one frame a session (frame_buffer_size 1): one, or as many as sessions render
+        # together in one call (cross-session batching), up to max_batch.
+        frames = (1, 1, self.max_batch)
         if component is Component.VAE_ENCODER:
-            return {"images": tuple((1, 3, side, side) for side in sides)}  # type: ignore[dict-item]
-        return {"latents": tuple((1, LATENT_CHANNELS, side // VAE_SCALE, side // VAE_SCALE) for side in sides)}  # type: ignore[dict-item]
+            return {"images": tuple((batch, 3, side, side) for batch, side in zip(frames, sides))}  # type: ignore[dict-item]
+        return {"latents": tuple((batch, LATENT_CHANNELS, side // VAE_SCALE, side // VAE_SCALE) for batch, side in zip(frames, sides))}  # type: ignore[dict-item]
 
 
 class Runner(Protocol):
