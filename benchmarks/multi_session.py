@@ -10,6 +10,9 @@ clients, alternating between the two servers so both see the same drift in this 
 every client draws in lockstep (it sends its next canvas once the frame that shows the previous one
 has arrived, as the browser canvas paces itself) for --seconds after --warmup seconds.
 
+Then, with no server, the same pipeline in this process: N streams rendered one after another against
+together (`render_together`), ms a round.
+
 Reported per run: aggregate fps (frames all clients received a second), per-session latency p50/p95/
 p99 (sending a canvas to the first frame that fully shows it, measured by the client), the slowest
 and fastest client's fps (fairness), and the server's count of frames rendered in shared calls.
@@ -27,7 +30,9 @@ import click
 import httpx
 import simplejpeg
 
-from streamcanvas.pipelines.backends import BACKENDS
+from streamcanvas.pipelines.backends import BACKENDS, BackendConfig, prepare_backend
+from streamcanvas.pipelines.loading import ModelSpec, inference_threads, load_model
+from streamcanvas.pipelines.stream import StreamParams, StreamPipeline, render_together
 from streamcanvas.sessions.stats import percentiles
 
 from .realtime_ws import describe_machine, emit_report, make_canvases, run_client, running_server
@@ -56,6 +61,36 @@ async def run_clients(
         "latency_ms": percentiles(latency),
         "inputs_answered": sum(result.answered for result in results),
     }
+
+
+def bare_comparison(size: int, counts: list[int], backend: str, model: str | None, rounds: int = 12) -> list[dict[str, Any]]:
+    """No server: N streams in this process, one after another (`render`) against together
+    (`render_together`), in alternating passes; ms a round (every stream one frame)."""
+    loaded = load_model(ModelSpec(model=model))
+    loaded.backend = prepare_backend(loaded, BackendConfig(name=backend, threads=inference_threads(None), measure_side=size))  # type: ignore[arg-type]
+    canvases = make_canvases(size)
+    rows = []
+    for count in counts:
+        streams = []
+        for index in range(count):
+            stream = StreamPipeline(loaded, size, size)
+            stream.configure(StreamParams(prompt=f"a red house {index}", seed=index), img2img=True)
+            streams.append(stream)
+        timings: dict[str, list[float]] = {"one_by_one": [], "together": []}
+        for frame in range(3 + 2 * rounds):
+            mode = "together" if frame % 2 else "one_by_one"
+            canvas = canvases[frame % len(canvases)]
+            started = time.perf_counter()
+            if mode == "together":
+                render_together([(stream, canvas, frame, False) for stream in streams])
+            else:
+                for stream in streams:
+                    stream.render(canvas, tag=frame)
+            if frame >= 3:  # the first passes warm up
+                timings[mode].append((time.perf_counter() - started) * 1000)
+        one_by_one, together = (percentiles(timings[mode])["p50"] for mode in ("one_by_one", "together"))
+        rows.append({"streams": count, "round_ms_one_by_one_p50": one_by_one, "round_ms_together_p50": together, "speedup": round(one_by_one / together, 2)})
+    return rows
 
 
 def batched_frames(url: str) -> int:
@@ -100,6 +135,7 @@ def main(
                         run["frames_in_shared_calls"] = batched_frames(url) - before
                         runs[pattern][mode].append(run)
     comparison = {pattern: compare(by_mode["batched"], by_mode["round_robin"]) for pattern, by_mode in runs.items()}
+    bare = bare_comparison(resolution, counts, backend, model)
     report = {
         "benchmark": "multi_session",
         "machine": describe_machine(),
@@ -109,6 +145,7 @@ def main(
         },  # fmt: skip
         "runs": runs,
         "comparison": comparison,
+        "bare_pipeline": bare,
         "wall_s": round(time.time() - started, 1),
     }
     emit_report(report, output)

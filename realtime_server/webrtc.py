@@ -35,6 +35,7 @@ from starlette.routing import Route
 
 from streamcanvas.codecs.messages import Error, parse_server_message
 from streamcanvas.sessions.broadcast import BroadcastFrame, Subscription, TooManyViewers
+from streamcanvas.sessions.mailbox import Latest
 from streamcanvas.sessions.manager import TooManyConnections
 from streamcanvas.sessions.session import CloseReason, Session
 
@@ -229,14 +230,10 @@ class PeerSession(Peer):
     async def _consume(self, track: MediaStreamTrack) -> None:
         """Take every frame off aiortc's (unbounded) receive queue at once, keep only the newest, and
         convert that one when the previous conversion is done: latest-wins, never a backlog."""
-        newest: list[VideoFrame] = []
-        arrived = asyncio.Event()
+        newest: Latest[VideoFrame] = Latest()
 
         async def convert() -> None:
-            while True:
-                await arrived.wait()
-                arrived.clear()
-                frame = newest.pop()
+            while (frame := await newest.get()) is not None:
                 rgb = await asyncio.to_thread(frame.to_ndarray, format="rgb24")
                 await self.session.video_frame(rgb)
 
@@ -244,10 +241,9 @@ class PeerSession(Peer):
         try:
             with contextlib.suppress(MediaStreamError):
                 while True:
-                    frame = await track.recv()
-                    newest[:] = [frame]
-                    arrived.set()
+                    newest.put(await track.recv())
         finally:
+            newest.close()
             converter.cancel()
 
     def _on_datachannel(self, channel) -> None:  # type: ignore[no-untyped-def]

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .mailbox import Latest
+
 
 @dataclass(frozen=True)
 class BroadcastFrame:
@@ -32,15 +34,13 @@ class TooManyViewers(Exception):
 
 
 class FrameBroadcast:
-    """Event-loop only. Each publish sets the current "next frame" event and starts a new one."""
+    """Event-loop only. The newest frame sits in a `Latest` box that every subscription watches."""
 
     def __init__(self, max_viewers: int) -> None:
         self.max_viewers = max_viewers
         self.viewers = 0
         self.jpeg_viewers = 0
-        self.latest: BroadcastFrame | None = None
-        self.closed = False
-        self._next = asyncio.Event()
+        self.frames: Latest[BroadcastFrame] = Latest()
 
     @property
     def wanted(self) -> bool:
@@ -48,17 +48,19 @@ class FrameBroadcast:
         otherwise (a stale read only costs or saves one frame's encode)."""
         return self.jpeg_viewers > 0
 
+    @property
+    def latest(self) -> BroadcastFrame | None:
+        return self.frames.value
+
+    @property
+    def closed(self) -> bool:
+        return self.frames.closed
+
     def publish(self, frame: BroadcastFrame) -> None:
-        self.latest = frame
-        self._wake()
+        self.frames.put(frame)
 
     def close(self) -> None:
-        self.closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        event, self._next = self._next, asyncio.Event()
-        event.set()
+        self.frames.close()
 
     def subscribe(self, viewer: bool = True, jpeg: bool = True) -> Subscription:
         """Admit one consumer now, or raise TooManyViewers. `viewer=False` is for the session's own
@@ -96,15 +98,12 @@ class Subscription:
         return self
 
     async def __anext__(self) -> BroadcastFrame:
-        broadcast = self._broadcast
-        while not broadcast.closed:
-            frame = broadcast.latest
-            if frame is not None and frame.seq > self._seen:
-                self._seen = frame.seq
-                return frame
-            await broadcast._next.wait()
-        self.close()
-        raise StopAsyncIteration
+        newer = await self._broadcast.frames.newer(self._seen)
+        if newer is None:
+            self.close()
+            raise StopAsyncIteration
+        self._seen, frame = newer
+        return frame
 
 
 async def jpeg_of(frame: BroadcastFrame, encode: Callable[[np.ndarray], bytes]) -> bytes:

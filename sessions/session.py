@@ -68,6 +68,7 @@ from .errors import (
     WrongMode,
 )
 from .jobs import DeliveredFrame, InputMark, RenderJob
+from .mailbox import Latest
 from .stats import SessionStats, percentiles
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class Session:
 
         # Outgoing side, event loop only.
         self._control: collections.deque[bytes] = collections.deque()
-        self._frame: DeliveredFrame | None = None
+        self._frame: Latest[DeliveredFrame] = Latest()
         self._wakeup = asyncio.Event()
         self._stats_task: asyncio.Task[None] | None = None
         self.broadcast = FrameBroadcast(self.config.max_viewers)
@@ -482,9 +483,8 @@ class Session:
             latency = (time.monotonic() - frame.answers.received_at) * 1000 if frame.answers else None
             self.stats.frame_sent(latency, frame.timings)
             return
-        if self._frame is not None:
-            self.stats.dropped_frames += 1  # the client has not taken the last one: newest wins
-        self._frame = frame
+        if self._frame.put(frame):
+            self.stats.dropped_frames += 1  # the client had not taken the last one: newest wins
         self._wakeup.set()
 
     def _deliver_on_loop(self, frame: DeliveredFrame, dropped_inputs: int, viewer_frame: BroadcastFrame) -> None:
@@ -528,8 +528,9 @@ class Session:
         while True:
             if self._control:
                 return self._control.popleft()
-            if self._frame is not None and self.state in (SessionState.READY, SessionState.STREAMING):
-                frame, self._frame = self._frame, None
+            if self._frame.waiting and self.state in (SessionState.READY, SessionState.STREAMING):
+                frame = self._frame.take()
+                assert frame is not None
                 latency = (time.monotonic() - frame.answers.received_at) * 1000 if frame.answers else None
                 self.stats.frame_sent(latency, frame.timings)
                 return frame.payload
@@ -595,7 +596,7 @@ class Session:
         with self._condition:
             self._closed = True
             self._waker = None
-        self._frame = None
+        self._frame.clear()
         if self._stats_task is not None:
             self._stats_task.cancel()
         if self._idle_task is not asyncio.current_task():
