@@ -61,10 +61,10 @@ class RtcClient:
     async def send_raw(self, data: bytes | str) -> None:
         self.channel.send(data)
 
-    async def recv(self, timeout: float = 30) -> dict[str, Any]:
+    async def recv(self, timeout: float = 30, keep_stats: bool = False) -> dict[str, Any]:
         while True:
             message = msgpack.unpackb(await asyncio.wait_for(self.inbox.get(), timeout))
-            if message["type"] != "stats":
+            if message["type"] != "stats" or keep_stats:
                 return message
 
     async def expect(self, kind: str, timeout: float = 30) -> dict[str, Any]:
@@ -149,3 +149,61 @@ async def test_parameters_and_references_alike(loopback_server: ServerProcess, t
         await asyncio.sleep(0.1)
         info = loopback_server.info()
     assert info["sessions"] == 0 and info["slots_free"] == 2
+
+
+async def open_sessions(server: ServerProcess) -> int:
+    for _ in range(50):
+        info = server.info()
+        if info["session_places_free"] == info["session_capacity"]:
+            break
+        await asyncio.sleep(0.1)
+    return server.info()["sessions"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_full_server_turns_either_transport_away_and_a_freed_slot_takes_either(
+    loopback_server: ServerProcess, transport: str
+) -> None:
+    """Two slots, one taken over each transport; a third session over `transport` is refused (a busy
+    message over WebSocket, 503 busy for a WebRTC offer, which cannot wait in line inside one HTTP
+    request); once one ends, the third gets its place."""
+    assert await open_sessions(loopback_server) == 0
+    async with contextlib.AsyncExitStack() as stack:
+        holders = [
+            await stack.enter_async_context(connect("websocket", loopback_server)),
+            await stack.enter_async_context(connect("webrtc", loopback_server)),
+        ]
+        assert all(holder.ready["type"] == "ready" for holder in holders)
+        assert loopback_server.info()["session_places_free"] == 0
+        if transport == "websocket":
+            async with Client.connect(loopback_server.ws_url) as third:
+                await third.send_raw(msgpack.packb({"type": "hello", "protocol": [1]}))
+                busy = await third.expect("busy")
+                assert busy["slots_total"] == 2
+        else:
+            with pytest.raises(AssertionError, match="503"):
+                async with rtc_client(loopback_server, {}):
+                    pass
+        await stack.aclose()  # both holders leave
+    async with connect(transport, loopback_server) as third:
+        assert third.ready["type"] == "ready"
+    assert await open_sessions(loopback_server) == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_frames_are_rendered_and_counted_alike(loopback_server: ServerProcess, transport: str) -> None:
+    """Input in (a canvas message, or the video track's frames), frames out (frame messages, or the
+    video track), and the same stats on the control channel either way."""
+    async with connect(transport, loopback_server, params={"prompt": "a red house"}) as client:
+        if transport == "websocket":
+            await client.frame_for(await client.send_canvas(make_canvas(TEST_RESOLUTION, 1)))
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            message = await client.recv(keep_stats=True)
+            if message["type"] == "stats" and message["frames"] > 0:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "no stats with frames"
+        assert message["inputs"] >= 1 and message["timings_ms"]["inference_ms"] > 0
+        if transport == "webrtc":
+            # The frames went out on the video track, so none was encoded for the data channel.
+            assert message["timings_ms"]["encode_ms"] == 0
