@@ -73,6 +73,7 @@ bench: setup
 	$(BIN)/python -m streamcanvas.benchmarks.realtime_ws
 	$(BIN)/python -m streamcanvas.benchmarks.batch_queue
 	$(BIN)/python -m streamcanvas.benchmarks.live_with_batch
+	$(BIN)/python -m streamcanvas.benchmarks.multi_session
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache web_static/node_modules

@@ -160,6 +160,13 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_sharing(self) -> Settings:
+        if self.sessions_per_slot == 1 and (self.frame_target_ms is not None or not self.batching):
+            option = "--frame-target" if self.frame_target_ms is not None else "--no-batching"
+            raise ValueError(f"{option} is about sessions sharing a slot: it needs --sessions-per-slot 2 or more")
+        return self
+
+    @model_validator(mode="after")
     def _check_batch(self) -> Settings:
         if self.batch_queue == "redis" and not self.redis_url:
             raise ValueError("batch_queue 'redis' needs --redis-url (e.g. redis://127.0.0.1:6379/0)")
