@@ -30,10 +30,14 @@ SIDE = 256
 """The fairness test's sessions: large enough that a round takes longer than the flood's input interval."""
 
 
-@pytest.fixture(scope="module")
-def shared_slot(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
-    """One slot that serves four sessions at once, batching them."""
-    process = start_server(cache_dir, artifacts_dir, "shared-slot", "--slots", "1", "--sessions-per-slot", "4", "--max-waiting", "0")
+@pytest.fixture(scope="module", params=["torch", "onnxruntime"])
+def shared_slot(request: pytest.FixtureRequest, cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
+    """One slot that serves four sessions at once, batching them, on each backend a CPU has."""
+    process = start_server(
+        cache_dir, artifacts_dir, f"shared-slot-{request.param}",
+        "--slots", "1", "--sessions-per-slot", "4", "--max-waiting", "0", "--backend", request.param,
+    )  # fmt: skip
+    assert process.info()["backend"]["name"] == request.param
     yield process
     process.stop()
 
