@@ -84,6 +84,9 @@ class RenderClient(Protocol):
         """The newest input if it has not been taken yet; else, with `flush` and a stream that has not
         settled, the same input again (to push it through the stream batch); else None. Never waits."""
 
+    def has_input(self) -> bool:
+        """Whether an input is waiting that has not been taken (without taking it)."""
+
     def deliver(self, frame: DeliveredFrame, dropped_inputs: int, viewer_frame: BroadcastFrame) -> None: ...
 
     def report_skipped(self, dropped_inputs: int) -> None: ...

@@ -442,6 +442,11 @@ class Session:
                 recorder=self.recorder,
             )
 
+    def has_input(self) -> bool:
+        with self._condition:
+            newest = self._newest
+            return not self._closed and newest is not None and newest.number != self._taken_number
+
     def seconds_since_input(self) -> float | None:
         """Seconds since the newest canvas, delta or params message; None before the first."""
         newest = self._newest

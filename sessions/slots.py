@@ -41,6 +41,8 @@ _POLL_S = 0.25
 """How often an idle worker re-checks its clients without being woken."""
 _MAX_GRACE_S = 0.5
 VIEWER_JPEG_QUALITY = 85
+_MAX_GATHER_S = 0.02
+"""The longest a round waits for more sessions' inputs to batch (see `Slot._gather`)."""
 _GROW_BELOW = 0.6
 """A round under this fraction of the frame-time target lets the batch limit grow by one."""
 
@@ -65,8 +67,10 @@ class _Seat:
     settled: bool = True
     flush_at: float = 0.0
     waited: bool = True
-    """No input was waiting when the worker last looked: the next one refills the stream batch."""
+    """No input was waiting when the worker last looked, or when its last frame was done: the next
+    input refills the stream batch (shows in its first frame) instead of being pipelined."""
     frame_seq: int = 0
+    served_at: float = float("-inf")
 
     def reset(self) -> None:
         self.stream, self.configured, self.settled = None, None, True
@@ -94,6 +98,8 @@ class Slot:
         self.batch_limit = capacity
         """How many clients one round renders at most (adapts to the frame-time target)."""
         self.rounds = 0
+        self._round_s = 0.0
+        """How long the last round took."""
         self.batched_frames = 0
         """Frames rendered in a shared UNet call (for /v1/info and the benchmark)."""
         self._jpeg = get_encoder(ImageFormat.JPEG)
@@ -169,6 +175,8 @@ class Slot:
                 seats = list(self._seats)
                 self._woken = False
             taken = self._take(seats)
+            if taken and self.batching:
+                taken += self._gather(seats, taken)
             if taken:
                 self._render(taken)
                 self._to_the_back([seat for seat, _ in taken])
@@ -178,6 +186,38 @@ class Slot:
             with self._condition:
                 if not self._woken and not self._stopping:
                     self._condition.wait(max(0.0, min([_POLL_S, *flushes])))
+
+    def _gather(self, seats: list[_Seat], taken: list[tuple[_Seat, RenderJob]]) -> list[tuple[_Seat, RenderJob]]:
+        """Wait a moment for the inputs of sessions that are drawing but have none yet, to batch them
+        with those taken: clients that pace themselves by frames (the drawing page) answer a round's
+        frames within milliseconds of each other, and without this the first to answer would start a
+        round of its own. Only sessions served in the last two rounds are waited for, and for at most
+        a fifth of a round (and `_MAX_GATHER_S`)."""
+        now = time.monotonic()
+        active_since = now - 2 * self._round_s - _MAX_GATHER_S
+        served = {id(seat) for seat, _ in taken}
+        expected = [seat for seat in seats if id(seat) not in served and seat.served_at >= active_since and not seat.client.closed]
+        room = self.batch_limit - len(taken)
+        if not expected or room <= 0:
+            return []
+        deadline = now + min(_MAX_GATHER_S, self._round_s / 5)
+        gathered: list[tuple[_Seat, RenderJob]] = []
+        while expected and len(gathered) < room:
+            with self._condition:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    break
+                if not self._woken:
+                    self._condition.wait(remaining)
+                self._woken = False
+            for seat in list(expected):
+                if len(gathered) >= room:
+                    break
+                job = seat.client.take_job(seat.settled, flush=False)
+                if job is not None:
+                    gathered.append((seat, job))
+                    expected.remove(seat)
+        return gathered
 
     def _take(self, seats: list[_Seat]) -> list[tuple[_Seat, RenderJob]]:
         limit = self.batch_limit if self.batching else 1
@@ -232,7 +272,12 @@ class Slot:
                 result = error
             self._finish(seat, job, result)
         self.rounds += 1
-        self._adapt(len(taken), (time.perf_counter() - started) * 1000)
+        round_s = time.perf_counter() - started
+        self._round_s = round_s
+        served_at = time.monotonic()
+        for seat, _ in taken:
+            seat.served_at = served_at
+        self._adapt(len(taken), round_s * 1000)
 
     def _adapt(self, rendered: int, round_ms: float) -> None:
         target = self.frame_target_ms
@@ -312,6 +357,10 @@ class Slot:
         if job.recorder is not None:
             job.recorder.offer(result.image)
         viewer_frame = BroadcastFrame(seat.frame_seq, result.image, job.width, job.height, jpeg)
+        # Nothing new waiting as its frame goes out: the client waits for this frame (the drawing page
+        # paces itself by frames), so its next input refills the stream batch rather than pipelines.
+        # (Checked before the frame is handed over: a client that answers it at once must not count.)
+        seat.waited = seat.waited or not seat.client.has_input()
         # Latency counts once per input: from its arrival to the first frame that fully shows it.
         seat.client.deliver(DeliveredFrame(payload, first_answer, timings), job.dropped, viewer_frame)
 
