@@ -178,7 +178,11 @@ class Slot:
             if taken and self.batching:
                 taken += self._gather(seats, taken)
             if taken:
-                self._render(taken)
+                try:
+                    self._render(taken)
+                except Exception as error:  # noqa: BLE001 - the worker is an entry point: it must live on
+                    for seat, job in taken:
+                        self._failed(seat, job, error)
                 self._to_the_back([seat for seat, _ in taken])
                 continue
             now = time.monotonic()

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import av
 import httpx
 import msgpack
 import pytest
@@ -207,3 +208,49 @@ async def test_frames_are_rendered_and_counted_alike(loopback_server: ServerProc
         if transport == "webrtc":
             # The frames went out on the video track, so none was encoded for the data channel.
             assert message["timings_ms"]["encode_ms"] == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_recording_mistakes_are_answered_alike(loopback_server: ServerProcess, transport: str) -> None:
+    async with connect(transport, loopback_server) as client:
+        await client.send_raw(msgpack.packb({"type": "record", "seq": 1, "action": "stop"}))
+        assert (await client.expect("error"))["code"] == "not_ready"
+        await client.send_raw(msgpack.packb({"type": "record", "seq": 2, "action": "pause"}))
+        assert (await client.expect("error"))["field"] == "action"
+        await client.send_raw(msgpack.packb({"type": "record", "seq": 3, "action": "start"}))
+        await client.expect("recording")
+        await client.send_raw(msgpack.packb({"type": "record", "seq": 4, "action": "start"}))
+        assert (await client.expect("error"))["code"] == "not_ready"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_recording_holds_the_frames_over_either_transport(
+    loopback_server: ServerProcess, transport: str, tmp_path: Path
+) -> None:
+    """The recorder rides along in every render job: a WebRTC session, whose frames are never encoded
+    for its data channel, records them all the same."""
+    async with connect(transport, loopback_server, params={"prompt": "a red house"}) as client:
+        await client.send_raw(msgpack.packb({"type": "record", "seq": 1, "action": "start"}))
+        started = await client.expect("recording")
+        if transport == "websocket":
+            for seed in range(3):
+                await client.frame_for(await client.send_canvas(make_canvas(TEST_RESOLUTION, seed)))
+        else:
+            frames = 0
+            while frames < 3:  # the video track keeps drawing; the stats count the frames rendered
+                message = await client.recv(keep_stats=True)
+                frames = message["frames"] if message["type"] == "stats" else frames
+        await client.send_raw(msgpack.packb({"type": "record", "seq": 2, "action": "stop"}))
+        while (stopped := await client.recv())["type"] != "recording":
+            assert stopped["type"] == "frame", stopped
+        assert stopped["recording_id"] == started["recording_id"] and stopped["frames"] >= 3
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.get(
+                f"{loopback_server.base_url}{stopped['url']}", headers={"Authorization": f"Bearer {client.ready['token']}"}
+            )
+        assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
+    path = tmp_path / "recording.mp4"
+    path.write_bytes(response.content)
+    with av.open(str(path)) as container:
+        decoded = [(frame.width, frame.height) for frame in container.decode(video=0)]
+    assert len(decoded) == stopped["frames"] and set(decoded) == {(TEST_RESOLUTION, TEST_RESOLUTION)}
