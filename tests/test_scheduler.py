@@ -17,6 +17,7 @@ import websockets
 from conftest import TEST_RESOLUTION, start_server
 from helpers import Client, ServerProcess, decode_frame, make_canvas
 from streamcanvas.codecs.images import ImageFormat
+from streamcanvas.realtime_server.webrtc import advertise_only
 
 SESSIONS = [  # what four people on one slot might be doing: different prompts, seeds, strengths, steps
     {"prompt": "a red house", "seed": 5, "strength": 0.5, "steps": 2},
@@ -162,5 +163,32 @@ async def test_without_batching_a_shared_slot_renders_sessions_one_by_one(cache_
                 red, blue = await asyncio.gather(render(first, canvas), render(second, canvas))
         assert server.info()["batched_frames"] == 0
         assert (mean_rgb(red)[0] - mean_rgb(red)[2]) - (mean_rgb(blue)[0] - mean_rgb(blue)[2]) > 30
+    finally:
+        server.stop()
+
+
+async def test_a_websocket_and_a_webrtc_session_share_a_slot(cache_dir: Path, artifacts_dir: Path) -> None:
+    """Their frames go out differently (a frame message; the video track, with nothing encoded for the
+    data channel) but render in the same UNet calls."""
+    from test_transports import rtc_client
+
+    advertise_only(["127.0.0.1"])
+    server = start_server(
+        cache_dir, artifacts_dir, "mixed-slot", "--slots", "1", "--sessions-per-slot", "2", "--ice-host-address", "127.0.0.1"
+    )
+    try:
+        async with rtc_client(server, {"params": SESSIONS[1]}) as peer, Client.connect(server.ws_url) as client:
+            await client.hello(params=SESSIONS[0])
+            assert server.info()["session_places_free"] == 0
+            deadline = time.monotonic() + 60
+            peer_frames = 0
+            while server.info()["batched_frames"] == 0 or peer_frames < 3:
+                assert time.monotonic() < deadline, server.info()
+                await render(client, make_canvas(TEST_RESOLUTION, 2))
+                with contextlib.suppress(TimeoutError):
+                    while (message := await peer.recv(timeout=0.2, keep_stats=True))["type"] != "stats":
+                        pass
+                    peer_frames = message["frames"]
+            assert message["timings_ms"]["encode_ms"] == 0
     finally:
         server.stop()
