@@ -52,6 +52,7 @@ async def info(request: Request) -> JSONResponse:
         "websocket": WEBSOCKET_PATH,
         "auth": "api_key" if runtime.settings.api_keys else "none",
         **runtime.manager.info(),
+        "sharing": runtime.sharing.describe() if runtime.sharing is not None else {"policy": "fixed"},
         "batch": {"queue": runtime.batch.queue.mode, "jobs": jobs, "live_sessions_rendering": runtime.batch.live_sessions},
     }
     body["protocol_versions"] = list(PROTOCOL_VERSIONS)

@@ -39,7 +39,7 @@ def main() -> None:
 @click.option("--resolution", help="Default session resolution WIDTHxHEIGHT, multiples of 8. Default 512x512.")
 @click.option("--max-resolution", help="Largest resolution a client may ask for. Default 1024x1024.")
 @click.option("--slots", type=int, help="Sessions rendered at once on this device, each with its own worker. Default 1.")
-@click.option("--sessions-per-slot", type=int, help="Sessions one slot serves at once; their frames share UNet calls (cross-session batching). Default 1.")
+@click.option("--sessions-per-slot", help="Sessions one slot serves at once; their frames share UNet calls (cross-session batching). 'auto': measured at start-up, the most whose shared round takes at most 1.5x one session's frame. Default 1.")
 @click.option("--batching/--no-batching", default=None, help="With several sessions per slot: stack their frames into one UNet call (default), or render them one by one, round-robin.")
 @click.option("--frame-target", "frame_target_ms", type=float, help="With several sessions per slot: the round time, ms, that the batch size adapts to stay under. Default: off (every session with input, each round).")
 @click.option("--max-waiting", type=int, help="Clients that may wait in line for a slot. Default 8.")

@@ -17,6 +17,7 @@ from streamcanvas.batch_fallback.service import BatchService
 from streamcanvas.pipelines.backends import prepare_backend
 from streamcanvas.pipelines.devices import in_short_lived_thread
 from streamcanvas.pipelines.loading import LoadedModel, inference_threads, load_model
+from streamcanvas.pipelines.sharing import Sharing, measure_sharing
 from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
 from streamcanvas.sessions.manager import SessionManager, TokenRejected
 from streamcanvas.sessions.session import SessionState
@@ -37,13 +38,16 @@ class Readiness(enum.Enum):
 
 
 class Runtime:
-    def __init__(self, settings: Settings, model: LoadedModel, threads: int) -> None:
+    def __init__(self, settings: Settings, model: LoadedModel, threads: int, sharing: Sharing | None = None) -> None:
         self.settings = settings
         self.model = model
+        self.sharing = sharing
+        """What `--sessions-per-slot auto` measured at start-up (None for a given count)."""
         # On the CPU the slots share the cores: each worker gets its share of torch threads, so their
         # OpenMP pools together never outnumber the cores (see in_short_lived_thread).
         per_slot = max(1, threads // settings.slots) if model.placement.device.type == "cpu" else None
-        config = dataclasses.replace(settings.session_config(), default_params=StreamParams().replace(**model.stream_defaults))
+        defaults = StreamParams().replace(**model.stream_defaults)
+        config = dataclasses.replace(settings.session_config(sharing), default_params=defaults)
         self.manager = SessionManager(config, model, threads_per_slot=per_slot)
         self.readiness = Readiness.WARMING_UP
         self.warmup_ms: float | None = None
@@ -61,13 +65,18 @@ class Runtime:
         spec = settings.model_spec()
         backend_config = settings.backend_config(threads)
 
-        def load() -> LoadedModel:
+        def load() -> tuple[LoadedModel, Sharing | None]:
             model = load_model(spec)
             model.backend = prepare_backend(model, backend_config)
-            return model
+            if settings.sessions_per_slot != "auto":
+                return model, None
+            width, height = settings.size
+            sharing = measure_sharing(model, width, height, StreamParams().replace(**model.stream_defaults))
+            logger.info("--sessions-per-slot auto: %d (%s)", sharing.sessions_per_slot, sharing.reason)
+            return model, sharing
 
-        model = in_short_lived_thread(load)
-        return cls(settings, model, threads)
+        model, sharing = in_short_lived_thread(load)
+        return cls(settings, model, threads, sharing)
 
     async def start(self) -> None:
         """Start the slot workers and warm up in the background; /healthz says ready when done."""

@@ -19,6 +19,7 @@ from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.pipelines.backends import BackendConfig, BackendName, ShapeRange
 from streamcanvas.pipelines.loading import ModelSpec
 from streamcanvas.pipelines.paths import default_cache_dir
+from streamcanvas.pipelines.sharing import Sharing
 from streamcanvas.sessions.manager import SessionConfig
 
 _RESOLUTION = re.compile(r"^(\d{2,5})x(\d{2,5})$")
@@ -86,7 +87,7 @@ class Settings(BaseSettings):
     resolution: str = "512x512"
     max_resolution: str = "1024x1024"
     slots: int = Field(1, ge=1, le=64)
-    sessions_per_slot: int = Field(1, ge=1, le=64)
+    sessions_per_slot: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
     batching: bool = True
     frame_target_ms: float | None = Field(None, gt=0, le=60_000)
     max_waiting: int = Field(8, ge=0, le=1024)
@@ -164,6 +165,8 @@ class Settings(BaseSettings):
         if self.sessions_per_slot == 1 and (self.frame_target_ms is not None or not self.batching):
             option = "--frame-target" if self.frame_target_ms is not None else "--no-batching"
             raise ValueError(f"{option} is about sessions sharing a slot: it needs --sessions-per-slot 2 or more")
+        if self.sessions_per_slot == "auto" and not self.batching:
+            raise ValueError("--sessions-per-slot auto measures batched rounds: it cannot go with --no-batching")
         return self
 
     @model_validator(mode="after")
@@ -190,7 +193,15 @@ class Settings(BaseSettings):
         except ValueError:
             return True
 
-    def session_config(self) -> SessionConfig:
+    def session_config(self, sharing: Sharing | None = None) -> SessionConfig:
+        """The session layer's settings; with `--sessions-per-slot auto`, `sharing` is what start-up
+        measured (its count, and its frame target unless --frame-target is given)."""
+        if self.sessions_per_slot == "auto":
+            if sharing is None:
+                raise ValueError("--sessions-per-slot auto needs the start-up measurement (pipelines.sharing)")
+            sessions_per_slot, frame_target_ms = sharing.sessions_per_slot, self.frame_target_ms or sharing.frame_target_ms
+        else:
+            sessions_per_slot, frame_target_ms = self.sessions_per_slot, self.frame_target_ms
         width, height = self.size
         max_width, max_height = self._size(self.max_resolution)
         side = max(max_width, max_height, 4096)
@@ -201,9 +212,9 @@ class Settings(BaseSettings):
             max_width=max(max_width, width),
             max_height=max(max_height, height),
             slots=self.slots,
-            sessions_per_slot=self.sessions_per_slot,
+            sessions_per_slot=sessions_per_slot,
             batching=self.batching,
-            frame_target_ms=self.frame_target_ms,
+            frame_target_ms=frame_target_ms,
             max_waiting=self.max_waiting,
             max_connections=self.max_connections,
             max_message_bytes=self.max_message_bytes,

@@ -82,6 +82,8 @@ def test_bad_settings_are_usage_errors(cache_dir: Path) -> None:
     assert result.returncode == 2 and "--sessions-per-slot 2 or more" in result.stderr
     result = run("serve", "--sessions-per-slot", "0", env=server_env(cache_dir))
     assert result.returncode == 2 and "sessions_per_slot" in result.stderr
+    result = run("serve", "--sessions-per-slot", "auto", "--no-batching", env=server_env(cache_dir))
+    assert result.returncode == 2 and "cannot go with --no-batching" in result.stderr
 
 
 def test_the_server_says_it_runs_the_trained_toy_model(server: ServerProcess) -> None:

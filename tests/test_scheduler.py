@@ -192,3 +192,21 @@ async def test_a_websocket_and_a_webrtc_session_share_a_slot(cache_dir: Path, ar
             assert message["timings_ms"]["encode_ms"] == 0
     finally:
         server.stop()
+
+
+def test_sessions_per_slot_auto_follows_its_own_measurement(cache_dir: Path, artifacts_dir: Path) -> None:
+    """`auto` times rounds of 1, 2, 4 … sessions rendered together at start-up and takes the most whose
+    round stays within 1.5× one session's frame: whatever this machine measured, the server's capacity
+    is what that rule gives for the numbers it reports."""
+    server = start_server(cache_dir, artifacts_dir, "auto-sharing", "--slots", "1", "--sessions-per-slot", "auto")
+    try:
+        info = server.info()
+    finally:
+        server.stop()
+    sharing = info["sharing"]
+    round_ms = {int(count): ms for count, ms in sharing["round_ms"].items()}
+    assert sharing["policy"] == "auto" and 1 in round_ms and len(round_ms) >= 2, sharing
+    within = [count for count, ms in round_ms.items() if ms <= sharing["latency_factor"] * round_ms[1]]
+    expected = max(count for count in within if all(c in within for c in round_ms if c <= count))
+    assert sharing["sessions_per_slot"] == expected == info["sessions_per_slot"] == info["session_capacity"], sharing
+    assert info["slots"][0]["capacity"] == expected and sharing["reason"]
