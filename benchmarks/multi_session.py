@@ -32,7 +32,8 @@ import simplejpeg
 
 from streamcanvas.pipelines.backends import BACKENDS, BackendConfig, prepare_backend
 from streamcanvas.pipelines.loading import ModelSpec, inference_threads, load_model
-from streamcanvas.pipelines.stream import StreamParams, StreamPipeline, render_together
+from streamcanvas.pipelines.sharing import round_ms, streams_for
+from streamcanvas.pipelines.stream import StreamParams
 from streamcanvas.sessions.stats import percentiles
 
 from .realtime_ws import describe_machine, emit_report, make_canvases, run_client, running_server
@@ -65,31 +66,23 @@ async def run_clients(
 
 def bare_comparison(size: int, counts: list[int], backend: str, model: str | None, rounds: int = 12) -> list[dict[str, Any]]:
     """No server: N streams in this process, one after another (`render`) against together
-    (`render_together`), in alternating passes; ms a round (every stream one frame)."""
+    (`render_together`), in alternating rounds; ms a round (every stream one frame)."""
     loaded = load_model(ModelSpec(model=model))
     loaded.backend = prepare_backend(loaded, BackendConfig(name=backend, threads=inference_threads(None), measure_side=size))  # type: ignore[arg-type]
     canvases = make_canvases(size)
     rows = []
     for count in counts:
-        streams = []
-        for index in range(count):
-            stream = StreamPipeline(loaded, size, size)
-            stream.configure(StreamParams(prompt=f"a red house {index}", seed=index), img2img=True)
-            streams.append(stream)
-        timings: dict[str, list[float]] = {"one_by_one": [], "together": []}
-        for frame in range(3 + 2 * rounds):
-            mode = "together" if frame % 2 else "one_by_one"
-            canvas = canvases[frame % len(canvases)]
-            started = time.perf_counter()
-            if mode == "together":
-                render_together([(stream, canvas, frame, False) for stream in streams])
-            else:
-                for stream in streams:
-                    stream.render(canvas, tag=frame)
-            if frame >= 3:  # the first passes warm up
-                timings[mode].append((time.perf_counter() - started) * 1000)
-        one_by_one, together = (percentiles(timings[mode])["p50"] for mode in ("one_by_one", "together"))
-        rows.append({"streams": count, "round_ms_one_by_one_p50": one_by_one, "round_ms_together_p50": together, "speedup": round(one_by_one / together, 2)})
+        streams = streams_for(loaded, size, size, StreamParams(prompt="a red house"), count)
+        timings: dict[bool, list[float]] = {False: [], True: []}
+        tag = 0
+        for index in range(3 + 2 * rounds):
+            together = bool(index % 2)
+            times = round_ms(streams, canvases, 1, together=together, first_tag=tag)
+            tag += 1
+            if index >= 3:  # the first rounds warm up
+                timings[together] += times
+        one_by_one, together_ms = (percentiles(timings[mode])["p50"] for mode in (False, True))
+        rows.append({"streams": count, "round_ms_one_by_one_p50": one_by_one, "round_ms_together_p50": together_ms, "speedup": round(one_by_one / together_ms, 2)})
     return rows
 
 

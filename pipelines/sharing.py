@@ -48,48 +48,70 @@ class Sharing:
         }
 
 
+def streams_for(model: LoadedModel, width: int, height: int, params: StreamParams, count: int) -> list[StreamPipeline]:
+    """`count` img2img streams with these parameters, seeds 0, 1, …: sessions as a slot would hold them."""
+    streams = []
+    for index in range(count):
+        stream = StreamPipeline(model, width, height)
+        stream.configure(params.replace(seed=index), img2img=True)
+        streams.append(stream)
+    return streams
+
+
+def sample_canvases(width: int, height: int, count: int = 2) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def round_ms(
+    streams: list[StreamPipeline], canvases: list[np.ndarray], rounds: int, together: bool = True, first_tag: int = 0
+) -> list[float]:
+    """The time of each of `rounds` rounds in which every stream renders one frame (of the next canvas):
+    together, in shared calls (`render_together`), or one after another (`StreamPipeline.render`)."""
+    times = []
+    for tag in range(first_tag, first_tag + rounds):
+        canvas = canvases[tag % len(canvases)]
+        started = time.perf_counter()
+        if together:
+            for result in render_together([(stream, canvas, tag, False) for stream in streams]):
+                if isinstance(result, Exception):
+                    raise result
+        else:
+            for stream in streams:
+                stream.render(canvas, tag=tag)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
 def measure_sharing(
     model: LoadedModel, width: int, height: int, params: StreamParams, budget_s: float = BUDGET_S
 ) -> Sharing:
     """Time rounds of 1, 2, 4, 8 streams rendered together and pick the count (see the module)."""
-    rng = np.random.default_rng(0)
-    canvases = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(2)]
+    canvases = sample_canvases(width, height)
     started = time.perf_counter()
-    round_ms: dict[int, float] = {}
+    measured: dict[int, float] = {}
     chosen = 1
     for count in CANDIDATES:
-        streams = []
-        for index in range(count):
-            stream = StreamPipeline(model, width, height)
-            stream.configure(params.replace(seed=index), img2img=True)
-            streams.append(stream)
+        streams = streams_for(model, width, height, params, count)
         if not all(stream.batchable for stream in streams):
-            return Sharing(1, round_ms, "the default stream parameters run several UNet calls a frame: nothing to share")
-        times = []
-        for frame in range(ROUNDS + 1):  # the first round primes the streams and is not timed
-            frame_started = time.perf_counter()
-            results = render_together([(stream, canvases[frame % 2], frame, False) for stream in streams])
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
-            if frame:
-                times.append((time.perf_counter() - frame_started) * 1000)
-        round_ms[count] = round(float(np.median(times)), 1)
-        if round_ms[count] > LATENCY_FACTOR * round_ms[1]:
+            return Sharing(1, measured, "the default stream parameters run several UNet calls a frame: nothing to share")
+        times = round_ms(streams, canvases, ROUNDS + 1)[1:]  # the first round primes the streams
+        measured[count] = round(float(np.median(times)), 1)
+        if measured[count] > LATENCY_FACTOR * measured[1]:
             break
         chosen = count
         if time.perf_counter() - started > budget_s:
             break
-    over = [count for count in round_ms if count > chosen]
+    over = [count for count in measured if count > chosen]
     if chosen == 1:
-        reason = f"one session's frame takes {round_ms[1]:.0f} ms"
+        reason = f"one session's frame takes {measured[1]:.0f} ms"
     else:
         reason = (
-            f"{chosen} sessions rendered together take {round_ms[chosen]:.0f} ms a round, within "
-            f"{LATENCY_FACTOR}x one session's {round_ms[1]:.0f} ms"
+            f"{chosen} sessions rendered together take {measured[chosen]:.0f} ms a round, within "
+            f"{LATENCY_FACTOR}x one session's {measured[1]:.0f} ms"
         )
     if over:
-        reason += f"; {over[0]} together take {round_ms[over[0]]:.0f} ms, over {LATENCY_FACTOR}x"
+        reason += f"; {over[0]} together take {measured[over[0]]:.0f} ms, over {LATENCY_FACTOR}x"
     elif chosen < CANDIDATES[-1]:
         reason += f"; the {budget_s:g} s measuring budget ran out"
-    return Sharing(chosen, round_ms, reason)
+    return Sharing(chosen, measured, reason)

@@ -486,7 +486,7 @@ def _run_pending(pending: list[PendingFrame]) -> list[RenderResult]:
     first = pending[0].stream
     model = first.model
     canvases = [frame for frame in pending if frame.pixels is not None]
-    for chunk in _chunks(canvases, [1] * len(canvases), model.backend.max_batch):
+    for chunk in _chunks(canvases, model.backend.max_batch):
         vae = _components(chunk[0].stream, len(chunk))[1]
         latents = encode_latents(vae, torch.cat([frame.pixels for frame in chunk]))  # type: ignore[misc]
         for frame, latent in zip(chunk, latents.split(1)):
@@ -500,7 +500,7 @@ def _run_pending(pending: list[PendingFrame]) -> list[RenderResult]:
     denoised = _step_together(pending)
     decoded: list[torch.Tensor] = []
     scaling = model.pipe.vae.config.scaling_factor
-    for chunk in _chunks(denoised, [1] * len(denoised), model.backend.max_batch):
+    for chunk in _chunks(denoised, model.backend.max_batch):
         vae = _components(first, len(chunk))[1]
         decoded.extend(vae.decode(torch.cat(chunk) / scaling, return_dict=False)[0].split(1))
     return [frame.stream._output(image, frame.started) for frame, image in zip(pending, decoded)]
@@ -514,7 +514,7 @@ def _step_together(frames: list[PendingFrame]) -> list[torch.Tensor]:
     inputs = [stream.unet_inputs(frame.latent) for stream, frame in zip(streams, frames)]  # type: ignore[union-attr, arg-type]
     sizes = [latents.shape[0] for latents, _, _ in inputs]
     shares: list[torch.Tensor] = []
-    for chunk in _chunks(inputs, sizes, frames[0].stream.model.backend.max_batch):
+    for chunk in _chunks(inputs, frames[0].stream.model.backend.max_batch, sizes):
         chunk_sizes = [latents.shape[0] for latents, _, _ in chunk]
         unet = _components(frames[0].stream, sum(chunk_sizes))[0]
         model_pred = unet(
@@ -533,16 +533,16 @@ def _components(stream: StreamPipeline, batch: int) -> tuple[object, object]:
     return compiled if compiled is not None else (stream.model.pipe.unet, stream.model.pipe.vae)
 
 
-def _chunks(items: list[T], sizes: list[int], limit: int | None) -> list[list[T]]:
-    """`items` in order, cut into runs whose sizes add up to at most `limit` (an item larger than the
-    limit is a run of its own); one run when there is no limit."""
+def _chunks(items: list[T], limit: int | None, sizes: list[int] | None = None) -> list[list[T]]:
+    """`items` in order, cut into runs whose sizes (1 each unless given) add up to at most `limit` (an
+    item larger than the limit is a run of its own); one run when there is no limit."""
     if not items:
         return []
     if limit is None:
         return [list(items)]
     runs: list[list[T]] = [[]]
     total = 0
-    for item, size in zip(items, sizes):
+    for item, size in zip(items, sizes or [1] * len(items)):
         if runs[-1] and total + size > limit:
             runs.append([])
             total = 0

@@ -7,7 +7,7 @@ ends. Everything else — the handshake, auth, canvas updates, the handoff to a 
 typed errors — happens here.
 
 Threads: `handle()` and the outgoing side run on the event loop. The slot's worker thread calls
-`take_job()` and `deliver()`/`report_failure()`. State they share is guarded by `self._condition`; the
+`take_job()` and `deliver()`/`report_failure()`. State they share is guarded by `self._lock`; the
 worker only ever gets copies.
 """
 
@@ -23,7 +23,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol, TypeVar, assert_never
 
 import numpy as np
@@ -143,8 +142,8 @@ class Session:
         self.mode = "img2img"
         self.protocol: int | None = None
 
-        # Shared with the worker thread, under _condition.
-        self._condition = threading.Condition()
+        # Shared with the worker thread, under _lock.
+        self._lock = threading.Lock()
         self._closed = False
         self._canvas: CanvasBuffer | None = None
         self._has_canvas = False
@@ -229,20 +228,20 @@ class Session:
             case Canvas():
                 canvas = self._require_canvas_session(message.type)
                 rgb = await _decode(canvas.decode_full, message.image, [message.image])
-                with self._condition:
+                with self._lock:
                     canvas.replace(rgb)
                     self._new_input(message.seq, canvas_changed=True)
             case CanvasDelta():
                 canvas = self._require_canvas_session(message.type)
                 decoded = await _decode(canvas.decode_patches, message.patches, [p.image for p in message.patches])
-                with self._condition:
+                with self._lock:
                     canvas.paste(decoded)
                     self._new_input(message.seq, canvas_changed=True)
             case Params():
                 if self.state is SessionState.CONNECTING:
                     raise NotReady("send hello first")
                 params = self._params.replace(**message.changes)
-                with self._condition:
+                with self._lock:
                     self._params = params
                     self._new_input(message.seq)
             case Record():
@@ -297,7 +296,7 @@ class Session:
         self._last_activity = time.monotonic()
         canvas = self._canvas
         scaled = await asyncio.to_thread(canvas.fit, rgb)
-        with self._condition:
+        with self._lock:
             canvas.replace(scaled)
             self._new_input(None, canvas_changed=True)
 
@@ -332,7 +331,7 @@ class Session:
         self.protocol = max(common)
         self.width, self.height = width, height
         self.codec, self.quality, self.mode = hello.codec, hello.quality, hello.mode
-        with self._condition:
+        with self._lock:
             self._params = params
             if self.mode == "img2img":
                 self._canvas = CanvasBuffer(width, height, self.config.image_limits)
@@ -357,7 +356,7 @@ class Session:
             )
 
     def _new_input(self, client_seq: int | None, canvas_changed: bool = False) -> None:
-        """Record one input (caller holds _condition) and wake the worker: the newest input wins."""
+        """Record one input (caller holds _lock) and wake the worker: the newest input wins."""
         number = self._newest.number + 1 if self._newest else 1
         self._newest = InputMark(number, client_seq, time.monotonic())
         self.stats.inputs += 1
@@ -390,7 +389,7 @@ class Session:
             )
         )
         if self.mode == "txt2img":
-            with self._condition:
+            with self._lock:
                 self._new_input(None)
         self._stats_task = self.loop.create_task(self._send_stats())
 
@@ -409,14 +408,14 @@ class Session:
     # Worker side (called from the slot's thread)
 
     def set_waker(self, wake: Callable[[], None] | None) -> None:
-        with self._condition:
+        with self._lock:
             self._waker = wake
 
     def take_job(self, settled: bool, flush: bool) -> RenderJob | None:
         """A copy of the newest state if there is an input not taken yet; with `flush` and a stream that
         has not settled (its newest input is still inside the stream batch), the same input again; else
         None. Never waits: the slot's waker is called when something arrives."""
-        with self._condition:
+        with self._lock:
             newest = self._newest
             if self._closed or newest is None or not (self.mode == "txt2img" or self._has_canvas):
                 return None
@@ -443,7 +442,7 @@ class Session:
             )
 
     def has_input(self) -> bool:
-        with self._condition:
+        with self._lock:
             newest = self._newest
             return not self._closed and newest is not None and newest.number != self._taken_number
 
@@ -454,7 +453,7 @@ class Session:
 
     def capture(self) -> tuple[np.ndarray | None, StreamParams]:
         """A copy of the canvas (None for txt2img sessions) and parameters; safe from any thread."""
-        with self._condition:
+        with self._lock:
             return (self._canvas.snapshot() if self._canvas is not None else None), self._params
 
     @property
@@ -598,7 +597,7 @@ class Session:
             return
         self.close_reason = reason
         self.state = SessionState.CLOSING
-        with self._condition:
+        with self._lock:
             self._closed = True
             self._waker = None
         self._frame.clear()
