@@ -23,6 +23,11 @@ class InvalidParameter(PipelineError, ValueError):
         self.field = field
 
 
+class UnknownName(InvalidParameter):
+    """A parameter names a LoRA, ControlNet, style or model this server does not have; the message
+    lists the ones it has."""
+
+
 class DeviceUnavailable(PipelineError):
     """The requested device (e.g. cuda) does not exist on this machine."""
 

@@ -19,7 +19,9 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+from .adapters import LoraAdapters
 from .backends import Backend, eager_backend
+from .controls import ControlNets
 from .devices import DevicePlacement, choose_placement
 from .errors import ModelLoadError, ModelNotFound
 from .tiny import TAESD_SUBDIR, stream_defaults, tiny_model_kind
@@ -38,6 +40,11 @@ class ModelSpec:
     model: str | None = None
     tiny_vae: str = TINY_VAE_AUTO
     lora: str | None = None
+    """A LoRA fused into the UNet for good (e.g. an LCM-LoRA): every frame uses it."""
+    adapters: tuple[tuple[str, str], ...] = ()
+    """Named LoRAs (name, path or repo id) loaded as adapters that each session turns on and weighs."""
+    controlnets: tuple[tuple[str, str], ...] = ()
+    """Named ControlNets (name, path or repo id), shared by every session that asks for one."""
     device: str = "auto"
     dtype: str = "auto"
 
@@ -62,6 +69,8 @@ class LoadedModel:
     session's hello still overrides them)."""
     backend: Backend = field(default_factory=eager_backend)
     """What runs the live stream's UNet and VAE (`pipelines.backends.prepare_backend` sets it)."""
+    adapters: LoraAdapters = field(default_factory=lambda: LoraAdapters(None, {}))
+    controlnets: ControlNets = field(default_factory=ControlNets)
 
     @property
     def quality_vae(self) -> torch.nn.Module:
@@ -73,6 +82,8 @@ class LoadedModel:
             "path": str(self.path),
             "vae": self.vae_kind,
             "lora": self.lora,
+            "loras": self.adapters.describe(),
+            "controlnets": self.controlnets.describe(),
             "device": str(self.placement.device),
             "dtype": str(self.placement.dtype).removeprefix("torch."),
             "test_model": self.is_test_model,
@@ -161,6 +172,12 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
     pipe = pipe.to(placement.device)
     pipe.set_progress_bar_config(disable=True)
+    adapters = LoraAdapters(pipe, {name: resolve_model_path(where, what=f"LoRA {name!r}") for name, where in spec.adapters})
+    controlnets = ControlNets.load(
+        {name: resolve_model_path(where, what=f"ControlNet {name!r}") for name, where in spec.controlnets},
+        placement.device,
+        placement.dtype,
+    )
     vaes = [pipe.vae] if full_vae is None else [pipe.vae, full_vae.to(placement.device)]
     for module in (pipe.unet, *vaes, pipe.text_encoder):
         module.eval()
@@ -180,6 +197,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         stream_defaults=stream_defaults(path),
         lora=spec.lora,
         full_vae=full_vae,
+        adapters=adapters,
+        controlnets=controlnets,
     )
 
 

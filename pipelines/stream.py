@@ -22,14 +22,17 @@ import collections
 import dataclasses
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar, get_args
+from typing import Literal, NamedTuple, TypeVar, get_args
 
 import numpy as np
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from streamdiffusion import StreamDiffusion
 
+from .adapters import LORA_WEIGHT_RANGE, MAX_ACTIVE_LORAS, LoraWeights
+from .controls import MAX_CONTROLS, ControlRows, ControlSpec, control_tensor, controlled_unet, merge_rows, preprocess
 from .errors import InvalidParameter
 from .loading import LoadedModel
 
@@ -47,12 +50,27 @@ MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
 
 
+PromptText = str | tuple[tuple[str, float], ...]
+"""A prompt, or weighted prompts ((text, weight), ...) whose embeddings are mixed by weight."""
+
+MAX_PROMPTS = 8
+MAX_TRANSITION_FRAMES = 240
+MAX_FEEDBACK = 0.9
+
+
 @dataclass(frozen=True)
 class StreamParams:
-    """Everything a client can change while streaming. Invalid values raise InvalidParameter."""
+    """Everything a client can change while streaming. Invalid values raise InvalidParameter.
 
-    prompt: str = ""
+    Lists and maps from the wire (weighted prompts, LoRA weights, controls) are accepted as they come
+    and kept as tuples, so that parameters stay hashable and comparable."""
+
+    prompt: PromptText = ""
     negative_prompt: str = ""
+    prompt_template: str = "{prompt}"
+    """Wraps every prompt: "{prompt}" is replaced by it (style presets set this)."""
+    style: str = ""
+    """The style preset these parameters came from, if any (applied by the session; informational here)."""
     strength: float = 0.5
     steps: int = 2
     seed: int = 2
@@ -62,9 +80,26 @@ class StreamParams:
     denoising_batch: bool = True
     similar_filter: bool = False
     similar_threshold: float = 0.98
+    transition_frames: int = 0
+    """Frames over which a new prompt's embeddings (and a new seed's noise) are blended in; 0 snaps."""
+    loras: LoraWeights = ()
+    controls: tuple[ControlSpec, ...] = ()
+    feedback: float = 0.0
+    """Temporal consistency for webcam input: each input's latent is averaged with the ones before it,
+    which weigh this much (0 = off)."""
 
     def __post_init__(self) -> None:
-        for name in ("prompt", "negative_prompt"):
+        object.__setattr__(self, "prompt", _prompt(self.prompt))
+        object.__setattr__(self, "loras", _loras(self.loras))
+        controls = self.controls
+        if not isinstance(controls, (list, tuple)):
+            raise InvalidParameter("controls", f"must be an array of control maps, got {type(controls).__name__}")
+        if len(controls) > MAX_CONTROLS:
+            raise InvalidParameter("controls", f"at most {MAX_CONTROLS} controls, got {len(controls)}")
+        object.__setattr__(self, "controls", tuple(ControlSpec.parse(control) for control in controls))
+        for name in ("negative_prompt", "prompt_template", "style"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidParameter(name, "must be a string")
             if len(getattr(self, name)) > MAX_PROMPT_CHARS:
                 raise InvalidParameter(name, f"longer than {MAX_PROMPT_CHARS} characters")
         _check_range("strength", self.strength, 0.02, 1.0)
@@ -73,6 +108,8 @@ class StreamParams:
         _check_range("guidance_scale", self.guidance_scale, 0.0, 20.0)
         _check_range("delta", self.delta, 0.0, 5.0)
         _check_range("similar_threshold", self.similar_threshold, 0.0, 1.0)
+        _check_range("transition_frames", self.transition_frames, 0, MAX_TRANSITION_FRAMES)
+        _check_range("feedback", self.feedback, 0.0, MAX_FEEDBACK)
         if self.cfg_type not in CFG_TYPES:
             raise InvalidParameter("cfg_type", f"{self.cfg_type!r} is not one of {', '.join(CFG_TYPES)}")
         if self.cfg_type == "full" and not self.denoising_batch:
@@ -91,8 +128,74 @@ class StreamParams:
         span = SCHEDULE_STEPS - start
         return sorted({start + (index * span) // self.steps for index in range(self.steps)})
 
+    @property
+    def active_loras(self) -> LoraWeights:
+        """The LoRAs with a weight other than 0 (a weight of 0 is the same as leaving one out)."""
+        return tuple(pair for pair in self.loras if pair[1] != 0)
 
-def _check_range(name: str, value: float, low: float, high: float) -> None:
+    def prompts(self) -> list[tuple[str, float]]:
+        """The prompt as (text, weight) pairs, each wrapped in the template."""
+        pairs = [(self.prompt, 1.0)] if isinstance(self.prompt, str) else list(self.prompt)
+        return [(self.prompt_template.replace("{prompt}", text), weight) for text, weight in pairs]
+
+    def as_wire(self) -> dict[str, object]:
+        """These parameters as the protocol writes them (maps and arrays, as a client sends them)."""
+        wire = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        wire["prompt"] = self.prompt if isinstance(self.prompt, str) else [list(pair) for pair in self.prompt]
+        wire["loras"] = dict(self.loras)
+        wire["controls"] = [dataclasses.asdict(control) for control in self.controls]
+        return wire
+
+
+def _prompt(value: object) -> PromptText:
+    if isinstance(value, str):
+        if len(value) > MAX_PROMPT_CHARS:
+            raise InvalidParameter("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+        return value
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_PROMPTS:
+        raise InvalidParameter("prompt", f"must be a string or 1 to {MAX_PROMPTS} [text, weight] pairs")
+    pairs = []
+    for entry in value:
+        if (
+            not isinstance(entry, (list, tuple))
+            or len(entry) != 2
+            or not isinstance(entry[0], str)
+            or isinstance(entry[1], bool)
+            or not isinstance(entry[1], (int, float))
+        ):
+            raise InvalidParameter("prompt", f"each weighted prompt must be [text, weight], got {entry!r:.80}")
+        text, weight = entry
+        if len(text) > MAX_PROMPT_CHARS:
+            raise InvalidParameter("prompt", f"longer than {MAX_PROMPT_CHARS} characters")
+        if not 0.0 <= weight <= 100.0:
+            raise InvalidParameter("prompt", f"weight {weight} is outside [0, 100]")
+        pairs.append((text, float(weight)))
+    if sum(weight for _, weight in pairs) <= 0:
+        raise InvalidParameter("prompt", "the weights of a weighted prompt must not all be 0")
+    return tuple(pairs)
+
+
+def _loras(value: object) -> LoraWeights:
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(item, (list, tuple)) and len(item) == 2 for item in value):
+        items = [tuple(item) for item in value]
+    else:
+        raise InvalidParameter("loras", f"must be a map of LoRA name to weight, got {type(value).__name__}")
+    if len(items) > MAX_ACTIVE_LORAS:
+        raise InvalidParameter("loras", f"at most {MAX_ACTIVE_LORAS} LoRAs at once, got {len(items)}")
+    low, high = LORA_WEIGHT_RANGE
+    for name, weight in items:
+        if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise InvalidParameter("loras", "must be a map of LoRA name (a string) to weight (a number)")
+        if not low <= weight <= high:
+            raise InvalidParameter("loras", f"weight of {name!r} is {weight}, outside [{low}, {high}]")
+    return tuple(sorted((name, float(weight)) for name, weight in items))
+
+
+def _check_range(name: str, value: object, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameter(name, f"must be a number, got {type(value).__name__}")
     if not low <= value <= high:
         raise InvalidParameter(name, f"{value} is outside [{low}, {high}]")
 
@@ -235,6 +338,54 @@ class PendingFrame:
     pixels: torch.Tensor | None = None
 
 
+@dataclass
+class _Blend:
+    """A transition in progress: prompt embeddings (and seed noise) moving from one value to another
+    over `frames` frames, then held while the stream batch fills with the end value."""
+
+    frames: int
+    embeddings_from: tuple[torch.Tensor, torch.Tensor]
+    embeddings_to: tuple[torch.Tensor, torch.Tensor]
+    noise_from: tuple[torch.Tensor, torch.Tensor] | None = None
+    noise_to: tuple[torch.Tensor, torch.Tensor] | None = None
+    done: int = 0
+
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        share = min(1.0, self.done / self.frames)
+        return tuple(torch.lerp(a, b, share) for a, b in zip(self.embeddings_from, self.embeddings_to))  # type: ignore[return-value]
+
+    def noise(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.noise_from is None or self.noise_to is None:
+            return None
+        share = min(1.0, self.done / self.frames)
+        return tuple(slerp(a, b, share) for a, b in zip(self.noise_from, self.noise_to))  # type: ignore[return-value]
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, share: float) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors, row by row: the result keeps the norm (so the
+    statistics) of Gaussian noise, which a straight line between two samples does not."""
+    flat_a, flat_b = a.reshape(a.shape[0], -1).float(), b.reshape(b.shape[0], -1).float()
+    cosine = (flat_a * flat_b).sum(1) / (flat_a.norm(dim=1) * flat_b.norm(dim=1)).clamp_min(1e-12)
+    omega = torch.arccos(cosine.clamp(-1.0, 1.0)).unsqueeze(1)
+    sine = torch.sin(omega)
+    straight = sine.abs() < 1e-6
+    mixed = (torch.sin((1 - share) * omega) * flat_a + torch.sin(share * omega) * flat_b) / sine.where(~straight, torch.ones_like(sine))
+    mixed = torch.where(straight, torch.lerp(flat_a, flat_b, share), mixed)
+    return mixed.reshape(a.shape).to(a.dtype)
+
+
+class _ControlledUNet:
+    """The stream's UNet with its ControlNets: what upstream's step calls when the stream has controls."""
+
+    def __init__(self, unet: object, pipeline: StreamPipeline) -> None:
+        self.unet = unet
+        self.pipeline = pipeline
+
+    def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor, **_: object) -> tuple[torch.Tensor]:
+        controls = self.pipeline.control_rows(timesteps, latents.shape[0])
+        return (controlled_unet(self.unet, latents, timesteps, encoder_hidden_states, controls),)
+
+
 class StreamPipeline:
     """One session's img2img / txt2img stream. Not thread-safe: one worker thread drives it."""
 
@@ -251,10 +402,15 @@ class StreamPipeline:
         self._stream: _SessionStream | None = None
         self.backend = "torch"
         """What runs this stream's UNet and VAE: the model's backend, or torch where its engines do not
-        cover this stream's size or batch."""
+        cover this stream's size or batch (or its controls and LoRAs, which only torch's UNet takes)."""
         self._embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._embedded_prompt: tuple[str, str] | None = None
+        self._embedded_prompt: tuple[object, ...] | None = None
         self._noise: torch.Tensor | None = None
+        self._blend: _Blend | None = None
+        self._controls: list[tuple[ControlSpec, object, list[bool]]] = []
+        self._control_images: list[torch.Tensor | None] = []
+        self._step_of: dict[int, int] = {}
+        self._previous_latent: torch.Tensor | None = None
         self._primed = False
         self._fed: collections.deque[int] = collections.deque(maxlen=MAX_STEPS)
 
@@ -267,48 +423,132 @@ class StreamPipeline:
 
     @property
     def settled(self) -> bool:
-        """True once the newest input fed has been fully denoised into a frame."""
-        return self._primed and len(set(self._fed)) <= 1
+        """True once the newest input fed has been fully denoised into a frame (and any transition has
+        played out): until then the slot renders the same input again."""
+        return self._primed and len(set(self._fed)) <= 1 and self._blend is None
+
+    @property
+    def in_transition(self) -> bool:
+        return self._blend is not None
 
     def configure(self, params: StreamParams, img2img: bool) -> None:
         """Apply new parameters, redoing only what they invalidate (the model is never reloaded)."""
         previous = self.params
+        self.model.adapters.check(params.loras)
+        controls = [(spec, self.model.controlnets.get(spec.model)) for spec in params.controls]
+        seed_changed = previous is not None and params.seed != previous.seed
+        blend_seed = seed_changed and params.transition_frames > 0
         rebuild = (
             previous is None
             or img2img != self.img2img
             or params.t_index_list(img2img) != previous.t_index_list(self.img2img)
-            or (params.cfg_type, params.denoising_batch, params.seed)
-            != (previous.cfg_type, previous.denoising_batch, previous.seed)
+            or (params.cfg_type, params.denoising_batch) != (previous.cfg_type, previous.denoising_batch)
+            or (seed_changed and not blend_seed)
         )
+        embeddings_from = self._current_embeddings()
+        noise_from = self._current_noise() if blend_seed and not rebuild else None
         self.params = params
         self.img2img = img2img
-        prompt_key = (params.prompt, params.negative_prompt)
-        if prompt_key != self._embedded_prompt:
-            self._embeddings = self._encode_prompt(*prompt_key)
+        prompt_key = (tuple(params.prompts()), params.negative_prompt, params.active_loras)
+        prompt_changed = prompt_key != self._embedded_prompt
+        if prompt_changed:
+            self._embeddings = self._encode_prompt(params)
             self._embedded_prompt = prompt_key
         if rebuild:
             self._build_stream(params, img2img)
+            if self._blend is not None:
+                self._blend.noise_from = self._blend.noise_to = None  # the new stream's noise is its own
         else:
             assert self._stream is not None
             self._stream.guidance_scale = 1.0 if params.cfg_type == "none" else params.guidance_scale
             self._stream.delta = params.delta
-        assert self._stream is not None and self._embeddings is not None
-        self._stream.set_prompt_embeddings(*self._embeddings)
+        stream = self._stream
+        assert stream is not None and self._embeddings is not None
+        self._use_backend(stream, params, controls)
+        if not params.transition_frames:
+            self._blend = None
+        elif prompt_changed or noise_from is not None:
+            self._start_blend(params, embeddings_from, noise_from, stream)
+        stream.set_prompt_embeddings(*(self._blend.embeddings() if self._blend else self._embeddings))
         if params.similar_filter:
-            self._stream.enable_similar_image_filter(params.similar_threshold)
+            stream.enable_similar_image_filter(params.similar_threshold)
         else:
-            self._stream.disable_similar_image_filter()
+            stream.disable_similar_image_filter()
+        if not params.feedback:
+            self._previous_latent = None
+
+    def _current_embeddings(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._blend is not None:
+            return self._blend.embeddings()
+        return self._embeddings
+
+    def _current_noise(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._blend is not None and (noise := self._blend.noise()) is not None:
+            return noise
+        if self._stream is None or self._noise is None:
+            return None
+        return self._stream.init_noise, self._noise
+
+    def _start_blend(
+        self,
+        params: StreamParams,
+        embeddings_from: tuple[torch.Tensor, torch.Tensor] | None,
+        noise_from: tuple[torch.Tensor, torch.Tensor] | None,
+        stream: _SessionStream,
+    ) -> None:
+        """Blend from where the stream is towards its new prompt (and seed) over `transition_frames`."""
+        assert self._embeddings is not None
+        noise_to = self._seed_noise(params.seed, stream) if noise_from is not None else None
+        if embeddings_from is None or not params.transition_frames:
+            self._blend = None
+            return
+        self._blend = _Blend(params.transition_frames, embeddings_from, self._embeddings, noise_from, noise_to)
+
+    def _advance_blend(self) -> None:
+        """One frame further into the transition (called as each frame is fed)."""
+        blend, stream = self._blend, self._stream
+        if blend is None or stream is None:
+            return
+        blend.done += 1
+        stream.set_prompt_embeddings(*blend.embeddings())
+        if (noise := blend.noise()) is not None:
+            stream.init_noise, self._noise = noise
+        if blend.done >= blend.frames + self.depth - 1:
+            self._blend = None
+
+    def _seed_noise(self, seed: int, stream: _SessionStream) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stream noise and txt2img noise a fresh stream with this seed starts from."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        latent_shape = (4, stream.latent_height, stream.latent_width)
+        placement = self.model.placement
+        init_noise = torch.randn((stream.batch_size, *latent_shape), generator=generator)
+        noise = torch.randn((1, *latent_shape), generator=generator)
+        return (
+            init_noise.to(device=placement.device, dtype=placement.dtype),
+            noise.to(device=placement.device, dtype=placement.dtype),
+        )
 
     @torch.no_grad()
-    def _encode_prompt(self, prompt: str, negative_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        conditional, unconditional = self.model.pipe.encode_prompt(
-            prompt=prompt,
-            device=self.model.placement.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=negative_prompt,
-        )
+    def _encode_prompt(self, params: StreamParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditional embeddings (weighted prompts mixed by weight) and the negative prompt's."""
+        conditional = None
+        unconditional = None
+        prompts = params.prompts()
+        total = sum(weight for _, weight in prompts)
+        with self.model.adapters.wanted(params.active_loras):
+            for text, weight in prompts:
+                embedded, negative = self.model.pipe.encode_prompt(
+                    prompt=text,
+                    device=self.model.placement.device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=True,
+                    negative_prompt=params.negative_prompt,
+                )
+                part = embedded * (weight / total)
+                conditional = part if conditional is None else conditional + part
+                unconditional = negative if unconditional is None else unconditional
         self.prompt_encodings += 1
+        assert conditional is not None and unconditional is not None
         return conditional, unconditional
 
     def _build_stream(self, params: StreamParams, img2img: bool) -> None:
@@ -322,7 +562,6 @@ class StreamPipeline:
             frame_buffer_size=1,
             cfg_type=params.cfg_type,
         )
-        self._use_backend(stream, params.cfg_type)
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
         stream.prepare_stream(generator, params.guidance_scale, params.delta)
         # txt2img starts every frame from the same seeded noise, so a prompt change is all that moves it.
@@ -330,25 +569,63 @@ class StreamPipeline:
             device=self.model.placement.device, dtype=self.model.placement.dtype
         )
         self._stream = stream
+        self._step_of = {int(timestep): index for index, timestep in enumerate(stream.sub_timesteps)}
+        self._previous_latent = None
         self._primed = False
         self._fed.clear()
 
-    def _use_backend(self, stream: _SessionStream, cfg_type: CfgType) -> None:
+    @property
+    def needs_torch_unet(self) -> bool:
+        """ControlNet residuals and LoRA adapters go into torch's UNet only (compiled graphs take neither)."""
+        return self.params is not None and bool(self.params.controls or self.params.active_loras)
+
+    def _use_backend(self, stream: _SessionStream, params: StreamParams, controls: list[tuple[ControlSpec, object]]) -> None:
         # The UNet's batch is the stream batch, doubled for full CFG or one more for "initialize" (whether
         # CFG applies depends on guidance_scale, which changes without a rebuild: assume the larger).
-        unet_batch = {"full": 2 * stream.batch_size, "initialize": stream.batch_size + 1}.get(cfg_type, stream.batch_size)
+        unet_batch = {"full": 2 * stream.batch_size, "initialize": stream.batch_size + 1}.get(params.cfg_type, stream.batch_size)
         backend = self.model.backend
         compiled = backend.compiled_for(self.width, self.height, unet_batch)
-        if compiled is not None:
-            stream.unet, stream.vae = compiled
-            self.backend = backend.name
-        else:
+        unet, vae = compiled if compiled is not None else (self.model.pipe.unet, self.model.pipe.vae)
+        if compiled is None:
             if backend.name != "torch":
                 logger.info(
                     "%s does not cover %dx%d with UNet batch %d; this stream runs on torch",
                     backend.name, self.width, self.height, unet_batch,
                 )
             self.backend = "torch"
+        elif self.needs_torch_unet:
+            unet = self.model.pipe.unet
+            self.backend = f"{backend.name} (VAE); torch (UNet, for controls and LoRAs)"
+        else:
+            self.backend = backend.name
+        steps = stream.denoising_steps_num
+        self._controls = [(spec, net, spec.keeps(steps)) for spec, net in controls]
+        stream.unet = _ControlledUNet(unet, self) if controls else unet
+        stream.vae = vae
+
+    def control_rows(self, timesteps: torch.Tensor, rows: int) -> list[ControlRows]:
+        """This stream's ControlNets for a UNet call of `rows` latents at these timesteps: each one's
+        control image for every row and its scale there (0 where the step is outside start…end, or no
+        control image exists yet)."""
+        placement = self.model.placement
+        steps = [self._step_of.get(int(timestep), 0) for timestep in timesteps.reshape(-1).tolist()]
+        if len(steps) == 1:
+            steps = steps * rows
+        parts = []
+        for (spec, net, keeps), image in zip(self._controls, self._control_images):
+            if image is None:
+                image = torch.zeros((1, 3, self.height, self.width), device=placement.device, dtype=placement.dtype)
+                scales = [0.0] * rows
+            else:
+                scales = [spec.scale if keeps[step] else 0.0 for step in steps]
+            parts.append(
+                ControlRows(
+                    net,  # type: ignore[arg-type]
+                    image.expand(rows, -1, -1, -1),
+                    torch.tensor(scales, device=placement.device, dtype=placement.dtype),
+                )
+            )
+        return parts
 
     @property
     def batchable(self) -> bool:
@@ -357,39 +634,53 @@ class StreamPipeline:
         return self._stream is not None and self._stream.use_denoising_batch
 
     @property
-    def shape_key(self) -> tuple[int, int, int]:
-        """Streams whose frames may share a UNet call agree on this: (width, height, embedding length)."""
-        return self.width, self.height, self.model.pipe.tokenizer.model_max_length
+    def batch_key(self) -> tuple[object, ...]:
+        """Streams whose frames may share a UNet call agree on this: size, embedding length, the LoRAs
+        active (the weights are the model's for the call) and which ControlNets they use."""
+        assert self.params is not None
+        return (
+            self.width,
+            self.height,
+            self.model.pipe.tokenizer.model_max_length,
+            self.params.active_loras,
+            tuple(spec.model for spec in self.params.controls),
+        )
 
     @torch.no_grad()
-    def render(self, image: np.ndarray | None, tag: int = 0, refill: bool = False) -> RenderResult:
-        """Turn one input (H×W×3 uint8 RGB, or None for txt2img) into one output frame.
+    def render(
+        self, image: np.ndarray | None, tag: int = 0, refill: bool = False, layer: np.ndarray | None = None
+    ) -> RenderResult:
+        """Turn one input (H×W×3 uint8 RGB, or None for txt2img) into one output frame. `layer` is the
+        session's control layer, for controls whose source is "layer".
 
         Inputs arriving back to back are pipelined through the stream batch: each frame finishes the
         input fed `depth - 1` frames earlier. With `refill`, a new input after an idle spell (the stream
         settled) is pushed through the whole batch at once, so its first frame already shows it.
         """
         started = time.perf_counter()
-        fed = self._feed(image, tag, refill, started)
+        fed = self._feed(image, tag, refill, started, layer)
         if isinstance(fed, RenderResult):
             return fed
         source, primes = fed
         stream = self._stream
-        assert stream is not None
-        latent = stream.encode_image(source) if self.img2img else source
-        for _ in range(primes):
-            stream.predict_x0_batch(latent)
-        denoised = stream.predict_x0_batch(latent)
+        assert stream is not None and self.params is not None
+        with self.model.adapters.wanted(self.params.active_loras):
+            latent = stream.noised(self._with_feedback(encode_latents(stream.vae, source))) if self.img2img else source
+            for _ in range(primes):
+                stream.predict_x0_batch(latent)
+            denoised = stream.predict_x0_batch(latent)
         return self._output(stream.decode_image(denoised), started)
 
     @torch.no_grad()
-    def begin(self, image: np.ndarray | None, tag: int = 0, refill: bool = False) -> PendingFrame | RenderResult:
+    def begin(
+        self, image: np.ndarray | None, tag: int = 0, refill: bool = False, layer: np.ndarray | None = None
+    ) -> PendingFrame | RenderResult:
         """`render` up to its UNet calls: the input's latent and how many steps it takes, for
         `render_together` to batch (or the finished result, when the similar-image filter skipped it)."""
         if not self.batchable:
             raise RuntimeError("begin() needs a configured stream with a denoising batch")
         started = time.perf_counter()
-        fed = self._feed(image, tag, refill, started)
+        fed = self._feed(image, tag, refill, started, layer)
         if isinstance(fed, RenderResult):
             return fed
         source, primes = fed
@@ -398,29 +689,33 @@ class StreamPipeline:
         return PendingFrame(self, source, primes, started)
 
     def _feed(
-        self, image: np.ndarray | None, tag: int, refill: bool, started: float
+        self, image: np.ndarray | None, tag: int, refill: bool, started: float, layer: np.ndarray | None
     ) -> tuple[torch.Tensor, int] | RenderResult:
         """Check one input and account for it in the stream batch: the canvas as pixels in [-1, 1]
         (img2img; encoding is left to the caller) or the starting noise (txt2img), and how many steps
-        must push it into the stream batch before the step that renders the frame."""
+        must push it into the stream batch before the step that renders the frame. Also moves any
+        transition a frame on, and prepares this frame's control images."""
         stream = self._stream
         if stream is None:
             raise RuntimeError("configure() must be called before render()")
         if self.img2img:
             if image is None:
                 raise InvalidParameter("image", "img2img needs an input image")
-            if image.shape != (self.height, self.width, 3) or image.dtype != np.uint8:
-                raise InvalidParameter(
-                    "image", f"expected {self.height}x{self.width}x3 uint8, got {image.shape} {image.dtype}"
-                )
+            _check_image("image", image, self.width, self.height)
             pixels = torch.from_numpy(image).to(self.model.placement.device).permute(2, 0, 1).unsqueeze(0)
             pixels = pixels.to(self.model.placement.dtype) / 127.5 - 1.0
-            if stream.similar_image_filter and stream.similar_filter(pixels) is None:
+            # A transition renders the same input frame after frame: the filter must not hold it still.
+            if stream.similar_image_filter and self._blend is None and stream.similar_filter(pixels) is None:
                 return RenderResult(None, self._fed[-1] if self._fed else tag, _elapsed_ms(started, stream))
+        if layer is not None:
+            _check_image("layer", layer, self.width, self.height)
+        self._advance_blend()
+        if self.img2img:
             latent = pixels
         else:
             assert self._noise is not None
             latent = self._noise
+        self._prepare_controls(image, layer)
         primes = 0
         if not self._primed or (refill and self.settled and tag != self._fed[-1]):
             # Fill the stream batch with this input, so the frame is not decoded from zero latents (or,
@@ -434,36 +729,71 @@ class StreamPipeline:
             self._fed.popleft()
         return latent, primes
 
+    def _prepare_controls(self, image: np.ndarray | None, layer: np.ndarray | None) -> None:
+        placement = self.model.placement
+        self._control_images = []
+        for spec, _, _ in self._controls:
+            source = image if spec.source == "canvas" else layer
+            self._control_images.append(
+                None if source is None else control_tensor(preprocess(source, spec.preprocessor), placement.device, placement.dtype)
+            )
+
+    def _with_feedback(self, latent: torch.Tensor) -> torch.Tensor:
+        """The input's latent averaged with the inputs before it (an exponential moving average with
+        the `feedback` share for the past), before noising: sensor noise on a still camera averages
+        out, at the price of a trail behind fast motion."""
+        assert self.params is not None
+        previous = self._previous_latent
+        if not self.params.feedback:
+            return latent
+        if previous is not None and previous.shape == latent.shape:
+            latent = torch.lerp(latent, previous, self.params.feedback)
+        self._previous_latent = latent
+        return latent
+
     def _output(self, decoded: torch.Tensor, started: float) -> RenderResult:
         assert self._stream is not None
         output = ((decoded[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
         return RenderResult(output.cpu().numpy(), self._fed[0], _elapsed_ms(started, self._stream))
 
 
+def _check_image(name: str, image: np.ndarray, width: int, height: int) -> None:
+    if image.shape != (height, width, 3) or image.dtype != np.uint8:
+        raise InvalidParameter(name, f"expected {height}x{width}x3 uint8, got {image.shape} {image.dtype}")
+
+
+class FrameInput(NamedTuple):
+    """One stream's input to `render_together`, as `StreamPipeline.render` takes it."""
+
+    stream: StreamPipeline
+    image: np.ndarray | None
+    tag: int = 0
+    refill: bool = False
+    layer: np.ndarray | None = None
+
+
 @torch.no_grad()
-def render_together(
-    frames: list[tuple[StreamPipeline, np.ndarray | None, int, bool]],
-) -> list[RenderResult | Exception]:
+def render_together(frames: Sequence[FrameInput | tuple]) -> list[RenderResult | Exception]:
     """Render one frame for each of several streams with one UNet call and one VAE decode.
 
-    Each entry is (stream, image, tag, refill) as `StreamPipeline.render` takes them; the streams must
-    be `batchable`, distinct, and share a `shape_key` and a model. Every stream keeps its own latents,
-    noise, timesteps, prompt and CFG mode: only the calls are stacked, so each frame equals the one
-    the stream renders alone up to float rounding. A failure in one stream's own part is returned in
-    its place; one in the shared calls is returned for all of them.
+    The streams must be `batchable`, distinct, and share a `batch_key` and a model. Every stream keeps
+    its own latents, noise, timesteps, prompt, CFG mode and controls: only the calls are stacked, so
+    each frame equals the one the stream renders alone up to float rounding. A failure in one stream's
+    own part is returned in its place; one in the shared calls is returned for all of them.
     """
     if not frames:
         return []
-    streams = [stream for stream, *_ in frames]
+    frames = [FrameInput(*frame) for frame in frames]
+    streams = [frame.stream for frame in frames]
     if len({id(stream) for stream in streams}) != len(streams):
         raise ValueError("a stream can take part in a batch only once")
-    if len({(stream.shape_key, id(stream.model)) for stream in streams}) != 1:
-        raise ValueError("streams rendered together must share a model, a size and an embedding length")
+    if len({(stream.batch_key, id(stream.model)) for stream in streams}) != 1:
+        raise ValueError("streams rendered together must share a model, a size, LoRAs and ControlNets")
     results: list[RenderResult | Exception | None] = [None] * len(frames)
     pending: list[tuple[int, PendingFrame]] = []
-    for index, (stream, image, tag, refill) in enumerate(frames):
+    for index, frame in enumerate(frames):
         try:
-            begun = stream.begin(image, tag, refill)
+            begun = frame.stream.begin(frame.image, frame.tag, frame.refill, frame.layer)
         except Exception as error:  # noqa: BLE001 - this stream's input or state: only its frame fails
             results[index] = error
             continue
@@ -472,8 +802,12 @@ def render_together(
         else:
             pending.append((index, begun))
     if pending:
+        first = pending[0][1].stream
+        assert first.params is not None
         try:
-            for index, result in zip((index for index, _ in pending), _run_pending([p for _, p in pending])):
+            with first.model.adapters.wanted(first.params.active_loras):
+                rendered = _run_pending([p for _, p in pending])
+            for index, result in zip((index for index, _ in pending), rendered):
                 results[index] = result
         except Exception as error:  # noqa: BLE001 - the shared call failed: every frame in it did
             for index, _ in pending:
@@ -491,7 +825,7 @@ def _run_pending(pending: list[PendingFrame]) -> list[RenderResult]:
         latents = encode_latents(vae, torch.cat([frame.pixels for frame in chunk]))  # type: ignore[misc]
         for frame, latent in zip(chunk, latents.split(1)):
             assert frame.stream._stream is not None
-            frame.latent, frame.pixels = frame.stream._stream.noised(latent), None
+            frame.latent, frame.pixels = frame.stream._stream.noised(frame.stream._with_feedback(latent)), None
     # Streams that refill take their priming steps together too (at most MAX_STEPS - 1 rounds).
     while priming := [frame for frame in pending if frame.primes > 0]:
         _step_together(priming)
@@ -508,29 +842,35 @@ def _run_pending(pending: list[PendingFrame]) -> list[RenderResult]:
 
 def _step_together(frames: list[PendingFrame]) -> list[torch.Tensor]:
     """One denoising-batch step of every frame's stream, in as few UNet calls as the backend's batch
-    range allows (one, unless TensorRT's profile is smaller): each stream's newest x0."""
+    range allows (one, unless TensorRT's profile is smaller): each stream's newest x0. The streams'
+    ControlNets run once per UNet call too, over all its rows."""
     streams = [frame.stream._stream for frame in frames]
     assert all(stream is not None for stream in streams)
     inputs = [stream.unet_inputs(frame.latent) for stream, frame in zip(streams, frames)]  # type: ignore[union-attr, arg-type]
+    controls = [frame.stream.control_rows(timesteps, latents.shape[0]) for frame, (latents, timesteps, _) in zip(frames, inputs)]
     sizes = [latents.shape[0] for latents, _, _ in inputs]
     shares: list[torch.Tensor] = []
-    for chunk in _chunks(inputs, frames[0].stream.model.backend.max_batch, sizes):
-        chunk_sizes = [latents.shape[0] for latents, _, _ in chunk]
+    for chunk in _chunks(list(zip(inputs, controls)), frames[0].stream.model.backend.max_batch, sizes):
+        chunk_sizes = [latents.shape[0] for (latents, _, _), _ in chunk]
         unet = _components(frames[0].stream, sum(chunk_sizes))[0]
-        model_pred = unet(
-            torch.cat([latents for latents, _, _ in chunk]),
-            torch.cat([timesteps for _, timesteps, _ in chunk]),
-            encoder_hidden_states=torch.cat([embeddings for _, _, embeddings in chunk]),
-            return_dict=False,
-        )[0]
+        model_pred = controlled_unet(
+            unet,
+            torch.cat([latents for (latents, _, _), _ in chunk]),
+            torch.cat([timesteps for (_, timesteps, _), _ in chunk]),
+            torch.cat([embeddings for (_, _, embeddings), _ in chunk]),
+            merge_rows([rows for _, rows in chunk]),
+        )
         shares.extend(model_pred.split(chunk_sizes))
     return [stream.finish_step(share) for stream, share in zip(streams, shares)]  # type: ignore[union-attr]
 
 
 def _components(stream: StreamPipeline, batch: int) -> tuple[object, object]:
-    """The (unet, vae) for a call of this batch at this stream's size: compiled where they cover it."""
+    """The (unet, vae) for a call of this batch at this stream's size: compiled where they cover it
+    (the UNet on torch for streams with controls or LoRAs)."""
     compiled = stream.model.backend.compiled_for(stream.width, stream.height, batch)
-    return compiled if compiled is not None else (stream.model.pipe.unet, stream.model.pipe.vae)
+    if compiled is None:
+        return stream.model.pipe.unet, stream.model.pipe.vae
+    return (stream.model.pipe.unet if stream.needs_torch_unet else compiled[0]), compiled[1]
 
 
 def _chunks(items: list[T], limit: int | None, sizes: list[int] | None = None) -> list[list[T]]:

@@ -274,3 +274,31 @@ def make_tiny_lora(directory: Path | str, model_directory: Path | str, rank: int
         target, unet_lora_layers=get_peft_model_state_dict(unet), safe_serialization=True
     )
     return target
+
+
+def make_tiny_controlnet(directory: Path | str, model_directory: Path | str, seed: int = 0) -> Path:
+    """A ControlNet for a tiny (or toy) model's UNet, saved as diffusers writes ControlNets.
+
+    Built from the UNet as ControlNet training starts (`ControlNetModel.from_unet`), but with random
+    weights where training would start from zeros (and a livelier conditioning embedding), so that the
+    control image visibly changes frames.
+    """
+    from diffusers import ControlNetModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model_directory) / "unet", local_files_only=True)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # The conditioning embedding as trained ones behave: its output follows the control image (at
+        # default init it is nearly constant), and residuals a fraction of the UNet's activations.
+        embedding = controlnet.controlnet_cond_embedding
+        for conv in [embedding.conv_in, *embedding.blocks, embedding.conv_out]:
+            fan_in = conv.weight[0].numel()
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5)
+            conv.bias.zero_()
+        embedding.conv_out.weight.mul_(8.0)
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.05)
+    target = Path(directory)
+    controlnet.save_pretrained(target, safe_serialization=True)
+    return target

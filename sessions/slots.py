@@ -249,7 +249,7 @@ class Slot:
 
     def _render(self, taken: list[tuple[_Seat, RenderJob]]) -> None:
         started = time.perf_counter()
-        together: dict[tuple[int, int, int], list[tuple[_Seat, RenderJob, bool]]] = collections.defaultdict(list)
+        together: dict[tuple[object, ...], list[tuple[_Seat, RenderJob, bool]]] = collections.defaultdict(list)
         alone: list[tuple[_Seat, RenderJob, bool]] = []
         for seat, job in taken:
             refill, seat.waited = seat.waited, False
@@ -258,20 +258,20 @@ class Slot:
             except Exception as error:  # noqa: BLE001 - this client's parameters: only its frame fails
                 self._failed(seat, job, error)
                 continue
-            (together[stream.shape_key] if self.batching and stream.batchable else alone).append((seat, job, refill))
+            (together[stream.batch_key] if self.batching and stream.batchable else alone).append((seat, job, refill))
         for group in together.values():
             if len(group) == 1:
                 alone.extend(group)
                 continue
             assert all(seat.stream is not None for seat, _, _ in group)
-            results = render_together([(seat.stream, job.image, job.newest.number, refill) for seat, job, refill in group])  # type: ignore[misc]
+            results = render_together([(seat.stream, job.image, job.newest.number, refill, job.layer) for seat, job, refill in group])  # type: ignore[misc]
             self.batched_frames += len(group)
             for (seat, job, _), result in zip(group, results):
                 self._finish(seat, job, result)
         for seat, job, refill in alone:
             assert seat.stream is not None
             try:
-                result: RenderResult | Exception = seat.stream.render(job.image, tag=job.newest.number, refill=refill)
+                result: RenderResult | Exception = seat.stream.render(job.image, tag=job.newest.number, refill=refill, layer=job.layer)
             except Exception as error:  # noqa: BLE001 - reported to that client below
                 result = error
             self._finish(seat, job, result)

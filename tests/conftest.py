@@ -90,6 +90,35 @@ def toy_model(toy_model_dir: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def live_extras(cache_dir: Path, toy_model_dir: Path) -> dict[str, Path]:
+    """Two LoRAs and a ControlNet for the trained toy model, built offline like the model itself."""
+    from streamcanvas.pipelines.tiny import make_tiny_controlnet, make_tiny_lora
+
+    root = cache_dir / "live-extras"
+    return {
+        "ink": make_tiny_lora(root / "lora-ink", toy_model_dir, seed=1),
+        "glow": make_tiny_lora(root / "lora-glow", toy_model_dir, seed=2),
+        "scribble": make_tiny_controlnet(root / "controlnet-scribble", toy_model_dir, seed=3),
+        "edges": make_tiny_controlnet(root / "controlnet-edges", toy_model_dir, seed=4),
+    }
+
+
+@pytest.fixture(scope="session")
+def controlled_model(toy_model_dir: Path, live_extras: dict[str, Path]):  # type: ignore[no-untyped-def]
+    """The trained toy model with the LoRAs `ink` and `glow` as adapters and the ControlNets `scribble`
+    and `edges`."""
+    from streamcanvas.pipelines.loading import ModelSpec, load_model
+
+    return load_model(
+        ModelSpec(
+            model=str(toy_model_dir),
+            adapters=(("ink", str(live_extras["ink"])), ("glow", str(live_extras["glow"]))),
+            controlnets=(("scribble", str(live_extras["scribble"])), ("edges", str(live_extras["edges"]))),
+        )
+    )
+
+
+@pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     path = Path(__file__).resolve().parent.parent / "artifacts"
     path.mkdir(exist_ok=True)

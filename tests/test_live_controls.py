@@ -1,0 +1,263 @@
+"""Live controls in the stream itself: ControlNets, LoRA adapters, weighted prompts, transitions, seed
+blending, latent feedback, preprocessors and style presets, on the trained toy model with LoRAs and
+ControlNets built offline (conftest's `controlled_model`)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from helpers import make_canvas
+from streamcanvas.pipelines.controls import ControlSpec, preprocess
+from streamcanvas.pipelines.errors import InvalidParameter, ModelLoadError, UnknownName
+from streamcanvas.pipelines.stream import StreamParams, StreamPipeline, render_together
+from streamcanvas.pipelines.styles import apply_style, load_styles
+
+SIZE = 64
+SCRIBBLE = {"model": "scribble", "scale": 1.0, "preprocessor": "scribble"}
+
+
+def stream(model, **params) -> StreamPipeline:  # type: ignore[no-untyped-def]
+    pipeline = StreamPipeline(model, SIZE, SIZE)
+    params.setdefault("prompt", "a red house")
+    pipeline.configure(StreamParams(**params), img2img=True)
+    return pipeline
+
+
+def frame(model, canvas: np.ndarray | None = None, layer: np.ndarray | None = None, **params) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return stream(model, **params).render(make_canvas(SIZE, 1) if canvas is None else canvas, tag=1, layer=layer).image
+
+
+def difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def lines(size: int, seed: int) -> np.ndarray:
+    """A line drawing: white strokes on black, as a control layer."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (size, size), "black")
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        draw.line([tuple(rng.integers(0, size, 2)) for _ in range(3)], fill="white", width=3)
+    return np.asarray(image).copy()
+
+
+# ControlNet ----------------------------------------------------------------------------------------
+
+
+def test_a_controlnet_changes_the_frame_and_scale_0_is_none(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    plain = frame(controlled_model)
+    controlled = frame(controlled_model, controls=[SCRIBBLE])
+    assert difference(plain, controlled) > 2
+    assert np.array_equal(frame(controlled_model, controls=[{**SCRIBBLE, "scale": 0.0}]), plain)
+    half = frame(controlled_model, controls=[{**SCRIBBLE, "scale": 0.5}])
+    assert 0 < difference(plain, half) < difference(plain, controlled)
+
+
+def test_start_and_end_choose_the_steps_a_control_applies_to(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    # Two steps: [0, 0.5) is the first, [0.5, 1] the second.
+    assert ControlSpec("x", start=0.0, end=0.5).keeps(2) == [True, False]
+    assert ControlSpec("x", start=0.5, end=1.0).keeps(2) == [False, True]
+    plain = frame(controlled_model, steps=2)
+    everywhere = frame(controlled_model, steps=2, controls=[SCRIBBLE])
+    nowhere = frame(controlled_model, steps=2, controls=[{**SCRIBBLE, "start": 0.1, "end": 0.4}])
+    first = frame(controlled_model, steps=2, controls=[{**SCRIBBLE, "end": 0.5}])
+    assert np.array_equal(nowhere, plain)
+    assert difference(first, plain) > 0.5 and difference(first, everywhere) > 0.5
+
+
+def test_a_control_layer_steers_the_frame_and_its_absence_is_no_control(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    control = {**SCRIBBLE, "source": "layer", "preprocessor": "none"}
+    plain = frame(controlled_model)
+    assert np.array_equal(frame(controlled_model, controls=[control]), plain)  # no layer sent yet
+    first = frame(controlled_model, layer=lines(SIZE, 1), controls=[control])
+    second = frame(controlled_model, layer=lines(SIZE, 2), controls=[control])
+    assert difference(first, plain) > 1 and difference(first, second) > 1
+
+
+def test_two_controlnets_add_up_and_each_session_keeps_its_own(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    edges = {"model": "edges", "preprocessor": "canny"}
+    one = frame(controlled_model, controls=[SCRIBBLE])
+    both = frame(controlled_model, controls=[SCRIBBLE, edges])
+    assert difference(one, both) > 1
+    # Batched together, each stream's frame is what it renders alone, control images and scales included.
+    canvases = [make_canvas(SIZE, 1), make_canvas(SIZE, 2)]
+    together = [stream(controlled_model, controls=[SCRIBBLE, edges]), stream(controlled_model, controls=[{**SCRIBBLE, "scale": 0.3}, edges])]
+    alone = [stream(controlled_model, controls=[SCRIBBLE, edges]), stream(controlled_model, controls=[{**SCRIBBLE, "scale": 0.3}, edges])]
+    for tag in range(3):
+        results = render_together([(pipeline, canvases[index], tag) for index, pipeline in enumerate(together)])
+        for index, result in enumerate(results):
+            expected = alone[index].render(canvases[index], tag=tag).image
+            assert np.abs(result.image.astype(int) - expected).max() <= 1
+
+
+def test_unknown_controlnets_and_bad_controls_are_typed_errors(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(UnknownName, match="scribble, edges"):
+        stream(controlled_model, controls=[{"model": "depth"}])
+    for bad in ([{"scale": 1}], [{"model": "scribble", "scale": 3}], [{"model": "scribble", "start": 0.6, "end": 0.5}],
+                [{"model": "scribble", "preprocessor": "hed"}], [{"model": "scribble", "colour": 1}], ["scribble"], [{}] * 5):
+        with pytest.raises(InvalidParameter):
+            StreamParams(controls=bad)
+
+
+def test_preprocessors_draw_white_edges_on_black() -> None:
+    canvas = np.full((SIZE, SIZE, 3), 255, np.uint8)
+    canvas[16:48, 16:48] = (200, 30, 30)
+    for name in ("canny", "scribble"):
+        edges = preprocess(canvas, name)  # type: ignore[arg-type]
+        assert edges.shape == canvas.shape and edges.dtype == np.uint8
+        assert edges[32, 32].max() == 0 and edges[2, 2].max() == 0  # inside and outside the square: black
+        assert edges[16, 16:48].max() == 255 or edges[15, 16:48].max() == 255  # its border: white
+    assert (preprocess(canvas, "scribble") > 0).sum() > (preprocess(canvas, "canny") > 0).sum()  # thicker
+    assert preprocess(canvas, "none") is canvas
+
+
+# LoRA adapters -------------------------------------------------------------------------------------
+
+
+def test_loras_are_chosen_per_stream_with_weights(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    plain = frame(controlled_model)
+    ink = frame(controlled_model, loras={"ink": 1.0})
+    assert difference(plain, ink) > 1
+    assert np.array_equal(frame(controlled_model, loras={"ink": 0.0}), plain)
+    weaker = frame(controlled_model, loras={"ink": 0.5})
+    assert 0 < difference(plain, weaker) < difference(plain, ink)
+    assert difference(frame(controlled_model, loras={"ink": 1.0, "glow": 1.0}), ink) > 1
+    with pytest.raises(UnknownName, match="ink, glow"):
+        stream(controlled_model, loras={"sepia": 1.0})
+
+
+def test_a_lora_switched_off_live_leaves_nothing_behind(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    canvas = make_canvas(SIZE, 3)
+    # One step and no residual CFG: each frame depends on its input alone, not on the frames before.
+    pipeline = stream(controlled_model, steps=1, cfg_type="none")
+    before = pipeline.render(canvas, tag=1).image
+    pipeline.configure(pipeline.params.replace(loras={"glow": 1.0}), img2img=True)
+    assert difference(pipeline.render(canvas, tag=2).image, before) > 1
+    pipeline.configure(pipeline.params.replace(loras={}), img2img=True)
+    assert np.array_equal(pipeline.render(canvas, tag=3).image, before)
+
+
+def test_threads_with_different_loras_never_see_each_others_weights(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    """Three workers share one UNet: one with `ink`, one with `glow`, one with none. Every frame equals
+    that worker's frame rendered on its own."""
+    wanted = [{"ink": 1.0}, {"glow": 0.8}, {}]
+    canvas = make_canvas(SIZE, 4)
+    expected = [frame(controlled_model, canvas, loras=loras, steps=1, cfg_type="none") for loras in wanted]
+    mismatches: list[int] = []
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            pipeline = stream(controlled_model, loras=wanted[index], steps=1, cfg_type="none")
+            for tag in range(6):
+                if not np.array_equal(pipeline.render(canvas, tag=tag).image, expected[index]):
+                    mismatches.append(index)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and not mismatches
+    assert controlled_model.adapters.describe()["switches"] > 0
+
+
+# Prompts, transitions, seeds, feedback -------------------------------------------------------------
+
+
+def test_weighted_prompts_mix_their_embeddings(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    red = frame(controlled_model, prompt="a red house")
+    blue = frame(controlled_model, prompt="a blue sea")
+    assert np.array_equal(frame(controlled_model, prompt=[["a red house", 2]]), red)
+    assert np.array_equal(frame(controlled_model, prompt=[["a red house", 1], ["a blue sea", 0]]), red)
+    mixed = frame(controlled_model, prompt=[["a red house", 1], ["a blue sea", 1]])
+    assert difference(mixed, red) > 1 and difference(mixed, blue) > 1
+    for bad in ([], [["a", -1]], [["a", 0]], [["a"]], [[1, 1]], "x" * 2001, [["a", True]]):
+        with pytest.raises(InvalidParameter):
+            StreamParams(prompt=bad)
+
+
+def test_a_prompt_change_blends_over_transition_frames(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    canvas = make_canvas(SIZE, 1)
+    target = frame(controlled_model, canvas, prompt="a blue sea")
+    pipeline = stream(controlled_model, transition_frames=4)
+    pipeline.render(canvas, tag=1)
+    assert pipeline.settled
+    pipeline.configure(pipeline.params.replace(prompt="a blue sea"), img2img=True)
+    distances = []
+    while not pipeline.settled and len(distances) < 10:
+        distances.append(difference(pipeline.render(canvas, tag=1).image, target))
+    # Four blended frames, then one more (the stream batch's depth) at the new prompt: it has arrived.
+    assert len(distances) == 5 and distances[-1] == 0
+    assert all(later < earlier for earlier, later in zip(distances, distances[1:]))
+    # Without a transition the new prompt is there as soon as it has passed the stream batch.
+    snapping = stream(controlled_model)
+    snapping.render(canvas, tag=1)
+    snapping.configure(snapping.params.replace(prompt="a blue sea"), img2img=True)
+    snapping.render(canvas, tag=1)
+    assert snapping.settled and np.array_equal(snapping.render(canvas, tag=1).image, target)
+
+
+def test_a_seed_change_slerps_the_noise(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    canvas = make_canvas(SIZE, 2)
+    target = frame(controlled_model, canvas, seed=9)
+    pipeline = stream(controlled_model, transition_frames=3)
+    start = pipeline.render(canvas, tag=1).image
+    pipeline.configure(pipeline.params.replace(seed=9), img2img=True)
+    frames = []
+    while not pipeline.settled and len(frames) < 10:
+        frames.append(pipeline.render(canvas, tag=1).image)
+    assert len(frames) == 4 and np.array_equal(frames[-1], target)
+    # (The first frame after the change finishes a latent noised before it.)
+    assert difference(frames[1], start) > 0.5 and difference(frames[1], target) > 0.5
+
+
+def test_latent_feedback_steadies_a_noisy_camera(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    """A still scene with sensor noise: frame-to-frame change (flicker) is lower with feedback on."""
+    scene = make_canvas(SIZE, 5).astype(np.int16)
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(scene + rng.normal(0, 20, scene.shape), 0, 255).astype(np.uint8) for _ in range(10)]
+
+    def flicker(feedback: float) -> float:
+        pipeline = stream(controlled_model, feedback=feedback, strength=0.6, cfg_type="none")
+        frames = [pipeline.render(image, tag=index).image for index, image in enumerate(noisy)]
+        return float(np.mean([difference(a, b) for a, b in zip(frames[3:], frames[4:])]))
+
+    assert flicker(0.6) < 0.7 * flicker(0.0)
+
+
+# Style presets -------------------------------------------------------------------------------------
+
+
+def test_the_shipped_styles_load_and_apply_under_the_sessions_own_changes() -> None:
+    styles = load_styles(None)
+    assert {"watercolor", "pencil", "dream", "webcam"} <= set(styles)
+    defaults = StreamParams()
+    styled = apply_style(defaults.replace(prompt="a cat"), defaults, styles, {"style": "watercolor", "strength": 0.7})
+    assert styled.style == "watercolor" and styled.strength == 0.7  # the session's own value wins
+    assert styled.prompts() == [("a cat, watercolor painting, soft, colorful", 1.0)]
+    dream = apply_style(styled, defaults, styles, {"style": "dream"})
+    assert dream.strength == 0.85 and dream.negative_prompt == defaults.negative_prompt  # watercolor's is gone
+    plain = apply_style(dream, defaults, styles, {"style": ""})
+    assert plain.prompts() == [("a cat", 1.0)] and plain.strength == defaults.strength
+    with pytest.raises(UnknownName, match="watercolor"):
+        apply_style(defaults, defaults, styles, {"style": "baroque"})
+
+
+def test_a_style_file_that_names_what_is_not_loaded_is_a_start_up_error(tmp_path: Path) -> None:
+    path = tmp_path / "styles.toml"
+    path.write_text('[inked]\nloras = { ink = 0.8 }\ncontrol_scale = 0.5\n')
+    assert load_styles(path, loras=["ink"])["inked"].describe()["fields"] == {"loras": {"ink": 0.8}, "control_scale": 0.5}
+    with pytest.raises(ModelLoadError, match="'ink'"):
+        load_styles(path)
+    for text, problem in (('[a]\nseed = 3\n', "unknown field 'seed'"), ('[a]\nstrength = 7\n', "strength"), ("[a\n", "styles.toml")):
+        path.write_text(text)
+        with pytest.raises(ModelLoadError, match=problem):
+            load_styles(path)
