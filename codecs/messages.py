@@ -24,10 +24,13 @@ MAX_SEQ = 2**53 - 1
 _MAX_RECTS = 256
 _MAX_STRING = 4096
 
-# Parameter deltas: name → accepted Python types. Ranges are checked by the pipeline that uses them.
+# Parameter deltas: name → accepted Python types. Ranges (and the insides of arrays and maps) are
+# checked by the pipeline that uses them (`pipelines.stream.StreamParams`).
 PARAM_TYPES: dict[str, tuple[type, ...]] = {
-    "prompt": (str,),
+    "prompt": (str, list),
     "negative_prompt": (str,),
+    "prompt_template": (str,),
+    "style": (str,),
     "strength": (float, int),
     "steps": (int,),
     "seed": (int,),
@@ -37,7 +40,15 @@ PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "denoising_batch": (bool,),
     "similar_filter": (bool,),
     "similar_threshold": (float, int),
+    "transition_frames": (int,),
+    "loras": (dict,),
+    "controls": (list,),
+    "feedback": (float, int),
 }
+
+LAYERS = ("image", "control")
+"""What a canvas or delta message draws on: the img2img input, or the control layer (ControlNets whose
+source is "layer" read it; the page sends its line layer there)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -77,6 +88,7 @@ class Canvas:
     type: ClassVar[str] = "canvas"
     image: ImagePayload
     seq: int | None = None
+    layer: str = "image"
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,7 @@ class CanvasDelta:
     type: ClassVar[str] = "delta"
     patches: tuple[Patch, ...]
     seq: int | None = None
+    layer: str = "image"
 
 
 @dataclass(frozen=True)
@@ -354,6 +367,13 @@ def _parse_hello(fields: _Fields) -> Hello:
     )
 
 
+def _layer(fields: _Fields) -> str:
+    layer = fields.get("layer", (str,), default="image")
+    if layer not in LAYERS:
+        raise InvalidValue(f"{fields.where}: 'layer' is {layer!r:.40}, not one of {', '.join(LAYERS)}", field="layer")
+    return layer
+
+
 def parse_param_changes(changes: dict[str, Any], where: str = "params") -> dict[str, Any]:
     checked: dict[str, Any] = {}
     for name, value in changes.items():
@@ -381,6 +401,7 @@ def parse_client_message(data: bytes) -> ClientMessage:
         message = Canvas(
             image=_image(fields.get("image", (dict,), required=True), kind),
             seq=fields.integer("seq", 0, MAX_SEQ),
+            layer=_layer(fields),
         )
     elif kind == CanvasDelta.type:
         raw_patches = fields.get("patches", (list,), required=True)
@@ -399,7 +420,7 @@ def parse_client_message(data: bytes) -> ClientMessage:
             )
             patch_fields.done()
             patches.append(patch)
-        message = CanvasDelta(patches=tuple(patches), seq=fields.integer("seq", 0, MAX_SEQ))
+        message = CanvasDelta(patches=tuple(patches), seq=fields.integer("seq", 0, MAX_SEQ), layer=_layer(fields))
     elif kind == Params.type:
         changes = fields.get("changes", (dict,), required=True)
         message = Params(changes=parse_param_changes(changes), seq=fields.integer("seq", 0, MAX_SEQ))

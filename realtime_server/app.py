@@ -52,11 +52,18 @@ async def info(request: Request) -> JSONResponse:
         "websocket": WEBSOCKET_PATH,
         "auth": "api_key" if runtime.settings.api_keys else "none",
         **runtime.manager.info(),
+        "styles": list(runtime.styles),
         "sharing": runtime.sharing.describe() if runtime.sharing is not None else {"policy": "fixed"},
         "batch": {"queue": runtime.batch.queue.mode, "jobs": jobs, "live_sessions_rendering": runtime.batch.live_sessions},
     }
     body["protocol_versions"] = list(PROTOCOL_VERSIONS)
     return JSONResponse(body)
+
+
+async def styles(request: Request) -> JSONResponse:
+    """The style presets a session may pick (`"style": NAME` in its params), with the fields each sets."""
+    runtime: Runtime = request.app.state.runtime
+    return JSONResponse({"styles": [preset.describe() for preset in runtime.styles.values()]})
 
 
 def create_app(runtime: Runtime) -> Starlette:
@@ -74,6 +81,7 @@ def create_app(runtime: Runtime) -> Starlette:
         routes=[
             Route("/healthz", healthz),
             Route("/v1/info", info),
+            Route("/v1/styles", styles),
             WebSocketRoute(WEBSOCKET_PATH, stream_endpoint),
             *output_routes(),
             *batch_routes(),

@@ -35,7 +35,9 @@ def main() -> None:
     help="AutoencoderTiny (TAESD) directory or cached repo id (e.g. madebyollin/taesd) to decode with; "
     "'none' keeps the model's full VAE; 'auto' (default) uses MODEL/taesd when it exists.",
 )
-@click.option("--lora", help="A LoRA (e.g. an LCM-LoRA) directory or cached repo id to fuse into the UNet.")
+@click.option("--lora", multiple=True, help="A LoRA directory or cached repo id (repeat for several). NAME=PATH loads it as an adapter that each session turns on and weighs live (\"loras\": {NAME: weight}); a bare PATH (one at most, e.g. an LCM-LoRA) is fused into the UNet for every frame.")
+@click.option("--controlnet", multiple=True, help="A ControlNet, NAME=PATH (a diffusers directory or cached repo id; repeat for several), shared by every session that names it in \"controls\".")
+@click.option("--styles", type=click.Path(dir_okay=False, path_type=Path), help="A TOML file of style presets (see pipelines/styles.toml, the default set).")
 @click.option("--resolution", help="Default session resolution WIDTHxHEIGHT, multiples of 8. Default 512x512.")
 @click.option("--max-resolution", help="Largest resolution a client may ask for. Default 1024x1024.")
 @click.option("--slots", type=int, help="Sessions rendered at once on this device, each with its own worker. Default 1.")
@@ -88,7 +90,7 @@ def serve(**options: object) -> None:
     from .settings import Settings, validation_message
 
     given = {name: value for name, value in options.items() if value not in (None, ())}
-    for name in ("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses"):
+    for name in ("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet"):
         if name in given:
             given[name] = list(given[name])  # type: ignore[call-overload]
     try:
@@ -166,6 +168,8 @@ def worker(**options: object) -> None:
 
     given = {name: value for name, value in options.items() if value is not None}
     given.setdefault("batch_queue", "redis")
+    if "lora" in given:
+        given["lora"] = [given["lora"]]  # type: ignore[list-item]
     try:
         settings = Settings(**given)
     except pydantic.ValidationError as error:

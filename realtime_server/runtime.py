@@ -19,6 +19,8 @@ from streamcanvas.pipelines.devices import in_short_lived_thread
 from streamcanvas.pipelines.loading import LoadedModel, inference_threads, load_model
 from streamcanvas.pipelines.sharing import Sharing, measure_sharing
 from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
+from streamcanvas.pipelines.styles import StylePreset, load_styles
+from streamcanvas.sessions.config import Catalog
 from streamcanvas.sessions.manager import SessionManager, TokenRejected
 from streamcanvas.sessions.session import SessionState
 
@@ -38,16 +40,25 @@ class Readiness(enum.Enum):
 
 
 class Runtime:
-    def __init__(self, settings: Settings, model: LoadedModel, threads: int, sharing: Sharing | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        model: LoadedModel,
+        threads: int,
+        sharing: Sharing | None,
+        styles: dict[str, StylePreset],
+    ) -> None:
         self.settings = settings
         self.model = model
+        self.styles = styles
         self.sharing = sharing
         """What `--sessions-per-slot auto` measured at start-up (None for a given count)."""
         # On the CPU the slots share the cores: each worker gets its share of torch threads, so their
         # OpenMP pools together never outnumber the cores (see in_short_lived_thread).
         per_slot = max(1, threads // settings.slots) if model.placement.device.type == "cpu" else None
         defaults = StreamParams().replace(**model.stream_defaults)
-        config = dataclasses.replace(settings.session_config(sharing), default_params=defaults)
+        catalog = Catalog(loras=model.adapters.names, controlnets=model.controlnets.names, styles=self.styles)
+        config = dataclasses.replace(settings.session_config(sharing), default_params=defaults, catalog=catalog)
         self.manager = SessionManager(config, model, threads_per_slot=per_slot)
         self.readiness = Readiness.WARMING_UP
         self.warmup_ms: float | None = None
@@ -65,18 +76,19 @@ class Runtime:
         spec = settings.model_spec()
         backend_config = settings.backend_config(threads)
 
-        def load() -> tuple[LoadedModel, Sharing | None]:
+        def load() -> tuple[LoadedModel, Sharing | None, dict[str, StylePreset]]:
             model = load_model(spec)
+            styles = load_styles(settings.styles, model.adapters.names, model.controlnets.names)
             model.backend = prepare_backend(model, backend_config)
             if settings.sessions_per_slot != "auto":
-                return model, None
+                return model, None, styles
             width, height = settings.size
             sharing = measure_sharing(model, width, height, StreamParams().replace(**model.stream_defaults))
             logger.info("--sessions-per-slot auto: %d (%s)", sharing.sessions_per_slot, sharing.reason)
-            return model, sharing
+            return model, sharing, styles
 
-        model, sharing = in_short_lived_thread(load)
-        return cls(settings, model, threads, sharing)
+        model, sharing, styles = in_short_lived_thread(load)
+        return cls(settings, model, threads, sharing, styles)
 
     async def start(self) -> None:
         """Start the slot workers and warm up in the background; /healthz says ready when done."""

@@ -17,6 +17,7 @@ from typing_extensions import Annotated
 from streamcanvas.batch_fallback.service import BatchConfig
 from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.pipelines.backends import BackendConfig, BackendName, ShapeRange
+from streamcanvas.pipelines.adapters import parse_named_path
 from streamcanvas.pipelines.loading import ModelSpec
 from streamcanvas.pipelines.paths import default_cache_dir
 from streamcanvas.pipelines.sharing import Sharing
@@ -71,7 +72,13 @@ class Settings(BaseSettings):
 
     model: str | None = None
     tiny_vae: str = "auto"
-    lora: str | None = None
+    lora: Annotated[list[str], NoDecode] = []
+    """LoRAs: `NAME=PATH` loads a named adapter that sessions turn on and weigh; a bare PATH (one at
+    most, e.g. an LCM-LoRA) is fused into the UNet for every frame."""
+    controlnet: Annotated[list[str], NoDecode] = []
+    """ControlNets, `NAME=PATH` each."""
+    styles: Path | None = None
+    """A TOML file of style presets (default: the shipped ones, pipelines/styles.toml)."""
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = Field(None, ge=1, le=256)
@@ -127,9 +134,24 @@ class Settings(BaseSettings):
     job_heartbeat_timeout_s: float = Field(30.0, gt=0)
     job_retention_s: float = Field(7 * 24 * 3600.0, gt=0)
 
-    _split = field_validator("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", mode="before")(
-        _split_list
-    )
+    _split = field_validator(
+        "api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", mode="before"
+    )(_split_list)
+
+    @field_validator("lora")
+    @classmethod
+    def _check_loras(cls, value: list[str]) -> list[str]:
+        fused = [entry for entry in value if not _named(entry)]
+        if len(fused) > 1:
+            raise ValueError(f"at most one LoRA is fused into the UNet (a bare PATH); give the others names, NAME=PATH: {fused}")
+        _unique([parse_named_path(entry, "--lora") for entry in value if _named(entry)], "--lora")
+        return value
+
+    @field_validator("controlnet")
+    @classmethod
+    def _check_controlnets(cls, value: list[str]) -> list[str]:
+        _unique([parse_named_path(entry, "--controlnet") for entry in value], "--controlnet")
+        return value
 
     @field_validator("ice_servers")
     @classmethod
@@ -230,7 +252,16 @@ class Settings(BaseSettings):
         )
 
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(model=self.model, tiny_vae=self.tiny_vae, lora=self.lora, device=self.device, dtype=self.dtype)
+        fused = next((entry for entry in self.lora if not _named(entry)), None)
+        return ModelSpec(
+            model=self.model,
+            tiny_vae=self.tiny_vae,
+            lora=fused,
+            adapters=tuple(parse_named_path(entry, "--lora") for entry in self.lora if _named(entry)),
+            controlnets=tuple(parse_named_path(entry, "--controlnet") for entry in self.controlnet),
+            device=self.device,
+            dtype=self.dtype,
+        )
 
     def backend_config(self, threads: int) -> BackendConfig:
         """TensorRT engines cover sides from engine_min_resolution (or the session size, if smaller) to
@@ -276,6 +307,19 @@ class Settings(BaseSettings):
             image_limits=ImageLimits(max_width=side, max_height=side, max_pixels=self.max_image_pixels),
             api_keys=frozenset(self.api_keys),
         )
+
+
+def _named(entry: str) -> bool:
+    """Whether a --lora entry is NAME=PATH (a name before any '=', and no path separator in it)."""
+    name, equals, _ = entry.partition("=")
+    return bool(equals) and "/" not in name and "\\" not in name
+
+
+def _unique(pairs: list[tuple[str, str]], option: str) -> None:
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{option}: the name {repeated[0]!r} is given twice")
 
 
 def validation_message(error: pydantic.ValidationError) -> str:

@@ -15,11 +15,11 @@ from .errors import OutOfBounds
 class CanvasBuffer:
     """An H×W×3 uint8 RGB image. Not locked: the session serialises writers and hands out copies."""
 
-    def __init__(self, width: int, height: int, limits: ImageLimits) -> None:
+    def __init__(self, width: int, height: int, limits: ImageLimits, fill: int = 255) -> None:
         self.width = width
         self.height = height
         self.limits = limits
-        self.pixels = np.full((height, width, 3), 255, dtype=np.uint8)
+        self.pixels = np.full((height, width, 3), fill, dtype=np.uint8)
 
     def decode_full(self, payload: ImagePayload) -> np.ndarray:
         """Decode a whole-canvas image and scale it to the canvas size (any aspect is stretched)."""

@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from streamcanvas.codecs.images import ImageLimits
+from streamcanvas.pipelines.errors import InvalidParameter, UnknownName
 from streamcanvas.pipelines.stream import StreamParams
+from streamcanvas.pipelines.styles import StylePreset, apply_style
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What a session may name: the LoRAs, ControlNets and style presets this server has loaded."""
+
+    loras: tuple[str, ...] = ()
+    controlnets: tuple[str, ...] = ()
+    styles: Mapping[str, StylePreset] = field(default_factory=dict)
+
+    def resolve(self, current: StreamParams, defaults: StreamParams, changes: Mapping[str, Any], img2img: bool) -> StreamParams:
+        """`current` with a client's changes (a style preset among them brought in under them), every
+        name checked: an unknown one is an UnknownName that lists what exists."""
+        params = apply_style(current, defaults, self.styles, changes)
+        for name, _ in params.loras:
+            if name not in self.loras:
+                raise UnknownName("loras", f"no LoRA named {name!r}; this server has: {_listed(self.loras, '--lora NAME=PATH')}")
+        for control in params.controls:
+            if control.model not in self.controlnets:
+                raise UnknownName(
+                    "controls",
+                    f"no ControlNet named {control.model!r}; this server has: {_listed(self.controlnets, '--controlnet NAME=PATH')}",
+                )
+            if control.source == "canvas" and not img2img:
+                raise InvalidParameter("controls", "a txt2img session has no canvas: use source 'layer' and send a control layer")
+        return params
+
+
+def _listed(names: tuple[str, ...], flag: str) -> str:
+    return ", ".join(names) if names else f"none (start the server with {flag})"
 
 
 @dataclass(frozen=True)
@@ -39,6 +73,7 @@ class SessionConfig:
     max_recording_s: float = 3600.0
     default_params: StreamParams = field(default_factory=StreamParams)
     """Where a session starts before its hello's params: StreamParams' defaults, or the model's own."""
+    catalog: Catalog = field(default_factory=Catalog)
 
     def limits_dict(self) -> dict[str, int]:
         return {

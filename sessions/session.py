@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import enum
 import hmac
 import logging
@@ -50,7 +49,7 @@ from streamcanvas.codecs.messages import (
     parse_client_message,
     serialize,
 )
-from streamcanvas.pipelines.errors import InvalidParameter
+from streamcanvas.pipelines.errors import InvalidParameter, UnknownName
 from streamcanvas.pipelines.stream import StreamParams
 
 from .broadcast import BroadcastFrame, FrameBroadcast
@@ -146,6 +145,7 @@ class Session:
         self._lock = threading.Lock()
         self._closed = False
         self._canvas: CanvasBuffer | None = None
+        self._control_layer: CanvasBuffer | None = None
         self._has_canvas = False
         self._params = self.config.default_params
         self._newest: InputMark | None = None
@@ -197,7 +197,7 @@ class Session:
             fatal = getattr(error, "fatal", False) or (
                 ref_type == Hello.type and self.state is SessionState.CONNECTING
             )
-            code = "invalid_value" if isinstance(error, InvalidParameter) else error.code
+            code = _error_code(error)
             self.send_control(
                 Error(
                     code=code,
@@ -226,21 +226,21 @@ class Session:
             case Hello():
                 self._hello(message)
             case Canvas():
-                canvas = self._require_canvas_session(message.type)
+                canvas = self._layer(message.type, message.layer)
                 rgb = await _decode(canvas.decode_full, message.image, [message.image])
                 with self._lock:
                     canvas.replace(rgb)
-                    self._new_input(message.seq, canvas_changed=True)
+                    self._new_input(message.seq, canvas_changed=canvas is self._canvas)
             case CanvasDelta():
-                canvas = self._require_canvas_session(message.type)
+                canvas = self._layer(message.type, message.layer)
                 decoded = await _decode(canvas.decode_patches, message.patches, [p.image for p in message.patches])
                 with self._lock:
                     canvas.paste(decoded)
-                    self._new_input(message.seq, canvas_changed=True)
+                    self._new_input(message.seq, canvas_changed=canvas is self._canvas)
             case Params():
                 if self.state is SessionState.CONNECTING:
                     raise NotReady("send hello first")
-                params = self._params.replace(**message.changes)
+                params = self._resolve(self._params, message.changes)
                 with self._lock:
                     self._params = params
                     self._new_input(message.seq)
@@ -300,6 +300,20 @@ class Session:
             canvas.replace(scaled)
             self._new_input(None, canvas_changed=True)
 
+    def _resolve(self, current: StreamParams, changes: dict[str, object]) -> StreamParams:
+        return self.config.catalog.resolve(current, self.config.default_params, changes, self.mode == "img2img")
+
+    def _layer(self, kind: str, layer: str) -> CanvasBuffer:
+        """The buffer a canvas or delta message draws on: the canvas, or the control layer (which any
+        session may have, a txt2img one included; it starts black, as control images do)."""
+        if layer == "image":
+            return self._require_canvas_session(kind)
+        if self.state is SessionState.CONNECTING:
+            raise NotReady(f"'{kind}' before hello: send hello first")
+        if self._control_layer is None:
+            self._control_layer = CanvasBuffer(self.width, self.height, self.config.image_limits, fill=0)
+        return self._control_layer
+
     def _require_canvas_session(self, kind: str) -> CanvasBuffer:
         if self.state is SessionState.CONNECTING:
             raise NotReady(f"'{kind}' before hello: send hello first")
@@ -324,13 +338,14 @@ class Session:
         width = hello.width or self.config.default_width
         height = hello.height or self.config.default_height
         self._check_resolution(width, height)
+        self.mode = hello.mode
         try:
-            params = self.config.default_params.replace(**hello.params)
+            params = self._resolve(self.config.default_params, hello.params)
         except InvalidParameter as error:
-            raise InvalidParameter(error.field, f"in hello: {error}") from None
+            raise type(error)(error.field, f"in hello: {error}") from None
         self.protocol = max(common)
         self.width, self.height = width, height
-        self.codec, self.quality, self.mode = hello.codec, hello.quality, hello.mode
+        self.codec, self.quality = hello.codec, hello.quality
         with self._lock:
             self._params = params
             if self.mode == "img2img":
@@ -439,6 +454,7 @@ class Session:
                 wants_message=self.frames_to_client,
                 wants_jpeg=self.broadcast.wanted,
                 recorder=self.recorder,
+                layer=self._control_layer.snapshot() if self._control_layer is not None else None,
             )
 
     def has_input(self) -> bool:
@@ -630,5 +646,13 @@ async def _decode(function: Callable[[T], R], argument: T, payloads: list[ImageP
     return await asyncio.to_thread(function, argument)
 
 
+def _error_code(error: CodecError | SessionError | InvalidParameter) -> str:
+    if isinstance(error, UnknownName):
+        return "unknown_name"
+    if isinstance(error, InvalidParameter):
+        return "invalid_value"
+    return error.code
+
+
 def _params_dict(params: StreamParams) -> dict[str, object]:
-    return dataclasses.asdict(params)
+    return params.as_wire()

@@ -23,6 +23,7 @@ const state = {
     strength: Number($("#strength").value),
     steps: Number($("#steps").value),
     seed: Number($("#seed").value),
+    transition_frames: Number($("#transition").value),
   },
   resolution: Number(query.get("resolution") || $("#resolution").value),
   quality: Number($("#quality").value),
@@ -136,6 +137,7 @@ function describeError(error) {
     unauthorized: "The server needs an API key: add ?key=… to the page's address.",
     idle_timeout: "The session was idle for too long; reconnecting.",
     invalid_value: "The server refused a setting:",
+    unknown_name: "The server does not have that:",
     inference_failed: "A frame failed on the server:",
   };
   const lead = words[error.code];
@@ -154,6 +156,12 @@ function encodeRegion(rect, format) {
     .then((buffer) => new Uint8Array(buffer));
 }
 
+function encodeCanvas(canvas, format) {
+  return new Promise((resolve) => canvas.toBlob(resolve, `image/${format}`, JPEG_QUALITY))
+    .then((blob) => blob.arrayBuffer())
+    .then((buffer) => new Uint8Array(buffer));
+}
+
 async function pump() {
   if (state.sending || !connection.canSendInput()) return;
   const dirty = doc.takeDirty();
@@ -162,7 +170,19 @@ async function pump() {
   try {
     const live = doc.hasLiveSource();
     const format = live ? "jpeg" : "png";
-    if (state.needFull || live) {
+    if (doc.controlLayer) {
+      // The line layer goes to the control layer and the rest to the canvas, each whole: a stroke
+      // changes one or the other, and both are cheap to send at these sizes.
+      state.needFull = false;
+      const image = await encodeCanvas(doc.composeInput(), format);
+      const control = await encodeCanvas(doc.composeControl(), "png");
+      if (connection.isReady) {
+        connection.sendInput((seq) => canvasMessage(seq, format, image));
+        state.lastInputSeq = connection.sendInput((seq) => canvasMessage(seq, "png", control, "control"));
+      } else {
+        state.needFull = true;
+      }
+    } else if (state.needFull || live) {
       state.needFull = false;
       const bytes = await encodeRegion({ x: 0, y: 0, w: doc.width, h: doc.height }, format);
       if (connection.isReady) state.lastInputSeq = connection.sendInput((seq) => canvasMessage(seq, format, bytes));
@@ -317,6 +337,79 @@ $("#viewer-link").addEventListener("click", async () => {
   }
 });
 
+// ---- live controls: styles, LoRAs, ControlNets and the rest of what the server offers ---------------
+
+async function loadOffer() {
+  const [info, styles] = await Promise.all([
+    fetch("/v1/info").then((response) => response.json()),
+    fetch("/v1/styles").then((response) => response.json()),
+  ]);
+  for (const style of styles.styles) {
+    const option = new Option(style.name, style.name);
+    option.title = style.description;
+    $("#style").append(option);
+  }
+  for (const name of info.model.loras.names) {
+    const label = document.createElement("label");
+    label.textContent = `LoRA ${name} `;
+    const slider = document.createElement("input");
+    Object.assign(slider, { type: "range", min: "0", max: "1.5", step: "0.05", value: "0" });
+    slider.dataset.lora = name;
+    slider.addEventListener("change", () => sendParams({ loras: loraWeights() }));
+    label.append(slider);
+    $("#loras").append(label);
+  }
+  for (const controlnet of info.model.controlnets) $("#controlnet").append(new Option(controlnet.name, controlnet.name));
+  $("#model").append(new Option(info.model.toy_model ? `${info.model.toy_model} toy model` : info.model.name, info.model.name));
+}
+
+function loraWeights() {
+  const weights = {};
+  for (const slider of document.querySelectorAll("[data-lora]")) {
+    if (Number(slider.value) !== 0) weights[slider.dataset.lora] = Number(slider.value);
+  }
+  return weights;
+}
+
+function controls() {
+  const model = $("#controlnet").value;
+  if (!model) return [];
+  const lines = Boolean(doc.controlLayer);
+  return [{
+    model,
+    scale: Number($("#control-scale").value),
+    preprocessor: lines ? "none" : $("#preprocessor").value,
+    source: lines ? "layer" : "canvas",
+  }];
+}
+
+$("#style").addEventListener("change", (event) => sendParams({ style: event.target.value }));
+$("#negative-prompt").addEventListener("change", (event) => sendParams({ negative_prompt: event.target.value }));
+$("#guidance").addEventListener("input", (event) => { $("#guidance-value").textContent = Number(event.target.value).toFixed(1); });
+$("#guidance").addEventListener("change", (event) => sendParams({ guidance_scale: Number(event.target.value) }));
+$("#cfg-type").addEventListener("change", (event) => sendParams({ cfg_type: event.target.value }));
+$("#similar-filter").addEventListener("change", (event) => sendParams({ similar_filter: event.target.checked }));
+$("#transition").addEventListener("change", (event) => {
+  const frames = Math.max(0, Math.min(240, Math.floor(Number(event.target.value) || 0)));
+  event.target.value = String(frames);
+  sendParams({ transition_frames: frames });
+});
+$("#control-scale").addEventListener("input", (event) => { $("#control-scale-value").textContent = Number(event.target.value).toFixed(2); });
+for (const id of ["#controlnet", "#control-scale", "#preprocessor"]) {
+  $(id).addEventListener("change", () => sendParams({ controls: controls() }));
+}
+$("#lines-as-control").addEventListener("change", (event) => {
+  if (event.target.checked) {
+    // Strokes on the background would take the paper with them: lines get a layer of their own.
+    const background = doc.layers.find((layer) => layer.kind === "paint");
+    doc.setControlLayer(doc.active === background ? doc.addLayer("Lines") : doc.active);
+  } else {
+    doc.setControlLayer(null);
+  }
+  state.needFull = true;
+  sendParams({ controls: controls() });
+});
+
 // ---- sources and images --------------------------------------------------------------------------
 
 for (const kind of ["camera", "screen"]) {
@@ -374,6 +467,7 @@ function renderLayers() {
     const name = document.createElement("span");
     name.className = "name";
     name.textContent = layer.kind === "paint" ? layer.name : `${layer.name} (live)`;
+    if (layer === doc.controlLayer) name.textContent += " (control)";
     const opacity = document.createElement("input");
     opacity.type = "range";
     opacity.min = "0";
@@ -441,5 +535,6 @@ window.streamcanvas = {
 
 renderLayers();
 selectTool("brush");
+loadOffer().catch((error) => showError({ code: "client", message: `Could not read what the server offers: ${error.message}` }));
 connection.open();
 requestAnimationFrame(loop);

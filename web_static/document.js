@@ -54,6 +54,7 @@ export class CanvasDocument extends EventTarget {
     this.undoStack = [];
     this.redoStack = [];
     this.dirty = null;
+    this.controlLayer = null; // a paint layer sent as the control image instead of as input
     this.resizeView();
     const paper = this.addLayer("Background");
     paper.context.fillStyle = "#ffffff"; // white paper: layers moved below it are covered
@@ -96,6 +97,41 @@ export class CanvasDocument extends EventTarget {
     context.restore();
   }
 
+  // The img2img input: every visible layer but the control layer, on white paper.
+  composeInput() {
+    const canvas = makeCanvas(this.width, this.height);
+    const context = canvas.getContext("2d");
+    context.fillStyle = "#ffffff";
+    context.fillRect(0, 0, this.width, this.height);
+    for (const layer of this.layers) {
+      if (layer === this.controlLayer || !layer.visible || layer.opacity <= 0) continue;
+      context.globalAlpha = layer.opacity;
+      context.drawImage(layer.canvas, 0, 0);
+    }
+    return canvas;
+  }
+
+  // The control image: the control layer's strokes in white on black, as line ControlNets take them.
+  composeControl() {
+    const strokes = makeCanvas(this.width, this.height);
+    const context = strokes.getContext("2d");
+    if (this.controlLayer) context.drawImage(this.controlLayer.canvas, 0, 0);
+    context.globalCompositeOperation = "source-in";
+    context.fillStyle = "#ffffff";
+    context.fillRect(0, 0, this.width, this.height);
+    const canvas = makeCanvas(this.width, this.height);
+    const target = canvas.getContext("2d");
+    target.fillStyle = "#000000";
+    target.fillRect(0, 0, this.width, this.height);
+    target.drawImage(strokes, 0, 0);
+    return canvas;
+  }
+
+  setControlLayer(layer) {
+    this.controlLayer = layer && layer.kind === "paint" ? layer : null;
+    this.afterStructureChange();
+  }
+
   // ---- layers (structure changes are not in the undo history; pixel edits are) ----
 
   addLayer(name, kind = "paint") {
@@ -112,6 +148,7 @@ export class CanvasDocument extends EventTarget {
     if (index < 0) return;
     if (layer.kind === "paint" && this.layers.filter((item) => item.kind === "paint").length === 1) return;
     this.layers.splice(index, 1);
+    if (this.controlLayer === layer) this.controlLayer = null;
     this.undoStack = this.undoStack.filter((entry) => entry.layer !== layer);
     this.redoStack = this.redoStack.filter((entry) => entry.layer !== layer);
     if (this.active === layer) this.active = this.layers.filter((item) => item.kind === "paint").at(-1);

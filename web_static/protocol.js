@@ -21,8 +21,9 @@ export function hello({ width, height, codec = "jpeg", quality, params, apiKey, 
   return message;
 }
 
-export function canvasMessage(seq, format, bytes) {
-  return { type: "canvas", seq, image: { format, data: bytes } };
+// `layer`: "image" (the img2img input, the default) or "control" (the control layer ControlNets read).
+export function canvasMessage(seq, format, bytes, layer = "image") {
+  return { type: "canvas", seq, image: { format, data: bytes }, layer };
 }
 
 export function deltaMessage(seq, patches) {

@@ -1,0 +1,239 @@
+"""Live controls over the wire: a real server started with two LoRAs and two ControlNets (built offline
+for the trained toy model), driven by WebSocket clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TEST_RESOLUTION, start_server
+from helpers import Client, ServerProcess, decode_frame, encode_payload, make_canvas
+from streamcanvas.codecs.images import ImageFormat
+from streamcanvas.codecs.messages import Canvas, CanvasDelta, Hello, Params, Patch, parse_client_message
+from test_browser import TIMEOUT_MS, browser, open_page, stroke, wait_settled  # noqa: F401 - browser is a fixture
+from test_live_controls import lines
+
+SIZE = TEST_RESOLUTION
+LAYER_CONTROL = {"model": "scribble", "scale": 1.0, "preprocessor": "none", "source": "layer"}
+STEADY = {"prompt": "a red house", "steps": 1, "cfg_type": "none"}
+"""One step without residual CFG: a frame depends on its inputs only, so two sessions can be compared."""
+
+
+@pytest.fixture(scope="module")
+def controls_server(cache_dir: Path, artifacts_dir: Path, live_extras: dict[str, Path]) -> Iterator[ServerProcess]:
+    process = start_server(
+        cache_dir,
+        artifacts_dir,
+        "controls",
+        "--slots", "2",
+        "--lora", f"ink={live_extras['ink']}",
+        "--lora", f"glow={live_extras['glow']}",
+        "--controlnet", f"scribble={live_extras['scribble']}",
+        "--controlnet", f"edges={live_extras['edges']}",
+    )
+    yield process
+    process.stop()
+
+
+async def first_frame(client: Client, seq: int) -> np.ndarray:
+    return decode_frame(await client.frame_for(seq))
+
+
+async def send_layer(client: Client, rgb: np.ndarray) -> int:
+    seq = client.next_seq()
+    await client.send(Canvas(image=encode_payload(rgb, ImageFormat.PNG), seq=seq, layer="control"))
+    return seq
+
+
+async def error_for(client: Client, seq: int) -> dict[str, Any]:
+    while True:
+        message = await client.recv()
+        if message["type"] == "error" and message["ref_seq"] == seq:
+            return message
+
+
+def difference(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def test_info_and_styles_list_what_sessions_can_name(controls_server: ServerProcess) -> None:
+    info = controls_server.info()
+    assert info["model"]["loras"]["names"] == ["ink", "glow"]
+    assert [net["name"] for net in info["model"]["controlnets"]] == ["scribble", "edges"]
+    assert {"watercolor", "pencil", "dream", "webcam"} <= set(info["styles"])
+    styles = httpx.get(f"{controls_server.base_url}/v1/styles", timeout=5).json()["styles"]
+    watercolor = next(style for style in styles if style["name"] == "watercolor")
+    assert watercolor["fields"]["prompt_template"].startswith("{prompt}") and watercolor["description"]
+
+
+async def test_a_control_layer_steers_frames_and_ready_echoes_the_controls(controls_server: ServerProcess) -> None:
+    canvas = make_canvas(SIZE, 1)
+    params = {**STEADY, "controls": [LAYER_CONTROL], "loras": {"ink": 0.7}}
+    async with Client.connect(controls_server.ws_url) as client, Client.connect(controls_server.ws_url) as other:
+        ready = await client.hello(params=params)
+        assert ready["params"]["controls"] == [{**LAYER_CONTROL, "start": 0.0, "end": 1.0}]
+        assert ready["params"]["loras"] == {"ink": 0.7}
+        await other.hello(params=params)
+        without_layer = await first_frame(client, await client.send_canvas(canvas))
+        with_layer = await first_frame(client, await send_layer(client, lines(SIZE, 1)))
+        assert difference(with_layer, without_layer) > 1
+        # A delta on the control layer is an input too; the other session, with no layer, is untouched.
+        seq = client.next_seq()
+        patch = Patch(0, 0, encode_payload(lines(SIZE // 2, 2), ImageFormat.PNG))
+        await client.send(CanvasDelta(patches=(patch,), seq=seq, layer="control"))
+        assert difference(await first_frame(client, seq), with_layer) > 0.1
+        assert np.array_equal(await first_frame(other, await other.send_canvas(canvas)), without_layer)
+
+
+async def test_a_txt2img_session_follows_its_control_layer(controls_server: ServerProcess) -> None:
+    async with Client.connect(controls_server.ws_url) as client:
+        await client.hello(mode="txt2img", params={**STEADY, "controls": [LAYER_CONTROL]})
+        first = await first_frame(client, await send_layer(client, lines(SIZE, 3)))
+        second = await first_frame(client, await send_layer(client, lines(SIZE, 4)))
+        assert difference(first, second) > 1
+        seq = await client.send_params(controls=[{**LAYER_CONTROL, "source": "canvas"}])
+        error = await error_for(client, seq)
+        assert error["code"] == "invalid_value" and error["field"] == "controls" and "layer" in error["message"]
+
+
+async def test_loras_and_styles_switch_live(controls_server: ServerProcess) -> None:
+    canvas = make_canvas(SIZE, 2)
+    async with Client.connect(controls_server.ws_url) as client:
+        await client.hello(params=STEADY)
+        plain = await first_frame(client, await client.send_canvas(canvas))
+        inked = await first_frame(client, await client.send_params(loras={"ink": 1.0}))
+        assert difference(inked, plain) > 1
+        back = await first_frame(client, await client.send_params(loras={}))
+        assert np.array_equal(back, plain)
+        styled = await first_frame(client, await client.send_params(style="dream"))
+        assert difference(styled, plain) > 1
+        assert np.array_equal(await first_frame(client, await client.send_params(style="")), plain)
+
+
+async def test_a_prompt_transition_plays_out_without_new_input(controls_server: ServerProcess) -> None:
+    async with Client.connect(controls_server.ws_url) as client:
+        await client.hello(params={"prompt": "a red house", "transition_frames": 6})
+        await client.frame_for(await client.send_canvas(make_canvas(SIZE, 3)))
+        await client.send_params(prompt="a blue sea")
+        frames = []
+        while len(frames) < 7:
+            message = await client.recv()
+            if message["type"] == "frame":
+                frames.append(decode_frame(message))
+        # One params message, seven frames (six blended, one more through the stream batch), each a step
+        # further from the old prompt.
+        assert all(difference(a, b) > 0 for a, b in zip(frames, frames[1:]))
+
+
+@pytest.mark.parametrize(
+    ("changes", "code", "field", "named"),
+    [
+        ({"loras": {"sepia": 1.0}}, "unknown_name", "loras", "ink, glow"),
+        ({"controls": [{"model": "depth"}]}, "unknown_name", "controls", "scribble, edges"),
+        ({"style": "baroque"}, "unknown_name", "style", "watercolor"),
+        ({"controls": "scribble"}, "invalid_field", "controls", "array"),
+        ({"controls": [{"model": "scribble", "scale": "big"}]}, "invalid_value", "controls", "scale"),
+        ({"loras": {"ink": 9}}, "invalid_value", "loras", "outside"),
+        ({"prompt": [["a", "b"]]}, "invalid_value", "prompt", "[text, weight]"),
+        ({"transition_frames": 10_000}, "invalid_value", "transition_frames", "outside"),
+    ],
+)
+async def test_bad_controls_are_typed_errors_and_the_session_goes_on(
+    controls_server: ServerProcess, changes: dict[str, Any], code: str, field: str, named: str
+) -> None:
+    async with Client.connect(controls_server.ws_url) as client:
+        await client.hello(params=STEADY)
+        seq = await client.send_params(**changes)
+        error = await error_for(client, seq)
+        assert (error["code"], error["field"], error["fatal"]) == (code, field, False) and named in error["message"]
+        await client.frame_for(await client.send_canvas(make_canvas(SIZE, 1)))
+
+
+async def test_a_hello_naming_an_unknown_lora_is_refused(controls_server: ServerProcess) -> None:
+    async with Client.connect(controls_server.ws_url) as client:
+        await client.send(Hello(protocol=(1,), params={"loras": {"sepia": 1.0}}))
+        message = await client.expect("error")
+        assert message["code"] == "unknown_name" and message["fatal"] and "ink, glow" in message["message"]
+
+
+async def test_a_bad_layer_is_a_typed_error(controls_server: ServerProcess) -> None:
+    async with Client.connect(controls_server.ws_url) as client:
+        await client.hello(params=STEADY)
+        seq = client.next_seq()
+        await client.send(Canvas(image=encode_payload(make_canvas(SIZE, 1), ImageFormat.PNG), seq=seq, layer="depth"))
+        error = await error_for(client, seq)
+        assert (error["code"], error["field"]) == ("invalid_value", "layer")
+
+
+# The canvas page ------------------------------------------------------------------------------------
+
+
+def test_the_page_offers_every_live_control(browser, controls_server: ServerProcess, artifacts_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Chromium: the page lists the server's styles, LoRAs and ControlNets, sends each control as the
+    protocol has it, and sends its line layer as the control layer (white strokes on black) while the
+    canvas it sends keeps only the other layers."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    sent: list[Any] = []
+    page.on("websocket", lambda websocket: websocket.on("framesent", lambda payload: sent.append(parse_client_message(payload))))
+    try:
+        open_page(page, controls_server)
+        wait_settled(page)
+        assert page.locator("#style option").all_inner_texts() == ["none", "watercolor", "pencil", "dream", "webcam"]
+        assert page.locator("[data-lora]").count() == 2
+        assert page.locator("#controlnet option").all_inner_texts() == ["none", "scribble", "edges"]
+
+        def changes() -> dict[str, Any]:
+            merged: dict[str, Any] = {}
+            for message in sent:
+                if isinstance(message, Params):
+                    merged.update(message.changes)
+            return merged
+
+        page.select_option("#style", "dream")
+        page.fill("#negative-prompt", "blurry")
+        page.locator("#negative-prompt").dispatch_event("change")
+        page.locator("#guidance").fill("2")
+        page.select_option("#cfg-type", "full")
+        page.check("#similar-filter")
+        page.fill("#transition", "12")
+        page.locator("#transition").dispatch_event("change")
+        page.locator("[data-lora=glow]").fill("0.5")
+        page.select_option("#controlnet", "scribble")
+        page.select_option("#preprocessor", "canny")
+        wait_settled(page)
+        assert changes() == {
+            "style": "dream", "negative_prompt": "blurry", "guidance_scale": 2.0, "cfg_type": "full",
+            "similar_filter": True, "transition_frames": 12, "loras": {"glow": 0.5},
+            "controls": [{"model": "scribble", "scale": 1.0, "preprocessor": "canny", "source": "canvas"}],
+        }
+        page.uncheck("#similar-filter")  # every frame, for the strokes below
+
+        sent.clear()
+        page.check("#lines-as-control")
+        stroke(page, [(0.2, 0.5), (0.8, 0.5)])
+        wait_settled(page)
+        assert changes()["controls"] == [{"model": "scribble", "scale": 1.0, "preprocessor": "none", "source": "layer"}]
+        assert page.locator("#layers li .name").first.inner_text() == "Lines (control)"
+        canvases = [message for message in sent if isinstance(message, Canvas)]
+        image = next(message for message in reversed(canvases) if message.layer == "image")
+        control = next(message for message in reversed(canvases) if message.layer == "control")
+        drawn = np.asarray(Image.open(io.BytesIO(image.image.data)).convert("RGB"))
+        lines_drawn = np.asarray(Image.open(io.BytesIO(control.image.data)).convert("RGB"))
+        assert drawn.min() == 255  # the strokes are not in the img2img input: white paper only
+        assert lines_drawn[0, 0].max() == 0 and lines_drawn[SIZE // 2, SIZE // 2].min() == 255  # white on black
+        page.screenshot(path=str(artifacts_dir / "browser-live-controls.png"), full_page=True)
+        assert not errors
+    finally:
+        context.close()
