@@ -13,7 +13,8 @@ import binascii
 import io
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -24,8 +25,13 @@ from streamcanvas.codecs import images
 from streamcanvas.codecs.errors import CodecError
 from streamcanvas.codecs.images import ImageLimits
 
+from streamcanvas.pipelines.adapters import LORA_WEIGHT_RANGE, MAX_ACTIVE_LORAS
+from streamcanvas.pipelines.controls import MAX_CONTROL_SCALE, MAX_CONTROLS, Preprocessor, preprocess
+from streamcanvas.pipelines.stream import StreamParams
+from streamcanvas.pipelines.styles import StylePreset
+
 from .errors import InvalidJob
-from .rendering import SCHEDULERS, QualityRenderer, RenderRequest, StepCallback
+from .rendering import SCHEDULERS, QualityRenderer, RenderControl, RenderRequest, StepCallback
 
 MAX_SEED = 2**32 - 1
 SchedulerName = Literal["euler_a", "euler", "dpmpp_2m", "ddim", "pndm", "unipc", "heun", "lcm"]
@@ -37,12 +43,10 @@ class LiveCapture:
     """What a live session looks like right now, for "render this session": its canvas and params."""
 
     canvas: np.ndarray | None
-    prompt: str
-    negative_prompt: str
-    seed: int
-    strength: float
+    params: StreamParams
     width: int
     height: int
+    control_layer: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ class AcceptContext:
     image_limits: ImageLimits
     capture_live: Callable[[str, str], LiveCapture]
     """(session id, control token) → the session's state; raises InvalidJob / JobNotFound."""
+    loras: tuple[str, ...] = ()
+    controlnets: tuple[str, ...] = ()
+    styles: Mapping[str, StylePreset] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class GenerationRequest(_Strict):
+class BatchControl(_Strict):
+    """A ControlNet for a batch render, as a live session's CONTROL (no `source`: a batch job's control
+    image is its `control_image`, or else its input image)."""
+
+    model: str = Field(max_length=64)
+    scale: float = Field(1.0, ge=0.0, le=MAX_CONTROL_SCALE)
+    start: float = Field(0.0, ge=0.0, le=1.0)
+    end: float = Field(1.0, ge=0.0, le=1.0)
+    preprocessor: Preprocessor = "scribble"
+
+
+class LiveLook(_Strict):
+    """What keeps a full-quality render looking like the live stream: a style preset, LoRAs, ControlNets."""
+
+    style: str = Field("", max_length=64, description="a style preset (GET /v1/styles): its prompt template, negative prompt, LoRAs and control scale")
+    loras: dict[str, float] = Field(default_factory=dict, max_length=MAX_ACTIVE_LORAS, description="LoRA name → weight")
+    controls: list[BatchControl] = Field(default_factory=list, max_length=MAX_CONTROLS)
+    control_image: str | None = Field(None, description="base64 PNG/JPEG/WebP the controls read (after their preprocessor); default: the input image")
+
+
+class GenerationRequest(LiveLook):
     prompt: str = Field(max_length=4000)
     negative_prompt: str = Field("", max_length=4000)
     width: int = Field(512, ge=64, description="multiple of 8, at most the server's max resolution")
@@ -85,6 +112,8 @@ class Img2ImgRequest(GenerationRequest):
 
 
 class LiveSessionRequest(_Strict):
+    """The session's own style, LoRAs and controls (its control layer included) come with it."""
+
     session_id: str = Field(max_length=64)
     session_token: str = Field(max_length=4096, description="the session's control token (ready.token)")
     steps: int = Field(25, ge=1, le=150)
@@ -115,8 +144,14 @@ class JobKind:
         raise NotImplementedError
 
     def run(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
+        init_image = _decode_stored(input_image) if input_image is not None else None
+        controls = tuple(BatchControl.model_validate(control) for control in params.get("controls", ()))
+        control_source = _decode_stored(base64.b64decode(params["control_image"])) if params.get("control_image") else init_image
+        if controls and control_source is None:
+            raise InvalidJob("controls need a control_image (or an input image)", field="params.control_image")
+        prompt = params["prompt"]
         request = RenderRequest(
-            prompt=params["prompt"],
+            prompt=prompt if isinstance(prompt, str) else tuple((text, float(weight)) for text, weight in prompt),
             negative_prompt=params.get("negative_prompt", ""),
             width=params["width"],
             height=params["height"],
@@ -125,8 +160,13 @@ class JobKind:
             guidance_scale=params["guidance_scale"],
             seed=params["seed"],
             batch_size=params["batch_size"],
-            init_image=_decode_stored(input_image) if input_image is not None else None,
+            init_image=init_image,
             strength=params.get("strength", 1.0),
+            loras=tuple(sorted(params.get("loras", {}).items())),
+            controls=tuple(
+                RenderControl(control.model, control.scale, control.start, control.end, preprocess(control_source, control.preprocessor))  # type: ignore[arg-type]
+                for control in controls
+            ),
         )
         return renderer.render(request, on_step)
 
@@ -140,6 +180,9 @@ class Txt2Img(JobKind):
         _check_size(request.width, request.height, context)
         params = request.model_dump()
         params["seed"] = _seed(request.seed)
+        params.update(_live_look(request, context))
+        if params["controls"] and not params["control_image"]:
+            raise InvalidJob("a txt2img job with controls needs a control_image", field="params.control_image")
         return Accepted(params)
 
 
@@ -156,6 +199,7 @@ class Img2Img(JobKind):
         _check_size(width, height, context)
         params = request.model_dump(exclude={"image"})
         params.update(width=width, height=height, seed=_seed(request.seed))
+        params.update(_live_look(request, context))
         return Accepted(params, _store_png(rgb))
 
 
@@ -169,11 +213,18 @@ class LiveSession(JobKind):
         width = request.width or live.width
         height = request.height or live.height
         _check_size(width, height, context)
+        session = live.params
+        prompts = session.prompts()  # the style's template already applied
+        layer_controls = [control for control in session.controls if control.source == "layer"]
+        canvas_controls = [control for control in session.controls if control.source == "canvas"]
+        # A batch job has one control image: the session's control layer if any control reads it, else
+        # its canvas.
+        controls = layer_controls if layer_controls and live.control_layer is not None else canvas_controls
         params = {
             "session_id": request.session_id,
-            "prompt": live.prompt,
-            "negative_prompt": live.negative_prompt if request.negative_prompt is None else request.negative_prompt,
-            "seed": live.seed,
+            "prompt": prompts[0][0] if len(prompts) == 1 else [list(pair) for pair in prompts],
+            "negative_prompt": session.negative_prompt if request.negative_prompt is None else request.negative_prompt,
+            "seed": session.seed,
             "width": width,
             "height": height,
             "steps": request.steps,
@@ -181,14 +232,65 @@ class LiveSession(JobKind):
             "guidance_scale": request.guidance_scale,
             "batch_size": request.batch_size,
             "preview": request.preview,
+            "style": session.style,
+            "loras": dict(session.active_loras),
+            "controls": [
+                {"model": c.model, "scale": c.scale, "start": c.start, "end": c.end, "preprocessor": c.preprocessor} for c in controls
+            ],
+            "control_image": _base64_png(live.control_layer) if controls and controls is layer_controls else None,
         }
-        if live.canvas is None:  # a txt2img session: its prompt and seed are all there is
+        if live.canvas is None:  # a txt2img session: its prompt and seed (and control layer) are all there is
+            if controls and params["control_image"] is None:
+                params["controls"] = []
             return Accepted(params)
-        params["strength"] = request.strength if request.strength is not None else live.strength
+        params["strength"] = request.strength if request.strength is not None else session.strength
         return Accepted(params, _store_png(live.canvas))
 
 
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (Txt2Img(), Img2Img(), LiveSession())}
+
+
+def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
+    """The request's style, LoRAs and controls, checked against what this server has, with the style's
+    template applied to the prompt and its fields under the request's own."""
+    where = "params."
+    extra: dict[str, Any] = {"style": request.style, "control_image": None}
+    loras = dict(request.loras)
+    controls = [control.model_dump() for control in request.controls]
+    prompt = getattr(request, "prompt", "")
+    negative = getattr(request, "negative_prompt", "")
+    if request.style:
+        preset = context.styles.get(request.style)
+        if preset is None:
+            raise InvalidJob(f"{where}style: no style preset named {request.style!r}; this server has: {', '.join(context.styles) or 'none'}", field=f"{where}style")
+        template = preset.fields.get("prompt_template", "{prompt}")
+        prompt = template.replace("{prompt}", prompt)
+        negative = negative or preset.fields.get("negative_prompt", "")
+        loras = {**dict(preset.fields.get("loras", {})), **loras}
+        if preset.control_scale is not None:
+            for control in controls:
+                control["scale"] = preset.control_scale
+    for name, weight in loras.items():
+        if name not in context.loras:
+            raise InvalidJob(f"{where}loras: no LoRA named {name!r}; this server has: {', '.join(context.loras) or 'none'}", field=f"{where}loras")
+        if not LORA_WEIGHT_RANGE[0] <= weight <= LORA_WEIGHT_RANGE[1]:
+            raise InvalidJob(f"{where}loras: weight of {name!r} is {weight}, outside {list(LORA_WEIGHT_RANGE)}", field=f"{where}loras")
+    for control in controls:
+        if control["model"] not in context.controlnets:
+            raise InvalidJob(
+                f"{where}controls: no ControlNet named {control['model']!r}; this server has: {', '.join(context.controlnets) or 'none'}",
+                field=f"{where}controls",
+            )
+        if control["start"] >= control["end"]:
+            raise InvalidJob(f"{where}controls: start must be below end", field=f"{where}controls")
+    if request.control_image is not None:
+        extra["control_image"] = _base64_png(_decode_upload(request.control_image, context.image_limits, "control_image"))
+    extra.update(prompt=prompt, negative_prompt=negative, loras={name: weight for name, weight in loras.items() if weight}, controls=controls)
+    return extra
+
+
+def _base64_png(rgb: np.ndarray | None) -> str | None:
+    return None if rgb is None else base64.b64encode(_store_png(rgb)).decode("ascii")
 
 
 def _seed(seed: int | None) -> int:
@@ -207,20 +309,20 @@ def _check_size(width: int, height: int, context: AcceptContext) -> None:
             raise InvalidJob(f"{name} {value} is outside 64 … {maximum}", field=f"params.{name}")
 
 
-def _decode_upload(data: str, limits: ImageLimits) -> np.ndarray:
+def _decode_upload(data: str, limits: ImageLimits, name: str = "image") -> np.ndarray:
     if data.startswith("data:"):
         data = data.partition(",")[2]
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidJob("image is not valid base64", field="params.image") from None
+        raise InvalidJob(f"{name} is not valid base64", field=f"params.{name}") from None
     image_format = images.sniff_format(raw)
     if image_format is None:
-        raise InvalidJob("image is not a PNG, JPEG or WebP file", field="params.image")
+        raise InvalidJob(f"{name} is not a PNG, JPEG or WebP file", field=f"params.{name}")
     try:
         return images.decode(image_format, raw, limits)
     except CodecError as error:
-        raise InvalidJob(f"image: {error}", field="params.image") from None
+        raise InvalidJob(f"{name}: {error}", field=f"params.{name}") from None
 
 
 def _store_png(rgb: np.ndarray) -> bytes:

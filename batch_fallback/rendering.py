@@ -22,11 +22,14 @@ from diffusers import (
     HeunDiscreteScheduler,
     LCMScheduler,
     PNDMScheduler,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.models import AutoencoderTiny
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
 from streamcanvas.pipelines.loading import LoadedModel
@@ -61,7 +64,8 @@ StepCallback = Callable[[int, int, Callable[[], bytes]], None]
 
 @dataclass(frozen=True)
 class RenderRequest:
-    prompt: str
+    prompt: str | tuple[tuple[str, float], ...]
+    """A prompt, or weighted prompts whose embeddings are mixed by weight (as the live stream does)."""
     negative_prompt: str
     width: int
     height: int
@@ -72,6 +76,19 @@ class RenderRequest:
     batch_size: int
     init_image: np.ndarray | None = None
     strength: float = 0.6
+    loras: tuple[tuple[str, float], ...] = ()
+    controls: tuple[RenderControl, ...] = ()
+
+
+@dataclass(frozen=True)
+class RenderControl:
+    """A ControlNet for one render: its name, scale, start/end fractions and control image (RGB uint8)."""
+
+    model: str
+    scale: float
+    start: float
+    end: float
+    image: np.ndarray
 
 
 class QualityRenderer:
@@ -90,7 +107,13 @@ class QualityRenderer:
         components["safety_checker"] = None
         components["feature_extractor"] = None
         components["requires_safety_checker"] = False
-        pipeline_class = StableDiffusionPipeline if request.init_image is None else StableDiffusionImg2ImgPipeline
+        img2img = request.init_image is not None
+        if request.controls:
+            nets = [model.controlnets.get(control.model) for control in request.controls]
+            components["controlnet"] = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+            pipeline_class = StableDiffusionControlNetImg2ImgPipeline if img2img else StableDiffusionControlNetPipeline
+        else:
+            pipeline_class = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
         pipe = pipeline_class(**components)
         pipe.set_progress_bar_config(disable=True)
         generators = [torch.Generator("cpu").manual_seed(request.seed + index) for index in range(request.batch_size)]
@@ -101,8 +124,7 @@ class QualityRenderer:
             return tensors
 
         arguments: dict = {
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt or None,
+            **self._prompt_arguments(pipe, request),
             "num_inference_steps": request.steps,
             "guidance_scale": request.guidance_scale,
             "num_images_per_prompt": request.batch_size,
@@ -118,9 +140,32 @@ class QualityRenderer:
             if image.size != (request.width, request.height):
                 image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
             arguments.update(image=image, strength=request.strength)
-        with torch.inference_mode():
+        if request.controls:
+            single = len(request.controls) == 1
+            control_images = [_sized(control.image, request.width, request.height) for control in request.controls]
+            scales = [control.scale for control in request.controls]
+            arguments["control_image" if img2img else "image"] = control_images[0] if single else control_images
+            arguments["controlnet_conditioning_scale"] = scales[0] if single else scales
+            arguments["control_guidance_start"] = [control.start for control in request.controls]
+            arguments["control_guidance_end"] = [control.end for control in request.controls]
+        with torch.inference_mode(), model.adapters.wanted(request.loras):
             output = pipe(**arguments)
         return list(output.images)
+
+    def _prompt_arguments(self, pipe: StableDiffusionPipeline, request: RenderRequest) -> dict[str, object]:
+        """The prompt as the pipeline takes it: text, or, for weighted prompts, embeddings mixed by weight."""
+        if isinstance(request.prompt, str):
+            return {"prompt": request.prompt, "negative_prompt": request.negative_prompt or None}
+        total = sum(weight for _, weight in request.prompt)
+        mixed = None
+        negative = None
+        with torch.inference_mode(), self.model.adapters.wanted(request.loras):
+            for text, weight in request.prompt:
+                embedded, negative = pipe.encode_prompt(
+                    text, self.model.placement.device, 1, True, negative_prompt=request.negative_prompt or None
+                )
+                mixed = embedded * (weight / total) if mixed is None else mixed + embedded * (weight / total)
+        return {"prompt_embeds": mixed, "negative_prompt_embeds": negative}
 
     @torch.inference_mode()
     def preview(self, latents: torch.Tensor) -> bytes:
@@ -139,3 +184,8 @@ class QualityRenderer:
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=70)
         return buffer.getvalue()
+
+
+def _sized(rgb: np.ndarray, width: int, height: int) -> Image.Image:
+    image = Image.fromarray(rgb)
+    return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)

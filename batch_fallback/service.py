@@ -13,7 +13,7 @@ import base64
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.pipelines.loading import LoadedModel
+from streamcanvas.pipelines.styles import StylePreset
 
 from .errors import InvalidJob
 from .kinds import KINDS, AcceptContext, LiveCapture, invalid_job
@@ -93,9 +94,11 @@ class BatchService:
         model: LoadedModel,
         capture_live: Callable[[str, str], LiveCapture],
         torch_threads: int | None = None,
+        styles: Mapping[str, StylePreset] | None = None,
     ) -> None:
         self.config = config
         self.model = model
+        self.styles = dict(styles or {})
         self.capture_live = capture_live
         self.store = JobStore(config.database_url)
         self.live_sessions = 0
@@ -220,6 +223,9 @@ class BatchService:
             max_height=self.config.max_height,
             image_limits=self.config.image_limits,
             capture_live=self.capture_live,
+            loras=self.model.adapters.names,
+            controlnets=self.model.controlnets.names,
+            styles=self.styles,
         )
 
     def get(self, job_id: str) -> JobRecord:

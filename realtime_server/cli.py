@@ -148,7 +148,8 @@ def serve(**options: object) -> None:
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), help="Where result images go (shared with the server). Default <cache>/results.")
 @click.option("--model", help="As for serve: a diffusers directory or a cached repo id. Default: the trained toy model.")
 @click.option("--tiny-vae", help="As for serve (used for previews).")
-@click.option("--lora", help="As for serve.")
+@click.option("--lora", multiple=True, help="As for serve (give the worker the LoRAs the server names, so jobs that use them run here).")
+@click.option("--controlnet", multiple=True, help="As for serve.")
 @click.option("--device", help="auto, cpu, cuda or cuda:N. Default auto.")
 @click.option("--dtype", help="auto, float32, float16 or bfloat16.")
 @click.option("--threads", type=int, help="Torch CPU threads. Default: all cores.")
@@ -166,10 +167,11 @@ def worker(**options: object) -> None:
 
     from .settings import Settings, validation_message
 
-    given = {name: value for name, value in options.items() if value is not None}
+    given = {name: value for name, value in options.items() if value not in (None, ())}
     given.setdefault("batch_queue", "redis")
-    if "lora" in given:
-        given["lora"] = [given["lora"]]  # type: ignore[list-item]
+    for name in ("lora", "controlnet"):
+        if name in given:
+            given[name] = list(given[name])  # type: ignore[call-overload]
     try:
         settings = Settings(**given)
     except pydantic.ValidationError as error:

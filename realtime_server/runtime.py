@@ -65,7 +65,7 @@ class Runtime:
         self.failure: str | None = None
         self._warmup_task: asyncio.Task[None] | None = None
         self.peers: dict = {}  # WebRTC peer connections by resource id (realtime_server.webrtc)
-        self.batch = BatchService(settings.batch_config(), model, self.capture_live, torch_threads=per_slot)
+        self.batch = BatchService(settings.batch_config(), model, self.capture_live, torch_threads=per_slot, styles=styles)
         self._live_task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -156,16 +156,8 @@ class Runtime:
             self.manager.tokens.verify(token, session_id, ("control",))
         except TokenRejected as error:
             raise Forbidden(f"session_token: {error}", field="params.session_token") from None
-        canvas, params = session.capture()
-        return LiveCapture(
-            canvas=canvas,
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt,
-            seed=params.seed,
-            strength=params.strength,
-            width=session.width,
-            height=session.height,
-        )
+        canvas, params, layer = session.capture()
+        return LiveCapture(canvas=canvas, params=params, width=session.width, height=session.height, control_layer=layer)
 
     @property
     def ready(self) -> bool:

@@ -467,10 +467,13 @@ class Session:
         newest = self._newest
         return None if newest is None else time.monotonic() - newest.received_at
 
-    def capture(self) -> tuple[np.ndarray | None, StreamParams]:
-        """A copy of the canvas (None for txt2img sessions) and parameters; safe from any thread."""
+    def capture(self) -> tuple[np.ndarray | None, StreamParams, np.ndarray | None]:
+        """Copies of the canvas (None for txt2img sessions), the parameters and the control layer (None
+        until one is sent); safe from any thread."""
         with self._lock:
-            return (self._canvas.snapshot() if self._canvas is not None else None), self._params
+            canvas = self._canvas.snapshot() if self._canvas is not None else None
+            layer = self._control_layer.snapshot() if self._control_layer is not None else None
+            return canvas, self._params, layer
 
     @property
     def closed(self) -> bool:

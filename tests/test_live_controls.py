@@ -261,3 +261,21 @@ def test_a_style_file_that_names_what_is_not_loaded_is_a_start_up_error(tmp_path
         path.write_text(text)
         with pytest.raises(ModelLoadError, match=problem):
             load_styles(path)
+
+
+def test_a_controlnet_costs_one_call_per_unet_call_whatever_the_batch(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    """Four controlled streams rendered together: one ControlNet call beside each UNet call, for every
+    latent of every stream batch at once."""
+    calls = {"unet": 0, "controlnet": 0}
+    hooks = [
+        controlled_model.pipe.unet.register_forward_hook(lambda *_: calls.__setitem__("unet", calls["unet"] + 1)),
+        controlled_model.controlnets.get("scribble").register_forward_hook(lambda *_: calls.__setitem__("controlnet", calls["controlnet"] + 1)),
+    ]
+    try:
+        streams = [stream(controlled_model, seed=index, controls=[SCRIBBLE]) for index in range(4)]
+        for tag in range(3):
+            render_together([(pipeline, make_canvas(SIZE, tag), tag) for pipeline in streams])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls["unet"] == calls["controlnet"] == 4  # a priming step, then one a frame

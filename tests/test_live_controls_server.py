@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from batch_helpers import Jobs, png_base64
 from conftest import TEST_RESOLUTION, start_server
 from helpers import Client, ServerProcess, decode_frame, encode_payload, make_canvas
 from streamcanvas.codecs.images import ImageFormat
@@ -237,3 +238,76 @@ def test_the_page_offers_every_live_control(browser, controls_server: ServerProc
         assert not errors
     finally:
         context.close()
+
+
+# Full-quality renders keep the live look ------------------------------------------------------------
+
+
+@pytest.fixture
+def jobs(controls_server: ServerProcess) -> Iterator[Jobs]:
+    client = Jobs(controls_server.base_url)
+    yield client
+    client.close()
+
+
+def render(jobs: Jobs, kind: str, **params: Any) -> np.ndarray:
+    job = jobs.wait(jobs.create(kind, {"steps": 4, "scheduler": "euler", "seed": 5, "width": SIZE, "height": SIZE, **params})["id"])
+    assert job["status"] == "finished", job
+    return np.asarray(jobs.image(job["results"][0]["url"]).convert("RGB"))
+
+
+def test_batch_jobs_take_loras_controls_and_styles(jobs: Jobs) -> None:
+    prompt = {"prompt": "a red house"}
+    plain = render(jobs, "txt2img", **prompt)
+    assert difference(render(jobs, "txt2img", **prompt, loras={"ink": 1.0}), plain) > 1
+    assert np.array_equal(render(jobs, "txt2img", **prompt, loras={"ink": 0.0}), plain)
+    layer = png_base64(lines(SIZE, 1))
+    controlled = render(jobs, "txt2img", **prompt, controls=[{"model": "scribble", "preprocessor": "none"}], control_image=layer)
+    assert difference(controlled, plain) > 1
+    assert np.array_equal(render(jobs, "txt2img", **prompt, controls=[{"model": "scribble", "scale": 0.0}], control_image=layer), plain)
+    # A style is its template applied to the prompt: the same image as writing the templated prompt.
+    template = httpx.get(f"{jobs.http.base_url}/v1/styles").json()["styles"][0]["fields"]["prompt_template"]
+    styled = render(jobs, "txt2img", prompt="a red house", style="watercolor")
+    assert np.array_equal(styled, render(jobs, "txt2img", prompt=template.replace("{prompt}", "a red house"), negative_prompt="dark, sharp"))
+    # An img2img job's controls read its input image when no control image is given.
+    image = png_base64(make_canvas(SIZE, 2))
+    assert difference(render(jobs, "img2img", **prompt, image=image, controls=[{"model": "edges", "preprocessor": "canny"}]), render(jobs, "img2img", **prompt, image=image)) > 1
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "named"),
+    [
+        ({"loras": {"sepia": 1.0}}, "params.loras", "ink, glow"),
+        ({"controls": [{"model": "depth"}], "control_image": png_base64(lines(SIZE, 1))}, "params.controls", "scribble, edges"),
+        ({"style": "baroque"}, "params.style", "watercolor"),
+        ({"controls": [{"model": "scribble"}]}, "params.control_image", "control_image"),
+        ({"controls": [{"model": "scribble", "preprocessor": "hed"}]}, "params.controls.0.preprocessor", "scribble"),
+        ({"control_image": "not base64!"}, "params.control_image", "base64"),
+    ],
+)
+def test_bad_live_look_fields_are_refused_before_queueing(jobs: Jobs, params: dict[str, Any], field: str, named: str) -> None:
+    response = jobs.http.post("/v1/jobs", json={"kind": "txt2img", "params": {"prompt": "x", **params}})
+    assert response.status_code == 422 and response.json()["field"] == field and named in response.json()["message"], response.json()
+
+
+async def test_render_full_quality_keeps_the_sessions_loras_and_control_layer(controls_server: ServerProcess, jobs: Jobs) -> None:
+    canvas = make_canvas(SIZE, 4)
+    control = {**LAYER_CONTROL, "scale": 0.8}
+    async with Client.connect(controls_server.ws_url) as client:
+        ready = await client.hello(params={"prompt": "a blue lake", "seed": 12, "loras": {"glow": 0.6}, "controls": [control], "style": "pencil"})
+        await client.send_canvas(canvas)
+        await client.frame_for(await send_layer(client, lines(SIZE, 5)))
+        created = jobs.create("live_session", {"session_id": ready["session_id"], "session_token": ready["token"], "steps": 4, "scheduler": "euler"})
+    assert created["params"]["loras"] == {"glow": 0.6} and created["params"]["style"] == "pencil"
+    # The session set its control's scale itself, in the same hello as the style: its own value wins.
+    assert created["params"]["controls"] == [{"model": "scribble", "scale": 0.8, "start": 0.0, "end": 1.0, "preprocessor": "none"}]
+    assert created["params"]["prompt"].startswith("a blue lake, pencil sketch")
+    live = jobs.wait(created["id"])
+    assert live["status"] == "finished", live
+    same = render(
+        jobs, "img2img", prompt=created["params"]["prompt"], negative_prompt=created["params"]["negative_prompt"], seed=12,
+        strength=created["params"]["strength"], image=png_base64(canvas), loras={"glow": 0.6},
+        controls=created["params"]["controls"], control_image=png_base64(lines(SIZE, 5)),
+    )
+    live_image = np.asarray(jobs.image(live["results"][0]["url"]).convert("RGB"))
+    assert np.abs(live_image.astype(int) - same).max() <= 2
