@@ -74,6 +74,7 @@ bench: setup
 	$(BIN)/python -m streamcanvas.benchmarks.batch_queue
 	$(BIN)/python -m streamcanvas.benchmarks.live_with_batch
 	$(BIN)/python -m streamcanvas.benchmarks.multi_session
+	$(BIN)/python -m streamcanvas.benchmarks.live_controls
 
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache web_static/node_modules

@@ -47,6 +47,8 @@ class LiveCapture:
     width: int
     height: int
     control_layer: np.ndarray | None = None
+    model: str | None = None
+    """The session's model (None: the default)."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,8 @@ class AcceptContext:
     image_limits: ImageLimits
     capture_live: Callable[[str, str], LiveCapture]
     """(session id, control token) → the session's state; raises InvalidJob / JobNotFound."""
-    loras: tuple[str, ...] = ()
-    controlnets: tuple[str, ...] = ()
+    models: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
+    """The server's models by name (the first is the default), each with its LoRAs and ControlNets."""
     styles: Mapping[str, StylePreset] = field(default_factory=dict)
 
 
@@ -85,6 +87,7 @@ class BatchControl(_Strict):
 class LiveLook(_Strict):
     """What keeps a full-quality render looking like the live stream: a style preset, LoRAs, ControlNets."""
 
+    model: str | None = Field(None, max_length=512, description="one of the server's models (GET /v1/models); None: the default")
     style: str = Field("", max_length=64, description="a style preset (GET /v1/styles): its prompt template, negative prompt, LoRAs and control scale")
     loras: dict[str, float] = Field(default_factory=dict, max_length=MAX_ACTIVE_LORAS, description="LoRA name → weight")
     controls: list[BatchControl] = Field(default_factory=list, max_length=MAX_CONTROLS)
@@ -163,6 +166,7 @@ class JobKind:
             init_image=init_image,
             strength=params.get("strength", 1.0),
             loras=tuple(sorted(params.get("loras", {}).items())),
+            model=params.get("model"),
             controls=tuple(
                 RenderControl(control.model, control.scale, control.start, control.end, preprocess(control_source, control.preprocessor))  # type: ignore[arg-type]
                 for control in controls
@@ -232,6 +236,7 @@ class LiveSession(JobKind):
             "guidance_scale": request.guidance_scale,
             "batch_size": request.batch_size,
             "preview": request.preview,
+            "model": live.model,
             "style": session.style,
             "loras": dict(session.active_loras),
             "controls": [
@@ -255,6 +260,14 @@ def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
     template applied to the prompt and its fields under the request's own."""
     where = "params."
     extra: dict[str, Any] = {"style": request.style, "control_image": None}
+    if context.models:
+        model = request.model or next(iter(context.models))
+        if model not in context.models:
+            raise InvalidJob(f"{where}model: no model named {model!r}; this server has: {', '.join(context.models)}", field=f"{where}model")
+        loaded_loras, loaded_controlnets = context.models[model]
+        extra["model"] = model
+    else:
+        loaded_loras, loaded_controlnets = (), ()
     loras = dict(request.loras)
     controls = [control.model_dump() for control in request.controls]
     prompt = getattr(request, "prompt", "")
@@ -271,14 +284,14 @@ def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
             for control in controls:
                 control["scale"] = preset.control_scale
     for name, weight in loras.items():
-        if name not in context.loras:
-            raise InvalidJob(f"{where}loras: no LoRA named {name!r}; this server has: {', '.join(context.loras) or 'none'}", field=f"{where}loras")
+        if name not in loaded_loras:
+            raise InvalidJob(f"{where}loras: no LoRA named {name!r}; this server has: {', '.join(loaded_loras) or 'none'}", field=f"{where}loras")
         if not LORA_WEIGHT_RANGE[0] <= weight <= LORA_WEIGHT_RANGE[1]:
             raise InvalidJob(f"{where}loras: weight of {name!r} is {weight}, outside {list(LORA_WEIGHT_RANGE)}", field=f"{where}loras")
     for control in controls:
-        if control["model"] not in context.controlnets:
+        if control["model"] not in loaded_controlnets:
             raise InvalidJob(
-                f"{where}controls: no ControlNet named {control['model']!r}; this server has: {', '.join(context.controlnets) or 'none'}",
+                f"{where}controls: no ControlNet named {control['model']!r}; this server has: {', '.join(loaded_controlnets) or 'none'}",
                 field=f"{where}controls",
             )
         if control["start"] >= control["end"]:

@@ -12,7 +12,8 @@ import time
 import torch
 
 from streamcanvas.pipelines.devices import in_short_lived_thread
-from streamcanvas.pipelines.loading import ModelSpec, inference_threads, load_model
+from streamcanvas.pipelines.loading import ModelSpec, inference_threads
+from streamcanvas.pipelines.models import load_models
 
 from .queues import Housekeeper, RedisQueue
 from .rendering import QualityRenderer
@@ -23,17 +24,17 @@ from .worker import JobExecutor, LiveGate, RetryPolicy
 logger = logging.getLogger(__name__)
 
 
-def run_worker(config: BatchConfig, spec: ModelSpec, threads: int | None = None) -> None:
+def run_worker(config: BatchConfig, specs: list[tuple[str, ModelSpec]], threads: int | None = None, budget_bytes: int | None = None) -> None:
     if not config.redis_url:
         raise ValueError("a worker needs --redis-url")
     threads = inference_threads(threads)
-    model = in_short_lived_thread(lambda: load_model(spec))
+    models = in_short_lived_thread(lambda: load_models(specs, budget_bytes))
     store = JobStore(config.database_url)
     queue = RedisQueue(config.redis_url, config.redis_namespace, config.heartbeat_timeout_s)
     name = f"{socket.gethostname()}:{os.getpid()}"
     executor = JobExecutor(
         store,
-        QualityRenderer(model),
+        QualityRenderer(models),
         config.results_dir,
         worker_name=name,
         heartbeat_s=config.heartbeat_s,

@@ -33,6 +33,7 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
 from streamcanvas.pipelines.loading import LoadedModel
+from streamcanvas.pipelines.models import ModelSet
 
 SCHEDULERS = {
     "euler_a": EulerAncestralDiscreteScheduler,
@@ -78,6 +79,8 @@ class RenderRequest:
     strength: float = 0.6
     loras: tuple[tuple[str, float], ...] = ()
     controls: tuple[RenderControl, ...] = ()
+    model: str | None = None
+    """A name in the server's models (None: the default one)."""
 
 
 @dataclass(frozen=True)
@@ -94,11 +97,16 @@ class RenderControl:
 class QualityRenderer:
     """Renders full-quality images on one device. Not thread-safe per call: one worker drives it."""
 
-    def __init__(self, model: LoadedModel) -> None:
-        self.model = model
+    def __init__(self, models: ModelSet | LoadedModel) -> None:
+        self.models = models if isinstance(models, ModelSet) else ModelSet.single(models)
+
+    @property
+    def model(self) -> LoadedModel:
+        """The default model (what a job that names none renders with)."""
+        return self.models.default
 
     def render(self, request: RenderRequest, on_step: StepCallback) -> list[Image.Image]:
-        model = self.model
+        model = self.models.get(request.model)
         components = dict(model.pipe.components)
         components["vae"] = model.quality_vae
         components["scheduler"] = SCHEDULERS[request.scheduler].from_config(
@@ -120,11 +128,11 @@ class QualityRenderer:
 
         def step_end(pipeline, step: int, _timestep, tensors: dict) -> dict:  # type: ignore[no-untyped-def]
             latents = tensors["latents"]
-            on_step(step + 1, pipeline.num_timesteps, lambda: self.preview(latents))
+            on_step(step + 1, pipeline.num_timesteps, lambda: self.preview(latents, model))
             return tensors
 
         arguments: dict = {
-            **self._prompt_arguments(pipe, request),
+            **self._prompt_arguments(model, pipe, request),
             "num_inference_steps": request.steps,
             "guidance_scale": request.guidance_scale,
             "num_images_per_prompt": request.batch_size,
@@ -152,26 +160,26 @@ class QualityRenderer:
             output = pipe(**arguments)
         return list(output.images)
 
-    def _prompt_arguments(self, pipe: StableDiffusionPipeline, request: RenderRequest) -> dict[str, object]:
+    def _prompt_arguments(self, model: LoadedModel, pipe: StableDiffusionPipeline, request: RenderRequest) -> dict[str, object]:
         """The prompt as the pipeline takes it: text, or, for weighted prompts, embeddings mixed by weight."""
         if isinstance(request.prompt, str):
             return {"prompt": request.prompt, "negative_prompt": request.negative_prompt or None}
         total = sum(weight for _, weight in request.prompt)
         mixed = None
         negative = None
-        with torch.inference_mode(), self.model.adapters.wanted(request.loras):
+        with torch.inference_mode(), model.adapters.wanted(request.loras):
             for text, weight in request.prompt:
                 embedded, negative = pipe.encode_prompt(
-                    text, self.model.placement.device, 1, True, negative_prompt=request.negative_prompt or None
+                    text, model.placement.device, 1, True, negative_prompt=request.negative_prompt or None
                 )
                 mixed = embedded * (weight / total) if mixed is None else mixed + embedded * (weight / total)
         return {"prompt_embeds": mixed, "negative_prompt_embeds": negative}
 
     @torch.inference_mode()
-    def preview(self, latents: torch.Tensor) -> bytes:
+    def preview(self, latents: torch.Tensor, model: LoadedModel | None = None) -> bytes:
         """A small JPEG of the first image's current latents: TAESD when loaded, else a linear guess."""
         latent = latents[:1]
-        vae = self.model.pipe.vae
+        vae = (model or self.model).pipe.vae
         if isinstance(vae, AutoencoderTiny):
             pixels = vae.decode(latent.to(vae.dtype)).sample[0].float()
             rgb = (pixels / 2 + 0.5).clamp(0, 1)

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.pipelines.loading import LoadedModel
+from streamcanvas.pipelines.models import ModelSet
 from streamcanvas.pipelines.styles import StylePreset
 
 from .errors import InvalidJob
@@ -91,13 +92,14 @@ class BatchService:
     def __init__(
         self,
         config: BatchConfig,
-        model: LoadedModel,
+        models: ModelSet | LoadedModel,
         capture_live: Callable[[str, str], LiveCapture],
         torch_threads: int | None = None,
         styles: Mapping[str, StylePreset] | None = None,
     ) -> None:
         self.config = config
-        self.model = model
+        self.models = models if isinstance(models, ModelSet) else ModelSet.single(models)
+        self.model = self.models.default
         self.styles = dict(styles or {})
         self.capture_live = capture_live
         self.store = JobStore(config.database_url)
@@ -112,7 +114,7 @@ class BatchService:
         else:
             self.executor = JobExecutor(
                 self.store,
-                QualityRenderer(model),
+                QualityRenderer(self.models),
                 config.results_dir,
                 worker_name="embedded",
                 heartbeat_s=config.heartbeat_s,
@@ -223,8 +225,7 @@ class BatchService:
             max_height=self.config.max_height,
             image_limits=self.config.image_limits,
             capture_live=self.capture_live,
-            loras=self.model.adapters.names,
-            controlnets=self.model.controlnets.names,
+            models={name: (model.adapters.names, model.controlnets.names) for name, model in self.models},
             styles=self.styles,
         )
 

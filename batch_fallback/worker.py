@@ -173,7 +173,7 @@ class JobExecutor:
             check()
             rendered_on = {"torch_threads": sorted(threads_used)} if self.renderer.model.placement.device.type == "cpu" else {}
             produced = write_results(
-                self.results_dir, claim.job_id, record.kind, record.params, images, self.renderer.model.name, rendered_on
+                self.results_dir, claim.job_id, record.kind, record.params, images, self.renderer.models.get(record.params.get("model")).name, rendered_on
             )
             outcome = JobStatus.FINISHED if self.store.finish(claim, produced) else None
         except JobLost:

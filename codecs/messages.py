@@ -76,6 +76,8 @@ class Hello:
     mode: str = "img2img"
     params: dict[str, Any] = field(default_factory=dict)
     seq: int | None = None
+    model: str | None = None
+    """One of the server's models (GET /v1/models); None: its default."""
 
 
 MODES = ("img2img", "txt2img")
@@ -364,7 +366,15 @@ def _parse_hello(fields: _Fields) -> Hello:
         mode=mode,
         params=parse_param_changes(params, "hello.params"),
         seq=fields.integer("seq", 0, MAX_SEQ),
+        model=_short(fields, "model"),
     )
+
+
+def _short(fields: _Fields, name: str, limit: int = 512) -> str | None:
+    value = fields.get(name, (str,))
+    if value is not None and len(value) > limit:
+        raise InvalidValue(f"{fields.where}: '{name}' is longer than {limit} characters", field=name)
+    return value
 
 
 def _layer(fields: _Fields) -> str:

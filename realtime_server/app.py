@@ -43,6 +43,7 @@ async def info(request: Request) -> JSONResponse:
     body = {
         "status": runtime.readiness.value,
         "model": runtime.model.describe(),
+        "models": list(runtime.models.names),
         "device": runtime.model.placement.description,
         "backend": runtime.model.backend.describe(),
         "torch_threads": torch.get_num_threads(),
@@ -58,6 +59,12 @@ async def info(request: Request) -> JSONResponse:
     }
     body["protocol_versions"] = list(PROTOCOL_VERSIONS)
     return JSONResponse(body)
+
+
+async def models(request: Request) -> JSONResponse:
+    """The models a session may pick (`hello.model`, a batch job's `model`): the first is the default."""
+    runtime: Runtime = request.app.state.runtime
+    return JSONResponse({"models": runtime.models.describe(), "memory_budget_bytes": runtime.models.budget})
 
 
 async def styles(request: Request) -> JSONResponse:
@@ -82,6 +89,7 @@ def create_app(runtime: Runtime) -> Starlette:
             Route("/healthz", healthz),
             Route("/v1/info", info),
             Route("/v1/styles", styles),
+            Route("/v1/models", models),
             WebSocketRoute(WEBSOCKET_PATH, stream_endpoint),
             *output_routes(),
             *batch_routes(),

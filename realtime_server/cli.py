@@ -27,9 +27,12 @@ def main() -> None:
 @click.option("--port", type=int, help="TCP port to listen on (0 picks a free one). Default 8000.")
 @click.option(
     "--model",
+    multiple=True,
     help="A local diffusers directory, or a Hugging Face repo id already in the local cache "
-    "(e.g. stabilityai/sd-turbo); looked up offline. Default: the project's trained toy model (its weights ship with the package).",
+    "(e.g. stabilityai/sd-turbo); looked up offline. Repeat for several, as NAME=PATH to give them short names: "
+    "a session picks one in hello (\"model\"), the first is the default. Default: the project's trained toy model (its weights ship with the package).",
 )
+@click.option("--memory-budget", "memory_budget_gb", type=float, help="GiB the models may take on the device; a set of models over it is refused at start-up, with their sizes. Default: 90% of the GPU's memory, or of the memory available.")
 @click.option(
     "--tiny-vae",
     help="AutoencoderTiny (TAESD) directory or cached repo id (e.g. madebyollin/taesd) to decode with; "
@@ -90,7 +93,7 @@ def serve(**options: object) -> None:
     from .settings import Settings, validation_message
 
     given = {name: value for name, value in options.items() if value not in (None, ())}
-    for name in ("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet"):
+    for name in ("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", "model"):
         if name in given:
             given[name] = list(given[name])  # type: ignore[call-overload]
     try:
@@ -117,7 +120,7 @@ def serve(**options: object) -> None:
             "%s: frames come from streamcanvas's tiny %s TOY model (%s), not from real weights. %s "
             "Point --model at a diffusers directory or a cached Hugging Face repo id (e.g. --model "
             "stabilityai/sd-turbo) for real images.",
-            "no --model given" if runtime.settings.model is None else f"--model {runtime.settings.model}",
+            "no --model given" if not runtime.settings.model else f"--model {runtime.settings.model[0]}",
             runtime.model.toy_model,
             runtime.model.path,
             TOY_MODEL_NOTES[runtime.model.toy_model],
@@ -146,7 +149,7 @@ def serve(**options: object) -> None:
 @click.option("--redis-url", help="The Redis the server queues jobs on (--batch-queue redis). Required.")
 @click.option("--database-url", help="The server's job database (SQLAlchemy URL). Default sqlite:///<cache>/jobs.db.")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), help="Where result images go (shared with the server). Default <cache>/results.")
-@click.option("--model", help="As for serve: a diffusers directory or a cached repo id. Default: the trained toy model.")
+@click.option("--model", multiple=True, help="As for serve (repeatable, NAME=PATH): the models jobs may name. Default: the trained toy model.")
 @click.option("--tiny-vae", help="As for serve (used for previews).")
 @click.option("--lora", multiple=True, help="As for serve (give the worker the LoRAs the server names, so jobs that use them run here).")
 @click.option("--controlnet", multiple=True, help="As for serve.")
@@ -169,7 +172,7 @@ def worker(**options: object) -> None:
 
     given = {name: value for name, value in options.items() if value not in (None, ())}
     given.setdefault("batch_queue", "redis")
-    for name in ("lora", "controlnet"):
+    for name in ("lora", "controlnet", "model"):
         if name in given:
             given[name] = list(given[name])  # type: ignore[call-overload]
     try:
@@ -178,7 +181,7 @@ def worker(**options: object) -> None:
         raise click.UsageError(validation_message(error)) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        run_worker(settings.batch_config(), settings.model_spec(), settings.threads)
+        run_worker(settings.batch_config(), settings.model_specs(), settings.threads, settings.memory_budget_bytes)
     except PipelineError as error:
         click.echo(f"streamcanvas worker: cannot start: {error}", err=True)
         sys.exit(2)

@@ -142,6 +142,10 @@ def _settings(options: dict[str, object]):  # type: ignore[no-untyped-def]
     from .settings import Settings
 
     given = {name: value for name, value in options.items() if value is not None}
+    if isinstance(given.get("model"), str):
+        given["model"] = [given["model"]]
+    if isinstance(given.get("lora"), str):
+        given["lora"] = [given["lora"]]
     try:
         return Settings(**given)
     except pydantic.ValidationError as error:

@@ -16,11 +16,12 @@ from streamcanvas.batch_fallback.kinds import LiveCapture
 from streamcanvas.batch_fallback.service import BatchService
 from streamcanvas.pipelines.backends import prepare_backend
 from streamcanvas.pipelines.devices import in_short_lived_thread
-from streamcanvas.pipelines.loading import LoadedModel, inference_threads, load_model
+from streamcanvas.pipelines.loading import inference_threads
+from streamcanvas.pipelines.models import ModelSet, load_models
 from streamcanvas.pipelines.sharing import Sharing, measure_sharing
 from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
 from streamcanvas.pipelines.styles import StylePreset, load_styles
-from streamcanvas.sessions.config import Catalog
+from streamcanvas.sessions.config import Catalog, ModelChoice
 from streamcanvas.sessions.manager import SessionManager, TokenRejected
 from streamcanvas.sessions.session import SessionState
 
@@ -43,52 +44,60 @@ class Runtime:
     def __init__(
         self,
         settings: Settings,
-        model: LoadedModel,
+        models: ModelSet,
         threads: int,
         sharing: Sharing | None,
         styles: dict[str, StylePreset],
     ) -> None:
         self.settings = settings
-        self.model = model
+        self.models = models
+        self.model = models.default
         self.styles = styles
         self.sharing = sharing
         """What `--sessions-per-slot auto` measured at start-up (None for a given count)."""
         # On the CPU the slots share the cores: each worker gets its share of torch threads, so their
         # OpenMP pools together never outnumber the cores (see in_short_lived_thread).
-        per_slot = max(1, threads // settings.slots) if model.placement.device.type == "cpu" else None
-        defaults = StreamParams().replace(**model.stream_defaults)
-        catalog = Catalog(loras=model.adapters.names, controlnets=model.controlnets.names, styles=self.styles)
+        per_slot = max(1, threads // settings.slots) if self.model.placement.device.type == "cpu" else None
+        choices = {
+            name: ModelChoice(model.adapters.names, model.controlnets.names, StreamParams().replace(**model.stream_defaults))
+            for name, model in models
+        }
+        catalog = Catalog(models=choices, styles=self.styles)
+        defaults = choices[models.default_name].defaults
+        assert defaults is not None
         config = dataclasses.replace(settings.session_config(sharing), default_params=defaults, catalog=catalog)
-        self.manager = SessionManager(config, model, threads_per_slot=per_slot)
+        self.manager = SessionManager(config, models, threads_per_slot=per_slot)
         self.readiness = Readiness.WARMING_UP
         self.warmup_ms: float | None = None
         self.failure: str | None = None
         self._warmup_task: asyncio.Task[None] | None = None
         self.peers: dict = {}  # WebRTC peer connections by resource id (realtime_server.webrtc)
-        self.batch = BatchService(settings.batch_config(), model, self.capture_live, torch_threads=per_slot, styles=styles)
+        self.batch = BatchService(settings.batch_config(), models, self.capture_live, torch_threads=per_slot, styles=styles)
         self._live_task: asyncio.Task[None] | None = None
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
-        """Load the model and prepare its backend (raising ModelNotFound / ModelLoadError /
+        """Load the models and prepare their backends (raising ModelNotFound / ModelLoadError /
         BackendUnavailable) before anything listens."""
         threads = inference_threads(settings.threads)
-        spec = settings.model_spec()
+        specs = settings.model_specs()
         backend_config = settings.backend_config(threads)
 
-        def load() -> tuple[LoadedModel, Sharing | None, dict[str, StylePreset]]:
-            model = load_model(spec)
+        def load() -> tuple[ModelSet, Sharing | None, dict[str, StylePreset]]:
+            models = load_models(specs, settings.memory_budget_bytes)
+            model = models.default
             styles = load_styles(settings.styles, model.adapters.names, model.controlnets.names)
-            model.backend = prepare_backend(model, backend_config)
+            for _, each in models:
+                each.backend = prepare_backend(each, backend_config)
             if settings.sessions_per_slot != "auto":
-                return model, None, styles
+                return models, None, styles
             width, height = settings.size
             sharing = measure_sharing(model, width, height, StreamParams().replace(**model.stream_defaults))
             logger.info("--sessions-per-slot auto: %d (%s)", sharing.sessions_per_slot, sharing.reason)
-            return model, sharing, styles
+            return models, sharing, styles
 
-        model, sharing, styles = in_short_lived_thread(load)
-        return cls(settings, model, threads, sharing, styles)
+        models, sharing, styles = in_short_lived_thread(load)
+        return cls(settings, models, threads, sharing, styles)
 
     async def start(self) -> None:
         """Start the slot workers and warm up in the background; /healthz says ready when done."""
@@ -157,7 +166,9 @@ class Runtime:
         except TokenRejected as error:
             raise Forbidden(f"session_token: {error}", field="params.session_token") from None
         canvas, params, layer = session.capture()
-        return LiveCapture(canvas=canvas, params=params, width=session.width, height=session.height, control_layer=layer)
+        return LiveCapture(
+            canvas=canvas, params=params, width=session.width, height=session.height, control_layer=layer, model=session.model_name
+        )
 
     @property
     def ready(self) -> bool:

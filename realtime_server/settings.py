@@ -19,6 +19,7 @@ from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.pipelines.backends import BackendConfig, BackendName, ShapeRange
 from streamcanvas.pipelines.adapters import parse_named_path
 from streamcanvas.pipelines.loading import ModelSpec
+from streamcanvas.pipelines.models import DEFAULT_MODEL_NAME
 from streamcanvas.pipelines.paths import default_cache_dir
 from streamcanvas.pipelines.sharing import Sharing
 from streamcanvas.sessions.manager import SessionConfig
@@ -70,7 +71,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
 
-    model: str | None = None
+    model: Annotated[list[str], NoDecode] = []
+    """Models to serve: `NAME=PATH` or a bare PATH (named by it); the first is the default. None: the
+    trained toy model, named "toy"."""
+    memory_budget_gb: float | None = Field(None, gt=0)
+    """GiB the models' weights may take on the device (default: 90% of a GPU's memory, or of the
+    memory the machine has available)."""
     tiny_vae: str = "auto"
     lora: Annotated[list[str], NoDecode] = []
     """LoRAs: `NAME=PATH` loads a named adapter that sessions turn on and weigh; a bare PATH (one at
@@ -135,7 +141,7 @@ class Settings(BaseSettings):
     job_retention_s: float = Field(7 * 24 * 3600.0, gt=0)
 
     _split = field_validator(
-        "api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", mode="before"
+        "api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", "model", mode="before"
     )(_split_list)
 
     @field_validator("lora")
@@ -145,6 +151,12 @@ class Settings(BaseSettings):
         if len(fused) > 1:
             raise ValueError(f"at most one LoRA is fused into the UNet (a bare PATH); give the others names, NAME=PATH: {fused}")
         _unique([parse_named_path(entry, "--lora") for entry in value if _named(entry)], "--lora")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_models(cls, value: list[str]) -> list[str]:
+        _unique([_model_entry(entry) for entry in value], "--model")
         return value
 
     @field_validator("controlnet")
@@ -251,17 +263,37 @@ class Settings(BaseSettings):
             **extra,
         )
 
-    def model_spec(self) -> ModelSpec:
+    def model_specs(self) -> list[tuple[str, ModelSpec]]:
+        """Every model to serve, by name, the default first. The LoRAs and ControlNets (and the fused
+        LoRA) go with the default model: they are made for one architecture."""
         fused = next((entry for entry in self.lora if not _named(entry)), None)
-        return ModelSpec(
-            model=self.model,
-            tiny_vae=self.tiny_vae,
-            lora=fused,
-            adapters=tuple(parse_named_path(entry, "--lora") for entry in self.lora if _named(entry)),
-            controlnets=tuple(parse_named_path(entry, "--controlnet") for entry in self.controlnet),
-            device=self.device,
-            dtype=self.dtype,
-        )
+        entries = [_model_entry(entry) for entry in self.model] or [(DEFAULT_MODEL_NAME, "")]
+        specs = []
+        for index, (name, path) in enumerate(entries):
+            first = index == 0
+            specs.append(
+                (
+                    name,
+                    ModelSpec(
+                        model=path or None,
+                        tiny_vae=self.tiny_vae,
+                        lora=fused if first else None,
+                        adapters=tuple(parse_named_path(entry, "--lora") for entry in self.lora if _named(entry)) if first else (),
+                        controlnets=tuple(parse_named_path(entry, "--controlnet") for entry in self.controlnet) if first else (),
+                        device=self.device,
+                        dtype=self.dtype,
+                    ),
+                )
+            )
+        return specs
+
+    def model_spec(self) -> ModelSpec:
+        """The default model's."""
+        return self.model_specs()[0][1]
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        return None if self.memory_budget_gb is None else int(self.memory_budget_gb * 2**30)
 
     def backend_config(self, threads: int) -> BackendConfig:
         """TensorRT engines cover sides from engine_min_resolution (or the session size, if smaller) to
@@ -313,6 +345,11 @@ def _named(entry: str) -> bool:
     """Whether a --lora entry is NAME=PATH (a name before any '=', and no path separator in it)."""
     name, equals, _ = entry.partition("=")
     return bool(equals) and "/" not in name and "\\" not in name
+
+
+def _model_entry(entry: str) -> tuple[str, str]:
+    """A --model entry as (name, path): NAME=PATH, or a bare PATH named by itself."""
+    return parse_named_path(entry, "--model") if _named(entry) else (entry, entry)
 
 
 def _unique(pairs: list[tuple[str, str]], option: str) -> None:

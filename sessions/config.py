@@ -15,25 +15,49 @@ from streamcanvas.pipelines.styles import StylePreset, apply_style
 
 
 @dataclass(frozen=True)
-class Catalog:
-    """What a session may name: the LoRAs, ControlNets and style presets this server has loaded."""
+class ModelChoice:
+    """One model a session may pick: the LoRAs and ControlNets loaded for it, and where its sessions'
+    parameters start (StreamParams' defaults, or the model's own)."""
 
     loras: tuple[str, ...] = ()
     controlnets: tuple[str, ...] = ()
+    defaults: StreamParams | None = None
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What a session may name: the server's models (the first is the default), each with the LoRAs
+    and ControlNets loaded for it, and the style presets."""
+
+    models: Mapping[str, ModelChoice] = field(default_factory=dict)
+    """Empty: one model, with no LoRAs or ControlNets."""
     styles: Mapping[str, StylePreset] = field(default_factory=dict)
 
-    def resolve(self, current: StreamParams, defaults: StreamParams, changes: Mapping[str, Any], img2img: bool) -> StreamParams:
+    def choice(self, model: str | None) -> ModelChoice:
+        return self.models.get(model or next(iter(self.models), ""), ModelChoice())
+
+    def model(self, name: str | None) -> str | None:
+        """The model a hello asks for, checked (None: the default)."""
+        if name is not None and name not in self.models:
+            raise UnknownName("model", f"no model named {name!r}; this server has: {', '.join(self.models) or 'one model only'}")
+        return name
+
+    def resolve(
+        self, current: StreamParams, defaults: StreamParams, changes: Mapping[str, Any], img2img: bool, model: str | None = None
+    ) -> StreamParams:
         """`current` with a client's changes (a style preset among them brought in under them), every
         name checked: an unknown one is an UnknownName that lists what exists."""
         params = apply_style(current, defaults, self.styles, changes)
+        choice = self.choice(model)
+        loras, controlnets = choice.loras, choice.controlnets
         for name, _ in params.loras:
-            if name not in self.loras:
-                raise UnknownName("loras", f"no LoRA named {name!r}; this server has: {_listed(self.loras, '--lora NAME=PATH')}")
+            if name not in loras:
+                raise UnknownName("loras", f"no LoRA named {name!r}; this server has: {_listed(loras, '--lora NAME=PATH')}")
         for control in params.controls:
-            if control.model not in self.controlnets:
+            if control.model not in controlnets:
                 raise UnknownName(
                     "controls",
-                    f"no ControlNet named {control.model!r}; this server has: {_listed(self.controlnets, '--controlnet NAME=PATH')}",
+                    f"no ControlNet named {control.model!r}; this server has: {_listed(controlnets, '--controlnet NAME=PATH')}",
                 )
             if control.source == "canvas" and not img2img:
                 raise InvalidParameter("controls", "a txt2img session has no canvas: use source 'layer' and send a control layer")

@@ -58,6 +58,8 @@ class RenderJob:
     wants_jpeg: bool = False
     """Whether anyone watches as JPEG (MJPEG, OBS): the frame is then encoded once for all of them."""
     recorder: FrameSink | None = None
+    model: str | None = None
+    """The session's model, a name in the server's models (None: the default)."""
     layer: np.ndarray | None = None
     """The session's control layer (H×W×3 uint8), for controls whose source is "layer"; None until sent."""
 

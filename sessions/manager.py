@@ -10,6 +10,7 @@ import jwt
 
 from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 from streamcanvas.pipelines.loading import LoadedModel
+from streamcanvas.pipelines.models import ModelSet
 
 from .config import SessionConfig
 from .session import CloseReason, Session, SessionState
@@ -59,12 +60,14 @@ class Tokens:
 
 
 class SessionManager:
-    def __init__(self, config: SessionConfig, model: LoadedModel, threads_per_slot: int | None = None) -> None:
+    def __init__(self, config: SessionConfig, models: ModelSet | LoadedModel, threads_per_slot: int | None = None) -> None:
         self.config = config
-        self.model = model
-        self.model_description = model.describe()
+        self.models = models if isinstance(models, ModelSet) else ModelSet.single(models)
+        self.model = self.models.default
+        self.model_descriptions = {entry["id"]: entry for entry in self.models.describe()}
+        """What `ready.model` says of each model (its description, and "id": the name a hello gives)."""
         self.pool = SlotPool(
-            model,
+            self.models,
             config.slots,
             config.max_waiting,
             threads_per_slot,
@@ -105,6 +108,9 @@ class SessionManager:
 
     def enqueue(self, session: Session) -> int | None:
         return self.pool.enqueue(session)
+
+    def describe_model(self, name: str | None) -> dict[str, object]:
+        return self.model_descriptions[name or self.models.default_name]
 
     def issue_token(self, session_id: str, role: str) -> str:
         return self.tokens.issue(session_id, role)

@@ -97,7 +97,9 @@ class SessionBroker(Protocol):
     """What a session needs from the server around it (the `SessionManager` is one): a place to
     render, tokens, and to be forgotten when it ends."""
 
-    model_description: dict[str, object]
+    def describe_model(self, name: str | None) -> dict[str, object]:
+        """What `ready.model` says of a model (None: the default)."""
+        ...
 
     @property
     def slots_total(self) -> int: ...
@@ -139,6 +141,8 @@ class Session:
         self.codec = ImageFormat.JPEG
         self.quality = 80
         self.mode = "img2img"
+        self.model_name: str | None = None
+        """The model this session renders with (None: the server's default)."""
         self.protocol: int | None = None
 
         # Shared with the worker thread, under _lock.
@@ -301,7 +305,11 @@ class Session:
             self._new_input(None, canvas_changed=True)
 
     def _resolve(self, current: StreamParams, changes: dict[str, object]) -> StreamParams:
-        return self.config.catalog.resolve(current, self.config.default_params, changes, self.mode == "img2img")
+        return self.config.catalog.resolve(current, self._defaults(), changes, self.mode == "img2img", self.model_name)
+
+    def _defaults(self) -> StreamParams:
+        """Where this session's parameters start: its model's defaults, or the server's."""
+        return self.config.catalog.choice(self.model_name).defaults or self.config.default_params
 
     def _layer(self, kind: str, layer: str) -> CanvasBuffer:
         """The buffer a canvas or delta message draws on: the canvas, or the control layer (which any
@@ -339,8 +347,9 @@ class Session:
         height = hello.height or self.config.default_height
         self._check_resolution(width, height)
         self.mode = hello.mode
+        self.model_name = self.config.catalog.model(hello.model)
         try:
-            params = self._resolve(self.config.default_params, hello.params)
+            params = self._resolve(self._defaults(), hello.params)
         except InvalidParameter as error:
             raise type(error)(error.field, f"in hello: {error}") from None
         self.protocol = max(common)
@@ -398,7 +407,7 @@ class Session:
                 mode=self.mode,
                 params=_params_dict(self._params),
                 limits=self.config.limits_dict(),
-                model=self.broker.model_description,
+                model=self.broker.describe_model(self.model_name),
                 token=self.broker.issue_token(self.id, "control"),
                 viewer_token=self.broker.issue_token(self.id, "viewer"),
             )
@@ -454,6 +463,7 @@ class Session:
                 wants_message=self.frames_to_client,
                 wants_jpeg=self.broadcast.wanted,
                 recorder=self.recorder,
+                model=self.model_name,
                 layer=self._control_layer.snapshot() if self._control_layer is not None else None,
             )
 

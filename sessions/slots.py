@@ -30,6 +30,7 @@ import torch
 from streamcanvas.codecs.images import ImageFormat, get_encoder
 from streamcanvas.codecs.messages import Frame, serialize
 from streamcanvas.pipelines.loading import LoadedModel
+from streamcanvas.pipelines.models import ModelSet
 from streamcanvas.pipelines.stream import RenderResult, StreamParams, StreamPipeline, render_together
 
 from .broadcast import BroadcastFrame
@@ -81,7 +82,7 @@ class Slot:
     def __init__(
         self,
         index: int,
-        model: LoadedModel,
+        models: ModelSet | LoadedModel,
         torch_threads: int | None = None,
         capacity: int = 1,
         batching: bool = True,
@@ -90,7 +91,8 @@ class Slot:
         if capacity < 1:
             raise ValueError(f"a slot serves at least one session, got {capacity}")
         self.index = index
-        self.model = model
+        self.models = models if isinstance(models, ModelSet) else ModelSet.single(models)
+        """Every model the server serves: a slot renders any of them (one stream per session)."""
         self.torch_threads = torch_threads
         self.capacity = capacity
         self.batching = batching
@@ -258,7 +260,8 @@ class Slot:
             except Exception as error:  # noqa: BLE001 - this client's parameters: only its frame fails
                 self._failed(seat, job, error)
                 continue
-            (together[stream.batch_key] if self.batching and stream.batchable else alone).append((seat, job, refill))
+            key = (id(stream.model), *stream.batch_key)
+            (together[key] if self.batching and stream.batchable else alone).append((seat, job, refill))
         for group in together.values():
             if len(group) == 1:
                 alone.extend(group)
@@ -293,9 +296,10 @@ class Slot:
             self.batch_limit += 1
 
     def _configured(self, seat: _Seat, job: RenderJob) -> StreamPipeline:
-        if seat.stream is None or (seat.stream.width, seat.stream.height) != (job.width, job.height):
+        model = self.models.get(job.model)
+        if seat.stream is None or seat.stream.model is not model or (seat.stream.width, seat.stream.height) != (job.width, job.height):
             seat.reset()
-            seat.stream = StreamPipeline(self.model, job.width, job.height)
+            seat.stream = StreamPipeline(model, job.width, job.height)
         if seat.configured != (job.params, job.img2img):
             seat.configured = None
             seat.stream.configure(job.params, job.img2img)
@@ -374,7 +378,7 @@ class SlotPool:
 
     def __init__(
         self,
-        model: LoadedModel,
+        models: ModelSet | LoadedModel,
         size: int,
         max_waiting: int,
         threads_per_slot: int | None = None,
@@ -385,7 +389,7 @@ class SlotPool:
         if size < 1:
             raise ValueError(f"a pool needs at least one slot, got {size}")
         self.slots = [
-            Slot(index, model, threads_per_slot, sessions_per_slot, batching, frame_target_ms) for index in range(size)
+            Slot(index, models, threads_per_slot, sessions_per_slot, batching, frame_target_ms) for index in range(size)
         ]
         self.sessions_per_slot = sessions_per_slot
         self.max_waiting = max_waiting

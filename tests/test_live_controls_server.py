@@ -174,72 +174,6 @@ async def test_a_bad_layer_is_a_typed_error(controls_server: ServerProcess) -> N
         assert (error["code"], error["field"]) == ("invalid_value", "layer")
 
 
-# The canvas page ------------------------------------------------------------------------------------
-
-
-def test_the_page_offers_every_live_control(browser, controls_server: ServerProcess, artifacts_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    """Chromium: the page lists the server's styles, LoRAs and ControlNets, sends each control as the
-    protocol has it, and sends its line layer as the control layer (white strokes on black) while the
-    canvas it sends keeps only the other layers."""
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    sent: list[Any] = []
-    page.on("websocket", lambda websocket: websocket.on("framesent", lambda payload: sent.append(parse_client_message(payload))))
-    try:
-        open_page(page, controls_server)
-        wait_settled(page)
-        assert page.locator("#style option").all_inner_texts() == ["none", "watercolor", "pencil", "dream", "webcam"]
-        assert page.locator("[data-lora]").count() == 2
-        assert page.locator("#controlnet option").all_inner_texts() == ["none", "scribble", "edges"]
-
-        def changes() -> dict[str, Any]:
-            merged: dict[str, Any] = {}
-            for message in sent:
-                if isinstance(message, Params):
-                    merged.update(message.changes)
-            return merged
-
-        page.select_option("#style", "dream")
-        page.fill("#negative-prompt", "blurry")
-        page.locator("#negative-prompt").dispatch_event("change")
-        page.locator("#guidance").fill("2")
-        page.select_option("#cfg-type", "full")
-        page.check("#similar-filter")
-        page.fill("#transition", "12")
-        page.locator("#transition").dispatch_event("change")
-        page.locator("[data-lora=glow]").fill("0.5")
-        page.select_option("#controlnet", "scribble")
-        page.select_option("#preprocessor", "canny")
-        wait_settled(page)
-        assert changes() == {
-            "style": "dream", "negative_prompt": "blurry", "guidance_scale": 2.0, "cfg_type": "full",
-            "similar_filter": True, "transition_frames": 12, "loras": {"glow": 0.5},
-            "controls": [{"model": "scribble", "scale": 1.0, "preprocessor": "canny", "source": "canvas"}],
-        }
-        page.uncheck("#similar-filter")  # every frame, for the strokes below
-
-        sent.clear()
-        page.check("#lines-as-control")
-        stroke(page, [(0.2, 0.5), (0.8, 0.5)])
-        wait_settled(page)
-        assert changes()["controls"] == [{"model": "scribble", "scale": 1.0, "preprocessor": "none", "source": "layer"}]
-        assert page.locator("#layers li .name").first.inner_text() == "Lines (control)"
-        canvases = [message for message in sent if isinstance(message, Canvas)]
-        image = next(message for message in reversed(canvases) if message.layer == "image")
-        control = next(message for message in reversed(canvases) if message.layer == "control")
-        drawn = np.asarray(Image.open(io.BytesIO(image.image.data)).convert("RGB"))
-        lines_drawn = np.asarray(Image.open(io.BytesIO(control.image.data)).convert("RGB"))
-        assert drawn.min() == 255  # the strokes are not in the img2img input: white paper only
-        assert lines_drawn[0, 0].max() == 0 and lines_drawn[SIZE // 2, SIZE // 2].min() == 255  # white on black
-        page.screenshot(path=str(artifacts_dir / "browser-live-controls.png"), full_page=True)
-        assert not errors
-    finally:
-        context.close()
-
-
 # Full-quality renders keep the live look ------------------------------------------------------------
 
 
@@ -311,3 +245,69 @@ async def test_render_full_quality_keeps_the_sessions_loras_and_control_layer(co
     )
     live_image = np.asarray(jobs.image(live["results"][0]["url"]).convert("RGB"))
     assert np.abs(live_image.astype(int) - same).max() <= 2
+
+
+# The canvas page (last: its module-scoped browser keeps an event loop running in this thread) ------------------------------------------------------------------------------------
+
+
+def test_the_page_offers_every_live_control(browser, controls_server: ServerProcess, artifacts_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Chromium: the page lists the server's styles, LoRAs and ControlNets, sends each control as the
+    protocol has it, and sends its line layer as the control layer (white strokes on black) while the
+    canvas it sends keeps only the other layers."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    sent: list[Any] = []
+    page.on("websocket", lambda websocket: websocket.on("framesent", lambda payload: sent.append(parse_client_message(payload))))
+    try:
+        open_page(page, controls_server)
+        wait_settled(page)
+        assert page.locator("#style option").all_inner_texts() == ["none", "watercolor", "pencil", "dream", "webcam"]
+        assert page.locator("[data-lora]").count() == 2
+        assert page.locator("#controlnet option").all_inner_texts() == ["none", "scribble", "edges"]
+
+        def changes() -> dict[str, Any]:
+            merged: dict[str, Any] = {}
+            for message in sent:
+                if isinstance(message, Params):
+                    merged.update(message.changes)
+            return merged
+
+        page.select_option("#style", "dream")
+        page.fill("#negative-prompt", "blurry")
+        page.locator("#negative-prompt").dispatch_event("change")
+        page.locator("#guidance").fill("2")
+        page.select_option("#cfg-type", "full")
+        page.check("#similar-filter")
+        page.fill("#transition", "12")
+        page.locator("#transition").dispatch_event("change")
+        page.locator("[data-lora=glow]").fill("0.5")
+        page.select_option("#controlnet", "scribble")
+        page.select_option("#preprocessor", "canny")
+        wait_settled(page)
+        assert changes() == {
+            "style": "dream", "negative_prompt": "blurry", "guidance_scale": 2.0, "cfg_type": "full",
+            "similar_filter": True, "transition_frames": 12, "loras": {"glow": 0.5},
+            "controls": [{"model": "scribble", "scale": 1.0, "preprocessor": "canny", "source": "canvas"}],
+        }
+        page.uncheck("#similar-filter")  # every frame, for the strokes below
+
+        sent.clear()
+        page.check("#lines-as-control")
+        stroke(page, [(0.2, 0.5), (0.8, 0.5)])
+        wait_settled(page)
+        assert changes()["controls"] == [{"model": "scribble", "scale": 1.0, "preprocessor": "none", "source": "layer"}]
+        assert page.locator("#layers li .name").first.inner_text() == "Lines (control)"
+        canvases = [message for message in sent if isinstance(message, Canvas)]
+        image = next(message for message in reversed(canvases) if message.layer == "image")
+        control = next(message for message in reversed(canvases) if message.layer == "control")
+        drawn = np.asarray(Image.open(io.BytesIO(image.image.data)).convert("RGB"))
+        lines_drawn = np.asarray(Image.open(io.BytesIO(control.image.data)).convert("RGB"))
+        assert drawn.min() == 255  # the strokes are not in the img2img input: white paper only
+        assert lines_drawn[0, 0].max() == 0 and lines_drawn[SIZE // 2, SIZE // 2].min() == 255  # white on black
+        page.screenshot(path=str(artifacts_dir / "browser-live-controls.png"), full_page=True)
+        assert not errors
+    finally:
+        context.close()

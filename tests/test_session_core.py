@@ -28,7 +28,8 @@ CONFIG = SessionConfig(default_width=64, default_height=64)
 class Broker:
     """A broker with `places` seats and a line of `line`; it records what the session asked of it."""
 
-    model_description: dict[str, object] = {"name": "no model"}
+    def describe_model(self, name: str | None) -> dict[str, object]:
+        return {"name": "no model"} if name is None else {"name": name}
 
     def __init__(self, places: int = 1, line: int = 0) -> None:
         self.places, self.line = places, line
