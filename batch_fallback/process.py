@@ -67,7 +67,7 @@ def run_worker(config: BatchConfig, specs: list[tuple[str, ModelSpec]], threads:
         signal.signal(signum, lambda *_: stopping.set())
     queue.consume(handle)
     housekeeper.start()
-    logger.info("worker %s consuming %s (model: %s)", name, config.redis_url, model.name)
+    logger.info("worker %s consuming %s (models: %s)", name, config.redis_url, ", ".join(models.names))
     print(f"streamcanvas worker {name} ready", flush=True)
     stopping.wait()
     logger.info("worker %s stopping: the job in hand goes back to the queue at its next step", name)

@@ -26,6 +26,10 @@ from diffusers import (
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.models import AutoencoderTiny
@@ -50,6 +54,18 @@ SCHEDULERS = {
 SCHEDULER_OPTIONS: dict[str, dict[str, object]] = {
     # PLMS as Stable Diffusion ships it: without the Runge-Kutta warm-up, which breaks below ~5 steps.
     "pndm": {"skip_prk_steps": True},
+}
+
+PIPELINES = {
+    # (SDXL, with ControlNets, img2img) → the diffusers pipeline that renders it
+    (False, False, False): StableDiffusionPipeline,
+    (False, False, True): StableDiffusionImg2ImgPipeline,
+    (False, True, False): StableDiffusionControlNetPipeline,
+    (False, True, True): StableDiffusionControlNetImg2ImgPipeline,
+    (True, False, False): StableDiffusionXLPipeline,
+    (True, False, True): StableDiffusionXLImg2ImgPipeline,
+    (True, True, False): StableDiffusionXLControlNetPipeline,
+    (True, True, True): StableDiffusionXLControlNetImg2ImgPipeline,
 }
 
 PREVIEW_SIDE = 128
@@ -112,16 +128,14 @@ class QualityRenderer:
         components["scheduler"] = SCHEDULERS[request.scheduler].from_config(
             model.pipe.scheduler.config, **SCHEDULER_OPTIONS.get(request.scheduler, {})
         )
-        components["safety_checker"] = None
-        components["feature_extractor"] = None
-        components["requires_safety_checker"] = False
+        sdxl = model.architecture == "sdxl"
+        if not sdxl:
+            components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         img2img = request.init_image is not None
         if request.controls:
             nets = [model.controlnets.get(control.model) for control in request.controls]
             components["controlnet"] = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
-            pipeline_class = StableDiffusionControlNetImg2ImgPipeline if img2img else StableDiffusionControlNetPipeline
-        else:
-            pipeline_class = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+        pipeline_class = PIPELINES[(sdxl, bool(request.controls), img2img)]
         pipe = pipeline_class(**components)
         pipe.set_progress_bar_config(disable=True)
         generators = [torch.Generator("cpu").manual_seed(request.seed + index) for index in range(request.batch_size)]
@@ -161,19 +175,27 @@ class QualityRenderer:
         return list(output.images)
 
     def _prompt_arguments(self, model: LoadedModel, pipe: StableDiffusionPipeline, request: RenderRequest) -> dict[str, object]:
-        """The prompt as the pipeline takes it: text, or, for weighted prompts, embeddings mixed by weight."""
+        """The prompt as the pipeline takes it: text, or, for weighted prompts, embeddings mixed by
+        weight (SDXL's pooled embeddings too)."""
         if isinstance(request.prompt, str):
             return {"prompt": request.prompt, "negative_prompt": request.negative_prompt or None}
         total = sum(weight for _, weight in request.prompt)
-        mixed = None
-        negative = None
+        mixed: list[torch.Tensor] | None = None
         with torch.inference_mode(), model.adapters.wanted(request.loras):
             for text, weight in request.prompt:
-                embedded, negative = pipe.encode_prompt(
-                    text, model.placement.device, 1, True, negative_prompt=request.negative_prompt or None
+                encoded = pipe.encode_prompt(
+                    prompt=text,
+                    device=model.placement.device,
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=True,
+                    negative_prompt=request.negative_prompt or None,
                 )
-                mixed = embedded * (weight / total) if mixed is None else mixed + embedded * (weight / total)
-        return {"prompt_embeds": mixed, "negative_prompt_embeds": negative}
+                # (conditional, unconditional[, pooled, unconditional pooled]): the conditional ones mix.
+                parts = [tensor * (weight / total) if index % 2 == 0 else tensor for index, tensor in enumerate(encoded)]
+                mixed = parts if mixed is None else [a + b if index % 2 == 0 else a for index, (a, b) in enumerate(zip(mixed, parts))]
+        assert mixed is not None
+        names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+        return dict(zip(names, mixed))
 
     @torch.inference_mode()
     def preview(self, latents: torch.Tensor, model: LoadedModel | None = None) -> bytes:

@@ -49,7 +49,8 @@ class LoraAdapters:
         if not self.paths:
             return
         pipe.disable_lora()  # type: ignore[attr-defined]
-        for module in (pipe.unet, pipe.text_encoder):  # type: ignore[attr-defined]
+        encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+        for module in [pipe.unet, *(encoder for encoder in encoders if encoder is not None)]:  # type: ignore[attr-defined]
             module.register_forward_pre_hook(self._before_call)
             module.register_forward_hook(self._after_call, always_call=True)
         logger.info("LoRAs loaded as adapters: %s", ", ".join(self.paths))

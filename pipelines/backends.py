@@ -145,6 +145,16 @@ def prepare_backend(model: LoadedModel, config: BackendConfig) -> Backend:
     """Set up the configured backend for `model` (blocking: export, engine loading, measurement)."""
     if config.name == "torch":
         return eager_backend()
+    if model.architecture == "sdxl" and config.name != "compile":
+        # The exported UNet graphs take latents, timesteps and text embeddings only; SDXL's UNet also
+        # needs its added conditioning (pooled embeddings, size ids), which they do not carry yet.
+        reason = "SDXL-shaped models run on torch: the compiled UNet graphs do not take SDXL's added conditioning yet"
+        if config.name != "auto":
+            raise BackendUnavailable(f"--backend {config.name}: {reason}")
+        logger.info("backend auto: torch (%s)", reason)
+        chosen = eager_backend(reason=reason)
+        chosen.requested = "auto"
+        return chosen
     if config.name == "compile":
         return _compiled_by_torch(model)
     if config.name == "onnxruntime":

@@ -150,10 +150,17 @@ class ControlRows:
 
 
 def controlled_unet(
-    unet: Any, latents: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor, controls: list[ControlRows]
+    unet: Any,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeddings: torch.Tensor,
+    controls: list[ControlRows],
+    added: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The UNet's prediction for a batch, with the residuals of every ControlNet that applies to any
-    row added (each row scaled by its own control scale, 0 where the control does not apply)."""
+    row added (each row scaled by its own control scale, 0 where the control does not apply). `added`
+    is SDXL's added conditioning (pooled text embeddings and size ids, a row each), for both."""
+    extra = {} if added is None else {"added_cond_kwargs": added}
     down: list[torch.Tensor] | None = None
     middle: torch.Tensor | None = None
     for control in controls:
@@ -166,13 +173,14 @@ def controlled_unet(
             controlnet_cond=control.images,
             conditioning_scale=1.0,
             return_dict=False,
+            **extra,
         )
         weights = control.scales.view(-1, 1, 1, 1).to(latents.dtype)
         scaled = [residual * weights for residual in down_residuals]
         down = scaled if down is None else [total + part for total, part in zip(down, scaled)]
         middle = middle_residual * weights if middle is None else middle + middle_residual * weights
     if down is None:
-        return unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False)[0]
+        return unet(latents, timesteps, encoder_hidden_states=embeddings, return_dict=False, **extra)[0]
     return unet(
         latents,
         timesteps,
@@ -180,6 +188,7 @@ def controlled_unet(
         down_block_additional_residuals=down,
         mid_block_additional_residual=middle,
         return_dict=False,
+        **extra,
     )[0]
 
 

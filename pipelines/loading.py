@@ -8,13 +8,14 @@ through exactly the same `from_pretrained` path.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderTiny, StableDiffusionPipeline
+from diffusers import AutoencoderTiny, StableDiffusionPipeline, StableDiffusionXLPipeline
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -69,6 +70,8 @@ class LoadedModel:
     session's hello still overrides them)."""
     backend: Backend = field(default_factory=eager_backend)
     """What runs the live stream's UNet and VAE (`pipelines.backends.prepare_backend` sets it)."""
+    architecture: str = "sd"
+    """"sd" (SD 1.x/2.x, sd-turbo) or "sdxl" (SDXL, SDXL-turbo: two text encoders, added conditioning)."""
     adapters: LoraAdapters = field(default_factory=lambda: LoraAdapters(None, {}))
     controlnets: ControlNets = field(default_factory=ControlNets)
 
@@ -84,6 +87,7 @@ class LoadedModel:
             "lora": self.lora,
             "loras": self.adapters.describe(),
             "controlnets": self.controlnets.describe(),
+            "architecture": self.architecture,
             "device": str(self.placement.device),
             "dtype": str(self.placement.dtype).removeprefix("torch."),
             "test_model": self.is_test_model,
@@ -117,6 +121,21 @@ def resolve_model_path(name: str, what: str = "model") -> Path:
         ) from None
 
 
+def pipeline_architecture(path: Path) -> str:
+    """"sdxl" for a StableDiffusionXLPipeline directory, else "sd" (from its model_index.json)."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{path}/model_index.json cannot be read: {error}") from None
+    name = index.get("_class_name", "") if isinstance(index, dict) else ""
+    return "sdxl" if isinstance(name, str) and name.startswith("StableDiffusionXL") else "sd"
+
+
+def text_encoders(pipe: object) -> list[torch.nn.Module]:
+    """The pipeline's text encoders: one for SD, two for SDXL."""
+    return [encoder for encoder in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if encoder is not None]
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load the pipeline's components onto the chosen device. Raises ModelNotFound / ModelLoadError."""
     placement = choose_placement(spec.device, spec.dtype)
@@ -132,16 +151,20 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             "(single-file .safetensors checkpoints must be converted with diffusers first)"
         )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    architecture = pipeline_architecture(path)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path,
-            dtype=placement.dtype,
-            local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        if architecture == "sdxl":
+            pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=placement.dtype, local_files_only=True)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path,
+                dtype=placement.dtype,
+                local_files_only=True,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
         raise ModelLoadError(f"could not load a Stable Diffusion pipeline from {path}: {error}") from error
 
     vae_kind = "AutoencoderKL"
@@ -179,7 +202,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         placement.dtype,
     )
     vaes = [pipe.vae] if full_vae is None else [pipe.vae, full_vae.to(placement.device)]
-    for module in (pipe.unet, *vaes, pipe.text_encoder):
+    for module in (pipe.unet, *vaes, *text_encoders(pipe)):
         module.eval()
         module.requires_grad_(False)
     # NHWC weights: measured 1.3x faster frames on this CPU (tiny model, 256²), and the layout
@@ -199,6 +222,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         full_vae=full_vae,
         adapters=adapters,
         controlnets=controlnets,
+        architecture=architecture,
     )
 
 

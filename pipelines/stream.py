@@ -215,6 +215,7 @@ class _SessionStream(StreamDiffusion):
     def prepare_stream(self, generator: torch.Generator, guidance_scale: float, delta: float) -> None:
         """Noise, timesteps and LCM scalings: what upstream's prepare() does, minus the prompt."""
         self.generator = generator
+        self.added_conditions: dict[str, torch.Tensor] | None = None
         self.guidance_scale = 1.0 if self.cfg_type == "none" else guidance_scale
         self.delta = delta
         latent_shape = (4, self.latent_height, self.latent_width)
@@ -252,14 +253,31 @@ class _SessionStream(StreamDiffusion):
         stacked = torch.stack([torch.as_tensor(value) for value in values])
         return stacked.view(steps, 1, 1, 1).to(dtype=self.dtype, device=self.device)
 
-    def set_prompt_embeddings(self, conditional: torch.Tensor, unconditional: torch.Tensor) -> None:
-        """Arrange already-encoded prompt embeddings for the stream batch and CFG mode."""
-        embeds = conditional.repeat(self.batch_size, 1, 1)
+    def set_prompt_embeddings(
+        self,
+        conditional: torch.Tensor,
+        unconditional: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        unconditional_pooled: torch.Tensor | None = None,
+    ) -> None:
+        """Arrange already-encoded prompt embeddings for the stream batch and CFG mode (for SDXL also the
+        pooled embeddings and size ids of the UNet's added conditioning, row for row the same)."""
+        self.prompt_embeds = self._arranged(conditional, unconditional)
+        self.added_conditions = None
+        if pooled is not None and unconditional_pooled is not None:
+            text_embeds = self._arranged(pooled, unconditional_pooled)
+            size = [self.height, self.width]
+            time_ids = torch.tensor([size + [0, 0] + size], dtype=text_embeds.dtype, device=text_embeds.device)
+            self.added_conditions = {"text_embeds": text_embeds, "time_ids": time_ids.repeat(text_embeds.shape[0], 1)}
+
+    def _arranged(self, conditional: torch.Tensor, unconditional: torch.Tensor) -> torch.Tensor:
+        repeats = [1] * (conditional.dim() - 1)
+        rows = conditional.repeat(self.batch_size, *repeats)
         if self.guidance_scale > 1.0 and self.cfg_type == "full":
-            embeds = torch.cat([unconditional.repeat(self.batch_size, 1, 1), embeds], dim=0)
-        elif self.guidance_scale > 1.0 and self.cfg_type == "initialize":
-            embeds = torch.cat([unconditional.repeat(self.frame_bff_size, 1, 1), embeds], dim=0)
-        self.prompt_embeds = embeds
+            return torch.cat([unconditional.repeat(self.batch_size, *repeats), rows], dim=0)
+        if self.guidance_scale > 1.0 and self.cfg_type == "initialize":
+            return torch.cat([unconditional.repeat(self.frame_bff_size, *repeats), rows], dim=0)
+        return rows
 
     # One denoising-batch step, split around its UNet call so that several sessions' steps can share
     # one call (`render_together`). `finish_step(unet(*unet_inputs(x)))` is `predict_x0_batch(x)`.
@@ -344,13 +362,13 @@ class _Blend:
     over `frames` frames, then held while the stream batch fills with the end value."""
 
     frames: int
-    embeddings_from: tuple[torch.Tensor, torch.Tensor]
-    embeddings_to: tuple[torch.Tensor, torch.Tensor]
+    embeddings_from: tuple[torch.Tensor, ...]
+    embeddings_to: tuple[torch.Tensor, ...]
     noise_from: tuple[torch.Tensor, torch.Tensor] | None = None
     noise_to: tuple[torch.Tensor, torch.Tensor] | None = None
     done: int = 0
 
-    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def embeddings(self) -> tuple[torch.Tensor, ...]:
         share = min(1.0, self.done / self.frames)
         return tuple(torch.lerp(a, b, share) for a, b in zip(self.embeddings_from, self.embeddings_to))  # type: ignore[return-value]
 
@@ -374,16 +392,19 @@ def slerp(a: torch.Tensor, b: torch.Tensor, share: float) -> torch.Tensor:
     return mixed.reshape(a.shape).to(a.dtype)
 
 
-class _ControlledUNet:
-    """The stream's UNet with its ControlNets: what upstream's step calls when the stream has controls."""
+class _StreamUNet:
+    """The stream's UNet with what upstream's step does not pass it: the ControlNets' residuals, and
+    SDXL's added conditioning (both per row, as `control_rows` and `set_prompt_embeddings` built them)."""
 
     def __init__(self, unet: object, pipeline: StreamPipeline) -> None:
         self.unet = unet
         self.pipeline = pipeline
 
     def __call__(self, latents: torch.Tensor, timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor, **_: object) -> tuple[torch.Tensor]:
+        stream = self.pipeline._stream
+        assert stream is not None
         controls = self.pipeline.control_rows(timesteps, latents.shape[0])
-        return (controlled_unet(self.unet, latents, timesteps, encoder_hidden_states, controls),)
+        return (controlled_unet(self.unet, latents, timesteps, encoder_hidden_states, controls, stream.added_conditions),)
 
 
 class StreamPipeline:
@@ -403,7 +424,7 @@ class StreamPipeline:
         self.backend = "torch"
         """What runs this stream's UNet and VAE: the model's backend, or torch where its engines do not
         cover this stream's size or batch (or its controls and LoRAs, which only torch's UNet takes)."""
-        self._embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._embeddings: tuple[torch.Tensor, ...] | None = None
         self._embedded_prompt: tuple[object, ...] | None = None
         self._noise: torch.Tensor | None = None
         self._blend: _Blend | None = None
@@ -477,7 +498,7 @@ class StreamPipeline:
         if not params.feedback:
             self._previous_latent = None
 
-    def _current_embeddings(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _current_embeddings(self) -> tuple[torch.Tensor, ...] | None:
         if self._blend is not None:
             return self._blend.embeddings()
         return self._embeddings
@@ -492,7 +513,7 @@ class StreamPipeline:
     def _start_blend(
         self,
         params: StreamParams,
-        embeddings_from: tuple[torch.Tensor, torch.Tensor] | None,
+        embeddings_from: tuple[torch.Tensor, ...] | None,
         noise_from: tuple[torch.Tensor, torch.Tensor] | None,
         stream: _SessionStream,
     ) -> None:
@@ -529,27 +550,30 @@ class StreamPipeline:
         )
 
     @torch.no_grad()
-    def _encode_prompt(self, params: StreamParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conditional embeddings (weighted prompts mixed by weight) and the negative prompt's."""
-        conditional = None
-        unconditional = None
+    def _encode_prompt(self, params: StreamParams) -> tuple[torch.Tensor, ...]:
+        """The conditional embeddings (weighted prompts mixed by weight) and the negative prompt's; for
+        SDXL also the pooled ones, mixed the same way."""
+        mixed: list[torch.Tensor] | None = None
         prompts = params.prompts()
         total = sum(weight for _, weight in prompts)
         with self.model.adapters.wanted(params.active_loras):
             for text, weight in prompts:
-                embedded, negative = self.model.pipe.encode_prompt(
+                encoded = self.model.pipe.encode_prompt(
                     prompt=text,
                     device=self.model.placement.device,
                     num_images_per_prompt=1,
                     do_classifier_free_guidance=True,
                     negative_prompt=params.negative_prompt,
                 )
-                part = embedded * (weight / total)
-                conditional = part if conditional is None else conditional + part
-                unconditional = negative if unconditional is None else unconditional
+                # SD: (conditional, unconditional); SDXL: and (pooled, unconditional pooled) after them.
+                share = weight / total
+                parts = [tensor * share if index % 2 == 0 else tensor for index, tensor in enumerate(encoded)]
+                mixed = parts if mixed is None else [
+                    total_part + part if index % 2 == 0 else total_part for index, (total_part, part) in enumerate(zip(mixed, parts))
+                ]
         self.prompt_encodings += 1
-        assert conditional is not None and unconditional is not None
-        return conditional, unconditional
+        assert mixed is not None
+        return tuple(mixed)
 
     def _build_stream(self, params: StreamParams, img2img: bool) -> None:
         stream = _SessionStream(
@@ -600,7 +624,7 @@ class StreamPipeline:
             self.backend = backend.name
         steps = stream.denoising_steps_num
         self._controls = [(spec, net, spec.keeps(steps)) for spec, net in controls]
-        stream.unet = _ControlledUNet(unet, self) if controls else unet
+        stream.unet = _StreamUNet(unet, self) if controls or self.model.architecture == "sdxl" else unet
         stream.vae = vae
 
     def control_rows(self, timesteps: torch.Tensor, rows: int) -> list[ControlRows]:
@@ -848,17 +872,20 @@ def _step_together(frames: list[PendingFrame]) -> list[torch.Tensor]:
     assert all(stream is not None for stream in streams)
     inputs = [stream.unet_inputs(frame.latent) for stream, frame in zip(streams, frames)]  # type: ignore[union-attr, arg-type]
     controls = [frame.stream.control_rows(timesteps, latents.shape[0]) for frame, (latents, timesteps, _) in zip(frames, inputs)]
+    added = [stream.added_conditions for stream in streams]  # type: ignore[union-attr]
     sizes = [latents.shape[0] for latents, _, _ in inputs]
     shares: list[torch.Tensor] = []
-    for chunk in _chunks(list(zip(inputs, controls)), frames[0].stream.model.backend.max_batch, sizes):
-        chunk_sizes = [latents.shape[0] for (latents, _, _), _ in chunk]
+    for chunk in _chunks(list(zip(inputs, controls, added)), frames[0].stream.model.backend.max_batch, sizes):
+        chunk_sizes = [latents.shape[0] for (latents, _, _), _, _ in chunk]
         unet = _components(frames[0].stream, sum(chunk_sizes))[0]
+        conditions = [extra for _, _, extra in chunk]
         model_pred = controlled_unet(
             unet,
-            torch.cat([latents for (latents, _, _), _ in chunk]),
-            torch.cat([timesteps for (_, timesteps, _), _ in chunk]),
-            torch.cat([embeddings for (_, _, embeddings), _ in chunk]),
-            merge_rows([rows for _, rows in chunk]),
+            torch.cat([latents for (latents, _, _), _, _ in chunk]),
+            torch.cat([timesteps for (_, timesteps, _), _, _ in chunk]),
+            torch.cat([embeddings for (_, _, embeddings), _, _ in chunk]),
+            merge_rows([rows for _, rows, _ in chunk]),
+            None if conditions[0] is None else {key: torch.cat([extra[key] for extra in conditions]) for key in conditions[0]},  # type: ignore[index]
         )
         shares.extend(model_pred.split(chunk_sizes))
     return [stream.finish_step(share) for stream, share in zip(streams, shares)]  # type: ignore[union-attr]

@@ -302,3 +302,49 @@ def make_tiny_controlnet(directory: Path | str, model_directory: Path | str, see
     target = Path(directory)
     controlnet.save_pretrained(target, safe_serialization=True)
     return target
+
+
+def make_tiny_sdxl_model(directory: Path | str, seed: int = 0) -> Path:
+    """A tiny, untrained, SDXL-shaped model (as SDXL-turbo is laid out): two text encoders whose hidden
+    states are concatenated, the second with a projection whose pooled output goes, with the size and
+    crop "time ids", into the UNet's added conditioning. Saved as a StableDiffusionXLPipeline directory,
+    with a TAESD-shaped VAE in `taesd/`."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    components = build_tiny_components(seed)
+    tiny_vae = components.pop("tiny_vae")
+    vocab, merges = build_tokenizer_files()
+    torch.manual_seed(seed)
+    components["unet"] = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids, and the pooled text embedding
+        cross_attention_dim=64,  # both encoders' hidden states, side by side
+    )
+    torch.manual_seed(seed + 1)
+    config = components["text_encoder"].config
+    components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**{**config.to_dict(), "projection_dim": 32}))
+    components["tokenizer_2"] = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    pipe = StableDiffusionXLPipeline(**components)
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    pipe.save_pretrained(staging, safe_serialization=True)
+    tiny_vae.save_pretrained(staging / TAESD_SUBDIR, safe_serialization=True)
+    marker = {"kind": "untrained", "version": TINY_MODEL_VERSION, "seed": seed, "weights_fingerprint": weights_fingerprint(staging), "shape": "sdxl"}
+    (staging / MARKER).write_text(json.dumps(marker, indent=2))
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target

@@ -212,13 +212,21 @@ TOY_MODEL_NOTES = {
     "by the same plan is kept (see --retrain).",
 )
 @click.option("--retrain", is_flag=True, help="With --train: train even if DIRECTORY holds a model trained by the same plan.")
-def make_tiny_model_command(directory: Path, seed: int, full_size: str | None, train: bool, retrain: bool) -> None:
+@click.option("--sdxl", is_flag=True, help="An untrained tiny model shaped as SDXL(-turbo) is: two text encoders, added conditioning.")
+def make_tiny_model_command(directory: Path, seed: int, full_size: str | None, train: bool, retrain: bool, sdxl: bool) -> None:
     """Build a test model into DIRECTORY (diffusers layout, TAESD in taesd/): the tiny SD-1.x-shaped one,
     untrained by default or trained with --train, or a full-size one with random weights with --full-size."""
     if full_size is not None and train:
         raise click.UsageError("--train and --full-size exclude each other: only the tiny model can be trained here")
     if retrain and not train:
         raise click.UsageError("--retrain goes with --train")
+    if sdxl and (train or full_size is not None):
+        raise click.UsageError("--sdxl builds the untrained tiny SDXL-shaped model: it goes with neither --train nor --full-size")
+    if sdxl:
+        from streamcanvas.pipelines.tiny import make_tiny_sdxl_model
+
+        click.echo(f"wrote the untrained tiny SDXL-shaped model to {make_tiny_sdxl_model(directory, seed=seed)}")
+        return
     if train:
         from streamcanvas.pipelines.toy_model import TrainingPlan, train_toy_model, trained_by
 

@@ -90,6 +90,14 @@ def toy_model(toy_model_dir: Path):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(cache_dir: Path) -> Path:
+    """An untrained, SDXL-shaped tiny model (two text encoders, added conditioning): for plumbing."""
+    from streamcanvas.pipelines.tiny import make_tiny_sdxl_model
+
+    return make_tiny_sdxl_model(cache_dir / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def live_extras(cache_dir: Path, toy_model_dir: Path) -> dict[str, Path]:
     """Two LoRAs and a ControlNet for the trained toy model, built offline like the model itself."""
     from streamcanvas.pipelines.tiny import make_tiny_controlnet, make_tiny_lora

@@ -26,10 +26,12 @@ STEADY = {"prompt": "a red house", "steps": 1, "cfg_type": "none"}
 
 
 @pytest.fixture(scope="module")
-def two_models(cache_dir: Path, artifacts_dir: Path, toy_model_dir: Path, tiny_model_dir: Path) -> Iterator[ServerProcess]:
+def two_models(cache_dir: Path, artifacts_dir: Path, toy_model_dir: Path, tiny_model_dir: Path, tiny_sdxl_dir: Path) -> Iterator[ServerProcess]:
+    """Three models, in fact: the toy model (the default), the untrained tiny one and a tiny SDXL-shaped one."""
     process = start_server(
         cache_dir, artifacts_dir, "models",
-        "--model", f"toy={toy_model_dir}", "--model", f"tiny={tiny_model_dir}", "--slots", "1", "--sessions-per-slot", "2",
+        "--model", f"toy={toy_model_dir}", "--model", f"tiny={tiny_model_dir}", "--model", f"xl={tiny_sdxl_dir}",
+        "--slots", "1", "--sessions-per-slot", "2",
     )  # fmt: skip
     yield process
     process.stop()
@@ -65,10 +67,11 @@ def test_the_command_line_says_which_models_do_not_fit(tiny_model_dir: Path, cac
 
 def test_models_are_listed_with_their_sizes(two_models: ServerProcess) -> None:
     listed = httpx.get(f"{two_models.base_url}/v1/models", timeout=5).json()
-    assert [model["id"] for model in listed["models"]] == ["toy", "tiny"]
-    assert [model["default"] for model in listed["models"]] == [True, False]
+    assert [model["id"] for model in listed["models"]] == ["toy", "tiny", "xl"]
+    assert [model["default"] for model in listed["models"]] == [True, False, False]
+    assert [model["architecture"] for model in listed["models"]] == ["sd", "sd", "sdxl"]
     assert all(model["weight_bytes"] > 0 for model in listed["models"]) and listed["memory_budget_bytes"] > 0
-    assert two_models.info()["models"] == ["toy", "tiny"]
+    assert two_models.info()["models"] == ["toy", "tiny", "xl"]
 
 
 async def test_each_session_renders_with_the_model_it_picked(two_models: ServerProcess) -> None:
@@ -80,8 +83,9 @@ async def test_each_session_renders_with_the_model_it_picked(two_models: ServerP
             assert ready["model"]["id"] == (model or "toy")
             return decode_frame(await client.frame_for(await client.send_canvas(canvas)))
 
-    toy, tiny = await alone(None), await alone("tiny")
+    toy, tiny, xl = await alone(None), await alone("tiny"), await alone("xl")
     assert np.abs(toy.astype(int) - tiny).mean() > 5  # other weights, other pictures
+    assert not np.array_equal(xl, toy) and not np.array_equal(xl, tiny)
     # Both at once, on one slot: each still gets its own model's frame (never a shared UNet call).
     async with Client.connect(two_models.ws_url) as first, Client.connect(two_models.ws_url) as second:
         await first.hello(model="toy", params=STEADY)
@@ -95,7 +99,7 @@ async def test_an_unknown_model_is_refused_naming_the_models(two_models: ServerP
     async with Client.connect(two_models.ws_url) as client:
         await client.send(Hello(protocol=(1,), model="sd-turbo"))
         error = await client.expect("error")
-        assert (error["code"], error["field"], error["fatal"]) == ("unknown_name", "model", True) and "toy, tiny" in error["message"]
+        assert (error["code"], error["field"], error["fatal"]) == ("unknown_name", "model", True) and "toy, tiny, xl" in error["message"]
 
 
 def test_batch_jobs_pick_a_model(two_models: ServerProcess) -> None:
@@ -108,7 +112,8 @@ def test_batch_jobs_pick_a_model(two_models: ServerProcess) -> None:
 
         assert np.array_equal(render(), render(model="toy"))
         assert np.abs(render(model="tiny") - render()).mean() > 5
+        assert render(model="xl").shape == (SIZE, SIZE, 3)
         refused = jobs.http.post("/v1/jobs", json={"kind": "txt2img", "params": {"prompt": "x", "model": "sd-turbo"}})
-        assert refused.status_code == 422 and refused.json()["field"] == "params.model" and "toy, tiny" in refused.json()["message"]
+        assert refused.status_code == 422 and refused.json()["field"] == "params.model" and "toy, tiny, xl" in refused.json()["message"]
     finally:
         jobs.close()
