@@ -58,8 +58,9 @@ class AcceptContext:
     image_limits: ImageLimits
     capture_live: Callable[[str, str], LiveCapture]
     """(session id, control token) → the session's state; raises InvalidJob / JobNotFound."""
-    models: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=dict)
-    """The server's models by name (the first is the default), each with its LoRAs and ControlNets."""
+    models: Mapping[str, tuple[tuple[str, ...], tuple[str, ...], bool]] = field(default_factory=dict)
+    """The server's models by name (the first is the default), each with its LoRAs and ControlNets and
+    whether it has a depth network."""
     styles: Mapping[str, StylePreset] = field(default_factory=dict)
 
 
@@ -150,6 +151,7 @@ class JobKind:
         init_image = _decode_stored(input_image) if input_image is not None else None
         controls = tuple(BatchControl.model_validate(control) for control in params.get("controls", ()))
         control_source = _decode_stored(base64.b64decode(params["control_image"])) if params.get("control_image") else init_image
+        depth = renderer.models.get(params.get("model")).depth
         if controls and control_source is None:
             raise InvalidJob("controls need a control_image (or an input image)", field="params.control_image")
         prompt = params["prompt"]
@@ -168,7 +170,7 @@ class JobKind:
             loras=tuple(sorted(params.get("loras", {}).items())),
             model=params.get("model"),
             controls=tuple(
-                RenderControl(control.model, control.scale, control.start, control.end, preprocess(control_source, control.preprocessor))  # type: ignore[arg-type]
+                RenderControl(control.model, control.scale, control.start, control.end, preprocess(control_source, control.preprocessor, depth))  # type: ignore[arg-type]
                 for control in controls
             ),
         )
@@ -264,10 +266,10 @@ def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
         model = request.model or next(iter(context.models))
         if model not in context.models:
             raise InvalidJob(f"{where}model: no model named {model!r}; this server has: {', '.join(context.models)}", field=f"{where}model")
-        loaded_loras, loaded_controlnets = context.models[model]
+        loaded_loras, loaded_controlnets, has_depth = context.models[model]
         extra["model"] = model
     else:
-        loaded_loras, loaded_controlnets = (), ()
+        loaded_loras, loaded_controlnets, has_depth = (), (), False
     loras = dict(request.loras)
     controls = [control.model_dump() for control in request.controls]
     prompt = getattr(request, "prompt", "")
@@ -294,6 +296,8 @@ def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
                 f"{where}controls: no ControlNet named {control['model']!r}; this server has: {', '.join(loaded_controlnets) or 'none'}",
                 field=f"{where}controls",
             )
+        if control["preprocessor"] == "depth" and not has_depth:
+            raise InvalidJob(f"{where}controls: the 'depth' preprocessor needs a depth model (--depth-model PATH)", field=f"{where}controls")
         if control["start"] >= control["end"]:
             raise InvalidJob(f"{where}controls: start must be below end", field=f"{where}controls")
     if request.control_image is not None:

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from diffusers import ControlNetModel
 
+from .depth import DepthEstimator
 from .errors import InvalidParameter, ModelLoadError, UnknownName
 
 logger = logging.getLogger(__name__)
 
-Preprocessor = Literal["canny", "scribble", "none"]
+Preprocessor = Literal["canny", "scribble", "depth", "none"]
 PREPROCESSORS: tuple[str, ...] = get_args(Preprocessor)
 ControlSource = Literal["canvas", "layer"]
 CONTROL_SOURCES: tuple[str, ...] = get_args(ControlSource)
@@ -81,10 +82,15 @@ class ControlSpec:
         return [not (index / steps < self.start or (index + 1) / steps > self.end) for index in range(steps)]
 
 
-def preprocess(image: np.ndarray, preprocessor: Preprocessor) -> np.ndarray:
-    """A control image (H×W×3 uint8, white lines on black for canny/scribble) from an RGB image."""
+def preprocess(image: np.ndarray, preprocessor: Preprocessor, depth: DepthEstimator | None = None) -> np.ndarray:
+    """A control image (H×W×3 uint8: white lines on black for canny/scribble, near bright for depth)
+    from an RGB image. `depth` is the server's depth network, needed for "depth"."""
     if preprocessor == "none":
         return image
+    if preprocessor == "depth":
+        if depth is None:
+            raise UnknownName("controls", "the 'depth' preprocessor needs a depth model: start the server with --depth-model PATH")
+        return depth.estimate(image)
     gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
     if preprocessor == "canny":
         edges = cv2.Canny(gray, 100, 200)

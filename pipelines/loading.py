@@ -23,6 +23,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from .adapters import LoraAdapters
 from .backends import Backend, eager_backend
 from .controls import ControlNets
+from .depth import DepthEstimator
 from .devices import DevicePlacement, choose_placement
 from .errors import ModelLoadError, ModelNotFound
 from .tiny import TAESD_SUBDIR, stream_defaults, tiny_model_kind
@@ -46,6 +47,8 @@ class ModelSpec:
     """Named LoRAs (name, path or repo id) loaded as adapters that each session turns on and weighs."""
     controlnets: tuple[tuple[str, str], ...] = ()
     """Named ControlNets (name, path or repo id), shared by every session that asks for one."""
+    depth_model: str | None = None
+    """A depth-estimation network (path or repo id) for the `depth` control preprocessor."""
     device: str = "auto"
     dtype: str = "auto"
 
@@ -74,6 +77,8 @@ class LoadedModel:
     """"sd" (SD 1.x/2.x, sd-turbo) or "sdxl" (SDXL, SDXL-turbo: two text encoders, added conditioning)."""
     adapters: LoraAdapters = field(default_factory=lambda: LoraAdapters(None, {}))
     controlnets: ControlNets = field(default_factory=ControlNets)
+    depth: DepthEstimator | None = None
+    """The depth network of the `depth` preprocessor, if one was given."""
 
     @property
     def quality_vae(self) -> torch.nn.Module:
@@ -87,6 +92,7 @@ class LoadedModel:
             "lora": self.lora,
             "loras": self.adapters.describe(),
             "controlnets": self.controlnets.describe(),
+            "depth_model": self.depth.describe() if self.depth is not None else None,
             "architecture": self.architecture,
             "device": str(self.placement.device),
             "dtype": str(self.placement.dtype).removeprefix("torch."),
@@ -201,6 +207,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         placement.device,
         placement.dtype,
     )
+    depth = None
+    if spec.depth_model is not None:
+        depth = DepthEstimator(resolve_model_path(spec.depth_model, what="depth model"), placement.device, placement.dtype)
     vaes = [pipe.vae] if full_vae is None else [pipe.vae, full_vae.to(placement.device)]
     for module in (pipe.unet, *vaes, *text_encoders(pipe)):
         module.eval()
@@ -222,6 +231,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         full_vae=full_vae,
         adapters=adapters,
         controlnets=controlnets,
+        depth=depth,
         architecture=architecture,
     )
 

@@ -33,7 +33,7 @@ from streamdiffusion import StreamDiffusion
 
 from .adapters import LORA_WEIGHT_RANGE, MAX_ACTIVE_LORAS, LoraWeights
 from .controls import MAX_CONTROLS, ControlRows, ControlSpec, control_tensor, controlled_unet, merge_rows, preprocess
-from .errors import InvalidParameter
+from .errors import InvalidParameter, UnknownName
 from .loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -457,6 +457,8 @@ class StreamPipeline:
         previous = self.params
         self.model.adapters.check(params.loras)
         controls = [(spec, self.model.controlnets.get(spec.model)) for spec in params.controls]
+        if self.model.depth is None and any(spec.preprocessor == "depth" for spec in params.controls):
+            raise UnknownName("controls", "the 'depth' preprocessor needs a depth model: start the server with --depth-model PATH")
         seed_changed = previous is not None and params.seed != previous.seed
         blend_seed = seed_changed and params.transition_frames > 0
         rebuild = (
@@ -759,7 +761,9 @@ class StreamPipeline:
         for spec, _, _ in self._controls:
             source = image if spec.source == "canvas" else layer
             self._control_images.append(
-                None if source is None else control_tensor(preprocess(source, spec.preprocessor), placement.device, placement.dtype)
+                None
+                if source is None
+                else control_tensor(preprocess(source, spec.preprocessor, self.model.depth), placement.device, placement.dtype)
             )
 
     def _with_feedback(self, latent: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,9 @@ class Runtime:
         # OpenMP pools together never outnumber the cores (see in_short_lived_thread).
         per_slot = max(1, threads // settings.slots) if self.model.placement.device.type == "cpu" else None
         choices = {
-            name: ModelChoice(model.adapters.names, model.controlnets.names, StreamParams().replace(**model.stream_defaults))
+            name: ModelChoice(
+                model.adapters.names, model.controlnets.names, StreamParams().replace(**model.stream_defaults), model.depth is not None
+            )
             for name, model in models
         }
         catalog = Catalog(models=choices, styles=self.styles)

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     most, e.g. an LCM-LoRA) is fused into the UNet for every frame."""
     controlnet: Annotated[list[str], NoDecode] = []
     """ControlNets, `NAME=PATH` each."""
+    depth_model: str | None = None
+    """A depth-estimation network (directory or cached repo id) for the `depth` control preprocessor."""
     styles: Path | None = None
     """A TOML file of style presets (default: the shipped ones, pipelines/styles.toml)."""
     device: str = "auto"
@@ -280,6 +282,7 @@ class Settings(BaseSettings):
                         lora=fused if first else None,
                         adapters=tuple(parse_named_path(entry, "--lora") for entry in self.lora if _named(entry)) if first else (),
                         controlnets=tuple(parse_named_path(entry, "--controlnet") for entry in self.controlnet) if first else (),
+                        depth_model=self.depth_model if first else None,
                         device=self.device,
                         dtype=self.dtype,
                     ),

@@ -391,7 +391,11 @@ async def offer(request: Request) -> Response:
 
 # --- WHIP (RFC 9725) ingest and WHEP egress --------------------------------------------------------
 
-_WHIP_PARAMS = {"prompt": str, "negative_prompt": str, "strength": float, "steps": int, "seed": int, "guidance_scale": float}
+_WHIP_PARAMS = {
+    "prompt": str, "negative_prompt": str, "strength": float, "steps": int, "seed": int, "guidance_scale": float,
+    "style": str, "transition_frames": int, "feedback": float,
+}  # fmt: skip
+"""The scalar parameters a WHIP publisher may set on its URL (the rest go in `params` messages)."""
 _ALLOW_ENDPOINT = "OPTIONS, POST"
 _ALLOW_RESOURCE = "OPTIONS, DELETE"
 
@@ -436,6 +440,8 @@ async def whip(request: Request) -> Response:
         for name in ("width", "height"):
             if name in query:
                 hello[name] = int(query[name])
+        if "model" in query:
+            hello["model"] = query["model"]
         for name, kind in _WHIP_PARAMS.items():
             if name in query:
                 hello["params"][name] = kind(query[name])

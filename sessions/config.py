@@ -22,6 +22,8 @@ class ModelChoice:
     loras: tuple[str, ...] = ()
     controlnets: tuple[str, ...] = ()
     defaults: StreamParams | None = None
+    depth: bool = False
+    """Whether the model has a depth network (the `depth` preprocessor)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class Catalog:
                     "controls",
                     f"no ControlNet named {control.model!r}; this server has: {_listed(controlnets, '--controlnet NAME=PATH')}",
                 )
+            if control.preprocessor == "depth" and not choice.depth:
+                raise UnknownName("controls", "the 'depth' preprocessor needs a depth model: start the server with --depth-model PATH")
             if control.source == "canvas" and not img2img:
                 raise InvalidParameter("controls", "a txt2img session has no canvas: use source 'layer' and send a control layer")
         return params

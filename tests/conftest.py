@@ -100,10 +100,12 @@ def tiny_sdxl_dir(cache_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def live_extras(cache_dir: Path, toy_model_dir: Path) -> dict[str, Path]:
     """Two LoRAs and a ControlNet for the trained toy model, built offline like the model itself."""
+    from streamcanvas.pipelines.depth import make_tiny_depth_model
     from streamcanvas.pipelines.tiny import make_tiny_controlnet, make_tiny_lora
 
     root = cache_dir / "live-extras"
     return {
+        "depth": make_tiny_depth_model(root / "depth"),
         "ink": make_tiny_lora(root / "lora-ink", toy_model_dir, seed=1),
         "glow": make_tiny_lora(root / "lora-glow", toy_model_dir, seed=2),
         "scribble": make_tiny_controlnet(root / "controlnet-scribble", toy_model_dir, seed=3),
@@ -113,8 +115,8 @@ def live_extras(cache_dir: Path, toy_model_dir: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def controlled_model(toy_model_dir: Path, live_extras: dict[str, Path]):  # type: ignore[no-untyped-def]
-    """The trained toy model with the LoRAs `ink` and `glow` as adapters and the ControlNets `scribble`
-    and `edges`."""
+    """The trained toy model with the LoRAs `ink` and `glow` as adapters, the ControlNets `scribble`
+    and `edges`, and a (tiny, random) depth network."""
     from streamcanvas.pipelines.loading import ModelSpec, load_model
 
     return load_model(
@@ -122,6 +124,7 @@ def controlled_model(toy_model_dir: Path, live_extras: dict[str, Path]):  # type
             model=str(toy_model_dir),
             adapters=(("ink", str(live_extras["ink"])), ("glow", str(live_extras["glow"]))),
             controlnets=(("scribble", str(live_extras["scribble"])), ("edges", str(live_extras["edges"]))),
+            depth_model=str(live_extras["depth"]),
         )
     )
 

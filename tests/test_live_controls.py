@@ -116,6 +116,18 @@ def test_preprocessors_draw_white_edges_on_black() -> None:
     assert preprocess(canvas, "none") is canvas
 
 
+def test_the_depth_preprocessor_runs_the_depth_network(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    canvas = make_canvas(SIZE, 3)
+    depth = preprocess(canvas, "depth", controlled_model.depth)
+    assert depth.shape == canvas.shape and depth.dtype == np.uint8 and (depth.min(), depth.max()) == (0, 255)
+    assert np.array_equal(depth[:, :, 0], depth[:, :, 2]) and np.array_equal(depth, preprocess(canvas, "depth", controlled_model.depth))
+    assert not np.array_equal(depth, preprocess(make_canvas(SIZE, 4), "depth", controlled_model.depth))
+    control = {"model": "scribble", "preprocessor": "depth"}
+    assert difference(frame(controlled_model, canvas, controls=[control]), frame(controlled_model, canvas)) > 1
+    with pytest.raises(UnknownName, match="--depth-model"):
+        preprocess(canvas, "depth")
+
+
 # LoRA adapters -------------------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ def controls_server(cache_dir: Path, artifacts_dir: Path, live_extras: dict[str,
         "--lora", f"glow={live_extras['glow']}",
         "--controlnet", f"scribble={live_extras['scribble']}",
         "--controlnet", f"edges={live_extras['edges']}",
+        "--depth-model", str(live_extras["depth"]),
     )
     yield process
     process.stop()
@@ -206,6 +207,7 @@ def test_batch_jobs_take_loras_controls_and_styles(jobs: Jobs) -> None:
     # An img2img job's controls read its input image when no control image is given.
     image = png_base64(make_canvas(SIZE, 2))
     assert difference(render(jobs, "img2img", **prompt, image=image, controls=[{"model": "edges", "preprocessor": "canny"}]), render(jobs, "img2img", **prompt, image=image)) > 1
+    assert difference(render(jobs, "img2img", **prompt, image=image, controls=[{"model": "edges", "preprocessor": "depth"}]), render(jobs, "img2img", **prompt, image=image)) > 1
 
 
 @pytest.mark.parametrize(
@@ -267,6 +269,8 @@ def test_the_page_offers_every_live_control(browser, controls_server: ServerProc
         assert page.locator("#style option").all_inner_texts() == ["none", "watercolor", "pencil", "dream", "webcam"]
         assert page.locator("[data-lora]").count() == 2
         assert page.locator("#controlnet option").all_inner_texts() == ["none", "scribble", "edges"]
+        assert page.locator("#preprocessor option").all_inner_texts() == ["scribble", "canny", "none", "depth"]
+        assert page.locator("#model option").all_inner_texts() == ["toy (trained toy model)"] and page.locator("#model").is_disabled()
 
         def changes() -> dict[str, Any]:
             merged: dict[str, Any] = {}

@@ -108,3 +108,17 @@ def test_message_ref_reads_what_it_can() -> None:
 def test_server_messages_serialize_every_field() -> None:
     body = parse_server_message(serialize(Error(code="corrupt_image", message="bad", ref_seq=3, ref_type="canvas")))
     assert body == {"type": "error", "code": "corrupt_image", "message": "bad", "ref_seq": 3, "ref_type": "canvas", "field": None, "fatal": False}
+
+
+def test_the_wire_parameters_are_the_stream_parameters() -> None:
+    """One table per fact: every StreamParams field is a wire parameter and back, and WHIP's query
+    parameters are among them with the same types."""
+    import dataclasses
+
+    from streamcanvas.codecs.messages import PARAM_TYPES
+    from streamcanvas.pipelines.stream import StreamParams
+    from streamcanvas.realtime_server.webrtc import _WHIP_PARAMS
+
+    assert set(PARAM_TYPES) == {field.name for field in dataclasses.fields(StreamParams)}
+    for name, kind in _WHIP_PARAMS.items():
+        assert kind in PARAM_TYPES[name], name

@@ -59,6 +59,7 @@ const connection = new Connection({
     quality: state.quality,
     params: { ...state.params },
     apiKey: query.get("key") || undefined,
+    model: state.model || undefined,
   }),
 });
 
@@ -340,9 +341,10 @@ $("#viewer-link").addEventListener("click", async () => {
 // ---- live controls: styles, LoRAs, ControlNets and the rest of what the server offers ---------------
 
 async function loadOffer() {
-  const [info, styles] = await Promise.all([
+  const [info, styles, models] = await Promise.all([
     fetch("/v1/info").then((response) => response.json()),
     fetch("/v1/styles").then((response) => response.json()),
+    fetch("/v1/models").then((response) => response.json()),
   ]);
   for (const style of styles.styles) {
     const option = new Option(style.name, style.name);
@@ -360,8 +362,18 @@ async function loadOffer() {
     $("#loras").append(label);
   }
   for (const controlnet of info.model.controlnets) $("#controlnet").append(new Option(controlnet.name, controlnet.name));
-  $("#model").append(new Option(info.model.toy_model ? `${info.model.toy_model} toy model` : info.model.name, info.model.name));
+  if (info.model.depth_model) $("#preprocessor").append(new Option("depth", "depth"));
+  for (const model of models.models) {
+    const label = model.toy_model ? `${model.id} (${model.toy_model} toy model)` : model.id;
+    $("#model").append(new Option(label, model.id, model.default, model.default));
+  }
+  $("#model").disabled = models.models.length < 2;
 }
+
+$("#model").addEventListener("change", (event) => {
+  state.model = event.target.value;
+  connection.restart(); // the model is part of hello
+});
 
 function loraWeights() {
   const weights = {};

@@ -15,9 +15,10 @@ export function unpack(data) {
   return message;
 }
 
-export function hello({ width, height, codec = "jpeg", quality, params, apiKey, seq }) {
+export function hello({ width, height, codec = "jpeg", quality, params, apiKey, model, seq }) {
   const message = { type: "hello", protocol: PROTOCOL_VERSIONS, width, height, codec, quality, params, queue: true, seq };
   if (apiKey) message.api_key = apiKey;
+  if (model) message.model = model;
   return message;
 }
 
