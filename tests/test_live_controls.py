@@ -291,3 +291,21 @@ def test_a_controlnet_costs_one_call_per_unet_call_whatever_the_batch(controlled
         for hook in hooks:
             hook.remove()
     assert calls["unet"] == calls["controlnet"] == 4  # a priming step, then one a frame
+
+
+def test_on_onnxruntime_controls_and_loras_keep_the_compiled_vae(toy_model_dir: Path, live_extras: dict[str, Path], tmp_path: Path) -> None:
+    """The exported UNet takes neither ControlNet residuals nor adapters: a stream that uses them runs
+    its UNet on torch and its VAE on ONNX Runtime, and renders what torch renders (up to the VAE's
+    float rounding); a plain stream beside it stays wholly compiled."""
+    from streamcanvas.pipelines.backends import BackendConfig, prepare_backend
+    from streamcanvas.pipelines.loading import ModelSpec, load_model
+
+    spec = ModelSpec(model=str(toy_model_dir), adapters=(("ink", str(live_extras["ink"])),), controlnets=(("scribble", str(live_extras["scribble"])),))
+    eager, compiled = load_model(spec), load_model(spec)
+    compiled.backend = prepare_backend(compiled, BackendConfig(name="onnxruntime", engine_dir=tmp_path, threads=2, measure_side=SIZE))
+    canvas = make_canvas(SIZE, 2)
+    for params in ({"controls": [SCRIBBLE]}, {"loras": {"ink": 1.0}}):
+        on_onnx = stream(compiled, **params)
+        assert on_onnx.backend == "onnxruntime (VAE); torch (UNet, for controls and LoRAs)"
+        assert np.abs(on_onnx.render(canvas, tag=1).image.astype(int) - frame(eager, canvas, **params)).max() <= 3
+    assert stream(compiled).backend == "onnxruntime"
