@@ -11,7 +11,8 @@ switches), then one with each LoRA (the shared UNet's adapters switch on every c
 frame time; and the server's own count and mean time of LoRA switches.
 
 In this process, with no server: UNet and ControlNet forward calls counted over frames of 1 and of 4
-streams rendered together, to show that a ControlNet costs one extra network call per UNet call.
+streams rendered together, to show that a ControlNet costs one extra network call per UNet call; and
+flicker (frame-to-frame change) on a still scene from a noisy camera, for `feedback` 0, 0.3 and 0.6.
 
 Prints one JSON document (and writes it with --output). All traffic stays on 127.0.0.1.
 """
@@ -26,6 +27,7 @@ from typing import Any
 
 import click
 import httpx
+import numpy as np
 import simplejpeg
 
 from streamcanvas.pipelines.loading import ModelSpec, load_model
@@ -69,6 +71,23 @@ async def clients(url: str, size: int, params: list[dict[str, Any]], warmup_s: f
 
 def lora_switches(url: str) -> dict[str, Any]:
     return httpx.get(f"{url.replace('ws://', 'http://').rsplit('/v1/', 1)[0]}/v1/info", timeout=10).json()["model"]["loras"]
+
+
+def flicker(model_dir: Path, size: int, frames: int = 16, noise: float = 12.0) -> list[dict[str, Any]]:
+    """Frame-to-frame change (mean absolute difference, grey levels) of a still scene seen by a noisy
+    camera (Gaussian sensor noise of `noise` levels on every input), for `feedback` 0, 0.3 and 0.6."""
+    model = load_model(ModelSpec(model=str(model_dir)))
+    rng = np.random.default_rng(0)
+    scene = make_canvases(size, 1)[0].astype(np.int16)
+    inputs = [np.clip(scene + rng.normal(0, noise, scene.shape), 0, 255).astype(np.uint8) for _ in range(frames)]
+    rows = []
+    for feedback in (0.0, 0.3, 0.6):
+        stream = StreamPipeline(model, size, size)
+        stream.configure(StreamParams(prompt="a red house", feedback=feedback, **model.stream_defaults), img2img=True)
+        outputs = [stream.render(image, tag=index).image.astype(np.int16) for index, image in enumerate(inputs)]
+        changes = [float(np.abs(a - b).mean()) for a, b in zip(outputs[4:], outputs[5:])]
+        rows.append({"feedback": feedback, "frame_to_frame_change": round(float(np.mean(changes)), 3)})
+    return rows
 
 
 def count_calls(model_dir: Path, extras: dict[str, Path], size: int, frames: int = 6) -> list[dict[str, Any]]:
@@ -128,6 +147,7 @@ def main(resolution: int, seconds: float, warmup_s: float, model: str | None, ou
             switching = asyncio.run(clients(url, resolution, [{"loras": {"first": 1.0}}, {"loras": {"second": 1.0}}], warmup_s, seconds))
             after = lora_switches(url)
         calls = count_calls(model_dir, extras, resolution)
+        steadiness = flicker(model_dir, resolution)
     none_p50 = single["none"]["latency_ms"]["p50"]
     report = {
         "benchmark": "live_controls",
@@ -144,6 +164,7 @@ def main(resolution: int, seconds: float, warmup_s: float, model: str | None, ou
             "p99_a_lora_each_over_same": round(switching["latency_ms"]["p99"] / same["latency_ms"]["p99"], 2),
         },
         "calls_per_round": calls,
+        "flicker_noisy_still_camera": steadiness,
         "wall_s": round(time.time() - started, 1),
     }
     emit_report(report, output)

@@ -196,6 +196,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         try:
             pipe.load_lora_weights(str(lora_path), local_files_only=True)
             pipe.fuse_lora()
+            # The weights keep it; its adapter layers go, so that the named adapters loaded next (which
+            # are switched on and off per call) can never unmerge it.
+            pipe.unload_lora_weights()
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise ModelLoadError(f"could not load the LoRA from {lora_path}: {error}") from error
 

@@ -110,6 +110,18 @@ def build_tokenizer_files(vocab_size: int = VOCAB_SIZE) -> tuple[dict[str, int],
     return {token: index for index, token in enumerate(vocab_tokens)}, merges
 
 
+TINY_UNET: dict[str, object] = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+"""The tiny UNet's shape, SD and SDXL alike (they differ in conditioning)."""
+
+
 def build_tiny_components(
     seed: int = 0, vae_channels: tuple[int, ...] = (32, 32, 64, 64), vae_norm_groups: int | None = None
 ) -> dict[str, object]:
@@ -122,16 +134,7 @@ def build_tiny_components(
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET, cross_attention_dim=32)
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         block_out_channels=vae_channels,
@@ -184,22 +187,26 @@ def build_tiny_components(
 
 
 def make_tiny_model(directory: Path | str, seed: int = 0) -> Path:
-    """Build the tiny model and save it as a diffusers directory; its TAESD-shaped VAE goes in `taesd/`.
-
-    The directory is written beside its final place and renamed into it, so a crash never leaves a
-    half-written model behind for the next start to trip over.
-    """
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    """Build the tiny model and save it as a diffusers directory; its TAESD-shaped VAE goes in `taesd/`."""
     components = build_tiny_components(seed)
     tiny_vae = components.pop("tiny_vae")
     pipe = StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
-    pipe.save_pretrained(staging, safe_serialization=True)
+    return _save_untrained(pipe, tiny_vae, Path(directory), {"seed": seed})
+
+
+def _save_untrained(pipe: object, tiny_vae: AutoencoderTiny, target: Path, marker: dict[str, object]) -> Path:
+    """Save an untrained tiny pipeline, its TAESD-shaped VAE in `taesd/`, and its marker.
+
+    The directory is written beside its final place and renamed into it, so a crash never leaves a
+    half-written model behind for the next start to trip over.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    pipe.save_pretrained(staging, safe_serialization=True)  # type: ignore[attr-defined]
     tiny_vae.save_pretrained(staging / TAESD_SUBDIR, safe_serialization=True)
-    marker = {"kind": "untrained", "version": TINY_MODEL_VERSION, "seed": seed, "weights_fingerprint": weights_fingerprint(staging)}
+    marker = {"kind": "untrained", "version": TINY_MODEL_VERSION, **marker, "weights_fingerprint": weights_fingerprint(staging)}
     (staging / MARKER).write_text(json.dumps(marker, indent=2))
     if target.exists():
         shutil.rmtree(target)
@@ -317,13 +324,7 @@ def make_tiny_sdxl_model(directory: Path | str, seed: int = 0) -> Path:
     vocab, merges = build_tokenizer_files()
     torch.manual_seed(seed)
     components["unet"] = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **TINY_UNET,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -336,15 +337,4 @@ def make_tiny_sdxl_model(directory: Path | str, seed: int = 0) -> Path:
     config = components["text_encoder"].config
     components["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**{**config.to_dict(), "projection_dim": 32}))
     components["tokenizer_2"] = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    pipe = StableDiffusionXLPipeline(**components)
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    pipe.save_pretrained(staging, safe_serialization=True)
-    tiny_vae.save_pretrained(staging / TAESD_SUBDIR, safe_serialization=True)
-    marker = {"kind": "untrained", "version": TINY_MODEL_VERSION, "seed": seed, "weights_fingerprint": weights_fingerprint(staging), "shape": "sdxl"}
-    (staging / MARKER).write_text(json.dumps(marker, indent=2))
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    return target
+    return _save_untrained(StableDiffusionXLPipeline(**components), tiny_vae, Path(directory), {"seed": seed, "shape": "sdxl"})

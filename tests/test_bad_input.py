@@ -60,8 +60,8 @@ def test_pillow_alone_accepts_a_png_header_smaller_than_its_data() -> None:
     assert image.size == (64, 64)
 
 
-def canvas_message(image: dict[str, object], seq: int = 1) -> bytes:
-    return packed({"type": "canvas", "seq": seq, "image": image})
+def canvas_message(image: dict[str, object], seq: int = 1, **fields: object) -> bytes:
+    return packed({"type": "canvas", "seq": seq, "image": image, **fields})
 
 
 BAD_MESSAGES: list[tuple[str, bytes, str]] = [
@@ -84,6 +84,12 @@ BAD_MESSAGES: list[tuple[str, bytes, str]] = [
     ("steps out of range", packed({"type": "params", "seq": 12, "changes": {"steps": 50}}), "invalid_value"),
     ("negative seed", packed({"type": "params", "seq": 13, "changes": {"seed": -1}}), "invalid_value"),
     ("unknown cfg type", packed({"type": "params", "seq": 14, "changes": {"cfg_type": "maximum"}}), "invalid_value"),
+    ("unknown lora", packed({"type": "params", "seq": 20, "changes": {"loras": {"sepia": 1.0}}}), "unknown_name"),
+    ("unknown style", packed({"type": "params", "seq": 21, "changes": {"style": "baroque"}}), "unknown_name"),
+    ("controls not an array", packed({"type": "params", "seq": 22, "changes": {"controls": {"model": "x"}}}), "invalid_field"),
+    ("a control that is not a map", packed({"type": "params", "seq": 23, "changes": {"controls": [7]}}), "invalid_value"),
+    ("weighted prompt of the wrong shape", packed({"type": "params", "seq": 24, "changes": {"prompt": [["a", 1, 2]]}}), "invalid_value"),
+    ("an unknown layer", canvas_message({"format": "png", "data": b"\x89PNG"}, layer="depth"), "invalid_value"),
     ("corrupt jpeg", canvas_message({"format": "jpeg", "data": b"\xff\xd8\xff\xe0garbage"}), "corrupt_image"),
     ("corrupt png", canvas_message({"format": "png", "data": b"\x89PNG\r\n\x1a\nnope"}), "corrupt_image"),
     ("raw of the wrong length", canvas_message({"format": "raw", "data": b"\0" * 10, "width": 4, "height": 4}), "corrupt_image"),

@@ -309,3 +309,17 @@ def test_on_onnxruntime_controls_and_loras_keep_the_compiled_vae(toy_model_dir: 
         assert on_onnx.backend == "onnxruntime (VAE); torch (UNet, for controls and LoRAs)"
         assert np.abs(on_onnx.render(canvas, tag=1).image.astype(int) - frame(eager, canvas, **params)).max() <= 3
     assert stream(compiled).backend == "onnxruntime"
+
+
+def test_a_fused_lora_stays_fused_beside_named_ones(toy_model_dir: Path, live_extras: dict[str, Path]) -> None:
+    """`--lora PATH` (fused, e.g. an LCM-LoRA) with `--lora NAME=PATH`: switching the named adapters on
+    and off never takes the fused one out."""
+    from streamcanvas.pipelines.loading import ModelSpec, load_model
+
+    fused = load_model(ModelSpec(model=str(toy_model_dir), lora=str(live_extras["glow"])))
+    both = load_model(ModelSpec(model=str(toy_model_dir), lora=str(live_extras["glow"]), adapters=(("ink", str(live_extras["ink"])),)))
+    canvas = make_canvas(SIZE, 5)
+    expected = frame(fused, canvas, cfg_type="none", steps=1)
+    assert np.array_equal(frame(both, canvas, cfg_type="none", steps=1), expected)
+    assert not np.array_equal(frame(both, canvas, cfg_type="none", steps=1, loras={"ink": 1.0}), expected)
+    assert np.array_equal(frame(both, canvas, cfg_type="none", steps=1), expected)  # after the switch back
