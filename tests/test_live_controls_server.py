@@ -280,6 +280,7 @@ def test_the_page_offers_every_live_control(browser, controls_server: ServerProc
             return merged
 
         page.select_option("#style", "dream")
+        assert page.input_value("#strength") == "0.85" and page.locator("#strength-value").inner_text() == "0.85"  # dream's
         page.fill("#negative-prompt", "blurry")
         page.locator("#negative-prompt").dispatch_event("change")
         page.locator("#guidance").fill("2")

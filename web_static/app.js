@@ -27,6 +27,7 @@ const state = {
   },
   resolution: Number(query.get("resolution") || $("#resolution").value),
   quality: Number($("#quality").value),
+  styles: {}, // style name → the fields it sets (GET /v1/styles)
   needFull: true, // the server's copy must be replaced: after (re)connect, resize, camera frames
   sending: false,
   promptPending: false,
@@ -350,6 +351,7 @@ async function loadOffer() {
     const option = new Option(style.name, style.name);
     option.title = style.description;
     $("#style").append(option);
+    state.styles[style.name] = style.fields;
   }
   for (const name of info.model.loras.names) {
     const label = document.createElement("label");
@@ -395,7 +397,26 @@ function controls() {
   }];
 }
 
-$("#style").addEventListener("change", (event) => sendParams({ style: event.target.value }));
+$("#style").addEventListener("change", (event) => {
+  sendParams({ style: event.target.value });
+  showStyle(state.styles[event.target.value] || {});
+});
+
+// The server applies a style's fields; the controls show them (the ones this page has).
+function showStyle(fields) {
+  if ("strength" in fields) {
+    $("#strength").value = String(fields.strength);
+    $("#strength-value").textContent = Number(fields.strength).toFixed(2);
+  }
+  if ("guidance_scale" in fields) {
+    $("#guidance").value = String(fields.guidance_scale);
+    $("#guidance-value").textContent = Number(fields.guidance_scale).toFixed(1);
+  }
+  if ("negative_prompt" in fields) $("#negative-prompt").value = fields.negative_prompt;
+  if ("cfg_type" in fields) $("#cfg-type").value = fields.cfg_type;
+  if ("transition_frames" in fields) $("#transition").value = String(fields.transition_frames);
+  if ("steps" in fields) $("#steps").value = String(fields.steps);
+}
 $("#negative-prompt").addEventListener("change", (event) => sendParams({ negative_prompt: event.target.value }));
 $("#guidance").addEventListener("input", (event) => { $("#guidance-value").textContent = Number(event.target.value).toFixed(1); });
 $("#guidance").addEventListener("change", (event) => sendParams({ guidance_scale: Number(event.target.value) }));
