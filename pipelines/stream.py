@@ -489,6 +489,8 @@ class StreamPipeline:
         assert stream is not None and self._embeddings is not None
         self._use_backend(stream, params, controls)
         if not params.transition_frames:
+            if self._blend is not None and self._blend.noise_to is not None:
+                stream.init_noise, self._noise = self._blend.noise_to  # a blend cut short lands where it was going
             self._blend = None
         elif prompt_changed or noise_from is not None:
             self._start_blend(params, embeddings_from, noise_from, stream)

@@ -323,3 +323,16 @@ def test_a_fused_lora_stays_fused_beside_named_ones(toy_model_dir: Path, live_ex
     assert np.array_equal(frame(both, canvas, cfg_type="none", steps=1), expected)
     assert not np.array_equal(frame(both, canvas, cfg_type="none", steps=1, loras={"ink": 1.0}), expected)
     assert np.array_equal(frame(both, canvas, cfg_type="none", steps=1), expected)  # after the switch back
+
+
+def test_a_transition_cut_short_lands_where_it_was_going(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    canvas = make_canvas(SIZE, 2)
+    target = frame(controlled_model, canvas, seed=9, prompt="a blue sea", cfg_type="none")
+    pipeline = stream(controlled_model, transition_frames=10, cfg_type="none")
+    pipeline.render(canvas, tag=1)
+    pipeline.configure(pipeline.params.replace(seed=9, prompt="a blue sea"), img2img=True)
+    pipeline.render(canvas, tag=1)
+    pipeline.configure(pipeline.params.replace(transition_frames=0), img2img=True)
+    for _ in range(pipeline.depth):
+        last = pipeline.render(canvas, tag=1).image
+    assert pipeline.settled and np.array_equal(last, target)
