@@ -366,16 +366,23 @@ class _Blend:
     embeddings_to: tuple[torch.Tensor, ...]
     noise_from: tuple[torch.Tensor, torch.Tensor] | None = None
     noise_to: tuple[torch.Tensor, torch.Tensor] | None = None
+    answered: int | None = None
+    """The input the frames answered when the transition began: until it is over, they answer no newer
+    one (an input is answered by the first frame that fully shows it, and a blend shows it part-way)."""
     done: int = 0
 
     def embeddings(self) -> tuple[torch.Tensor, ...]:
-        share = min(1.0, self.done / self.frames)
-        return tuple(torch.lerp(a, b, share) for a, b in zip(self.embeddings_from, self.embeddings_to))  # type: ignore[return-value]
+        if self.done >= self.frames:
+            return self.embeddings_to
+        share = self.done / self.frames
+        return tuple(torch.lerp(a, b, share) for a, b in zip(self.embeddings_from, self.embeddings_to))
 
     def noise(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.noise_from is None or self.noise_to is None:
             return None
-        share = min(1.0, self.done / self.frames)
+        if self.done >= self.frames:
+            return self.noise_to
+        share = self.done / self.frames
         return tuple(slerp(a, b, share) for a, b in zip(self.noise_from, self.noise_to))  # type: ignore[return-value]
 
 
@@ -524,10 +531,14 @@ class StreamPipeline:
         """Blend from where the stream is towards its new prompt (and seed) over `transition_frames`."""
         assert self._embeddings is not None
         noise_to = self._seed_noise(params.seed, stream) if noise_from is not None else None
+        if noise_from is None and self._blend is not None and self._blend.noise_to is not None:
+            # A prompt change while a seed change is still blending in: the noise goes on to the new seed.
+            noise_from, noise_to = self._blend.noise(), self._blend.noise_to
         if embeddings_from is None or not params.transition_frames:
             self._blend = None
             return
-        self._blend = _Blend(params.transition_frames, embeddings_from, self._embeddings, noise_from, noise_to)
+        answered = self._blend.answered if self._blend is not None else (self._fed[0] if self._fed else None)
+        self._blend = _Blend(params.transition_frames, embeddings_from, self._embeddings, noise_from, noise_to, answered)
 
     def _advance_blend(self) -> None:
         """One frame further into the transition (called as each frame is fed)."""
@@ -784,7 +795,14 @@ class StreamPipeline:
     def _output(self, decoded: torch.Tensor, started: float) -> RenderResult:
         assert self._stream is not None
         output = ((decoded[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-        return RenderResult(output.cpu().numpy(), self._fed[0], _elapsed_ms(started, self._stream))
+        return RenderResult(output.cpu().numpy(), self._answers(), _elapsed_ms(started, self._stream))
+
+    def _answers(self) -> int:
+        """The newest input this frame fully shows: the oldest in the stream batch, or, during a
+        transition, the one answered when it began."""
+        if self._blend is not None and self._blend.answered is not None:
+            return self._blend.answered
+        return self._fed[0]
 
 
 def _check_image(name: str, image: np.ndarray, width: int, height: int) -> None:

@@ -155,7 +155,7 @@ def test_a_lora_switched_off_live_leaves_nothing_behind(controlled_model) -> Non
 
 
 def test_threads_with_different_loras_never_see_each_others_weights(controlled_model) -> None:  # type: ignore[no-untyped-def]
-    """Three workers share one UNet: one with `ink`, one with `glow`, one with none. Every frame equals
+    """Three workers share one UNet: one with `ink`, one with `glow`, one with none. Every frame is
     that worker's frame rendered on its own."""
     wanted = [{"ink": 1.0}, {"glow": 0.8}, {}]
     canvas = make_canvas(SIZE, 4)
@@ -167,7 +167,9 @@ def test_threads_with_different_loras_never_see_each_others_weights(controlled_m
         try:
             pipeline = stream(controlled_model, loras=wanted[index], steps=1, cfg_type="none")
             for tag in range(6):
-                if not np.array_equal(pipeline.render(canvas, tag=tag).image, expected[index]):
+                # Up to a grey level or two of float rounding: OpenMP may give a busy thread fewer
+                # threads than the main one had (another order of sums). A LoRA's effect is ~5 levels.
+                if np.abs(pipeline.render(canvas, tag=tag).image.astype(int) - expected[index]).max() > 2:
                     mismatches.append(index)
         except BaseException as error:  # noqa: BLE001 - reported by the assertion below
             errors.append(error)
@@ -335,4 +337,33 @@ def test_a_transition_cut_short_lands_where_it_was_going(controlled_model) -> No
     pipeline.configure(pipeline.params.replace(transition_frames=0), img2img=True)
     for _ in range(pipeline.depth):
         last = pipeline.render(canvas, tag=1).image
+    assert pipeline.settled and np.array_equal(last, target)
+
+
+def test_a_transition_answers_its_input_only_once_it_has_arrived(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    """A frame answers an input when it fully shows it: the prompt change (input 2) is answered by the
+    last frame of the blend, not the first; clients waiting for it (the page) wait for the whole blend."""
+    canvas = make_canvas(SIZE, 1)
+    pipeline = stream(controlled_model, transition_frames=3)
+    assert pipeline.render(canvas, tag=1).answers == 1
+    pipeline.configure(pipeline.params.replace(prompt="a blue sea"), img2img=True)
+    answers = [pipeline.render(canvas, tag=2).answers for _ in range(4)]
+    assert answers == [1, 1, 1, 2] and pipeline.settled
+
+
+def test_a_seed_and_a_prompt_blending_at_once_both_arrive(controlled_model) -> None:  # type: ignore[no-untyped-def]
+    """The page sends a new seed at once and the prompt a moment later: the second transition starts
+    while the first is under way, and the stream still ends exactly where a fresh one starts."""
+    canvas = make_canvas(SIZE, 3)
+    target = frame(controlled_model, canvas, seed=77, prompt="a blue sea", transition_frames=8)
+    pipeline = stream(controlled_model, transition_frames=8)
+    pipeline.render(canvas, tag=1)
+    pipeline.configure(pipeline.params.replace(seed=77), img2img=True)
+    for _ in range(3):
+        pipeline.render(canvas, tag=2)
+    pipeline.configure(pipeline.params.replace(prompt="a blue sea"), img2img=True)
+    frames = 0
+    while not pipeline.settled and frames < 30:
+        last = pipeline.render(canvas, tag=3).image
+        frames += 1
     assert pipeline.settled and np.array_equal(last, target)
