@@ -25,8 +25,10 @@ from streamcanvas.codecs import images
 from streamcanvas.codecs.errors import CodecError
 from streamcanvas.codecs.images import ImageLimits
 
-from streamcanvas.pipelines.adapters import LORA_WEIGHT_RANGE, MAX_ACTIVE_LORAS
+from streamcanvas.pipelines.adapters import MAX_ACTIVE_LORAS
 from streamcanvas.pipelines.controls import MAX_CONTROL_SCALE, MAX_CONTROLS, Preprocessor, preprocess
+from streamcanvas.pipelines.errors import InvalidParameter, UnknownName
+from streamcanvas.pipelines.models import ModelChoice
 from streamcanvas.pipelines.stream import StreamParams
 from streamcanvas.pipelines.styles import StylePreset
 
@@ -58,9 +60,8 @@ class AcceptContext:
     image_limits: ImageLimits
     capture_live: Callable[[str, str], LiveCapture]
     """(session id, control token) → the session's state; raises InvalidJob / JobNotFound."""
-    models: Mapping[str, tuple[tuple[str, ...], tuple[str, ...], bool]] = field(default_factory=dict)
-    """The server's models by name (the first is the default), each with its LoRAs and ControlNets and
-    whether it has a depth network."""
+    models: Mapping[str, ModelChoice] = field(default_factory=dict)
+    """The server's models by name (the first is the default), with what may be named on each."""
     styles: Mapping[str, StylePreset] = field(default_factory=dict)
 
 
@@ -262,14 +263,14 @@ def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
     template applied to the prompt and its fields under the request's own."""
     where = "params."
     extra: dict[str, Any] = {"style": request.style, "control_image": None}
+    choice = ModelChoice()
     if context.models:
         model = request.model or next(iter(context.models))
         if model not in context.models:
-            raise InvalidJob(f"{where}model: no model named {model!r}; this server has: {', '.join(context.models)}", field=f"{where}model")
-        loaded_loras, loaded_controlnets, has_depth = context.models[model]
+            error = UnknownName.listing("model", "model", model, context.models)
+            raise InvalidJob(f"{where}{error}", field=f"{where}model")
+        choice = context.models[model]
         extra["model"] = model
-    else:
-        loaded_loras, loaded_controlnets, has_depth = (), (), False
     loras = dict(request.loras)
     controls = [control.model_dump() for control in request.controls]
     prompt = getattr(request, "prompt", "")
@@ -277,7 +278,8 @@ def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
     if request.style:
         preset = context.styles.get(request.style)
         if preset is None:
-            raise InvalidJob(f"{where}style: no style preset named {request.style!r}; this server has: {', '.join(context.styles) or 'none'}", field=f"{where}style")
+            error = UnknownName.listing("style", "style preset", request.style, context.styles)
+            raise InvalidJob(f"{where}{error}", field=f"{where}style")
         template = preset.fields.get("prompt_template", "{prompt}")
         prompt = template.replace("{prompt}", prompt)
         negative = negative or preset.fields.get("negative_prompt", "")
@@ -285,21 +287,10 @@ def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
         if preset.control_scale is not None:
             for control in controls:
                 control["scale"] = preset.control_scale
-    for name, weight in loras.items():
-        if name not in loaded_loras:
-            raise InvalidJob(f"{where}loras: no LoRA named {name!r}; this server has: {', '.join(loaded_loras) or 'none'}", field=f"{where}loras")
-        if not LORA_WEIGHT_RANGE[0] <= weight <= LORA_WEIGHT_RANGE[1]:
-            raise InvalidJob(f"{where}loras: weight of {name!r} is {weight}, outside {list(LORA_WEIGHT_RANGE)}", field=f"{where}loras")
-    for control in controls:
-        if control["model"] not in loaded_controlnets:
-            raise InvalidJob(
-                f"{where}controls: no ControlNet named {control['model']!r}; this server has: {', '.join(loaded_controlnets) or 'none'}",
-                field=f"{where}controls",
-            )
-        if control["preprocessor"] == "depth" and not has_depth:
-            raise InvalidJob(f"{where}controls: the 'depth' preprocessor needs a depth model (--depth-model PATH)", field=f"{where}controls")
-        if control["start"] >= control["end"]:
-            raise InvalidJob(f"{where}controls: start must be below end", field=f"{where}controls")
+    try:  # the live stream's own checks: ranges, start below end, and names this model has
+        choice.check(StreamParams(loras=loras, controls=controls))
+    except InvalidParameter as error:
+        raise InvalidJob(f"{where}{error}", field=f"{where}{error.field}") from None
     if request.control_image is not None:
         extra["control_image"] = _base64_png(_decode_upload(request.control_image, context.image_limits, "control_image"))
     extra.update(prompt=prompt, negative_prompt=negative, loras={name: weight for name, weight in loras.items() if weight}, controls=controls)

@@ -38,6 +38,7 @@ from PIL import Image
 
 from streamcanvas.pipelines.loading import LoadedModel
 from streamcanvas.pipelines.models import ModelSet
+from streamcanvas.pipelines.stream import encode_prompts
 
 SCHEDULERS = {
     "euler_a": EulerAncestralDiscreteScheduler,
@@ -146,7 +147,7 @@ class QualityRenderer:
             return tensors
 
         arguments: dict = {
-            **self._prompt_arguments(model, pipe, request),
+            **self._prompt_arguments(model, request),
             "num_inference_steps": request.steps,
             "guidance_scale": request.guidance_scale,
             "num_images_per_prompt": request.batch_size,
@@ -174,26 +175,12 @@ class QualityRenderer:
             output = pipe(**arguments)
         return list(output.images)
 
-    def _prompt_arguments(self, model: LoadedModel, pipe: StableDiffusionPipeline, request: RenderRequest) -> dict[str, object]:
+    def _prompt_arguments(self, model: LoadedModel, request: RenderRequest) -> dict[str, object]:
         """The prompt as the pipeline takes it: text, or, for weighted prompts, embeddings mixed by
         weight (SDXL's pooled embeddings too)."""
         if isinstance(request.prompt, str):
             return {"prompt": request.prompt, "negative_prompt": request.negative_prompt or None}
-        total = sum(weight for _, weight in request.prompt)
-        mixed: list[torch.Tensor] | None = None
-        with torch.inference_mode(), model.adapters.wanted(request.loras):
-            for text, weight in request.prompt:
-                encoded = pipe.encode_prompt(
-                    prompt=text,
-                    device=model.placement.device,
-                    num_images_per_prompt=1,
-                    do_classifier_free_guidance=True,
-                    negative_prompt=request.negative_prompt or None,
-                )
-                # (conditional, unconditional[, pooled, unconditional pooled]): the conditional ones mix.
-                parts = [tensor * (weight / total) if index % 2 == 0 else tensor for index, tensor in enumerate(encoded)]
-                mixed = parts if mixed is None else [a + b if index % 2 == 0 else a for index, (a, b) in enumerate(zip(mixed, parts))]
-        assert mixed is not None
+        mixed = encode_prompts(model, request.prompt, request.negative_prompt or None, request.loras)
         names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
         return dict(zip(names, mixed))
 

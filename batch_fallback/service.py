@@ -225,7 +225,7 @@ class BatchService:
             max_height=self.config.max_height,
             image_limits=self.config.image_limits,
             capture_live=self.capture_live,
-            models={name: (model.adapters.names, model.controlnets.names, model.depth is not None) for name, model in self.models},
+            models=self.models.choices(),
             styles=self.styles,
         )
 

@@ -62,7 +62,7 @@ class LoraAdapters:
     def check(self, weights: LoraWeights) -> None:
         for name, _ in weights:
             if name not in self.paths:
-                raise UnknownName("loras", f"no LoRA named {name!r}; this server has: {_listed(self.names)}")
+                raise UnknownName.listing("loras", "LoRA", name, self.names, "--lora NAME=PATH")
 
     @contextlib.contextmanager
     def wanted(self, weights: LoraWeights) -> Iterator[None]:
@@ -106,10 +106,6 @@ class LoraAdapters:
             "switches": self.switches,
             "switch_ms_mean": round(self.switch_ms_total / self.switches, 3) if self.switches else None,
         }
-
-
-def _listed(names: tuple[str, ...]) -> str:
-    return ", ".join(names) if names else "none (start the server with --lora NAME=PATH)"
 
 
 def parse_named_path(text: str, what: str) -> tuple[str, str]:

@@ -25,7 +25,7 @@ import torch
 from diffusers import ControlNetModel
 
 from .depth import DepthEstimator
-from .errors import InvalidParameter, ModelLoadError, UnknownName
+from .errors import NO_DEPTH_MODEL, InvalidParameter, ModelLoadError, UnknownName
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def preprocess(image: np.ndarray, preprocessor: Preprocessor, depth: DepthEstima
         return image
     if preprocessor == "depth":
         if depth is None:
-            raise UnknownName("controls", "the 'depth' preprocessor needs a depth model: start the server with --depth-model PATH")
+            raise UnknownName("controls", NO_DEPTH_MODEL)
         return depth.estimate(image)
     gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
     if preprocessor == "canny":
@@ -135,8 +135,7 @@ class ControlNets:
 
     def get(self, name: str) -> ControlNetModel:
         if name not in self.models:
-            listed = ", ".join(self.names) if self.models else "none (start the server with --controlnet NAME=PATH)"
-            raise UnknownName("controls", f"no ControlNet named {name!r}; this server has: {listed}")
+            raise UnknownName.listing("controls", "ControlNet", name, self.names, "--controlnet NAME=PATH")
         return self.models[name]
 
     def describe(self) -> list[dict[str, Any]]:

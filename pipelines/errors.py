@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class PipelineError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -26,6 +28,15 @@ class InvalidParameter(PipelineError, ValueError):
 class UnknownName(InvalidParameter):
     """A parameter names a LoRA, ControlNet, style or model this server does not have; the message
     lists the ones it has."""
+
+    @classmethod
+    def listing(cls, field: str, what: str, name: str, names: Iterable[str], flag: str | None = None) -> UnknownName:
+        """`no <what> named <name>; this server has: <names>` (or how to give it some, with `flag`)."""
+        listed = ", ".join(names) or (f"none (start the server with {flag})" if flag else "none")
+        return cls(field, f"no {what} named {name!r}; this server has: {listed}")
+
+
+NO_DEPTH_MODEL = "the 'depth' preprocessor needs a depth model: start the server with --depth-model PATH"
 
 
 class DeviceUnavailable(PipelineError):

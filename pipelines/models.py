@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from .devices import choose_placement
-from .errors import ModelLoadError, UnknownName
+from .errors import NO_DEPTH_MODEL, ModelLoadError, UnknownName
 from .loading import LoadedModel, ModelSpec, load_model, resolve_model_path
+from .stream import StreamParams
 from .toy_model import ensure_toy_model
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,33 @@ DEFAULT_MODEL_NAME = "toy"
 """The name of the trained toy model when no --model is given."""
 MEMORY_SHARE = 0.9
 """Of the device's memory (CUDA: total; CPU: available at start), the share models may take."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What a client may name on one model (its LoRAs and ControlNets, whether it has a depth network),
+    and where its sessions' parameters start. Sessions and batch jobs check their names against it."""
+
+    loras: tuple[str, ...] = ()
+    controlnets: tuple[str, ...] = ()
+    defaults: StreamParams | None = None
+    depth: bool = False
+
+    @classmethod
+    def of(cls, model: LoadedModel) -> ModelChoice:
+        defaults = StreamParams().replace(**model.stream_defaults)
+        return cls(model.adapters.names, model.controlnets.names, defaults, model.depth is not None)
+
+    def check(self, params: StreamParams) -> None:
+        """Raise UnknownName, listing what exists, for a LoRA, ControlNet or depth this model lacks."""
+        for name, _ in params.loras:
+            if name not in self.loras:
+                raise UnknownName.listing("loras", "LoRA", name, self.loras, "--lora NAME=PATH")
+        for control in params.controls:
+            if control.model not in self.controlnets:
+                raise UnknownName.listing("controls", "ControlNet", control.model, self.controlnets, "--controlnet NAME=PATH")
+            if control.preprocessor == "depth" and not self.depth:
+                raise UnknownName("controls", NO_DEPTH_MODEL)
 
 
 @dataclass
@@ -63,8 +91,11 @@ class ModelSet:
         if name is None:
             return self.default
         if name not in self.models:
-            raise UnknownName("model", f"no model named {name!r}; this server has: {', '.join(self.models)}")
+            raise UnknownName.listing("model", "model", name, self.models)
         return self.models[name]
+
+    def choices(self) -> dict[str, ModelChoice]:
+        return {name: ModelChoice.of(model) for name, model in self.models.items()}
 
     def __iter__(self) -> Iterator[tuple[str, LoadedModel]]:
         return iter(self.models.items())

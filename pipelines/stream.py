@@ -33,7 +33,7 @@ from streamdiffusion import StreamDiffusion
 
 from .adapters import LORA_WEIGHT_RANGE, MAX_ACTIVE_LORAS, LoraWeights
 from .controls import MAX_CONTROLS, ControlRows, ControlSpec, control_tensor, controlled_unet, merge_rows, preprocess
-from .errors import InvalidParameter, UnknownName
+from .errors import NO_DEPTH_MODEL, InvalidParameter, UnknownName
 from .loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -437,6 +437,8 @@ class StreamPipeline:
         self._blend: _Blend | None = None
         self._controls: list[tuple[ControlSpec, object, list[bool]]] = []
         self._control_images: list[torch.Tensor | None] = []
+        self._controls_prepared_for: int | None = None
+        """The input whose control images `_control_images` holds (a flush renders the same one again)."""
         self._step_of: dict[int, int] = {}
         self._previous_latent: torch.Tensor | None = None
         self._primed = False
@@ -455,17 +457,13 @@ class StreamPipeline:
         played out): until then the slot renders the same input again."""
         return self._primed and len(set(self._fed)) <= 1 and self._blend is None
 
-    @property
-    def in_transition(self) -> bool:
-        return self._blend is not None
-
     def configure(self, params: StreamParams, img2img: bool) -> None:
         """Apply new parameters, redoing only what they invalidate (the model is never reloaded)."""
         previous = self.params
         self.model.adapters.check(params.loras)
         controls = [(spec, self.model.controlnets.get(spec.model)) for spec in params.controls]
         if self.model.depth is None and any(spec.preprocessor == "depth" for spec in params.controls):
-            raise UnknownName("controls", "the 'depth' preprocessor needs a depth model: start the server with --depth-model PATH")
+            raise UnknownName("controls", NO_DEPTH_MODEL)
         seed_changed = previous is not None and params.seed != previous.seed
         blend_seed = seed_changed and params.transition_frames > 0
         rebuild = (
@@ -534,7 +532,7 @@ class StreamPipeline:
         if noise_from is None and self._blend is not None and self._blend.noise_to is not None:
             # A prompt change while a seed change is still blending in: the noise goes on to the new seed.
             noise_from, noise_to = self._blend.noise(), self._blend.noise_to
-        if embeddings_from is None or not params.transition_frames:
+        if embeddings_from is None:  # the first configure: nothing to blend from
             self._blend = None
             return
         answered = self._blend.answered if self._blend is not None else (self._fed[0] if self._fed else None)
@@ -553,7 +551,8 @@ class StreamPipeline:
             self._blend = None
 
     def _seed_noise(self, seed: int, stream: _SessionStream) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stream noise and txt2img noise a fresh stream with this seed starts from."""
+        """The stream noise and txt2img noise a stream with this seed starts from (drawn in the order
+        `prepare_stream` draws its own, so a stream built with the seed and one blended to it agree)."""
         generator = torch.Generator(device="cpu").manual_seed(seed)
         latent_shape = (4, stream.latent_height, stream.latent_width)
         placement = self.model.placement
@@ -564,31 +563,9 @@ class StreamPipeline:
             noise.to(device=placement.device, dtype=placement.dtype),
         )
 
-    @torch.no_grad()
     def _encode_prompt(self, params: StreamParams) -> tuple[torch.Tensor, ...]:
-        """The conditional embeddings (weighted prompts mixed by weight) and the negative prompt's; for
-        SDXL also the pooled ones, mixed the same way."""
-        mixed: list[torch.Tensor] | None = None
-        prompts = params.prompts()
-        total = sum(weight for _, weight in prompts)
-        with self.model.adapters.wanted(params.active_loras):
-            for text, weight in prompts:
-                encoded = self.model.pipe.encode_prompt(
-                    prompt=text,
-                    device=self.model.placement.device,
-                    num_images_per_prompt=1,
-                    do_classifier_free_guidance=True,
-                    negative_prompt=params.negative_prompt,
-                )
-                # SD: (conditional, unconditional); SDXL: and (pooled, unconditional pooled) after them.
-                share = weight / total
-                parts = [tensor * share if index % 2 == 0 else tensor for index, tensor in enumerate(encoded)]
-                mixed = parts if mixed is None else [
-                    total_part + part if index % 2 == 0 else total_part for index, (total_part, part) in enumerate(zip(mixed, parts))
-                ]
         self.prompt_encodings += 1
-        assert mixed is not None
-        return tuple(mixed)
+        return encode_prompts(self.model, params.prompts(), params.negative_prompt, params.active_loras)
 
     def _build_stream(self, params: StreamParams, img2img: bool) -> None:
         stream = _SessionStream(
@@ -604,9 +581,7 @@ class StreamPipeline:
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
         stream.prepare_stream(generator, params.guidance_scale, params.delta)
         # txt2img starts every frame from the same seeded noise, so a prompt change is all that moves it.
-        self._noise = torch.randn((1, 4, stream.latent_height, stream.latent_width), generator=generator).to(
-            device=self.model.placement.device, dtype=self.model.placement.dtype
-        )
+        stream.init_noise, self._noise = self._seed_noise(params.seed, stream)
         self._stream = stream
         self._step_of = {int(timestep): index for index, timestep in enumerate(stream.sub_timesteps)}
         self._previous_latent = None
@@ -639,6 +614,7 @@ class StreamPipeline:
             self.backend = backend.name
         steps = stream.denoising_steps_num
         self._controls = [(spec, net, spec.keeps(steps)) for spec, net in controls]
+        self._controls_prepared_for = None
         stream.unet = _StreamUNet(unet, self) if controls or self.model.architecture == "sdxl" else unet
         stream.vae = vae
 
@@ -754,7 +730,9 @@ class StreamPipeline:
         else:
             assert self._noise is not None
             latent = self._noise
-        self._prepare_controls(image, layer)
+        if tag != self._controls_prepared_for:
+            self._prepare_controls(image, layer)
+            self._controls_prepared_for = tag
         primes = 0
         if not self._primed or (refill and self.settled and tag != self._fed[-1]):
             # Fill the stream batch with this input, so the frame is not decoded from zero latents (or,
@@ -803,6 +781,31 @@ class StreamPipeline:
         if self._blend is not None and self._blend.answered is not None:
             return self._blend.answered
         return self._fed[0]
+
+
+@torch.no_grad()
+def encode_prompts(
+    model: LoadedModel, prompts: Sequence[tuple[str, float]], negative_prompt: str | None, loras: LoraWeights = ()
+) -> tuple[torch.Tensor, ...]:
+    """Prompt embeddings with the model's text encoder(s) and these LoRAs: the conditional ones of
+    weighted prompts mixed by weight, and the negative prompt's. SD gives (conditional, unconditional),
+    SDXL also (pooled, unconditional pooled), mixed the same way."""
+    total = sum(weight for _, weight in prompts)
+    mixed: list[torch.Tensor] | None = None
+    with model.adapters.wanted(loras):
+        for text, weight in prompts:
+            encoded = model.pipe.encode_prompt(
+                prompt=text,
+                device=model.placement.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=negative_prompt,
+            )
+            # Even places hold conditional embeddings (they mix), odd ones the negative prompt's.
+            parts = [tensor * (weight / total) if index % 2 == 0 else tensor for index, tensor in enumerate(encoded)]
+            mixed = parts if mixed is None else [a + b if index % 2 == 0 else a for index, (a, b) in enumerate(zip(mixed, parts))]
+    assert mixed is not None, "at least one prompt"
+    return tuple(mixed)
 
 
 def _check_image(name: str, image: np.ndarray, width: int, height: int) -> None:

@@ -93,8 +93,7 @@ def apply_style(
         return current.replace(**changes)
     name = changes["style"]
     if name and name not in styles:
-        listed = ", ".join(styles) or "none"
-        raise UnknownName("style", f"no style preset named {name!r}; this server has: {listed}")
+        raise UnknownName.listing("style", "style preset", name, styles)
     merged: dict[str, Any] = {}
     old = styles.get(current.style)
     if old is not None:

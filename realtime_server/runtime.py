@@ -21,7 +21,7 @@ from streamcanvas.pipelines.models import ModelSet, load_models
 from streamcanvas.pipelines.sharing import Sharing, measure_sharing
 from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
 from streamcanvas.pipelines.styles import StylePreset, load_styles
-from streamcanvas.sessions.config import Catalog, ModelChoice
+from streamcanvas.sessions.config import Catalog
 from streamcanvas.sessions.manager import SessionManager, TokenRejected
 from streamcanvas.sessions.session import SessionState
 
@@ -58,12 +58,7 @@ class Runtime:
         # On the CPU the slots share the cores: each worker gets its share of torch threads, so their
         # OpenMP pools together never outnumber the cores (see in_short_lived_thread).
         per_slot = max(1, threads // settings.slots) if self.model.placement.device.type == "cpu" else None
-        choices = {
-            name: ModelChoice(
-                model.adapters.names, model.controlnets.names, StreamParams().replace(**model.stream_defaults), model.depth is not None
-            )
-            for name, model in models
-        }
+        choices = models.choices()
         catalog = Catalog(models=choices, styles=self.styles)
         defaults = choices[models.default_name].defaults
         assert defaults is not None

@@ -10,20 +10,9 @@ from typing import Any
 
 from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.pipelines.errors import InvalidParameter, UnknownName
+from streamcanvas.pipelines.models import ModelChoice
 from streamcanvas.pipelines.stream import StreamParams
 from streamcanvas.pipelines.styles import StylePreset, apply_style
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """One model a session may pick: the LoRAs and ControlNets loaded for it, and where its sessions'
-    parameters start (StreamParams' defaults, or the model's own)."""
-
-    loras: tuple[str, ...] = ()
-    controlnets: tuple[str, ...] = ()
-    defaults: StreamParams | None = None
-    depth: bool = False
-    """Whether the model has a depth network (the `depth` preprocessor)."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +30,7 @@ class Catalog:
     def model(self, name: str | None) -> str | None:
         """The model a hello asks for, checked (None: the default)."""
         if name is not None and name not in self.models:
-            raise UnknownName("model", f"no model named {name!r}; this server has: {', '.join(self.models) or 'one model only'}")
+            raise UnknownName.listing("model", "model", name, self.models)
         return name
 
     def resolve(
@@ -50,26 +39,10 @@ class Catalog:
         """`current` with a client's changes (a style preset among them brought in under them), every
         name checked: an unknown one is an UnknownName that lists what exists."""
         params = apply_style(current, defaults, self.styles, changes)
-        choice = self.choice(model)
-        loras, controlnets = choice.loras, choice.controlnets
-        for name, _ in params.loras:
-            if name not in loras:
-                raise UnknownName("loras", f"no LoRA named {name!r}; this server has: {_listed(loras, '--lora NAME=PATH')}")
-        for control in params.controls:
-            if control.model not in controlnets:
-                raise UnknownName(
-                    "controls",
-                    f"no ControlNet named {control.model!r}; this server has: {_listed(controlnets, '--controlnet NAME=PATH')}",
-                )
-            if control.preprocessor == "depth" and not choice.depth:
-                raise UnknownName("controls", "the 'depth' preprocessor needs a depth model: start the server with --depth-model PATH")
-            if control.source == "canvas" and not img2img:
-                raise InvalidParameter("controls", "a txt2img session has no canvas: use source 'layer' and send a control layer")
+        self.choice(model).check(params)
+        if not img2img and any(control.source == "canvas" for control in params.controls):
+            raise InvalidParameter("controls", "a txt2img session has no canvas: use source 'layer' and send a control layer")
         return params
-
-
-def _listed(names: tuple[str, ...], flag: str) -> str:
-    return ", ".join(names) if names else f"none (start the server with {flag})"
 
 
 @dataclass(frozen=True)
