@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,11 @@ class LoadedModel:
     controlnets: ControlNets = field(default_factory=ControlNets)
     depth: DepthEstimator | None = None
     """The depth network of the `depth` preprocessor, if one was given."""
+    prompt_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    """Held while a prompt is encoded. The tokenizer keeps its padding and truncation settings on the
+    shared object, and diffusers' encode_prompt tokenizes twice with different settings (to warn about
+    truncation): two threads encoding at once could get a prompt padded to its own length instead of
+    77 tokens, which the UNet accepts silently and renders differently."""
 
     @property
     def quality_vae(self) -> torch.nn.Module:

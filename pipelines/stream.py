@@ -792,7 +792,7 @@ def encode_prompts(
     SDXL also (pooled, unconditional pooled), mixed the same way."""
     total = sum(weight for _, weight in prompts)
     mixed: list[torch.Tensor] | None = None
-    with model.adapters.wanted(loras):
+    with model.adapters.wanted(loras), model.prompt_lock:
         for text, weight in prompts:
             encoded = model.pipe.encode_prompt(
                 prompt=text,

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from helpers import make_canvas
 from streamcanvas.pipelines.controls import ControlSpec, preprocess
 from streamcanvas.pipelines.errors import InvalidParameter, ModelLoadError, UnknownName
-from streamcanvas.pipelines.stream import StreamParams, StreamPipeline, render_together
+from streamcanvas.pipelines.stream import StreamParams, StreamPipeline, encode_prompts, render_together
 from streamcanvas.pipelines.styles import apply_style, load_styles
 
 SIZE = 64
@@ -155,26 +156,23 @@ def test_a_lora_switched_off_live_leaves_nothing_behind(controlled_model) -> Non
 
 
 def test_threads_with_different_loras_never_see_each_others_weights(controlled_model) -> None:  # type: ignore[no-untyped-def]
-    """Three workers share one UNet: one with `ink`, one with `glow`, one with none. Every frame is
-    that worker's frame rendered on its own. Their frames take turns (`turns`), so every UNet call
-    switches the shared adapters to another thread's wish: frames of one model rendered from several
-    threads at the very same time can come out wrong on this CPU even with no LoRA at all (found by
-    this test; not a LoRA matter, left for its own fix)."""
+    """Three workers share one UNet: one with `ink`, one with `glow`, one with none. They build their
+    streams and render at the same moments (a barrier), so every UNet call may switch the shared
+    adapters to another thread's wish; every frame is still that worker's frame rendered on its own."""
     wanted = [{"ink": 1.0}, {"glow": 0.8}, {}]
     canvas = make_canvas(SIZE, 4)
     expected = [frame(controlled_model, canvas, loras=loras, steps=1, cfg_type="none") for loras in wanted]
     mismatches: list[int] = []
     errors: list[BaseException] = []
-
-    turns = threading.Lock()
+    together = threading.Barrier(3, timeout=60)
 
     def work(index: int) -> None:
         try:
-            with turns:
-                pipeline = stream(controlled_model, loras=wanted[index], steps=1, cfg_type="none")
+            together.wait()
+            pipeline = stream(controlled_model, loras=wanted[index], steps=1, cfg_type="none")
             for tag in range(6):
-                with turns:
-                    image = pipeline.render(canvas, tag=tag).image
+                together.wait()
+                image = pipeline.render(canvas, tag=tag).image
                 # Up to a grey level or two of float rounding: OpenMP may give a busy thread fewer
                 # threads than the main one had (another order of sums). A LoRA's effect is ~5 levels.
                 if np.abs(image.astype(int) - expected[index]).max() > 2:
@@ -189,6 +187,34 @@ def test_threads_with_different_loras_never_see_each_others_weights(controlled_m
         thread.join(timeout=120)
     assert not errors and not mismatches
     assert controlled_model.adapters.describe()["switches"] > 0
+
+
+def test_prompts_encoded_by_several_threads_at_once_are_the_prompts_encoded_alone(toy_model) -> None:  # type: ignore[no-untyped-def]
+    """The tokenizer is one shared object that keeps its padding settings between calls, and
+    encode_prompt tokenizes each prompt twice with different ones: unguarded, a thread now and then got
+    its prompt padded to 5 tokens instead of 77, and a frame 57 grey levels off (`LoadedModel.prompt_lock`)."""
+    prompts = ["a red house", "a blue sea at night", "green hills"]
+    alone = [encode_prompts(toy_model, [(text, 1.0)], "blurry") for text in prompts]
+    wrong: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+    together = threading.Barrier(len(prompts), timeout=60)
+
+    def work(index: int) -> None:
+        try:
+            for round_ in range(30):
+                together.wait()
+                encoded = encode_prompts(toy_model, [(prompts[index], 1.0)], "blurry")
+                if not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(encoded, alone[index])):
+                    wrong.append((round_, index))
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and not wrong, wrong[:5]
 
 
 # Prompts, transitions, seeds, feedback -------------------------------------------------------------
