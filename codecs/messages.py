@@ -78,6 +78,9 @@ class Hello:
     seq: int | None = None
     model: str | None = None
     """One of the server's models (GET /v1/models); None: its default."""
+    frame_messages: bool | None = None
+    """Whether rendered frames come as `frame` messages; None: the transport's default (yes on a
+    WebSocket, no on WebRTC, whose frames go on the video track)."""
 
 
 MODES = ("img2img", "txt2img")
@@ -367,6 +370,7 @@ def _parse_hello(fields: _Fields) -> Hello:
         params=parse_param_changes(params, "hello.params"),
         seq=fields.integer("seq", 0, MAX_SEQ),
         model=_short(fields, "model"),
+        frame_messages=fields.get("frame_messages", (bool,)),
     )
 
 

@@ -355,6 +355,8 @@ class Session:
         self.protocol = max(common)
         self.width, self.height = width, height
         self.codec, self.quality = hello.codec, hello.quality
+        if hello.frame_messages is not None:
+            self.frames_to_client = hello.frame_messages
         with self._lock:
             self._params = params
             if self.mode == "img2img":

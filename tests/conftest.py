@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import ServerProcess, server_env
+from transport_clients import LOOPBACK_ARGS, TRANSPORTS, use_loopback_ice
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -151,9 +152,19 @@ def start_server(
     return ServerProcess(arguments, {**server_env(cache_dir), **(env or {})}, log_path).start(timeout)
 
 
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """The transport a protocol test runs over: each such test runs over a WebSocket and over WebRTC's
+    data channel (`transport_clients.open_session`), against a server started with LOOPBACK_ARGS."""
+    if request.param == "webrtc":
+        use_loopback_ice()
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
 def server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
-    """The shared server: two slots, default settings, the trained toy model."""
-    process = start_server(cache_dir, artifacts_dir, "shared", "--slots", "2")
+    """The shared server: two slots, default settings, the trained toy model (and WebRTC's ICE on
+    loopback, for the tests that run over both transports)."""
+    process = start_server(cache_dir, artifacts_dir, "shared", "--slots", "2", *LOOPBACK_ARGS)
     yield process
     process.stop()

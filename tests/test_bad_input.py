@@ -1,4 +1,8 @@
-"""Every kind of bad input gets a typed error; the session, the server and other sessions go on."""
+"""Every kind of bad input gets a typed error; the session, the server and other sessions go on.
+
+Over both transports (the `transport` fixture): a WebSocket, and WebRTC's data channel. What only one
+of them has is tested on that one: the WebSocket's own message-size close (1009) and messages before
+a hello (over WebRTC the hello is in the offer)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from PIL import Image
 
 from conftest import TEST_RESOLUTION
 from helpers import Client, ServerProcess, decode_frame, make_canvas
+from transport_clients import open_session, refused_hello
 
 SIZE = TEST_RESOLUTION
 
@@ -119,9 +124,8 @@ BAD_MESSAGES: list[tuple[str, bytes, str]] = [
 ]
 
 
-async def test_every_bad_message_gets_a_typed_error_and_the_session_goes_on(server: ServerProcess) -> None:
-    async with Client.connect(server.ws_url) as client:
-        await client.hello(params={"prompt": "a kite"})
+async def test_every_bad_message_gets_a_typed_error_and_the_session_goes_on(server: ServerProcess, transport: str) -> None:
+    async with open_session(transport, server, params={"prompt": "a kite"}) as client:
         canvas = make_canvas(SIZE, 40)
         reference = decode_frame(await client.frame_for(await client.send_canvas(canvas)))
         for name, data, code in BAD_MESSAGES:
@@ -178,16 +182,16 @@ async def test_oversize_messages(server: ServerProcess) -> None:
         ({"type": "hello", "protocol": [1], "params": {"strength": -1.0}}, "invalid_value"),
         ({"type": "hello", "protocol": [1], "codec": "gif"}, "unsupported_image_format"),
         ({"type": "hello", "protocol": [1], "mode": "video"}, "invalid_value"),
+        ({"type": "hello", "protocol": [1], "frame_messages": "yes"}, "invalid_field"),
+        ({"type": "hello", "protocol": [1], "model": "sdxl-lightning"}, "unknown_name"),
     ],
 )
-async def test_a_bad_hello_is_refused_with_a_reason(server: ServerProcess, hello: dict, code: str) -> None:
-    async with Client.connect(server.ws_url) as client:
-        await client.send_raw(packed(hello))
-        error = await client.expect("error")
-        assert error["code"] == code and error["fatal"] is True
-        with pytest.raises(websockets.ConnectionClosed) as closed:
-            await client.recv(timeout=10)
-        assert closed.value.rcvd.code == 1008
+async def test_a_bad_hello_is_refused_with_a_reason(server: ServerProcess, transport: str, hello: dict, code: str) -> None:
+    """A fatal error and close 1008 on a WebSocket; over WebRTC the offer's answer is an HTTP 400 with
+    the same code (no session, no peer connection)."""
+    refusal = await refused_hello(transport, server, hello)
+    assert refusal["code"] == code and refusal["message"], refusal
+    assert refusal.get("close_code", 1008) == 1008 and refusal.get("status", 400) == 400, refusal
     assert server.info()["slots_free"] == 2
 
 
@@ -200,21 +204,19 @@ async def test_messages_before_hello_are_refused_but_hello_still_works(server: S
         await client.hello()
 
 
-async def test_canvas_in_a_txt2img_session_is_the_wrong_mode(server: ServerProcess) -> None:
-    async with Client.connect(server.ws_url) as client:
-        await client.hello(mode="txt2img")
+async def test_canvas_in_a_txt2img_session_is_the_wrong_mode(server: ServerProcess, transport: str) -> None:
+    async with open_session(transport, server, mode="txt2img") as client:
         await client.send_canvas(make_canvas(SIZE, 1))
         while (message := await client.recv())["type"] == "frame":
             pass
         assert message["code"] == "wrong_mode"
 
 
-async def test_bad_input_does_not_disturb_another_session(server: ServerProcess) -> None:
+async def test_bad_input_does_not_disturb_another_session(server: ServerProcess, transport: str) -> None:
     canvases = [make_canvas(SIZE, seed) for seed in (51, 52, 53)]
 
     async def well_behaved() -> list[np.ndarray]:
-        async with Client.connect(server.ws_url) as client:
-            await client.hello(params={"prompt": "a bridge", "seed": 5})
+        async with open_session(transport, server, params={"prompt": "a bridge", "seed": 5}) as client:
             frames = []
             for canvas in canvases:
                 frames.append(decode_frame(await client.frame_for(await client.send_canvas(canvas))))
@@ -223,8 +225,7 @@ async def test_bad_input_does_not_disturb_another_session(server: ServerProcess)
 
     async def abusive() -> int:
         errors = 0
-        async with Client.connect(server.ws_url) as client:
-            await client.hello()
+        async with open_session(transport, server) as client:
             for _, data, _ in BAD_MESSAGES * 2:
                 await client.send_raw(data)
             while errors < len(BAD_MESSAGES) * 2:

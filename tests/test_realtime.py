@@ -1,4 +1,6 @@
-"""End to end: a real server process on a loopback port, the tiny model, real WebSocket clients."""
+"""End to end: a real server process on a loopback port, the trained toy model, real clients over a
+WebSocket and over WebRTC's data channel alike (the `transport` fixture; WebSocket compression is
+the WebSocket's own)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 
 from conftest import TEST_RESOLUTION
 from helpers import Client, ServerProcess, decode_frame, make_canvas
+from transport_clients import open_session, use_loopback_ice
 
 SIZE = TEST_RESOLUTION
 
@@ -26,9 +29,9 @@ async def test_health_and_info(server: ServerProcess) -> None:
     assert info["protocol_versions"] == [1]
 
 
-async def test_ready_describes_the_session(server: ServerProcess) -> None:
-    async with Client.connect(server.ws_url) as client:
-        ready = await client.hello(params={"prompt": "a red house", "seed": 7})
+async def test_ready_describes_the_session(server: ServerProcess, transport: str) -> None:
+    async with open_session(transport, server, params={"prompt": "a red house", "seed": 7}) as client:
+        ready = client.ready
         assert ready["protocol"] == 1
         assert (ready["width"], ready["height"]) == (SIZE, SIZE)
         assert ready["params"]["prompt"] == "a red house" and ready["params"]["seed"] == 7
@@ -38,9 +41,8 @@ async def test_ready_describes_the_session(server: ServerProcess) -> None:
         assert ready["token"] and ready["viewer_token"] and ready["token"] != ready["viewer_token"]
 
 
-async def test_frames_follow_canvas_strokes_and_prompt(server: ServerProcess) -> None:
-    async with Client.connect(server.ws_url) as client:
-        await client.hello(params={"prompt": "a cat"})
+async def test_frames_follow_canvas_strokes_and_prompt(server: ServerProcess, transport: str) -> None:
+    async with open_session(transport, server, params={"prompt": "a cat"}) as client:
         canvas = make_canvas(SIZE, seed=1)
         first = await client.frame_for(await client.send_canvas(canvas))
         assert (first["width"], first["height"], first["codec"]) == (SIZE, SIZE, "png")
@@ -63,43 +65,44 @@ async def test_frames_follow_canvas_strokes_and_prompt(server: ServerProcess) ->
         assert np.array_equal(after_stroke, again)
 
 
-async def _render_alone(server: ServerProcess, canvases: list[np.ndarray], prompt: str, seed: int) -> list[np.ndarray]:
-    async with Client.connect(server.ws_url) as client:
-        await client.hello(params={"prompt": prompt, "seed": seed})
+async def _render_alone(server: ServerProcess, transport: str, canvases: list[np.ndarray], prompt: str, seed: int) -> list[np.ndarray]:
+    async with open_session(transport, server, params={"prompt": prompt, "seed": seed}) as client:
         frames = []
         for canvas in canvases:
             frames.append(decode_frame(await client.frame_for(await client.send_canvas(canvas))))
         return frames
 
 
-async def test_same_inputs_and_seed_give_the_same_frames(server: ServerProcess) -> None:
+async def test_same_inputs_and_seed_give_the_same_frames(server: ServerProcess, transport: str) -> None:
     canvases = [make_canvas(SIZE, seed) for seed in (3, 4)]
-    one = await _render_alone(server, canvases, "a lighthouse", seed=11)
-    two = await _render_alone(server, canvases, "a lighthouse", seed=11)
+    one = await _render_alone(server, transport, canvases, "a lighthouse", seed=11)
+    two = await _render_alone(server, transport, canvases, "a lighthouse", seed=11)
     assert all(np.array_equal(a, b) for a, b in zip(one, two))
-    other_seed = await _render_alone(server, canvases, "a lighthouse", seed=12)
+    other_seed = await _render_alone(server, transport, canvases, "a lighthouse", seed=12)
     assert not np.array_equal(one[0], other_seed[0])
-    other_canvas = await _render_alone(server, [make_canvas(SIZE, 5)], "a lighthouse", seed=11)
+    other_canvas = await _render_alone(server, transport, [make_canvas(SIZE, 5)], "a lighthouse", seed=11)
     assert not np.array_equal(one[0], other_canvas[0])
 
 
 async def test_concurrent_sessions_get_frames_of_their_own_canvas(server: ServerProcess) -> None:
+    """Each session alone over one transport, then both at once over the other: the same frames, bit
+    for bit, whichever transport carried them and whoever else was rendering."""
+    use_loopback_ice()
     canvases_a = [make_canvas(SIZE, seed) for seed in (21, 22, 23)]
     canvases_b = [make_canvas(SIZE, seed) for seed in (31, 32, 33)]
-    alone_a = await _render_alone(server, canvases_a, "a forest", seed=1)
-    alone_b = await _render_alone(server, canvases_b, "a city", seed=2)
+    alone_a = await _render_alone(server, "websocket", canvases_a, "a forest", seed=1)
+    alone_b = await _render_alone(server, "webrtc", canvases_b, "a city", seed=2)
     together_a, together_b = await asyncio.gather(
-        _render_alone(server, canvases_a, "a forest", seed=1),
-        _render_alone(server, canvases_b, "a city", seed=2),
+        _render_alone(server, "webrtc", canvases_a, "a forest", seed=1),
+        _render_alone(server, "websocket", canvases_b, "a city", seed=2),
     )
     for expected, got in zip(alone_a + alone_b, together_a + together_b):
-        assert np.array_equal(expected, got), "a session's frames must not depend on other sessions"
+        assert np.array_equal(expected, got), "a session's frames must not depend on other sessions or the transport"
 
 
-async def test_txt2img_session_renders_from_the_prompt(server: ServerProcess) -> None:
+async def test_txt2img_session_renders_from_the_prompt(server: ServerProcess, transport: str) -> None:
     async def render(prompt: str) -> np.ndarray:
-        async with Client.connect(server.ws_url) as client:
-            await client.hello(mode="txt2img", params={"prompt": prompt})
+        async with open_session(transport, server, mode="txt2img", params={"prompt": prompt}) as client:
             return decode_frame(await client.expect("frame"))
 
     first, same, other = await render("a moon"), await render("a moon"), await render("a sun")
@@ -107,9 +110,8 @@ async def test_txt2img_session_renders_from_the_prompt(server: ServerProcess) ->
     assert not np.array_equal(first, other)
 
 
-async def test_parameters_change_without_reloading(server: ServerProcess) -> None:
-    async with Client.connect(server.ws_url) as client:
-        await client.hello(params={"prompt": "a boat"})
+async def test_parameters_change_without_reloading(server: ServerProcess, transport: str) -> None:
+    async with open_session(transport, server, params={"prompt": "a boat"}) as client:
         canvas = make_canvas(SIZE, 8)
         base = decode_frame(await client.frame_for(await client.send_canvas(canvas)))
         frames = {}
@@ -120,9 +122,8 @@ async def test_parameters_change_without_reloading(server: ServerProcess) -> Non
         assert pong["type"] == "pong"
 
 
-async def test_stats_report_frames_and_latency(server: ServerProcess) -> None:
-    async with Client.connect(server.ws_url) as client:
-        await client.hello()
+async def test_stats_report_frames_and_latency(server: ServerProcess, transport: str) -> None:
+    async with open_session(transport, server) as client:
         for seed in range(3):
             await client.frame_for(await client.send_canvas(make_canvas(SIZE, seed)))
         while True:
@@ -136,9 +137,8 @@ async def test_stats_report_frames_and_latency(server: ServerProcess) -> None:
 
 
 @pytest.mark.parametrize("codec", ["jpeg", "webp", "png", "raw"])
-async def test_every_frame_codec(server: ServerProcess, codec: str) -> None:
-    async with Client.connect(server.ws_url) as client:
-        await client.hello(codec=codec, quality=70)
+async def test_every_frame_codec(server: ServerProcess, transport: str, codec: str) -> None:
+    async with open_session(transport, server, codec=codec, quality=70) as client:
         frame = await client.frame_for(await client.send_canvas(make_canvas(SIZE, 2)))
         assert frame["codec"] == codec
         assert decode_frame(frame).shape == (SIZE, SIZE, 3)

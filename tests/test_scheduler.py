@@ -17,7 +17,7 @@ import websockets
 from conftest import TEST_RESOLUTION, start_server
 from helpers import Client, ServerProcess, decode_frame, make_canvas
 from streamcanvas.codecs.images import ImageFormat
-from streamcanvas.realtime_server.webrtc import advertise_only
+from transport_clients import LOOPBACK_ARGS, use_loopback_ice
 
 SESSIONS = [  # what four people on one slot might be doing: different prompts, seeds, strengths, steps
     {"prompt": "a red house", "seed": 5, "strength": 0.5, "steps": 2},
@@ -170,14 +170,12 @@ async def test_without_batching_a_shared_slot_renders_sessions_one_by_one(cache_
 async def test_a_websocket_and_a_webrtc_session_share_a_slot(cache_dir: Path, artifacts_dir: Path) -> None:
     """Their frames go out differently (a frame message; the video track, with nothing encoded for the
     data channel) but render in the same UNet calls."""
-    from test_transports import rtc_client
+    from test_transports import connect
 
-    advertise_only(["127.0.0.1"])
-    server = start_server(
-        cache_dir, artifacts_dir, "mixed-slot", "--slots", "1", "--sessions-per-slot", "2", "--ice-host-address", "127.0.0.1"
-    )
+    use_loopback_ice()
+    server = start_server(cache_dir, artifacts_dir, "mixed-slot", "--slots", "1", "--sessions-per-slot", "2", *LOOPBACK_ARGS)
     try:
-        async with rtc_client(server, {"params": SESSIONS[1]}) as peer, Client.connect(server.ws_url) as client:
+        async with connect("webrtc", server, params=SESSIONS[1]) as peer, Client.connect(server.ws_url) as client:
             await client.hello(params=SESSIONS[0])
             assert server.info()["session_places_free"] == 0
             deadline = time.monotonic() + 60

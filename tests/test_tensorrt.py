@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import TEST_RESOLUTION, start_server
-from helpers import Client, ServerProcess, decode_frame, make_canvas
+from helpers import Client, decode_frame, make_canvas
 
 CUDA = torch.device("cuda")
 UNET_TOLERANCE = 2e-2

@@ -26,7 +26,6 @@ from streamcanvas.pipelines.toy_model import (
     TOY_MODEL_VERSION,
     Style,
     TrainingPlan,
-    cpu_signature,
     default_toy_model_dir,
     ensure_toy_model,
     restyle,

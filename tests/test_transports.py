@@ -1,7 +1,9 @@
-"""The same protocol tests over both transports: WebSocket, and WebRTC's data channel.
+"""What differs between the transports, and must still come out alike: WebSocket, and WebRTC with a
+camera track as its canvas and its frames on the video track (the way the webcam page runs it).
 
-Both are thin adapters over one session core, so every message must be answered the same way
-whichever carries it. WebRTC runs over loopback here: the server offers only 127.0.0.1
+Both are thin adapters over one session core. The protocol-level tests themselves (bad input, slots
+and the line, realtime behaviour) run over both through the `transport` fixture and
+`transport_clients.open_session`; these are the ones where the WebRTC side uses its media tracks. WebRTC runs over loopback here: the server offers only 127.0.0.1
 (--ice-host-address) and this process's own ICE does the same.
 """
 
@@ -17,21 +19,18 @@ import av
 import httpx
 import msgpack
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import VideoStreamTrack
 from av import VideoFrame
 
 from conftest import TEST_RESOLUTION, start_server
 from helpers import Client, ServerProcess, make_canvas
-from streamcanvas.realtime_server.webrtc import advertise_only
-from test_bad_input import BAD_MESSAGES
-
-TRANSPORTS = ["websocket", "webrtc"]
+from transport_clients import LOOPBACK_ARGS, hello_fields, open_session, rtc_session, use_loopback_ice
 
 
 @pytest.fixture(scope="module")
 def loopback_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
-    advertise_only(["127.0.0.1"])  # this process's aiortc peers, like the server, use loopback only
-    process = start_server(cache_dir, artifacts_dir, "transports", "--slots", "2", "--ice-host-address", "127.0.0.1")
+    use_loopback_ice()
+    process = start_server(cache_dir, artifacts_dir, "transports", "--slots", "2", *LOOPBACK_ARGS)
     yield process
     process.stop()
 
@@ -50,86 +49,18 @@ class CanvasTrack(VideoStreamTrack):
         return frame
 
 
-class RtcClient:
-    """The data-channel side of a WebRTC session, with the interface of helpers.Client."""
-
-    def __init__(self, channel: Any, inbox: asyncio.Queue[bytes], ready: dict[str, Any]) -> None:
-        self.channel = channel
-        self.inbox = inbox
-        self.ready = ready
-        self.seq = 0
-
-    async def send_raw(self, data: bytes | str) -> None:
-        self.channel.send(data)
-
-    async def recv(self, timeout: float = 30, keep_stats: bool = False) -> dict[str, Any]:
-        while True:
-            message = msgpack.unpackb(await asyncio.wait_for(self.inbox.get(), timeout))
-            if message["type"] != "stats" or keep_stats:
-                return message
-
-    async def expect(self, kind: str, timeout: float = 30) -> dict[str, Any]:
-        message = await self.recv(timeout)
-        assert message["type"] == kind, f"expected {kind}, got {message}"
-        return message
-
-    async def ping(self) -> dict[str, Any]:
-        self.seq += 1
-        await self.send_raw(msgpack.packb({"type": "ping", "seq": 10_000 + self.seq, "t": 1.0}))
-        while True:
-            message = await self.recv()
-            if message["type"] == "pong" and message["seq"] == 10_000 + self.seq:
-                return message
-
-
 @contextlib.asynccontextmanager
-async def rtc_client(server: ServerProcess, hello: dict[str, Any]) -> AsyncIterator[RtcClient]:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    channel = pc.createDataChannel("control")
-    inbox: asyncio.Queue[bytes] = asyncio.Queue()
-    opened = asyncio.Event()
-    channel.on("message", inbox.put_nowait)
-    channel.on("open", opened.set)
-    pc.addTrack(CanvasTrack())
-    try:
-        await pc.setLocalDescription(await pc.createOffer())
-        async with httpx.AsyncClient(timeout=30) as http:
-            response = await http.post(
-                f"{server.base_url}/v1/webrtc/offer",
-                json={"type": "offer", "sdp": pc.localDescription.sdp, "hello": {"protocol": [1], **hello}},
-            )
-        assert response.status_code == 200, response.text
-        answer = response.json()
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
-        await asyncio.wait_for(opened.wait(), 30)
-        yield RtcClient(channel, inbox, answer["ready"])
-    finally:
-        await pc.close()
-
-
-@contextlib.asynccontextmanager
-async def connect(transport: str, server: ServerProcess, **hello: Any) -> AsyncIterator[Any]:
+async def connect(transport: str, server: ServerProcess, **hello: Any) -> AsyncIterator[Client]:
+    """A session over `transport`; over WebRTC with a camera (CanvasTrack) and frames on the video
+    track only, as a browser's webcam page runs it."""
     if transport == "websocket":
-        async with Client.connect(server.ws_url) as client:
-            client.ready = await client.hello(**hello)
+        async with open_session(transport, server, **hello) as client:
             yield client
     else:
-        async with rtc_client(server, hello) as client:
+        async with rtc_session(server, hello_fields(**hello), CanvasTrack()) as client:
             yield client
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_every_bad_message_is_answered_alike(loopback_server: ServerProcess, transport: str) -> None:
-    async with connect(transport, loopback_server, params={"prompt": "a kite"}) as client:
-        assert client.ready["type"] == "ready" and client.ready["width"] == TEST_RESOLUTION
-        for name, data, code in BAD_MESSAGES:
-            await client.send_raw(data)
-            error = await client.expect("error")
-            assert (error["code"], error["fatal"]) == (code, False), f"{transport}, {name}: {error}"
-        assert (await client.ping())["type"] == "pong"
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_parameters_and_references_alike(loopback_server: ServerProcess, transport: str) -> None:
     async with connect(transport, loopback_server) as client:
         await client.send_raw(msgpack.packb({"type": "params", "seq": 41, "changes": {"prompt": "a fox", "strength": 0.7}}))
@@ -161,7 +92,6 @@ async def open_sessions(server: ServerProcess) -> int:
     return server.info()["sessions"]
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_full_server_turns_either_transport_away_and_a_freed_slot_takes_either(
     loopback_server: ServerProcess, transport: str
 ) -> None:
@@ -183,7 +113,7 @@ async def test_a_full_server_turns_either_transport_away_and_a_freed_slot_takes_
                 assert busy["slots_total"] == 2
         else:
             with pytest.raises(AssertionError, match="503"):
-                async with rtc_client(loopback_server, {}):
+                async with rtc_session(loopback_server, hello_fields()):
                     pass
         await stack.aclose()  # both holders leave
     async with connect(transport, loopback_server) as third:
@@ -191,7 +121,6 @@ async def test_a_full_server_turns_either_transport_away_and_a_freed_slot_takes_
     assert await open_sessions(loopback_server) == 0
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_frames_are_rendered_and_counted_alike(loopback_server: ServerProcess, transport: str) -> None:
     """Input in (a canvas message, or the video track's frames), frames out (frame messages, or the
     video track), and the same stats on the control channel either way."""
@@ -210,7 +139,6 @@ async def test_frames_are_rendered_and_counted_alike(loopback_server: ServerProc
             assert message["timings_ms"]["encode_ms"] == 0
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_recording_mistakes_are_answered_alike(loopback_server: ServerProcess, transport: str) -> None:
     async with connect(transport, loopback_server) as client:
         await client.send_raw(msgpack.packb({"type": "record", "seq": 1, "action": "stop"}))
@@ -223,7 +151,6 @@ async def test_recording_mistakes_are_answered_alike(loopback_server: ServerProc
         assert (await client.expect("error"))["code"] == "not_ready"
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_recording_holds_the_frames_over_either_transport(
     loopback_server: ServerProcess, transport: str, tmp_path: Path
 ) -> None:
