@@ -156,3 +156,18 @@ async def test_healthz_is_not_ready_before_the_model_is_warm(server: ServerProce
     log = server.log()
     assert "warm-up done" in log
     assert log.index("warm-up done") < log.index('"GET /healthz HTTP/1.1" 200')
+
+
+async def test_a_session_without_frame_messages_renders_but_sends_none(server: ServerProcess, transport: str) -> None:
+    """`frame_messages: false`: a control connection whose frames are watched elsewhere (MJPEG, WHEP,
+    the video track). Its canvas still renders, the stats count the frames, no frame message comes."""
+    async with open_session(transport, server, frame_messages=False) as client:
+        await client.send_canvas(make_canvas(SIZE, 6))
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            message = await client.recv(keep_stats=True)
+            assert message["type"] == "stats", message
+            if message["frames"] >= 1:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "no frame rendered"
+        assert message["inputs"] == 1
