@@ -18,11 +18,12 @@ are built only when asked (`streamcanvas engines build`, or `serve --build-engin
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -30,7 +31,14 @@ import torch
 
 from streamcanvas.trt_engines.builder import ENGINE_FILE, ONNX_FILE, ArtifactBuilder
 from streamcanvas.trt_engines.cache import CacheError, EngineCache, Entry, EntryMissing
-from streamcanvas.trt_engines.components import Component, CompiledUNet, CompiledVae, ShapeRange
+from streamcanvas.trt_engines.components import (
+    STREAM_COMPONENTS,
+    CompiledControlNet,
+    CompiledUNet,
+    CompiledVae,
+    Component,
+    ShapeRange,
+)
 from streamcanvas.trt_engines.export import side_multiple
 from streamcanvas.trt_engines.onnxruntime_backend import (
     GraphLoadError,
@@ -102,6 +110,13 @@ class Backend:
     """Sizes and batches the compiled components accept; None: any (sides still need `side_multiple`)."""
     side_multiple: int = 8
     measurement: dict[str, float] | None = None
+    controlnets: dict[str, Any] = field(default_factory=dict)
+    """Compiled ControlNets by name; with them `unet` takes their residuals too (ONNX Runtime only)."""
+
+    @property
+    def takes_controls(self) -> bool:
+        """Whether streams with ControlNets run them and the UNet compiled (else both run on torch)."""
+        return bool(self.controlnets)
 
     def compiled_for(self, width: int, height: int, unet_batch: int) -> tuple[Any, Any] | None:
         """The (unet, vae) to use for a stream of this size, or None where eager torch must run it."""
@@ -126,6 +141,7 @@ class Backend:
             "fallbacks": list(self.fallbacks),
             "engines": list(self.engines),
             "side_multiple": self.side_multiple,
+            "controlnets": list(self.controlnets),
         }
         if self.shapes is not None:
             described["shapes"] = {
@@ -214,15 +230,29 @@ def _onnxruntime(model: LoadedModel, config: BackendConfig, requested: str) -> B
         providers_for(device)  # before exporting anything: is there a provider for this device at all?
         cache = config.cache
         builder = ArtifactBuilder(cache, model.pipe, model_name=model.name)
-        runners, names = _load_runners(
-            cache,
-            builder.onnx,
-            lambda entry: OnnxRuntimeRunner(entry.file(ONNX_FILE), device, threads=config.threads),
-            loader_errors=(GraphLoadError,),
-        )
+
+        def load(entry: Entry) -> OnnxRuntimeRunner:
+            return OnnxRuntimeRunner(entry.file(ONNX_FILE), device, threads=config.threads)
+
+        runners, names = _load_runners(cache, builder.onnx, load, (GraphLoadError,), STREAM_COMPONENTS)
+        controlnets: dict[str, Any] = {}
+        if model.controlnets.names:
+            # With ControlNets loaded: the UNet graph that takes their residuals, and one graph each.
+            controlled, controlled_names = _load_runners(cache, builder.onnx, load, (GraphLoadError,), (Component.UNET_CONTROLLED,))
+            runners.update(controlled)
+            names += controlled_names
+            for name in model.controlnets.names:
+                net = model.controlnets.get(name)
+                loaded, net_names = _load_runners(
+                    cache, functools.partial(builder.onnx, module=net), load, (GraphLoadError,), (Component.CONTROLNET,)
+                )
+                controlnets[name] = CompiledControlNet(loaded[Component.CONTROLNET], dtype, model.pipe.unet.config)
+                names += net_names
     except (OnnxRuntimeUnavailable, GraphLoadError, CacheError, OSError) as error:
         raise BackendUnavailable(f"onnxruntime cannot run here: {error}") from error
-    return _compiled_backend(model, "onnxruntime", requested, runners, names, reason="requested")
+    backend = _compiled_backend(model, "onnxruntime", requested, runners, names, reason="requested")
+    backend.controlnets = controlnets
+    return backend
 
 
 def _tensorrt(model: LoadedModel, config: BackendConfig, requested: str) -> Backend:
@@ -237,7 +267,8 @@ def _tensorrt(model: LoadedModel, config: BackendConfig, requested: str) -> Back
             cache,
             lambda component: builder.tensorrt(component, shapes, allow_build=config.build_engines),
             lambda entry: TensorRTRunner(entry.file(ENGINE_FILE), device, cuda_graphs=config.cuda_graphs),
-            loader_errors=(EngineBuildError,),
+            (EngineBuildError,),
+            STREAM_COMPONENTS,
         )
     except EntryMissing as error:
         raise BackendUnavailable(
@@ -267,14 +298,15 @@ def _load_runners(
     fetch: Callable[[Component], Entry],
     load: Callable[[Entry], Any],
     loader_errors: tuple[type[BaseException], ...],
+    components: tuple[Component, ...],
 ) -> tuple[dict[Component, Any], tuple[str, ...]]:
-    """Every component's runner, loaded from its cache entry, and the entries' names.
+    """These components' runners, loaded from their cache entries, and the entries' names.
 
     An entry the runtime refuses although it passed its checksum (written by another version, say) is
     removed, fetched again (rebuilt in the same place) and loaded once more."""
     runners: dict[Component, Any] = {}
     names = []
-    for component in Component:
+    for component in components:
         entry = fetch(component)
         try:
             runners[component] = load(entry)
@@ -296,7 +328,7 @@ def _compiled_backend(
         requested=requested,
         reason=reason,
         engines=engines,
-        unet=CompiledUNet(runners[Component.UNET], dtype),
+        unet=CompiledUNet(runners[Component.UNET], dtype, controlled=runners.get(Component.UNET_CONTROLLED)),
         vae=CompiledVae(runners[Component.VAE_ENCODER], runners[Component.VAE_DECODER], dtype, pipe.vae.config.scaling_factor),
         side_multiple=side_multiple(pipe),
     )

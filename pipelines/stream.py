@@ -590,8 +590,11 @@ class StreamPipeline:
 
     @property
     def needs_torch_unet(self) -> bool:
-        """ControlNet residuals and LoRA adapters go into torch's UNet only (compiled graphs take neither)."""
-        return self.params is not None and bool(self.params.controls or self.params.active_loras)
+        """LoRA adapters go into torch's UNet only (the compiled graphs hold the base weights); ControlNet
+        residuals too, unless the backend compiled the ControlNets and a UNet that takes them."""
+        if self.params is None:
+            return False
+        return bool(self.params.active_loras) or (bool(self.params.controls) and not self.model.backend.takes_controls)
 
     def _use_backend(self, stream: _SessionStream, params: StreamParams, controls: list[tuple[ControlSpec, object]]) -> None:
         # The UNet's batch is the stream batch, doubled for full CFG or one more for "initialize" (whether
@@ -609,9 +612,12 @@ class StreamPipeline:
             self.backend = "torch"
         elif self.needs_torch_unet:
             unet = self.model.pipe.unet
-            self.backend = f"{backend.name} (VAE); torch (UNet, for controls and LoRAs)"
+            self.backend = f"{backend.name} (VAE); torch (UNet, for {'LoRAs' if params.active_loras else 'controls'})"
         else:
             self.backend = backend.name
+            # The compiled ControlNets go with the compiled UNet (they are the same networks as the
+            # torch ones, exported from them).
+            controls = [(spec, backend.controlnets[spec.model]) for spec, _ in controls]
         steps = stream.denoising_steps_num
         self._controls = [(spec, net, spec.keeps(steps)) for spec, net in controls]
         self._controls_prepared_for = None

@@ -29,7 +29,14 @@ from streamcanvas.pipelines.stream import CFG_TYPES
 from streamcanvas.pipelines.tiny import make_tiny_lora
 from streamcanvas.trt_engines.builder import ONNX_FILE, ArtifactBuilder
 from streamcanvas.trt_engines.cache import MANIFEST, EngineCache, EngineKey, fingerprint_module
-from streamcanvas.trt_engines.components import Component, ShapeRange
+from streamcanvas.trt_engines.components import (
+    STREAM_COMPONENTS,
+    CompiledControlNet,
+    CompiledUNet,
+    Component,
+    ShapeRange,
+    residual_shapes,
+)
 from streamcanvas.trt_engines.onnxruntime_backend import OnnxRuntimeRunner
 
 SIZE = TEST_RESOLUTION
@@ -57,7 +64,7 @@ def test_every_exported_component_matches_torch_at_other_shapes(
     model = tiny_model if vae == "taesd" else full_vae_model
     assert type(model.pipe.vae).__name__ == ("AutoencoderTiny" if vae == "taesd" else "AutoencoderKL")
     builder = ArtifactBuilder(EngineCache(tmp_path), model.pipe, model_name="tiny")
-    runners = {component: OnnxRuntimeRunner(builder.onnx(component).file(ONNX_FILE), torch.device("cpu"), threads=2) for component in Component}
+    runners = {component: OnnxRuntimeRunner(builder.onnx(component).file(ONNX_FILE), torch.device("cpu"), threads=2) for component in STREAM_COMPONENTS}
     generator = torch.Generator().manual_seed(0)
     worst: dict[str, float] = {}
     # The graphs were traced at 128² with batch 2: other sides, non-square sizes and batches must work.
@@ -82,6 +89,48 @@ def test_every_exported_component_matches_torch_at_other_shapes(
             difference = (expected[name] - got[name]).abs().max().item()
             worst[name] = max(worst.get(name, 0.0), difference)
     assert all(difference <= 1e-3 for difference in worst.values()), worst
+
+
+def test_the_controlnet_graphs_match_torch_at_other_shapes(tiny_model, tiny_model_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A ControlNet's graph gives its residuals, and the controlled UNet graph takes them, as the torch
+    modules do (≤ 1e-3), at sizes and batches other than the traced 128², batch 2; `residual_shapes`
+    is what the ControlNet really gives."""
+    from diffusers import ControlNetModel
+
+    from streamcanvas.pipelines.tiny import make_tiny_controlnet
+
+    net = ControlNetModel.from_pretrained(make_tiny_controlnet(tmp_path / "controlnet", tiny_model_dir, seed=5), local_files_only=True).eval()
+    pipe = tiny_model.pipe
+    builder = ArtifactBuilder(EngineCache(tmp_path / "cache"), pipe, model_name="tiny")
+
+    def load(entry):  # type: ignore[no-untyped-def]
+        return OnnxRuntimeRunner(entry.file(ONNX_FILE), torch.device("cpu"), threads=2)
+
+    compiled_net = CompiledControlNet(load(builder.onnx(Component.CONTROLNET, module=net)), torch.float32, pipe.unet.config)
+    compiled_unet = CompiledUNet(load(builder.onnx(Component.UNET)), torch.float32, controlled=load(builder.onnx(Component.UNET_CONTROLLED)))
+    assert builder.onnx_key(Component.CONTROLNET, module=net) != builder.onnx_key(Component.UNET_CONTROLLED)
+    generator = torch.Generator().manual_seed(1)
+    worst = {"controlnet": 0.0, "unet_controlled": 0.0}
+    for height, width, batch in [(64, 64, 1), (128, 192, 3), (256, 256, 4)]:
+        latents = torch.randn(batch, 4, height // 8, width // 8, generator=generator)
+        timesteps = torch.randint(0, 1000, (batch,), generator=generator)
+        text = torch.randn(batch, 77, pipe.unet.config.cross_attention_dim, generator=generator)
+        cond = torch.rand(batch, 3, height, width, generator=generator)
+        with torch.no_grad():
+            down, middle = net(latents, timesteps, encoder_hidden_states=text, controlnet_cond=cond, conditioning_scale=0.5, return_dict=False)
+            expected = pipe.unet(
+                latents, timesteps, encoder_hidden_states=text,
+                down_block_additional_residuals=down, mid_block_additional_residual=middle, return_dict=False,
+            )[0]
+        assert [tuple(r.shape) for r in [*down, middle]] == residual_shapes(pipe.unet.config, batch, height // 8, width // 8)
+        got_down, got_middle = compiled_net(latents, timesteps, text, cond, conditioning_scale=0.5)
+        residual_error = max((a - b).abs().max().item() for a, b in zip([*down, middle], [*got_down, got_middle]))
+        got = compiled_unet(latents, timesteps, text, down_block_additional_residuals=down, mid_block_additional_residual=middle)[0]
+        worst["controlnet"] = max(worst["controlnet"], residual_error)
+        worst["unet_controlled"] = max(worst["unet_controlled"], (expected - got).abs().max().item())
+    assert all(error <= 1e-3 for error in worst.values()), worst
+    with pytest.raises(ValueError, match="no ControlNet residuals"):
+        CompiledUNet(compiled_unet.runner, torch.float32)(latents, timesteps, text, down_block_additional_residuals=down, mid_block_additional_residual=middle)
 
 
 def test_large_weights_go_to_an_external_data_file(tiny_model, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

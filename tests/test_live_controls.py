@@ -329,21 +329,55 @@ def test_a_controlnet_costs_one_call_per_unet_call_whatever_the_batch(controlled
     assert calls["unet"] == calls["controlnet"] == 4  # a priming step, then one a frame
 
 
-def test_on_onnxruntime_controls_and_loras_keep_the_compiled_vae(toy_model_dir: Path, live_extras: dict[str, Path], tmp_path: Path) -> None:
-    """The exported UNet takes neither ControlNet residuals nor adapters: a stream that uses them runs
-    its UNet on torch and its VAE on ONNX Runtime, and renders what torch renders (up to the VAE's
-    float rounding); a plain stream beside it stays wholly compiled."""
+def test_on_onnxruntime_controlnets_run_compiled_and_loras_keep_the_compiled_vae(
+    toy_model_dir: Path, live_extras: dict[str, Path], tmp_path: Path
+) -> None:
+    """With ControlNets loaded, ONNX Runtime also gets a UNet graph that takes their residuals and one
+    graph per ControlNet: a stream with controls runs wholly compiled and renders what torch renders
+    (up to float rounding). The exported UNet holds the base weights, so a stream with LoRAs runs its
+    UNet (and ControlNets) on torch and its VAE on ONNX Runtime; a plain stream stays wholly compiled."""
     from streamcanvas.pipelines.backends import BackendConfig, prepare_backend
     from streamcanvas.pipelines.loading import ModelSpec, load_model
 
-    spec = ModelSpec(model=str(toy_model_dir), adapters=(("ink", str(live_extras["ink"])),), controlnets=(("scribble", str(live_extras["scribble"])),))
+    spec = ModelSpec(
+        model=str(toy_model_dir),
+        adapters=(("ink", str(live_extras["ink"])),),
+        controlnets=(("scribble", str(live_extras["scribble"])), ("edges", str(live_extras["edges"]))),
+    )
     eager, compiled = load_model(spec), load_model(spec)
     compiled.backend = prepare_backend(compiled, BackendConfig(name="onnxruntime", engine_dir=tmp_path, threads=2, measure_side=SIZE))
+    assert compiled.backend.describe()["controlnets"] == ["scribble", "edges"]
     canvas = make_canvas(SIZE, 2)
-    for params in ({"controls": [SCRIBBLE]}, {"loras": {"ink": 1.0}}):
+    two = [SCRIBBLE, {"model": "edges", "scale": 0.7, "preprocessor": "canny", "end": 0.5}]
+    cases = [
+        ({"controls": [SCRIBBLE]}, "onnxruntime"),
+        ({"controls": two, "steps": 2, "cfg_type": "full", "guidance_scale": 2.0}, "onnxruntime"),
+        ({"loras": {"ink": 1.0}}, "onnxruntime (VAE); torch (UNet, for LoRAs)"),
+        ({"loras": {"ink": 1.0}, "controls": [SCRIBBLE]}, "onnxruntime (VAE); torch (UNet, for LoRAs)"),
+    ]
+    torch_calls = [0]
+    hooks = [
+        compiled.controlnets.get(name).register_forward_hook(lambda *_: torch_calls.__setitem__(0, torch_calls[0] + 1))
+        for name in ("scribble", "edges")
+    ]
+    for params, backend in cases:
         on_onnx = stream(compiled, **params)
-        assert on_onnx.backend == "onnxruntime (VAE); torch (UNet, for controls and LoRAs)"
-        assert np.abs(on_onnx.render(canvas, tag=1).image.astype(int) - frame(eager, canvas, **params)).max() <= 3
+        assert on_onnx.backend == backend, params
+        before = torch_calls[0]
+        rendered = [on_onnx.render(canvas, tag=tag).image for tag in range(3)]
+        # Compiled: torch's ControlNets never ran; beside torch's UNet (for LoRAs) they did.
+        if "controls" in params:
+            assert (torch_calls[0] == before) == (backend == "onnxruntime"), (params, torch_calls)
+        reference = stream(eager, **params)
+        expected = [reference.render(canvas, tag=tag).image for tag in range(3)]
+        worst = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(rendered, expected))
+        assert worst <= 3, (params, worst)
+        # And the controls did act: not the frame without them.
+        if "controls" in params:
+            plain = {name: value for name, value in params.items() if name != "controls"}
+            assert difference(rendered[-1], frame(eager, canvas, **plain)) > 1, params
+    for hook in hooks:
+        hook.remove()
     assert stream(compiled).backend == "onnxruntime"
 
 

@@ -43,7 +43,8 @@ class ArtifactBuilder:
         self.model_name = model_name
         self.opset = opset
         self.progress = progress or (lambda stage: None)
-        self._fingerprints: dict[Component, str] = {}
+        self._fingerprints: dict[int, str] = {}
+        """Weights fingerprints by module (the modules live as long as the pipeline)."""
         self.built: list[str] = []
         """Names of the entries this builder built itself (the rest came from the cache)."""
 
@@ -51,34 +52,42 @@ class ArtifactBuilder:
     def device(self) -> torch.device:
         return self.pipe.unet.device
 
-    def module(self, component: Component) -> torch.nn.Module:
-        return self.pipe.unet if component is Component.UNET else self.pipe.vae
+    def module(self, component: Component, module: torch.nn.Module | None = None) -> torch.nn.Module:
+        """The module a component's graph is exported from: the pipeline's UNet or VAE, or (for a
+        ControlNet, which the pipeline does not hold) the one given."""
+        if module is not None:
+            return module
+        if component is Component.CONTROLNET:
+            raise ValueError("a ControlNet's graph is exported from the ControlNet module, which must be given")
+        return self.pipe.unet if component in (Component.UNET, Component.UNET_CONTROLLED) else self.pipe.vae
 
-    def fingerprint(self, component: Component) -> str:
-        if component not in self._fingerprints:
+    def fingerprint(self, component: Component, module: torch.nn.Module | None = None) -> str:
+        target = self.module(component, module)
+        if id(target) not in self._fingerprints:
             self.progress(f"fingerprint {component.value} weights")
-            self._fingerprints[component] = fingerprint_module(self.module(component))
-        return self._fingerprints[component]
+            self._fingerprints[id(target)] = fingerprint_module(target)
+        return self._fingerprints[id(target)]
 
     def _notes(self) -> dict[str, object]:
         return {"model": self.model_name, "device": str(self.device), "torch": torch.__version__}
 
-    def onnx_key(self, component: Component) -> EngineKey:
+    def onnx_key(self, component: Component, module: torch.nn.Module | None = None) -> EngineKey:
         return EngineKey(
             kind="onnx",
             component=component.value,
-            weights=self.fingerprint(component),
+            weights=self.fingerprint(component, module),
             export_version=EXPORT_VERSION,
             opset=self.opset,
-            dtype=str(self.module(component).dtype).removeprefix("torch."),
+            dtype=str(self.module(component, module).dtype).removeprefix("torch."),
         )
 
-    def onnx(self, component: Component, allow_build: bool = True) -> Entry:
-        key = self.onnx_key(component)
+    def onnx(self, component: Component, allow_build: bool = True, module: torch.nn.Module | None = None) -> Entry:
+        """`component`'s ONNX graph (`module`: the ControlNet, for Component.CONTROLNET)."""
+        key = self.onnx_key(component, module)
 
         def build(directory: Path) -> dict[str, object]:
             self.progress(f"export {component.value} to ONNX")
-            export_component(self.pipe, component, directory / ONNX_FILE, opset=self.opset)
+            export_component(self.pipe, component, directory / ONNX_FILE, opset=self.opset, module=module)
             self.built.append(key.name)
             return self._notes()
 

@@ -27,6 +27,14 @@ class Component(enum.Enum):
     UNET = "unet"
     VAE_ENCODER = "vae_encoder"
     VAE_DECODER = "vae_decoder"
+    UNET_CONTROLLED = "unet_controlled"
+    """The UNet with ControlNet residuals as inputs (exported for models loaded with ControlNets)."""
+    CONTROLNET = "controlnet"
+    """A ControlNet: its residuals for the UNet as outputs (one graph per loaded ControlNet)."""
+
+
+STREAM_COMPONENTS = (Component.UNET, Component.VAE_ENCODER, Component.VAE_DECODER)
+"""What every compiled stream runs; the controlled UNet and the ControlNets come with ControlNets."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,36 @@ SIGNATURES: dict[Component, Signature] = {
     Component.VAE_ENCODER: Signature(("images",), "latents"),
     Component.VAE_DECODER: Signature(("latents",), "images"),
 }
+
+
+def residual_names(count: int) -> tuple[str, ...]:
+    """The names of a UNet's `count` ControlNet residuals: the down blocks' in order, then the middle's."""
+    return (*(f"down_residual_{index}" for index in range(count - 1)), "mid_residual")
+
+
+def residual_shapes(unet_config: Mapping[str, object], batch: int, latent_height: int, latent_width: int) -> list[tuple[int, ...]]:
+    """The shapes of the residuals a ControlNet gives (and the UNet takes) for latents of this size, as
+    diffusers' UNet collects them: after conv_in, after every resnet of every down block and after each
+    downsampler (none after the last block), then the middle block's."""
+    channels = list(unet_config["block_out_channels"])  # type: ignore[call-overload]
+    layers = int(unet_config["layers_per_block"])  # type: ignore[call-overload]
+    height, width = latent_height, latent_width
+    shapes = [(batch, channels[0], height, width)]
+    for index, out_channels in enumerate(channels):
+        shapes += [(batch, out_channels, height, width)] * layers
+        if index < len(channels) - 1:
+            height, width = (height + 1) // 2, (width + 1) // 2
+            shapes.append((batch, out_channels, height, width))
+    return [*shapes, (batch, channels[-1], height, width)]
+
+
+def controlled_signature(residuals: int) -> Signature:
+    return Signature((*SIGNATURES[Component.UNET].inputs, *residual_names(residuals)), "noise_pred")
+
+
+def controlnet_signature(residuals: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A ControlNet graph's (inputs, outputs)."""
+    return (*SIGNATURES[Component.UNET].inputs, "controlnet_cond"), residual_names(residuals)
 
 
 @dataclass(frozen=True)
@@ -76,6 +114,8 @@ class ShapeRange:
         self, component: Component, text_length: int = 77, text_width: int = 768
     ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """(min, opt, max) shape of every input, as a TensorRT optimisation profile takes them."""
+        if component not in STREAM_COMPONENTS:
+            raise ValueError(f"{component.value} is exported for ONNX Runtime only; TensorRT builds {', '.join(c.value for c in STREAM_COMPONENTS)}")
         sides = (self.min_side, self.opt_side, self.max_side)
         if component is Component.UNET:
             batches = (self.min_batch, self.opt_batch, self.max_batch)
@@ -101,18 +141,31 @@ class Runner(Protocol):
     ) -> torch.Tensor: ...
 
 
-class CompiledUNet:
-    """Called by StreamDiffusion as `unet(sample, t, encoder_hidden_states=..., return_dict=False)[0]`."""
+class MultiOutputRunner(Protocol):
+    """Runs a graph with several outputs: {output name: shape} in, {output name: tensor} out."""
 
-    def __init__(self, runner: Runner, dtype: torch.dtype) -> None:
+    def run_many(
+        self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, Sequence[int]], output_dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]: ...
+
+
+class CompiledUNet:
+    """Called by StreamDiffusion as `unet(sample, t, encoder_hidden_states=..., return_dict=False)[0]`,
+    and with ControlNet residuals as diffusers' UNet takes them (`pipelines.controls.controlled_unet`)
+    when the backend exported the controlled graph too."""
+
+    def __init__(self, runner: Runner, dtype: torch.dtype, controlled: Runner | None = None) -> None:
         self.runner = runner
         self.dtype = dtype
+        self.controlled = controlled
 
     def __call__(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
+        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
         return_dict: bool = False,
     ) -> tuple[torch.Tensor]:
         if return_dict:
@@ -124,7 +177,49 @@ class CompiledUNet:
             "timestep": timestep,
             "encoder_hidden_states": encoder_hidden_states.to(self.dtype),
         }
-        return (self.runner(feeds, sample.shape, self.dtype),)
+        if down_block_additional_residuals is None:
+            return (self.runner(feeds, sample.shape, self.dtype),)
+        if self.controlled is None or mid_block_additional_residual is None:
+            raise ValueError("this compiled UNet takes no ControlNet residuals (no controlled graph was exported)")
+        residuals = [*down_block_additional_residuals, mid_block_additional_residual]
+        feeds.update(zip(residual_names(len(residuals)), (residual.to(self.dtype) for residual in residuals)))
+        return (self.controlled(feeds, sample.shape, self.dtype),)
+
+
+class CompiledControlNet:
+    """Called as `pipelines.controls.controlled_unet` calls a diffusers ControlNetModel: the down
+    residuals and the middle one for a batch of latents and control images."""
+
+    def __init__(self, runner: MultiOutputRunner, dtype: torch.dtype, unet_config: Mapping[str, object]) -> None:
+        self.runner = runner
+        self.dtype = dtype
+        self.unet_config = unet_config
+
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: float = 1.0,
+        return_dict: bool = False,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if return_dict:
+            raise ValueError("compiled components return tuples only")
+        batch, _, height, width = sample.shape
+        shapes = residual_shapes(self.unet_config, batch, height, width)
+        names = residual_names(len(shapes))
+        feeds = {
+            "sample": sample.to(self.dtype),
+            "timestep": torch.as_tensor(timestep, device=sample.device).to(torch.int64).reshape(-1).expand(batch),
+            "encoder_hidden_states": encoder_hidden_states.to(self.dtype),
+            "controlnet_cond": controlnet_cond.to(self.dtype),
+        }
+        outputs = self.runner.run_many(feeds, dict(zip(names, shapes)), self.dtype)
+        residuals = [outputs[name] for name in names]
+        if conditioning_scale != 1.0:
+            residuals = [residual * conditioning_scale for residual in residuals]
+        return residuals[:-1], residuals[-1]
 
 
 class CompiledVae:

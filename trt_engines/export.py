@@ -17,7 +17,15 @@ import onnxslim
 import torch
 from diffusers import AutoencoderTiny, StableDiffusionPipeline
 
-from .components import LATENT_CHANNELS, SIGNATURES, VAE_SCALE, Component
+from .components import (
+    LATENT_CHANNELS,
+    SIGNATURES,
+    VAE_SCALE,
+    Component,
+    controlled_signature,
+    controlnet_signature,
+    residual_shapes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +47,47 @@ class _UNetGraph(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class _ControlledUNetGraph(torch.nn.Module):
+    """The UNet with a ControlNet's residuals (already scaled and summed) added to its skip connections."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *residuals: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            down_block_additional_residuals=list(residuals[:-1]),
+            mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )[0]
+
+
+class _ControlNetGraph(torch.nn.Module):
+    """A ControlNet at conditioning scale 1: the stream scales its residuals row by row afterwards."""
+
+    def __init__(self, controlnet: torch.nn.Module) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, controlnet_cond: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        down, middle = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=controlnet_cond,
+            conditioning_scale=1.0,
+            return_dict=False,
+        )
+        return (*down, middle)
 
 
 class _EncoderGraph(torch.nn.Module):
@@ -74,31 +123,56 @@ def side_multiple(pipe: StableDiffusionPipeline) -> int:
     return VAE_SCALE * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
 
 
-def _graph_and_inputs(pipe: StableDiffusionPipeline, component: Component) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+def _graph_and_inputs(
+    pipe: StableDiffusionPipeline, component: Component, module: torch.nn.Module | None
+) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
     latent = _TRACE_SIDE // VAE_SCALE
-    if component is Component.UNET:
-        inputs = (
+    if component in (Component.UNET, Component.UNET_CONTROLLED, Component.CONTROLNET):
+        inputs: tuple[torch.Tensor, ...] = (
             torch.randn(_TRACE_BATCH, LATENT_CHANNELS, latent, latent, device=device, dtype=dtype),
             torch.tensor([500, 700][:_TRACE_BATCH], dtype=torch.int64, device=device),
             torch.randn(_TRACE_BATCH, 77, unet.config.cross_attention_dim, device=device, dtype=dtype),
         )
-        return _UNetGraph(unet), inputs
+        if component is Component.UNET:
+            return _UNetGraph(unet), inputs
+        if component is Component.UNET_CONTROLLED:
+            shapes = residual_shapes(unet.config, _TRACE_BATCH, latent, latent)
+            return _ControlledUNetGraph(unet), (*inputs, *(torch.randn(shape, device=device, dtype=dtype) * 0.1 for shape in shapes))
+        if module is None:
+            raise ValueError("a ControlNet export needs the ControlNet module")
+        cond = torch.rand(_TRACE_BATCH, module.config.conditioning_channels, _TRACE_SIDE, _TRACE_SIDE, device=device, dtype=dtype)
+        return _ControlNetGraph(module), (*inputs, cond)
     vae = pipe.vae
     if component is Component.VAE_ENCODER:
         return _EncoderGraph(vae), (torch.rand(1, 3, _TRACE_SIDE, _TRACE_SIDE, device=device, dtype=vae.dtype) * 2 - 1,)
     return _DecoderGraph(vae), (torch.randn(1, LATENT_CHANNELS, latent, latent, device=device, dtype=vae.dtype),)
 
 
-def _dynamic_axes(component: Component) -> dict[str, dict[int, str]]:
+def _names_and_axes(pipe: StableDiffusionPipeline, component: Component) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
+    """The graph's input names, output names and dynamic axes."""
     latent = {0: "batch", 2: "latent_height", 3: "latent_width"}
     image = {0: "batch", 2: "height", 3: "width"}
-    if component is Component.UNET:
-        return {"sample": latent, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}, "noise_pred": latent}
     if component is Component.VAE_ENCODER:
-        return {"images": image, "latents": latent}
-    return {"latents": latent, "images": image}
+        return ["images"], ["latents"], {"images": image, "latents": latent}
+    if component is Component.VAE_DECODER:
+        return ["latents"], ["images"], {"latents": latent, "images": image}
+    unet_axes = {"sample": latent, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}}
+    if component is Component.UNET:
+        return list(SIGNATURES[component].inputs), ["noise_pred"], {**unet_axes, "noise_pred": latent}
+    # Residuals shrink with the down blocks: each has its own height and width axes.
+    count = len(residual_shapes(pipe.unet.config, 1, 8, 8))
+
+    def residual_axes(names: tuple[str, ...]) -> dict[str, dict[int, str]]:
+        return {name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in names}
+
+    if component is Component.UNET_CONTROLLED:
+        signature = controlled_signature(count)
+        residuals = signature.inputs[len(unet_axes):]
+        return list(signature.inputs), ["noise_pred"], {**unet_axes, **residual_axes(residuals), "noise_pred": latent}
+    inputs, outputs = controlnet_signature(count)
+    return list(inputs), list(outputs), {**unet_axes, "controlnet_cond": image, **residual_axes(outputs)}
 
 
 @torch.no_grad()
@@ -109,16 +183,18 @@ def export_component(
     *,
     opset: int = DEFAULT_OPSET,
     external_above: int = EXTERNAL_DATA_BYTES,
+    module: torch.nn.Module | None = None,
 ) -> None:
-    """Write `component` of `pipe` (its UNet, or its live VAE's encoder/decoder) to the ONNX file `path`.
+    """Write `component` of `pipe` (its UNet with or without ControlNet residuals, its live VAE's
+    encoder/decoder, or the ControlNet `module` for that UNet) to the ONNX file `path`.
 
     The graph is traced on the pipeline's own device and dtype. Weights of more than `external_above`
     bytes go to `path` + `.data`.
     """
     if opset < 17:
         raise ValueError(f"opset {opset} is too old: 17 or newer is needed (GroupNorm/LayerNorm export)")
-    graph, inputs = _graph_and_inputs(pipe, component)
-    signature = SIGNATURES[component]
+    graph, inputs = _graph_and_inputs(pipe, component, module)
+    input_names, output_names, dynamic_axes = _names_and_axes(pipe, component)
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="streamcanvas-export-", dir=path.parent) as scratch:
         traced = Path(scratch) / "traced.onnx"
@@ -130,9 +206,9 @@ def export_component(
                 graph,
                 inputs,
                 str(traced),
-                input_names=list(signature.inputs),
-                output_names=[signature.output],
-                dynamic_axes=_dynamic_axes(component),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,

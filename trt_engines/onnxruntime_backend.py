@@ -78,6 +78,11 @@ class OnnxRuntimeRunner:
     def __call__(
         self, feeds: Mapping[str, torch.Tensor], output_shape: Sequence[int], output_dtype: torch.dtype
     ) -> torch.Tensor:
+        return self.run_many(feeds, {self.output_name: output_shape}, output_dtype)[self.output_name]
+
+    def run_many(
+        self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, Sequence[int]], output_dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
         binding = self.session.io_binding()
         held = []  # the bound inputs must outlive the run
         for name, tensor in feeds.items():
@@ -86,12 +91,14 @@ class OnnxRuntimeRunner:
             binding.bind_input(
                 name, self._device_type, self._device_id, _NUMPY_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
             )
-        output = torch.empty(tuple(output_shape), dtype=output_dtype, device=self.device)
-        binding.bind_output(
-            self.output_name, self._device_type, self._device_id, _NUMPY_TYPES[output_dtype], tuple(output.shape), output.data_ptr()
-        )
+        results = {}
+        for name, shape in outputs.items():
+            output = results[name] = torch.empty(tuple(shape), dtype=output_dtype, device=self.device)
+            binding.bind_output(
+                name, self._device_type, self._device_id, _NUMPY_TYPES[output_dtype], tuple(output.shape), output.data_ptr()
+            )
         if self.device.type == "cuda":
             # ONNX Runtime runs on its own stream: the inputs must be written before it reads them.
             torch.cuda.current_stream(self.device).synchronize()
         self.session.run_with_iobinding(binding)
-        return output
+        return results
