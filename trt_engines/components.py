@@ -149,6 +149,18 @@ class MultiOutputRunner(Protocol):
     ) -> dict[str, torch.Tensor]: ...
 
 
+def unet_feeds(
+    sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The inputs the UNet and ControlNet graphs share, in their dtypes (a timestep a row)."""
+    batch = sample.shape[0]
+    return {
+        "sample": sample.to(dtype),
+        "timestep": torch.as_tensor(timestep, device=sample.device).to(torch.int64).reshape(-1).expand(batch),
+        "encoder_hidden_states": encoder_hidden_states.to(dtype),
+    }
+
+
 class CompiledUNet:
     """Called by StreamDiffusion as `unet(sample, t, encoder_hidden_states=..., return_dict=False)[0]`,
     and with ControlNet residuals as diffusers' UNet takes them (`pipelines.controls.controlled_unet`)
@@ -170,13 +182,7 @@ class CompiledUNet:
     ) -> tuple[torch.Tensor]:
         if return_dict:
             raise ValueError("compiled components return tuples only")
-        batch = sample.shape[0]
-        timestep = torch.as_tensor(timestep, device=sample.device).to(torch.int64).reshape(-1).expand(batch)
-        feeds = {
-            "sample": sample.to(self.dtype),
-            "timestep": timestep,
-            "encoder_hidden_states": encoder_hidden_states.to(self.dtype),
-        }
+        feeds = unet_feeds(sample, timestep, encoder_hidden_states, self.dtype)
         if down_block_additional_residuals is None:
             return (self.runner(feeds, sample.shape, self.dtype),)
         if self.controlled is None or mid_block_additional_residual is None:
@@ -209,12 +215,7 @@ class CompiledControlNet:
         batch, _, height, width = sample.shape
         shapes = residual_shapes(self.unet_config, batch, height, width)
         names = residual_names(len(shapes))
-        feeds = {
-            "sample": sample.to(self.dtype),
-            "timestep": torch.as_tensor(timestep, device=sample.device).to(torch.int64).reshape(-1).expand(batch),
-            "encoder_hidden_states": encoder_hidden_states.to(self.dtype),
-            "controlnet_cond": controlnet_cond.to(self.dtype),
-        }
+        feeds = {**unet_feeds(sample, timestep, encoder_hidden_states, self.dtype), "controlnet_cond": controlnet_cond.to(self.dtype)}
         outputs = self.runner.run_many(feeds, dict(zip(names, shapes)), self.dtype)
         residuals = [outputs[name] for name in names]
         if conditioning_scale != 1.0:
