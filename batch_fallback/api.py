@@ -7,6 +7,8 @@ real-time routes. Every error is JSON `{"error": code, "message": …, "field": 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import copy
 import datetime
 import hmac
@@ -15,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -113,18 +115,28 @@ def error_response(error: BatchError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
-def service_of(request: Request) -> BatchService:
+def service_of(request: HTTPConnection) -> BatchService:
     return request.app.state.batch
 
 
-def check_api_key(request: Request) -> None:
+def check_api_key(request: HTTPConnection) -> None:
+    """Bearer token, X-API-Key, or HTTP Basic with the key as password (what ComfyUI clients send)."""
     keys = service_of(request).config.api_keys
     if not keys:
         return
     header = request.headers.get("authorization", "")
-    given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer":
+        given = credentials.strip()
+    elif scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            given = ""
+    else:
+        given = request.headers.get("x-api-key", "")
     if not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
-        raise Unauthorized("an API key is required (Authorization: Bearer KEY, or X-API-Key)")
+        raise Unauthorized("an API key is required (Authorization: Bearer KEY, X-API-Key, or Basic with KEY as password)")
 
 
 def endpoint(

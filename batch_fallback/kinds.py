@@ -12,11 +12,11 @@ import base64
 import binascii
 import io
 import secrets
-from collections.abc import Callable
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import msgpack
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,7 +33,14 @@ from streamcanvas.pipelines.stream import StreamParams
 from streamcanvas.pipelines.styles import StylePreset
 
 from .errors import InvalidJob
+from .nodes import REGISTRY, NodeContext
 from .rendering import SCHEDULERS, QualityRenderer, RenderControl, RenderRequest, StepCallback
+from .results import ResultImage, described
+from .store import Stage
+from .uploads import Uploads
+from .workflow import Catalog, execute, plan
+
+StageCallback = Callable[[Stage], None]
 
 MAX_SEED = 2**32 - 1
 SchedulerName = Literal["euler_a", "euler", "dpmpp_2m", "ddim", "pndm", "unipc", "heun", "lcm"]
@@ -63,6 +70,21 @@ class AcceptContext:
     models: Mapping[str, ModelChoice] = field(default_factory=dict)
     """The server's models by name (the first is the default), with what may be named on each."""
     styles: Mapping[str, StylePreset] = field(default_factory=dict)
+    uploads: Uploads | None = None
+    """Images uploaded for workflows (None: the server keeps none)."""
+
+    def catalog(self) -> Catalog:
+        """What a workflow may name here."""
+        uploads = self.uploads
+        return Catalog(
+            checkpoints=tuple(self.models),
+            loras=_union(choice.loras for choice in self.models.values()),
+            controlnets=_union(choice.controlnets for choice in self.models.values()),
+            images=uploads.names if uploads is not None else (lambda: ()),
+            has_image=(lambda name: uploads.path(name) is not None) if uploads is not None else (lambda name: False),
+            max_width=self.max_width,
+            max_height=self.max_height,
+        )
 
 
 @dataclass(frozen=True)
@@ -148,7 +170,20 @@ class JobKind:
     def accept(self, request: Any, context: AcceptContext) -> Accepted:
         raise NotImplementedError
 
-    def run(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
+    def run(
+        self,
+        params: dict[str, Any],
+        input_image: bytes | None,
+        renderer: QualityRenderer,
+        on_step: StepCallback,
+        on_stage: StageCallback = lambda stage: None,
+    ) -> list[ResultImage]:
+        """Render on the worker: `on_step` after every denoising step, `on_stage` when a multi-part job
+        (a workflow) moves on; either raises to stop the job there."""
+        images = self.render(params, input_image, renderer, on_step)
+        return described(params, images, renderer.models.get(params.get("model")).name)
+
+    def render(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
         init_image = _decode_stored(input_image) if input_image is not None else None
         controls = tuple(BatchControl.model_validate(control) for control in params.get("controls", ()))
         control_source = _decode_stored(base64.b64decode(params["control_image"])) if params.get("control_image") else init_image
@@ -255,7 +290,72 @@ class LiveSession(JobKind):
         return Accepted(params, _store_png(live.canvas))
 
 
-KINDS: dict[str, JobKind] = {kind.name: kind for kind in (Txt2Img(), Img2Img(), LiveSession())}
+PREVIEW_METHODS = ("auto", "latent2rgb", "taesd")
+"""ComfyUI's extra_data.preview_method values that ask for previews of the sampler's steps."""
+
+
+class WorkflowRequest(_Strict):
+    prompt: dict[str, Any] = Field(description="the graph in ComfyUI's API format: node id → {class_type, inputs}")
+    client_id: str | None = Field(None, max_length=128, description="ComfyUI's client id: the /ws connection that gets this job's progress")
+    extra_data: dict[str, Any] = Field(default_factory=dict, description="ComfyUI's extra_data; each key of its extra_pnginfo becomes a PNG text chunk")
+
+
+class Workflow(JobKind):
+    name = "workflow"
+    Request = WorkflowRequest
+    description = "a graph of nodes in ComfyUI's API format (GET /object_info lists the node classes)"
+
+    def accept(self, request: WorkflowRequest, context: AcceptContext) -> Accepted:
+        extra_pnginfo = request.extra_data.get("extra_pnginfo", {})
+        if not isinstance(extra_pnginfo, dict):
+            raise InvalidJob("extra_data.extra_pnginfo must be an object", field="params.extra_data.extra_pnginfo")
+        validated = plan(request.prompt, REGISTRY, context.catalog())
+        # The uploads a LoadImage reads travel inside the job (see uploads.py).
+        names = sorted({step.inputs["image"] for step in validated.steps if step.node.name == "LoadImage"})
+        files = {name: context.uploads.read(name) for name in names} if context.uploads is not None else {}
+        params = {
+            "prompt": request.prompt,
+            "client_id": request.client_id,
+            "extra_data": request.extra_data,
+            "outputs": list(validated.outputs),
+            "preview": request.extra_data.get("preview_method") in PREVIEW_METHODS,
+            "max_width": context.max_width,
+            "max_height": context.max_height,
+        }
+        return Accepted(params, msgpack.packb(files) if files else None)
+
+    def run(
+        self,
+        params: dict[str, Any],
+        input_image: bytes | None,
+        renderer: QualityRenderer,
+        on_step: StepCallback,
+        on_stage: StageCallback = lambda stage: None,
+    ) -> list[ResultImage]:
+        files: dict[str, bytes] = msgpack.unpackb(input_image) if input_image else {}
+        models = renderer.models.choices()
+        catalog = Catalog(  # checked again against this worker's models (it may run another version)
+            checkpoints=tuple(models),
+            loras=_union(choice.loras for choice in models.values()),
+            controlnets=_union(choice.controlnets for choice in models.values()),
+            has_image=lambda name: name in files,
+            max_width=params["max_width"],
+            max_height=params["max_height"],
+        )
+        validated = plan(params["prompt"], REGISTRY, catalog)
+        context = NodeContext(
+            renderer, files, on_step, params["max_width"], params["max_height"], params["prompt"], params["extra_data"].get("extra_pnginfo", {})
+        )
+        execute(validated, context, lambda node_id, done: on_stage(Stage(node_id, done, context.outputs)))
+        on_stage(Stage(None, tuple(step.id for step in validated.steps), context.outputs))
+        return context.results
+
+
+KINDS: dict[str, JobKind] = {kind.name: kind for kind in (Txt2Img(), Img2Img(), LiveSession(), Workflow())}
+
+
+def _union(groups: Iterable[Iterable[str]]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name for group in groups for name in group))
 
 
 def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:

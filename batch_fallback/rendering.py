@@ -8,9 +8,11 @@ there stops the render at that step.
 
 from __future__ import annotations
 
+import inspect
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -80,6 +82,25 @@ StepCallback = Callable[[int, int, Callable[[], bytes]], None]
 """Called after every denoising step with (step, steps, make_preview); make_preview() returns a JPEG."""
 
 
+Sigmas = Literal["normal", "karras", "exponential", "beta", "simple", "sgm_uniform"]
+
+SIGMA_OPTIONS: dict[str, dict[str, object]] = {
+    "normal": {},
+    "karras": {"use_karras_sigmas": True},
+    "exponential": {"use_exponential_sigmas": True},
+    "beta": {"use_beta_sigmas": True},
+    "simple": {"timestep_spacing": "trailing"},
+    "sgm_uniform": {"timestep_spacing": "trailing"},
+}
+"""What each spacing sets on a diffusers scheduler (only where that scheduler has the option)."""
+
+
+def sigma_spacings(scheduler: str) -> tuple[str, ...]:
+    """The spacings `scheduler` can use: those whose options its diffusers class takes."""
+    accepted = set(inspect.signature(SCHEDULERS[scheduler].__init__).parameters)
+    return tuple(name for name, options in SIGMA_OPTIONS.items() if set(options) <= accepted)
+
+
 @dataclass(frozen=True)
 class RenderRequest:
     prompt: str | tuple[tuple[str, float], ...]
@@ -98,6 +119,13 @@ class RenderRequest:
     controls: tuple[RenderControl, ...] = ()
     model: str | None = None
     """A name in the server's models (None: the default one)."""
+    embeddings: tuple[torch.Tensor, ...] | None = None
+    """Prompt embeddings already encoded (conditional, unconditional[, pooled, unconditional pooled]),
+    used instead of `prompt` and `negative_prompt` (a workflow's CLIPTextEncode nodes)."""
+    init_latents: torch.Tensor | None = None
+    """Scaled latents to start from (instead of `init_image`), noised to `strength`."""
+    sigmas: Sigmas = "normal"
+    """How the scheduler spaces its noise levels (ComfyUI's `scheduler` input)."""
 
 
 @dataclass(frozen=True)
@@ -123,16 +151,25 @@ class QualityRenderer:
         return self.models.default
 
     def render(self, request: RenderRequest, on_step: StepCallback) -> list[Image.Image]:
+        return list(self._run(request, on_step, "pil").images)
+
+    def sample(self, request: RenderRequest, on_step: StepCallback) -> torch.Tensor:
+        """The denoised latents (scaled, as `init_latents` takes them) instead of decoded images."""
+        return self._run(request, on_step, "latent").images
+
+    def _run(self, request: RenderRequest, on_step: StepCallback, output_type: str):  # type: ignore[no-untyped-def]
         model = self.models.get(request.model)
         components = dict(model.pipe.components)
         components["vae"] = model.quality_vae
+        if request.sigmas not in sigma_spacings(request.scheduler):
+            raise ValueError(f"the {request.scheduler} scheduler cannot space its steps as {request.sigmas!r}")
         components["scheduler"] = SCHEDULERS[request.scheduler].from_config(
-            model.pipe.scheduler.config, **SCHEDULER_OPTIONS.get(request.scheduler, {})
+            model.pipe.scheduler.config, **SCHEDULER_OPTIONS.get(request.scheduler, {}), **SIGMA_OPTIONS[request.sigmas]
         )
         sdxl = model.architecture == "sdxl"
         if not sdxl:
             components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        img2img = request.init_image is not None
+        img2img = request.init_image is not None or request.init_latents is not None
         if request.controls:
             nets = [model.controlnets.get(control.model) for control in request.controls]
             components["controlnet"] = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
@@ -154,9 +191,11 @@ class QualityRenderer:
             "generator": generators,
             "callback_on_step_end": step_end,
             "callback_on_step_end_tensor_inputs": ["latents"],
-            "output_type": "pil",
+            "output_type": output_type,
         }
-        if request.init_image is None:
+        if request.init_latents is not None:
+            arguments.update(image=request.init_latents.to(model.placement.device, model.pipe.unet.dtype), strength=request.strength)
+        elif request.init_image is None:
             arguments.update(width=request.width, height=request.height)
         else:
             image = Image.fromarray(request.init_image)
@@ -172,16 +211,17 @@ class QualityRenderer:
             arguments["control_guidance_start"] = [control.start for control in request.controls]
             arguments["control_guidance_end"] = [control.end for control in request.controls]
         with torch.inference_mode(), model.adapters.wanted(request.loras):
-            output = pipe(**arguments)
-        return list(output.images)
+            return pipe(**arguments)
 
     def _prompt_arguments(self, model: LoadedModel, request: RenderRequest) -> dict[str, object]:
         """The prompt as the pipeline takes it: text, or, for weighted prompts, embeddings mixed by
         weight (SDXL's pooled embeddings too)."""
+        names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+        if request.embeddings is not None:
+            return dict(zip(names, request.embeddings))
         if isinstance(request.prompt, str):
             return {"prompt": request.prompt, "negative_prompt": request.negative_prompt or None}
         mixed = encode_prompts(model, request.prompt, request.negative_prompt or None, request.loras)
-        names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
         return dict(zip(names, mixed))
 
     @torch.inference_mode()

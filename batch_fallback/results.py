@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,33 +44,46 @@ def infotext(params: dict[str, Any], seed: int, model_name: str) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ResultImage:
+    """One image a job made, with what its file says about it."""
+
+    image: Image.Image
+    seed: int
+    text: dict[str, str]
+    """PNG text chunks besides `streamcanvas` (A1111's `parameters`; a workflow's `prompt`)."""
+    record: dict[str, Any]
+    """This image's `streamcanvas` JSON: the parameters it was made with."""
+
+
+def described(params: dict[str, Any], images: list[Image.Image], model_name: str) -> list[ResultImage]:
+    """A txt2img/img2img job's images: image i has seed + i, the A1111 text and the job's parameters."""
+    results = []
+    for index, image in enumerate(images):
+        seed = params["seed"] + index
+        text = {"parameters": infotext(params, seed, model_name)}
+        results.append(ResultImage(image, seed, text, {"model": model_name, **params, "seed": seed}))
+    return results
+
+
 def write_results(
-    results_dir: Path,
-    job_id: str,
-    kind: str,
-    params: dict[str, Any],
-    images: list[Image.Image],
-    model_name: str,
-    rendered_on: dict[str, Any] | None = None,
+    results_dir: Path, job_id: str, kind: str, images: list[ResultImage], rendered_on: dict[str, Any] | None = None
 ) -> list[ResultRecord]:
-    """Write each image as a PNG with its parameters: A1111's `parameters` text and our own JSON
-    (`streamcanvas`), which adds `rendered_on` (on the CPU, the torch thread counts it ran on)."""
+    """Write each image as a PNG with its text chunks and our own JSON (`streamcanvas`), which adds
+    `rendered_on` (on the CPU, the torch thread counts it ran on)."""
     directory = results_dir / job_id
     directory.mkdir(parents=True, exist_ok=True)
     records = []
-    for index, image in enumerate(images):
-        seed = params["seed"] + index
+    for index, result in enumerate(images):
         info = PngInfo()
-        info.add_text("parameters", infotext(params, seed, model_name))
-        info.add_text(
-            "streamcanvas",
-            json.dumps({"job_id": job_id, "kind": kind, "index": index, "model": model_name, **params, "seed": seed, **(rendered_on or {})}),
-        )
+        for key, value in result.text.items():
+            info.add_text(key, value)
+        info.add_text("streamcanvas", json.dumps({"job_id": job_id, "kind": kind, "index": index, **result.record, **(rendered_on or {})}))
         path = result_path(results_dir, job_id, index)
         partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        image.save(partial, format="PNG", pnginfo=info)
+        result.image.save(partial, format="PNG", pnginfo=info)
         os.replace(partial, path)
-        records.append(ResultRecord(index, str(path), seed, image.width, image.height, path.stat().st_size))
+        records.append(ResultRecord(index, str(path), result.seed, result.image.width, result.image.height, path.stat().st_size))
     return records
 
 

@@ -31,6 +31,7 @@ from .kinds import KINDS, AcceptContext, LiveCapture, invalid_job
 from .queues import EmbeddedQueue, Housekeeper, JobQueue, RedisQueue, resubmit_queued
 from .rendering import QualityRenderer
 from .store import JobRecord, JobStatus, JobStore, NewJob, Priority
+from .uploads import Uploads
 from .worker import JobExecutor, LiveGate, RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ PRIORITY_NAMES = {priority.name.lower(): priority for priority in Priority}
 class BatchConfig:
     database_url: str
     results_dir: Path
+    uploads_dir: Path | None = None
+    """Where workflow images are uploaded (POST /upload/image); default: results_dir / "uploads"."""
     queue: Literal["embedded", "redis"] = "embedded"
     redis_url: str | None = None
     redis_namespace: str = "streamcanvas"
@@ -103,6 +106,7 @@ class BatchService:
         self.styles = dict(styles or {})
         self.capture_live = capture_live
         self.store = JobStore(config.database_url)
+        self.uploads = Uploads(config.uploads_dir or config.results_dir / "uploads", config.image_limits)
         self.live_sessions = 0
         self._stopping = threading.Event()
         self._publisher: threading.Thread | None = None
@@ -227,6 +231,7 @@ class BatchService:
             capture_live=self.capture_live,
             models=self.models.choices(),
             styles=self.styles,
+            uploads=self.uploads,
         )
 
     def get(self, job_id: str) -> JobRecord:

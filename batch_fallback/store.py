@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
@@ -116,6 +116,28 @@ results = Table(
     Column("height", Integer, nullable=False),
     Column("bytes", Integer, nullable=False),
 )
+
+stages = Table(
+    # Where a multi-part job (a workflow) stands. A table of its own, so that databases made before it
+    # gain it from create_all without a migration.
+    "job_stages",
+    metadata,
+    Column("job_id", String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("current", String(64), nullable=True),
+    Column("done", JSON, nullable=False),
+    Column("outputs", JSON, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Where a multi-part job stands: the part running now (None once all ran), the parts done in
+    order, and what each output part produced (a workflow's output nodes and their files)."""
+
+    current: str | None
+    done: tuple[str, ...] = ()
+    outputs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -281,6 +303,10 @@ class JobStore:
         return self.get(existing.id)
 
     def get(self, job_id: str) -> JobRecord:
+        return self.snapshot(job_id)[0]
+
+    def snapshot(self, job_id: str) -> tuple[JobRecord, Stage | None]:
+        """The job and its stage as of one moment (a step recorded belongs to the stage read with it)."""
         with self._read() as connection:
             row = connection.execute(select(*_SUMMARY_COLUMNS).where(jobs.c.id == job_id)).one_or_none()
             if row is None:
@@ -291,17 +317,30 @@ class JobStore:
             result_rows = connection.execute(
                 select(results).where(results.c.job_id == job_id).order_by(results.c.index)
             ).all()
-        return _record(row, bool(has_preview), result_rows)
+            stage = connection.execute(select(stages).where(stages.c.job_id == job_id)).first()
+        record = _record(row, bool(has_preview), result_rows)
+        return record, None if stage is None else Stage(stage.current, tuple(stage.done), dict(stage.outputs))
 
     def preview(self, job_id: str) -> bytes | None:
         with self._read() as connection:
             return connection.execute(select(jobs.c.preview).where(jobs.c.id == job_id)).scalar_one_or_none()
 
-    def list(self, status: JobStatus | None = None, limit: int = 50, before: tuple[float, str] | None = None) -> list[JobRecord]:
+    def list(
+        self,
+        status: JobStatus | None = None,
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+        kind: str | None = None,
+        statuses: tuple[JobStatus, ...] = (),
+    ) -> list[JobRecord]:
         """Newest first; `before` is the (created_at, id) of the last job of the previous page."""
         query = select(*_SUMMARY_COLUMNS).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
         if status is not None:
             query = query.where(jobs.c.status == status.value)
+        if statuses:
+            query = query.where(jobs.c.status.in_([value.value for value in statuses]))
+        if kind is not None:
+            query = query.where(jobs.c.kind == kind)
         if before is not None:
             created_at, job_id = before
             query = query.where(
@@ -316,6 +355,12 @@ class JobStore:
         for result in result_rows:
             by_job.setdefault(result.job_id, []).append(result)
         return [_record(row, False, by_job.get(row.id, [])) for row in rows]
+
+    def count(self, kind: str, statuses: tuple[JobStatus, ...]) -> int:
+        """How many jobs of this kind are in these states."""
+        query = select(func.count()).select_from(jobs).where(jobs.c.kind == kind, jobs.c.status.in_([value.value for value in statuses]))
+        with self._read() as connection:
+            return int(connection.execute(query).scalar_one())
 
     def queue_position(self, record: JobRecord) -> int:
         """1-based place among queued jobs: higher tiers first, then by age."""
@@ -358,10 +403,15 @@ class JobStore:
                 )
         return self.get(job_id)
 
-    def request_cancel_running(self) -> list[str]:
-        """Ask every running job to stop (A1111's interrupt)."""
+    def request_cancel_running(self, kind: str | None = None, job_id: str | None = None) -> list[str]:
+        """Ask every running job (of this kind; or this one job) to stop (A1111's and ComfyUI's interrupt)."""
+        query = select(jobs.c.id).where(jobs.c.status == JobStatus.RUNNING.value)
+        if kind is not None:
+            query = query.where(jobs.c.kind == kind)
+        if job_id is not None:
+            query = query.where(jobs.c.id == job_id)
         with self._transaction() as connection:
-            ids = connection.execute(select(jobs.c.id).where(jobs.c.status == JobStatus.RUNNING.value)).scalars().all()
+            ids = connection.execute(query).scalars().all()
             if ids:
                 connection.execute(
                     update(jobs).where(jobs.c.id.in_(ids)).values(cancel_requested=True, updated_at=time.time())
@@ -419,6 +469,7 @@ class JobStore:
         ).rowcount
         if changed != 1:
             return None
+        connection.execute(delete(stages).where(stages.c.job_id == job_id))  # a new attempt starts over
         row = connection.execute(select(*_SUMMARY_COLUMNS).where(jobs.c.id == job_id)).one()
         image = connection.execute(select(jobs.c.input_image).where(jobs.c.id == job_id)).scalar_one()
         record = _record(row, False, [])
@@ -446,6 +497,24 @@ class JobStore:
         if preview is not None:
             values["preview"] = preview
         return self._touch(claim, **values)
+
+    def stage(self, claim: Claim, stage: Stage) -> tuple[bool, bool]:
+        """Record where a multi-part job stands; returns (still owned, cancel requested)."""
+        now = time.time()
+        with self._transaction() as connection:
+            # The step count starts again with each part (it counts the running part's steps).
+            if not self._update_owned(connection, claim, heartbeat_at=now, updated_at=now, step=0, steps=0):
+                return False, False
+            connection.execute(delete(stages).where(stages.c.job_id == claim.job_id))
+            connection.execute(
+                insert(stages).values(job_id=claim.job_id, current=stage.current, done=list(stage.done), outputs=stage.outputs, updated_at=now)
+            )
+            cancel = connection.execute(select(jobs.c.cancel_requested).where(jobs.c.id == claim.job_id)).scalar_one()
+        return True, bool(cancel)
+
+    def stage_of(self, job_id: str) -> Stage | None:
+        """The last stage a multi-part job recorded (None before its first, or for other jobs)."""
+        return self.snapshot(job_id)[1]
 
     def _touch(self, claim: Claim, **values: Any) -> tuple[bool, bool]:
         with self._transaction() as connection:
@@ -556,6 +625,7 @@ class JobStore:
             record = self.get(job_id)
             with self._transaction() as connection:
                 connection.execute(delete(results).where(results.c.job_id == job_id))
+                connection.execute(delete(stages).where(stages.c.job_id == job_id))
                 connection.execute(delete(jobs).where(jobs.c.id == job_id))
             purged.append(record)
         return purged

@@ -28,7 +28,7 @@ from .errors import JobCancelled, JobLost, JobTimedOut, WorkerStopping
 from .kinds import KINDS
 from .rendering import QualityRenderer
 from .results import write_results
-from .store import ClaimedJob, JobStatus, JobStore, Priority
+from .store import ClaimedJob, JobStatus, JobStore, Priority, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -163,18 +163,22 @@ class JobExecutor:
             paused += self.gate.after_step(step_s, check_interrupts, live)  # a pause is not running time
             last_step_at = time.monotonic()
 
+        def on_stage(stage: Stage) -> None:
+            owned, cancel = self.store.stage(claim, stage)
+            flags["lost"] = flags["lost"] or not owned
+            flags["cancel"] = flags["cancel"] or cancel
+            check()
+
         try:
             logger.info("job %s (%s) attempt %d started on %s", claim.job_id, record.kind, claim.attempt, self.worker_name)
             check()
             kind = KINDS.get(record.kind)
             if kind is None:
                 raise ValueError(f"this worker does not know the job kind {record.kind!r} (an older version?)")
-            images = kind.run(record.params, claimed.input_image, self.renderer, on_step)
+            images = kind.run(record.params, claimed.input_image, self.renderer, on_step, on_stage)
             check()
             rendered_on = {"torch_threads": sorted(threads_used)} if self.renderer.model.placement.device.type == "cpu" else {}
-            produced = write_results(
-                self.results_dir, claim.job_id, record.kind, record.params, images, self.renderer.models.get(record.params.get("model")).name, rendered_on
-            )
+            produced = write_results(self.results_dir, claim.job_id, record.kind, images, rendered_on)
             outcome = JobStatus.FINISHED if self.store.finish(claim, produced) else None
         except JobLost:
             outcome = None

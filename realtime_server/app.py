@@ -16,6 +16,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from streamcanvas.batch_fallback.a1111 import a1111_routes
 from streamcanvas.batch_fallback.api import batch_routes
+from streamcanvas.batch_fallback.comfyui import comfyui_routes
 from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 
 from .http import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, JSONContentTooLarge
@@ -94,6 +95,7 @@ def create_app(runtime: Runtime) -> Starlette:
             *output_routes(),
             *batch_routes(),
             *a1111_routes(),
+            *comfyui_routes(),
             *webrtc_routes(runtime.settings.allowed_origins),
             *web_routes(),
         ],

@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     database_url: str | None = None
     results_dir: Path | None = None
+    uploads_dir: Path | None = None
+    """Images uploaded for workflows (ComfyUI's POST /upload/image); default: the cache's "uploads"."""
     batch_workers: int = Field(1, ge=0, le=16)
     batch_max_resolution: str = "2048x2048"
     batch_live_share: float = Field(0.25, ge=0.0, le=1.0)
@@ -327,6 +329,7 @@ class Settings(BaseSettings):
         return BatchConfig(
             database_url=self.database_url or f"sqlite:///{cache / 'jobs.db'}",
             results_dir=self.results_dir or cache / "results",
+            uploads_dir=self.uploads_dir or (None if self.results_dir else cache / "uploads"),
             queue=self.batch_queue,
             redis_url=self.redis_url,
             embedded_workers=self.batch_workers,

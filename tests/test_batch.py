@@ -314,9 +314,9 @@ def test_openapi_describes_every_route(deployment: Deployment) -> None:
     assert schema["openapi"].startswith("3.")
     for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events"):
         assert path in schema["paths"]
-    assert {"JobCreate", "JobView", "GenerationRequest", "Img2ImgRequest", "LiveSessionRequest"} <= set(schema["components"]["schemas"])
+    assert {"JobCreate", "JobView", "GenerationRequest", "Img2ImgRequest", "LiveSessionRequest", "WorkflowRequest"} <= set(schema["components"]["schemas"])
     kinds = deployment.jobs.http.get("/v1/job-kinds").json()
-    assert set(kinds) == {"txt2img", "img2img", "live_session"}
+    assert set(kinds) == {"txt2img", "img2img", "live_session", "workflow"}
 
 
 # --- the live session, rendered at full quality -------------------------------------------------------
@@ -464,3 +464,24 @@ def test_a_worker_shutting_down_puts_its_job_back_without_using_an_attempt(deplo
         deployment.start_worker()
     ended = jobs.wait(job["id"], timeout=180)
     assert ended["status"] == "finished" and ended["attempts"] == 1
+
+
+def test_a_comfyui_workflow_runs_on_every_deployment(deployment: Deployment) -> None:
+    """The ComfyUI API queues an ordinary job: on Redis a separate worker process runs the graph, and
+    the server answers /history and /view from the job store and the shared results."""
+    from test_comfyui import txt2img_graph
+
+    http = deployment.jobs.http
+    model = http.get("/v1/models").json()["models"][0]["id"]
+    graph = txt2img_graph(model, steps=3, batch=2)
+    answer = http.post("/prompt", json={"prompt": graph})
+    assert answer.status_code == 200, answer.text
+    prompt_id = answer.json()["prompt_id"]
+    job = deployment.jobs.wait(prompt_id)
+    assert job["status"] == "finished" and job["kind"] == "workflow" and len(job["results"]) == 2, job
+    images = http.get(f"/history/{prompt_id}").json()[prompt_id]["outputs"]["9"]["images"]
+    assert [image["filename"] for image in images] == ["ComfyUI_00001_.png", "ComfyUI_00002_.png"]
+    first, second = (http.get("/view", params=image) for image in images)
+    assert first.status_code == second.status_code == 200
+    # A batch of two from one seed: two different pictures (image i is sampled with seed + i).
+    assert not np.array_equal(np.asarray(Image.open(io.BytesIO(first.content))), np.asarray(Image.open(io.BytesIO(second.content))))

@@ -316,3 +316,46 @@ def test_the_page_offers_every_live_control(browser, controls_server: ServerProc
         assert not errors
     finally:
         context.close()
+
+
+def test_a_comfyui_workflow_applies_loras_and_controlnets(controls_server: ServerProcess, jobs: Jobs) -> None:
+    """LoraLoader and ControlNetLoader/ControlNetApply run on the server's LoRAs and ControlNets."""
+    from test_comfyui import txt2img_graph
+
+    http = jobs.http
+
+    def run(graph: dict[str, Any]) -> np.ndarray:
+        answer = http.post("/prompt", json={"prompt": graph})
+        assert answer.status_code == 200, answer.text
+        prompt_id = answer.json()["prompt_id"]
+        assert jobs.wait(prompt_id)["status"] == "finished"
+        image = http.get(f"/history/{prompt_id}").json()[prompt_id]["outputs"]["9"]["images"][0]
+        return np.asarray(Image.open(io.BytesIO(http.get("/view", params=image).content)).convert("RGB"), dtype=np.float32)
+
+    model = http.get("/v1/models").json()["models"][0]["id"]
+
+    def with_lora(strength: float, name: str = "ink") -> dict[str, Any]:
+        graph = txt2img_graph(model, seed=7)
+        graph["10"] = {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": name, "strength_model": strength, "strength_clip": strength}}
+        graph["3"]["inputs"]["model"] = ["10", 0]
+        graph["6"]["inputs"]["clip"] = graph["7"]["inputs"]["clip"] = ["10", 1]
+        return graph
+
+    base = run(txt2img_graph(model, seed=7))
+    assert np.array_equal(run(with_lora(0.0)), base)  # a LoRA at strength 0 is no LoRA
+    assert np.abs(run(with_lora(1.0)) - base).mean() > 1.0
+    refused = http.post("/prompt", json={"prompt": with_lora(1.0, "not-a-lora")}).json()
+    assert refused["node_errors"]["10"]["errors"][0]["type"] == "value_not_in_list"
+    assert "'ink'" in refused["node_errors"]["10"]["errors"][0]["details"]
+
+    buffer = io.BytesIO()
+    Image.fromarray(lines(SIZE, 3)).save(buffer, format="PNG")
+    stored = http.post("/upload/image", files={"image": ("lines.png", buffer.getvalue(), "image/png")}).json()
+    controlled = txt2img_graph(model, seed=7)
+    controlled["11"] = {"class_type": "LoadImage", "inputs": {"image": stored["name"]}}
+    controlled["12"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "scribble"}}
+    controlled["13"] = {"class_type": "ControlNetApply", "inputs": {"conditioning": ["6", 0], "control_net": ["12", 0], "image": ["11", 0], "strength": 1.0}}
+    controlled["3"]["inputs"]["positive"] = ["13", 0]
+    assert np.abs(run(controlled) - base).mean() > 1.0
+    controlled["13"]["inputs"]["strength"] = 0.0
+    assert np.abs(run(controlled) - base).mean() < 0.5  # a ControlNet at scale 0 adds nothing
