@@ -76,15 +76,9 @@ class AcceptContext:
     def catalog(self) -> Catalog:
         """What a workflow may name here."""
         uploads = self.uploads
-        return Catalog(
-            checkpoints=tuple(self.models),
-            loras=_union(choice.loras for choice in self.models.values()),
-            controlnets=_union(choice.controlnets for choice in self.models.values()),
-            images=uploads.names if uploads is not None else (lambda: ()),
-            has_image=(lambda name: uploads.path(name) is not None) if uploads is not None else (lambda name: False),
-            max_width=self.max_width,
-            max_height=self.max_height,
-        )
+        if uploads is None:
+            return workflow_catalog(self.models, self.max_width, self.max_height, lambda name: False)
+        return workflow_catalog(self.models, self.max_width, self.max_height, lambda name: uploads.path(name) is not None, uploads.names)
 
 
 @dataclass(frozen=True)
@@ -333,15 +327,8 @@ class Workflow(JobKind):
         on_stage: StageCallback = lambda stage: None,
     ) -> list[ResultImage]:
         files: dict[str, bytes] = msgpack.unpackb(input_image) if input_image else {}
-        models = renderer.models.choices()
-        catalog = Catalog(  # checked again against this worker's models (it may run another version)
-            checkpoints=tuple(models),
-            loras=_union(choice.loras for choice in models.values()),
-            controlnets=_union(choice.controlnets for choice in models.values()),
-            has_image=lambda name: name in files,
-            max_width=params["max_width"],
-            max_height=params["max_height"],
-        )
+        # Checked again against this worker's models (it may run another version than the server).
+        catalog = workflow_catalog(renderer.models.choices(), params["max_width"], params["max_height"], lambda name: name in files)
         validated = plan(params["prompt"], REGISTRY, catalog)
         context = NodeContext(
             renderer, files, on_step, params["max_width"], params["max_height"], params["prompt"], params["extra_data"].get("extra_pnginfo", {})
@@ -354,8 +341,27 @@ class Workflow(JobKind):
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (Txt2Img(), Img2Img(), LiveSession(), Workflow())}
 
 
-def _union(groups: Iterable[Iterable[str]]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(name for group in groups for name in group))
+def workflow_catalog(
+    models: Mapping[str, ModelChoice],
+    max_width: int,
+    max_height: int,
+    has_image: Callable[[str], bool],
+    images: Callable[[], tuple[str, ...]] = lambda: (),
+) -> Catalog:
+    """What a workflow may name: these models and their LoRAs and ControlNets, these images."""
+
+    def union(groups: Iterable[Iterable[str]]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name for group in groups for name in group))
+
+    return Catalog(
+        checkpoints=tuple(models),
+        loras=union(choice.loras for choice in models.values()),
+        controlnets=union(choice.controlnets for choice in models.values()),
+        images=images,
+        has_image=has_image,
+        max_width=max_width,
+        max_height=max_height,
+    )
 
 
 def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
