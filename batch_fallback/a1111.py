@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import io
 import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -56,12 +59,44 @@ class Txt2ImgBody(BaseModel):
     width: int = 512
     height: int = 512
     send_images: bool = True
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    denoising_strength: float | None = None
 
 
 class Img2ImgBody(Txt2ImgBody):
     init_images: list[str] = Field(min_length=1)
-    denoising_strength: float = 0.75
+    denoising_strength: float = 0.75  # type: ignore[assignment]
     include_init_images: bool = False
+    mask: str | None = None
+    mask_blur: int = 4
+    inpainting_fill: int = Field(0, ge=0, le=3)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+
+
+INPAINTING_FILL = ("fill", "original", "latent_noise", "latent_nothing")
+"""A1111's inpainting_fill codes 0 … 3."""
+
+UPSCALERS = {"None": None, "Lanczos": "lanczos", "Nearest": "nearest", "Bicubic": "bicubic", "Bilinear": "bilinear"}
+"""A1111's upscaler names → ours. Its latent upscalers ("Latent", "Latent (bicubic)", …) map onto the
+same resamplers: this server upscales in pixels before the second pass."""
+_UPSCALER_LOOKUP = {name.lower(): method for name, method in UPSCALERS.items()}
+_LATENT_UPSCALERS = {"latent": "bilinear", "latent (antialiased)": "bilinear", "latent (bicubic)": "bicubic",
+                     "latent (bicubic antialiased)": "bicubic", "latent (nearest)": "nearest", "latent (nearest-exact)": "nearest"}
+
+
+def _upscaler(name: str | None) -> str | None:
+    """Our resampler for an A1111 upscaler name; KeyError for one this server does not have."""
+    if name is None:
+        return "lanczos"
+    key = name.lower()
+    if key in _UPSCALER_LOOKUP:
+        return _UPSCALER_LOOKUP[key] or "lanczos"
+    return _LATENT_UPSCALERS[key]
 
 
 def _detail(status: int, message: str) -> JSONResponse:
@@ -100,12 +135,36 @@ async def _generate(request: Request, img2img: bool) -> Response:
     }
     if body.seed >= 0:
         params["seed"] = body.seed
+    if body.enable_hr and not img2img:
+        try:
+            upscaler = _upscaler(body.hr_upscaler)
+        except KeyError:
+            return _detail(404, f"Upscaler not found: {body.hr_upscaler!r}; this server has {', '.join(UPSCALERS)} and the Latent ones")
+        scale = body.hr_scale
+        if body.hr_resize_x or body.hr_resize_y:  # a target size instead of a factor: the larger factor it needs
+            scale = max(body.hr_resize_x / body.width, body.hr_resize_y / body.height)
+        params["hires"] = {
+            "scale": scale,
+            "upscaler": upscaler,
+            "strength": body.denoising_strength if body.denoising_strength is not None else 0.7,
+            "steps": body.hr_second_pass_steps or None,
+        }
+    kind = "txt2img"
     if img2img:
         assert isinstance(body, Img2ImgBody)
         params.update(image=body.init_images[0], strength=body.denoising_strength)
+        kind = "img2img"
+        if body.mask:
+            kind = "inpaint"
+            params.update(
+                mask=body.mask,
+                mask_blur=body.mask_blur,
+                inpainting_fill=INPAINTING_FILL[body.inpainting_fill],
+                invert_mask=bool(body.inpainting_mask_invert),
+            )
     service = service_of(request)
     try:
-        record, _ = await asyncio.to_thread(service.create, {"kind": "img2img" if img2img else "txt2img", "params": params})
+        record, _ = await asyncio.to_thread(service.create, {"kind": kind, "params": params})
     except BatchError as error:
         return JSONResponse({"detail": [{"loc": ["body", error.field or ""], "msg": str(error), "type": error.code}]}, status_code=error.status)
     while not record.status.terminal:
@@ -249,6 +308,99 @@ async def samplers(request: Request) -> Response:
     return JSONResponse([{"name": name, "aliases": aliases, "options": {}} for name, (_, aliases) in SAMPLERS.items()])
 
 
+class ExtraSingleImageBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    image: str = Field(min_length=1)
+    resize_mode: int = Field(0, ge=0, le=1)
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaler_1: str = "Lanczos"
+
+
+@a1111_endpoint
+async def extra_single_image(request: Request) -> Response:
+    """Upscale one image (an `upscale` job without the diffusion pass): {"image": base64 PNG, "html_info"}."""
+    try:
+        body = ExtraSingleImageBody.model_validate(await read_json(request))
+    except ValidationError as error:
+        return _validation(error)
+    if body.upscaler_1.lower() not in _UPSCALER_LOOKUP:
+        return _detail(404, f"Upscaler not found: {body.upscaler_1!r}; this server has {', '.join(UPSCALERS)}")
+    params: dict[str, Any] = {"image": body.image, "upscaler": _UPSCALER_LOOKUP[body.upscaler_1.lower()] or "lanczos"}
+    if body.resize_mode == 1:
+        params.update(width=body.upscaling_resize_w, height=body.upscaling_resize_h)
+    else:
+        params["scale"] = body.upscaling_resize
+    service = service_of(request)
+    try:
+        record, _ = await asyncio.to_thread(service.create, {"kind": "upscale", "params": params})
+    except BatchError as error:
+        return JSONResponse({"detail": [{"loc": ["body", error.field or ""], "msg": str(error), "type": error.code}]}, status_code=error.status)
+    while not record.status.terminal:
+        if await request.is_disconnected():
+            return Response(status_code=499)
+        await asyncio.sleep(0.05)
+        record = await asyncio.to_thread(service.get, record.id)
+    if record.status is not JobStatus.FINISHED:
+        return JSONResponse({"error": "UpscaleFailed", "detail": record.error or "", "body": "", "errors": record.error or ""}, status_code=500)
+    image = base64.b64encode(await asyncio.to_thread(_read, record.results[0].path)).decode()
+    return JSONResponse({"html_info": f"<p>{record.results[0].width}x{record.results[0].height}, {params['upscaler']}</p>", "image": image})
+
+
+@a1111_endpoint
+async def upscalers(request: Request) -> Response:
+    return JSONResponse([
+        {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0} for name in UPSCALERS
+    ])
+
+
+@a1111_endpoint
+async def png_info(request: Request) -> Response:
+    """A PNG's text chunks: A1111's `parameters` as `info` (and parsed), the others as `items`."""
+    body = await read_json(request)
+    data = body.get("image") if isinstance(body, dict) else None
+    if not isinstance(data, str) or not data:
+        return _detail(422, "image: a base64 PNG is required")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as image:
+            chunks = {key: value for key, value in getattr(image, "text", {}).items() if isinstance(value, str)}
+    except (binascii.Error, ValueError, OSError) as error:
+        return _detail(422, f"image: not a readable image ({error})")
+    info = chunks.pop("parameters", "")
+    return JSONResponse({"info": info, "items": chunks, "parameters": _parse_infotext(info)})
+
+
+def _parse_infotext(text: str) -> dict[str, Any]:
+    """A1111's infotext back into fields: the prompt, the negative prompt, and `Key: value` pairs."""
+    if not text:
+        return {}
+    lines = text.strip().split("\n")
+    settings = lines.pop() if lines and ": " in lines[-1] and "Steps: " in lines[-1] else ""
+    negative = [line for line in lines if line.startswith("Negative prompt: ")]
+    prompt = "\n".join(line for line in lines if not line.startswith("Negative prompt: "))
+    fields: dict[str, Any] = {"Prompt": prompt, "Negative prompt": negative[0][len("Negative prompt: "):] if negative else ""}
+    for pair in settings.split(", "):
+        key, _, value = pair.partition(": ")
+        if key and value:
+            fields[key] = int(value) if value.isdigit() else value
+    if "Size" in fields:
+        width, _, height = str(fields["Size"]).partition("x")
+        fields.update({"Size-1": int(width), "Size-2": int(height)})
+    return fields
+
+
+@a1111_endpoint
+async def loras(request: Request) -> Response:
+    model = service_of(request).model
+    return JSONResponse([
+        {"name": name, "alias": name, "path": str(path), "metadata": {}} for name, path in model.adapters.paths.items()
+    ])
+
+
 def a1111_routes() -> list[Route]:
     return [
         Route(f"{PREFIX}/txt2img", txt2img, methods=["POST"], max_body_size=MAX_BODY_BYTES),
@@ -258,4 +410,8 @@ def a1111_routes() -> list[Route]:
         Route(f"{PREFIX}/options", options, methods=["GET", "POST"], max_body_size=MAX_BODY_BYTES),
         Route(f"{PREFIX}/sd-models", sd_models, methods=["GET"]),
         Route(f"{PREFIX}/samplers", samplers, methods=["GET"]),
+        Route(f"{PREFIX}/extra-single-image", extra_single_image, methods=["POST"], max_body_size=MAX_BODY_BYTES),
+        Route(f"{PREFIX}/upscalers", upscalers, methods=["GET"]),
+        Route(f"{PREFIX}/png-info", png_info, methods=["POST"], max_body_size=MAX_BODY_BYTES),
+        Route(f"{PREFIX}/loras", loras, methods=["GET"]),
     ]

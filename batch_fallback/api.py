@@ -14,9 +14,10 @@ import datetime
 import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -24,13 +25,14 @@ from starlette.routing import Route
 from .errors import BatchError, InvalidJob, JobNotFound, Unauthorized
 from .kinds import KINDS
 from .service import BatchService, JobCreate
-from .store import JobRecord, JobStatus
+from .store import JobRecord, JobStatus, Webhook
 
 PREFIX = "/v1"
 MAX_BODY_BYTES = 32 * 1024 * 1024
 INLINE_JSON_BYTES = 256 * 1024
 """Bodies up to this size are parsed on the event loop (well under a millisecond); larger ones in a thread."""
 KEEPALIVE_S = 15.0
+RESULT_TYPES = {".png": "image/png", ".mp4": "video/mp4"}
 
 
 class ResultView(BaseModel):
@@ -40,6 +42,14 @@ class ResultView(BaseModel):
     width: int
     height: int
     bytes: int
+
+
+class WebhookView(BaseModel):
+    url: str
+    state: str = Field(description="waiting (the job has not ended), pending (being delivered or retried), delivered, failed")
+    attempts: int
+    last_error: str | None
+    delivered_at: str | None
 
 
 class JobView(BaseModel):
@@ -60,6 +70,8 @@ class JobView(BaseModel):
     error: str | None
     results: list[ResultView]
     links: dict[str, str]
+    webhook: WebhookView | None = None
+    """In GET /v1/jobs/{id}, for a job that named a webhook_url: its delivery (null otherwise)."""
 
 
 class JobListView(BaseModel):
@@ -79,7 +91,7 @@ def _iso(timestamp: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def job_view(record: JobRecord, position: int | None = None) -> dict[str, Any]:
+def job_view(record: JobRecord, position: int | None = None, webhook: Webhook | None = None) -> dict[str, Any]:
     base = f"{PREFIX}/jobs/{record.id}"
     links = {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel"}
     if record.has_preview:
@@ -101,10 +113,13 @@ def job_view(record: JobRecord, position: int | None = None) -> dict[str, Any]:
         cancel_requested=record.cancel_requested,
         error=record.error,
         results=[
-            ResultView(index=r.index, url=f"{base}/results/{r.index}.png", seed=r.seed, width=r.width, height=r.height, bytes=r.bytes)
+            ResultView(index=r.index, url=f"{base}/results/{r.index}{Path(r.path).suffix}", seed=r.seed, width=r.width, height=r.height, bytes=r.bytes)
             for r in record.results
         ],
         links=links,
+        webhook=None
+        if webhook is None
+        else WebhookView(url=webhook.url, state=webhook.state, attempts=webhook.attempts, last_error=webhook.last_error, delivered_at=_iso(webhook.delivered_at)),
     )
     return view.model_dump(mode="json")
 
@@ -226,7 +241,8 @@ async def get_job(request: Request) -> Response:
     service = service_of(request)
     record = await asyncio.to_thread(service.get, request.path_params["job_id"])
     position = await asyncio.to_thread(service.position, record)
-    return JSONResponse(job_view(record, position))
+    webhook = await asyncio.to_thread(service.store.webhook, record.id)
+    return JSONResponse(job_view(record, position, webhook))
 
 
 @endpoint
@@ -269,10 +285,16 @@ async def result_file(request: Request) -> Response:
     service = service_of(request)
     record = await asyncio.to_thread(service.get, request.path_params["job_id"])
     index = request.path_params["index"]
+    suffix = request.path_params.get("suffix", ".png")
     for result in record.results:
-        if result.index == index:
-            return FileResponse(result.path, media_type="image/png", filename=f"{record.id}-{index}.png")
+        if result.index == index and Path(result.path).suffix == suffix:
+            return FileResponse(result.path, media_type=RESULT_TYPES[suffix], filename=f"{record.id}-{index}{suffix}")
     raise JobNotFound(f"job {record.id} has no result {index} (status {record.status.value})")
+
+
+async def video_result(request: Request) -> Response:
+    request.scope["path_params"] = {**request.path_params, "suffix": ".mp4"}
+    return await result_file(request)
 
 
 @endpoint
@@ -298,7 +320,7 @@ async def openapi(request: Request) -> Response:
 
 
 def openapi_schema() -> dict[str, Any]:
-    models: list[type[BaseModel]] = [JobCreate, JobView, JobListView, ErrorView, ResultView]
+    models: list[type[BaseModel]] = [JobCreate, JobView, JobListView, ErrorView, ResultView, WebhookView]
     models += [kind.Request for kind in KINDS.values()]
     schemas: dict[str, Any] = {}
     for model in models:
@@ -402,6 +424,7 @@ def batch_routes() -> list[Route]:
         Route(f"{PREFIX}/jobs/{{job_id:str}}/cancel", cancel_job, methods=["POST"]),
         Route(f"{PREFIX}/jobs/{{job_id:str}}/events", job_events, methods=["GET"]),
         Route(f"{PREFIX}/jobs/{{job_id:str}}/results/{{index:int}}.png", result_file, methods=["GET"]),
+        Route(f"{PREFIX}/jobs/{{job_id:str}}/results/{{index:int}}.mp4", video_result, methods=["GET"]),
         Route(f"{PREFIX}/jobs/{{job_id:str}}/preview.jpg", preview_file, methods=["GET"]),
         Route(f"{PREFIX}/job-kinds", job_kinds, methods=["GET"]),
         Route(f"{PREFIX}/openapi.json", openapi, methods=["GET"]),

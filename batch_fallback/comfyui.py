@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 KIND = "workflow"
 POLL_S = 0.2
 MAX_FOLLOWED = 4096
-"""Prompts followed for /ws clients at once (a prompt is dropped from it once it has ended)."""
+"""Prompts followed for connected /ws clients at once (a prompt leaves the table once it has ended)."""
 OUTBOX = 512
 """Messages waiting for one /ws client; a client that falls this far behind is disconnected."""
 MAX_HISTORY = 200
@@ -345,6 +345,8 @@ class Followed:
     client_id: str | None
     started: bool = False
     node: str | None = None
+    announced: int = 0
+    """How many nodes, in run order, have had their `executing`."""
     progress: tuple[int, int] = (0, 0)
 
 
@@ -380,8 +382,10 @@ class ComfyHub:
         self.task: asyncio.Task[None] | None = None
 
     def follow(self, prompt_id: str, client_id: str | None) -> None:
-        if client_id is None or len(self.followed) >= MAX_FOLLOWED:
-            return  # nobody to tell, or the table is full: /history still has the outcome
+        """Follow a prompt for a connected client (one that connects later finds its prompts in the
+        store when it does). A full table follows no more: /history still has every outcome."""
+        if client_id is None or client_id not in self.clients or len(self.followed) >= MAX_FOLLOWED:
+            return
         self.followed.setdefault(prompt_id, Followed(client_id))
 
     async def serve(self, websocket: WebSocket) -> None:
@@ -416,6 +420,8 @@ class ComfyHub:
             receiver.cancel()
             if self.clients.get(client_id) is client:
                 del self.clients[client_id]
+                for prompt_id in [p for p, followed in self.followed.items() if followed.client_id == client_id]:
+                    del self.followed[prompt_id]  # a reconnect finds them in the store again
             with contextlib.suppress(RuntimeError):
                 await websocket.close()
 
@@ -485,10 +491,16 @@ class ComfyHub:
             started = {"prompt_id": record.id, "timestamp": _timestamp(record.started_at)}
             add("execution_start", started)
             add("execution_cached", {"nodes": [], **started})
-        if stage is not None and stage.current is not None and stage.current != followed.node:
-            followed.node = stage.current
-            followed.progress = (0, 0)
-            add("executing", {"node": stage.current, "display_node": stage.current, "prompt_id": record.id})
+        if stage is not None:
+            # Every node gets its `executing`, in run order, also those that started and ended between
+            # two samples (the stage lists the nodes done).
+            ran = list(stage.done) + ([stage.current] if stage.current is not None else [])
+            for node in ran[followed.announced :]:
+                add("executing", {"node": node, "display_node": node, "prompt_id": record.id})
+            if len(ran) > followed.announced:
+                followed.announced = len(ran)
+                followed.node = ran[-1]
+                followed.progress = (0, 0)
         # The step count belongs to the stage read with it (it starts again with each node).
         if record.status is JobStatus.RUNNING and record.step and (record.step, record.steps) != followed.progress:
             followed.progress = (record.step, record.steps)

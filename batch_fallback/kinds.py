@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import cv2
 import msgpack
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streamcanvas.codecs import images
@@ -29,15 +31,17 @@ from streamcanvas.pipelines.adapters import MAX_ACTIVE_LORAS
 from streamcanvas.pipelines.controls import MAX_CONTROL_SCALE, MAX_CONTROLS, Preprocessor, preprocess
 from streamcanvas.pipelines.errors import InvalidParameter, UnknownName
 from streamcanvas.pipelines.models import ModelChoice
-from streamcanvas.pipelines.stream import StreamParams
+from streamcanvas.pipelines.stream import RenderResult, StreamParams, StreamPipeline
 from streamcanvas.pipelines.styles import StylePreset
 
 from .errors import InvalidJob
 from .nodes import REGISTRY, NodeContext
 from .rendering import SCHEDULERS, QualityRenderer, RenderControl, RenderRequest, StepCallback
-from .results import ResultImage, described
+from .results import ResultFile, ResultImage, described
 from .store import Stage
 from .uploads import Uploads
+from .upscaling import refine, resized
+from .video import VideoLimits, output_size, probe, restyle
 from .workflow import Catalog, execute, plan
 
 StageCallback = Callable[[Stage], None]
@@ -112,6 +116,20 @@ class LiveLook(_Strict):
     control_image: str | None = Field(None, description="base64 PNG/JPEG/WebP the controls read (after their preprocessor); default: the input image")
 
 
+Resampler = Literal["lanczos", "bicubic", "bilinear", "nearest"]
+
+
+class HiresFix(_Strict):
+    """A second pass at a larger size: the first image upscaled, then repainted at a low strength in tiles."""
+
+    scale: float = Field(2.0, ge=1.0, le=4.0)
+    upscaler: Resampler = "lanczos"
+    strength: float = Field(0.5, gt=0.0, le=1.0)
+    steps: int | None = Field(None, ge=1, le=150, description="None: the job's steps")
+    tile: int = Field(512, ge=64, le=2048, multiple_of=8)
+    overlap: int = Field(64, ge=0, le=512)
+
+
 class GenerationRequest(LiveLook):
     prompt: str = Field(max_length=4000)
     negative_prompt: str = Field("", max_length=4000)
@@ -123,6 +141,7 @@ class GenerationRequest(LiveLook):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None picks one; it is recorded")
     batch_size: int = Field(1, ge=1, le=8)
     preview: bool = Field(False, description="keep a low-resolution preview of the current step")
+    hires: HiresFix | None = Field(None, description="txt2img/img2img: a hires-fix pass to width × height × scale")
 
 
 class Img2ImgRequest(GenerationRequest):
@@ -130,6 +149,65 @@ class Img2ImgRequest(GenerationRequest):
     strength: float = Field(0.6, gt=0.0, le=1.0)
     width: int | None = Field(None, ge=64)  # type: ignore[assignment]
     height: int | None = Field(None, ge=64)  # type: ignore[assignment]
+
+
+InpaintingFill = Literal["original", "fill", "latent_noise", "latent_nothing"]
+
+
+class InpaintRequest(Img2ImgRequest):
+    mask: str = Field(description="base64 PNG/JPEG/WebP, resized to the image: white where it is painted anew, black where it is kept (an RGBA mask with transparency: its alpha)")
+    mask_blur: int = Field(4, ge=0, le=64, description="Gaussian blur of the mask's edge, pixels")
+    inpainting_fill: InpaintingFill = Field("original", description="what the masked area starts as: the image, a fill from its surroundings, noise, or grey")
+    invert_mask: bool = False
+    strength: float = Field(0.75, gt=0.0, le=1.0)
+
+
+class OutpaintRequest(GenerationRequest):
+    image: str = Field(description="base64 PNG, JPEG or WebP (a data: URL is accepted)")
+    left: int = Field(0, ge=0, le=2048, description="pixels added on the left")
+    right: int = Field(0, ge=0, le=2048)
+    top: int = Field(0, ge=0, le=2048)
+    bottom: int = Field(0, ge=0, le=2048)
+    mask_blur: int = Field(8, ge=0, le=64, description="how far the new area blends into the old, pixels")
+    inpainting_fill: InpaintingFill = "fill"
+    strength: float = Field(1.0, gt=0.0, le=1.0)
+    width: int | None = Field(None, ge=64, description="None: the extended canvas's size (rounded down to a multiple of 8)")  # type: ignore[assignment]
+    height: int | None = Field(None, ge=64)  # type: ignore[assignment]
+
+
+class UpscaleRequest(LiveLook):
+    image: str = Field(description="base64 PNG, JPEG or WebP (a data: URL is accepted)")
+    scale: float = Field(2.0, ge=1.0, le=4.0, description="×2, ×4 or anything between (width/height override it)")
+    width: int | None = Field(None, ge=64, description="the output's width (a multiple of 8); None: the image's × scale")
+    height: int | None = Field(None, ge=64)
+    upscaler: Resampler = "lanczos"
+    strength: float = Field(0.0, ge=0.0, le=1.0, description="0: resampling only; above 0, the hires-fix pass: img2img in tiles at this strength")
+    prompt: str = Field("", max_length=4000, description="what the hires-fix pass paints")
+    negative_prompt: str = Field("", max_length=4000)
+    steps: int = Field(20, ge=1, le=150)
+    scheduler: SchedulerName = "euler_a"
+    guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    tile: int = Field(512, ge=64, le=2048, multiple_of=8)
+    overlap: int = Field(64, ge=0, le=512)
+    preview: bool = False
+
+
+class VideoRequest(LiveLook):
+    """A clip restyled with the live stream's parameters (the same pipeline as a session's frames)."""
+
+    video: str = Field(description="base64 MP4, MOV or WebM (a session recording is an MP4); size and length are checked from its headers")
+    prompt: str = Field(max_length=4000)
+    negative_prompt: str = Field("", max_length=4000)
+    strength: float = Field(0.5, gt=0.0, le=1.0)
+    steps: int = Field(2, ge=1, le=4, description="the stream's denoising steps per frame")
+    guidance_scale: float = Field(1.2, ge=0.0, le=30.0)
+    cfg_type: Literal["none", "full", "self", "initialize"] = "self"
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    feedback: float = Field(0.0, ge=0.0, le=1.0, description="temporal option: how much of the previous frame's latent each frame starts from")
+    width: int | None = Field(None, ge=64, description="the output's size; None: the clip's, scaled down to fit the server's maximum")
+    height: int | None = Field(None, ge=64)
+    preview: bool = False
 
 
 class LiveSessionRequest(_Strict):
@@ -146,6 +224,9 @@ class LiveSessionRequest(_Strict):
     height: int | None = Field(None, ge=64)
     batch_size: int = Field(1, ge=1, le=8)
     preview: bool = False
+    mask: str | None = Field(None, description="base64 image, white where the canvas is painted anew (an inpaint of the canvas); None: all of it")
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: InpaintingFill = "original"
 
 
 class JobKind:
@@ -171,13 +252,28 @@ class JobKind:
         renderer: QualityRenderer,
         on_step: StepCallback,
         on_stage: StageCallback = lambda stage: None,
-    ) -> list[ResultImage]:
+    ) -> list[ResultImage | ResultFile]:
         """Render on the worker: `on_step` after every denoising step, `on_stage` when a multi-part job
         (a workflow) moves on; either raises to stop the job there."""
         images = self.render(params, input_image, renderer, on_step)
         return described(params, images, renderer.models.get(params.get("model")).name)
 
     def render(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
+        request = self.render_request(params, input_image, renderer)
+        images = renderer.render(request, on_step)
+        hires = params.get("hires")
+        if not hires:
+            return images
+        width, height = _hires_size(params["width"], params["height"], hires["scale"])
+        second = dataclasses.replace(request, strength=hires["strength"], steps=hires["steps"] or request.steps, controls=())
+        refined = []
+        for index, image in enumerate(images):
+            upscaled = resized(image, width, height, hires["upscaler"])
+            refined.append(refine(renderer, upscaled, dataclasses.replace(second, seed=request.seed + index), hires["tile"], hires["overlap"], on_step))
+        return refined
+
+    def render_request(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer) -> RenderRequest:
+        """The stored parameters as the renderer takes them."""
         init_image = _decode_stored(input_image) if input_image is not None else None
         controls = tuple(BatchControl.model_validate(control) for control in params.get("controls", ()))
         control_source = _decode_stored(base64.b64decode(params["control_image"])) if params.get("control_image") else init_image
@@ -185,7 +281,7 @@ class JobKind:
         if controls and control_source is None:
             raise InvalidJob("controls need a control_image (or an input image)", field="params.control_image")
         prompt = params["prompt"]
-        request = RenderRequest(
+        return RenderRequest(
             prompt=prompt if isinstance(prompt, str) else tuple((text, float(weight)) for text, weight in prompt),
             negative_prompt=params.get("negative_prompt", ""),
             width=params["width"],
@@ -204,7 +300,6 @@ class JobKind:
                 for control in controls
             ),
         )
-        return renderer.render(request, on_step)
 
 
 class Txt2Img(JobKind):
@@ -214,6 +309,7 @@ class Txt2Img(JobKind):
 
     def accept(self, request: GenerationRequest, context: AcceptContext) -> Accepted:
         _check_size(request.width, request.height, context)
+        _check_hires(request, request.width, request.height, context)
         params = request.model_dump()
         params["seed"] = _seed(request.seed)
         params.update(_live_look(request, context))
@@ -233,10 +329,181 @@ class Img2Img(JobKind):
         width = request.width or _fit(width, context.max_width)
         height = request.height or _fit(height, context.max_height)
         _check_size(width, height, context)
+        _check_hires(request, width, height, context)
         params = request.model_dump(exclude={"image"})
         params.update(width=width, height=height, seed=_seed(request.seed))
         params.update(_live_look(request, context))
         return Accepted(params, _store_png(rgb))
+
+
+class Inpaint(JobKind):
+    """img2img inside a mask: the pixels outside it are the input's own, untouched."""
+
+    name = "inpaint"
+    Request = InpaintRequest
+    description = "an image repainted inside a mask (with the model's inpainting UNet, or masked latent blending)"
+
+    def accept(self, request: InpaintRequest, context: AcceptContext) -> Accepted:
+        rgb = _decode_upload(request.image, context.image_limits)
+        mask = _mask(_decode_upload_rgba(request.mask, context.image_limits, "mask"), rgb.shape[1], rgb.shape[0])
+        if request.invert_mask:
+            mask = 255 - mask
+        return self._accepted(request, context, rgb, mask)
+
+    def _accepted(self, request: InpaintRequest | OutpaintRequest, context: AcceptContext, rgb: np.ndarray, mask: np.ndarray) -> Accepted:
+        if not mask.any():
+            raise InvalidJob("the mask is empty: nothing would be painted", field="params.mask")
+        height, width = rgb.shape[:2]
+        width = request.width or _fit(width, context.max_width)
+        height = request.height or _fit(height, context.max_height)
+        _check_size(width, height, context)
+        params = request.model_dump(exclude={"image", "mask", "invert_mask", "left", "right", "top", "bottom"})
+        params.update(width=width, height=height, seed=_seed(request.seed))
+        params.update(_live_look(request, context))
+        # The mask travels as the stored image's alpha channel.
+        return Accepted(params, _store_png(np.dstack([rgb, mask])))
+
+    def render(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
+        assert input_image is not None, "an inpainting job has its image"
+        with Image.open(io.BytesIO(input_image)) as stored:
+            rgba = np.asarray(stored.convert("RGBA"), dtype=np.uint8)
+        image, mask = rgba[..., :3], rgba[..., 3]
+        blurred = _blurred(mask, params["mask_blur"])
+        request = self.render_request(params, input_image, renderer)
+        request = dataclasses.replace(request, init_image=_filled(image, mask, params["inpainting_fill"], params["seed"]), mask=blurred)
+        size = (params["width"], params["height"])
+        original = Image.fromarray(image).resize(size, Image.Resampling.LANCZOS) if image.shape[1::-1] != size else Image.fromarray(image)
+        weight = Image.fromarray(blurred).resize(size, Image.Resampling.BILINEAR) if blurred.shape[1::-1] != size else Image.fromarray(blurred)
+        # Outside the mask the input's own pixels (the VAE's round trip would shift them a little).
+        return [Image.composite(painted.convert("RGB"), original, weight) for painted in renderer.render(request, on_step)]
+
+
+class Outpaint(Inpaint):
+    """Inpainting on a larger canvas: the added border is the mask."""
+
+    name = "outpaint"
+    Request = OutpaintRequest  # type: ignore[assignment]
+    description = "an image extended by a border painted to match it"
+
+    def accept(self, request: OutpaintRequest, context: AcceptContext) -> Accepted:  # type: ignore[override]
+        rgb = _decode_upload(request.image, context.image_limits)
+        if not (request.left or request.right or request.top or request.bottom):
+            raise InvalidJob("outpainting needs a border: left, right, top or bottom above 0", field="params.left")
+        height, width = rgb.shape[:2]
+        new_width, new_height = width + request.left + request.right, height + request.top + request.bottom
+        limits = context.image_limits
+        if new_width > limits.max_width or new_height > limits.max_height:
+            raise InvalidJob(f"the extended canvas would be {new_width}x{new_height}, over the limit of {limits.max_width}x{limits.max_height}", field="params.left")
+        extended = cv2.copyMakeBorder(rgb, request.top, request.bottom, request.left, request.right, cv2.BORDER_REPLICATE)
+        mask = np.full((new_height, new_width), 255, dtype=np.uint8)
+        mask[request.top : request.top + height, request.left : request.left + width] = 0
+        return self._accepted(request, context, extended, mask)
+
+
+class Upscale(JobKind):
+    name = "upscale"
+    Request = UpscaleRequest
+    description = "an image made larger: resampled, and with strength above 0 repainted in tiles (hires fix)"
+
+    def accept(self, request: UpscaleRequest, context: AcceptContext) -> Accepted:
+        rgb = _decode_upload(request.image, context.image_limits)
+        height, width = rgb.shape[:2]
+        out_width = request.width or max(64, round(width * request.scale) // 8 * 8)
+        out_height = request.height or max(64, round(height * request.scale) // 8 * 8)
+        _check_size(out_width, out_height, context)
+        params = request.model_dump(exclude={"image"})
+        params.update(width=out_width, height=out_height, seed=_seed(request.seed), batch_size=1)
+        params.update(_live_look(request, context))
+        return Accepted(params, _store_png(rgb))
+
+    def render(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
+        assert input_image is not None, "an upscale job has its image"
+        upscaled = resized(Image.fromarray(_decode_stored(input_image)), params["width"], params["height"], params["upscaler"])
+        if params["strength"] == 0:
+            on_step(1, 1, lambda: _thumbnail(upscaled))
+            return [upscaled]
+        base = self.render_request(params, None, renderer)
+        return [refine(renderer, upscaled, base, params["tile"], params["overlap"], on_step)]
+
+
+class Video(JobKind):
+    name = "video"
+    Request = VideoRequest
+    description = "a video restyled frame by frame, as an H.264 MP4 with the clip's frame rate and audio"
+
+    def accept(self, request: VideoRequest, context: AcceptContext) -> Accepted:
+        data = request.video.partition(",")[2] if request.video.startswith("data:") else request.video
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidJob("video is not valid base64", field="params.video") from None
+        info = probe(raw, VideoLimits(max_side=max(context.max_width, context.max_height)))
+        width, height = output_size(info.width, info.height, context.max_width, context.max_height, (request.width, request.height))
+        _check_size(width, height, context)
+        params = request.model_dump(exclude={"video"})
+        params.update(width=width, height=height, seed=_seed(request.seed), frames=info.frames, fps=info.fps, audio=info.audio)
+        params.update(_live_look(request, context))
+        stream_params(params)  # the live stream's own checks, now rather than on the worker
+        return Accepted(params, raw)
+
+    def run(
+        self,
+        params: dict[str, Any],
+        input_image: bytes | None,
+        renderer: QualityRenderer,
+        on_step: StepCallback,
+        on_stage: StageCallback = lambda stage: None,
+    ) -> list[ResultImage | ResultFile]:
+        assert input_image is not None, "a video job has its clip"
+        model = renderer.models.get(params.get("model"))
+        frames = StreamFrames(StreamPipeline(model, params["width"], params["height"]), stream_params(params))
+        total = params["frames"]
+
+        def on_frame(index: int, rgb: np.ndarray) -> None:
+            on_step(index + 1, max(total, index + 1), lambda: _thumbnail(Image.fromarray(rgb)))
+
+        data = restyle(input_image, params["width"], params["height"], frames, on_frame)
+        return [ResultFile(data, ".mp4", params["width"], params["height"], params["seed"])]
+
+
+class StreamFrames:
+    """A StreamPipeline as a FrameStream: each input comes out once, in order, though the stream batch
+    answers an input `depth - 1` frames after it was fed."""
+
+    def __init__(self, pipeline: StreamPipeline, params: StreamParams) -> None:
+        self.pipeline = pipeline
+        pipeline.configure(params, img2img=True)
+        self.next = 0
+        self.last: tuple[int, np.ndarray] | None = None
+
+    def feed(self, rgb: np.ndarray, index: int) -> list[tuple[int, np.ndarray]]:
+        self.last = (index, rgb)
+        return self._answered(self.pipeline.render(rgb, tag=index, refill=index == 0))
+
+    def flush(self) -> Iterator[tuple[int, np.ndarray]]:
+        for _ in range(self.pipeline.depth + 1):  # the inputs still inside the stream batch
+            if self.last is None or self.next > self.last[0]:
+                return
+            yield from self._answered(self.pipeline.render(self.last[1], tag=self.last[0]))
+        if self.last is not None and self.next <= self.last[0]:
+            raise RuntimeError(f"the stream did not answer frame {self.next} of {self.last[0] + 1}")
+
+    def _answered(self, result: RenderResult) -> list[tuple[int, np.ndarray]]:
+        if result.image is None or result.answers < self.next:
+            return []  # priming the stream batch: no new frame yet
+        out = [(index, result.image) for index in range(self.next, result.answers + 1)]
+        self.next = result.answers + 1
+        return out
+
+
+def stream_params(params: dict[str, Any]) -> StreamParams:
+    """A video job's parameters as the live stream takes them (its controls read each frame)."""
+    fields = {name: params[name] for name in ("prompt", "negative_prompt", "strength", "steps", "guidance_scale", "cfg_type", "seed", "feedback")}
+    controls = [{**control, "source": "canvas"} for control in params.get("controls", [])]
+    try:
+        return StreamParams().replace(**fields, loras=tuple(sorted(params.get("loras", {}).items())), controls=tuple(controls))
+    except InvalidParameter as error:
+        raise InvalidJob(f"params.{error}", field=f"params.{error.field}") from None
 
 
 class LiveSession(JobKind):
@@ -276,12 +543,27 @@ class LiveSession(JobKind):
             ],
             "control_image": _base64_png(live.control_layer) if controls and controls is layer_controls else None,
         }
+        if live.canvas is None and request.mask is not None:
+            raise InvalidJob("a mask needs the session's canvas: this session renders from its prompt alone", field="params.mask")
         if live.canvas is None:  # a txt2img session: its prompt and seed (and control layer) are all there is
             if controls and params["control_image"] is None:
                 params["controls"] = []
             return Accepted(params)
         params["strength"] = request.strength if request.strength is not None else session.strength
-        return Accepted(params, _store_png(live.canvas))
+        if request.mask is None:
+            return Accepted(params, _store_png(live.canvas))
+        # The masked area is inpainted; the rest of the result is the canvas itself.
+        height, width = live.canvas.shape[:2]
+        mask = _mask(_decode_upload_rgba(request.mask, context.image_limits, "mask"), width, height)
+        if not mask.any():
+            raise InvalidJob("the mask is empty: nothing would be painted", field="params.mask")
+        params.update(mask_blur=request.mask_blur, inpainting_fill=request.inpainting_fill)
+        return Accepted(params, _store_png(np.dstack([live.canvas, mask])))
+
+    def render(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
+        if "mask_blur" in params:  # created with a mask
+            return KINDS["inpaint"].render(params, input_image, renderer, on_step)
+        return super().render(params, input_image, renderer, on_step)
 
 
 PREVIEW_METHODS = ("auto", "latent2rgb", "taesd")
@@ -338,7 +620,9 @@ class Workflow(JobKind):
         return context.results
 
 
-KINDS: dict[str, JobKind] = {kind.name: kind for kind in (Txt2Img(), Img2Img(), LiveSession(), Workflow())}
+KINDS: dict[str, JobKind] = {
+    kind.name: kind for kind in (Txt2Img(), Img2Img(), Inpaint(), Outpaint(), Upscale(), Video(), LiveSession(), Workflow())
+}
 
 
 def workflow_catalog(
@@ -403,6 +687,29 @@ def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
     return extra
 
 
+def _hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    return max(64, round(width * scale) // 8 * 8), max(64, round(height * scale) // 8 * 8)
+
+
+def _check_hires(request: GenerationRequest, width: int, height: int, context: AcceptContext) -> None:
+    if request.hires is None:
+        return
+    out_width, out_height = _hires_size(width, height, request.hires.scale)
+    if out_width > context.max_width or out_height > context.max_height:
+        raise InvalidJob(
+            f"hires.scale {request.hires.scale:g} would make {out_width}x{out_height}, over the limit of {context.max_width}x{context.max_height}",
+            field="params.hires.scale",
+        )
+
+
+def _thumbnail(image: Image.Image) -> bytes:
+    small = image.copy()
+    small.thumbnail((128, 128))
+    buffer = io.BytesIO()
+    small.convert("RGB").save(buffer, format="JPEG", quality=70)
+    return buffer.getvalue()
+
+
 def _base64_png(rgb: np.ndarray | None) -> str | None:
     return None if rgb is None else base64.b64encode(_store_png(rgb)).decode("ascii")
 
@@ -437,6 +744,48 @@ def _decode_upload(data: str, limits: ImageLimits, name: str = "image") -> np.nd
         return images.decode(image_format, raw, limits)
     except CodecError as error:
         raise InvalidJob(f"{name}: {error}", field=f"params.{name}") from None
+
+
+def _decode_upload_rgba(data: str, limits: ImageLimits, name: str) -> np.ndarray:
+    """An uploaded mask: its alpha channel when that says something (not opaque all over), else its
+    grey levels."""
+    _decode_upload(data, limits, name)  # the same checks (base64, format, size limits) first
+    raw = base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data)
+    with Image.open(io.BytesIO(raw)) as opened:
+        if "A" in opened.getbands():
+            alpha = np.asarray(opened.getchannel("A"), dtype=np.uint8)
+            if alpha.min() < 255:
+                return alpha
+        return np.asarray(opened.convert("L"), dtype=np.uint8)
+
+
+def _mask(grey: np.ndarray, width: int, height: int) -> np.ndarray:
+    """0/255 at the image's size (a mask of another size is resized to it)."""
+    if grey.shape != (height, width):
+        grey = np.asarray(Image.fromarray(grey).resize((width, height), Image.Resampling.NEAREST))
+    return np.where(grey >= 128, 255, 0).astype(np.uint8)
+
+
+def _blurred(mask: np.ndarray, radius: int) -> np.ndarray:
+    if radius == 0:
+        return mask
+    return np.asarray(Image.fromarray(mask).filter(ImageFilter.GaussianBlur(radius)), dtype=np.uint8)
+
+
+def _filled(image: np.ndarray, mask: np.ndarray, fill: str, seed: int) -> np.ndarray:
+    """What the masked area starts as (A1111's inpainting_fill, in pixels)."""
+    inside = mask >= 128
+    if fill == "original":
+        return image
+    if fill == "fill":  # a fill from the surroundings (fast marching)
+        return cv2.inpaint(image, inside.astype(np.uint8) * 255, 5, cv2.INPAINT_TELEA)
+    result = image.copy()
+    if fill == "latent_noise":
+        noise = np.random.default_rng(seed).integers(0, 256, image.shape, dtype=np.uint8)
+        result[inside] = noise[inside]
+    else:  # latent_nothing: mid grey, which the VAE encodes as near-zero latents
+        result[inside] = 127
+    return result
 
 
 def _store_png(rgb: np.ndarray) -> bytes:

@@ -70,6 +70,8 @@ class Latent:
     """[batch, channels, height / 8, width / 8], scaled as the UNet takes it."""
     empty: bool = False
     """Made by EmptyLatentImage: a sampler at full denoise starts from pure noise."""
+    noise_mask: torch.Tensor | None = None
+    """[batch or 1, height, width] in 0…1: a sampler only paints where it is 1 (inpainting)."""
 
 
 @dataclass
@@ -261,7 +263,12 @@ class KSampler(Node):
         positive_parts = encode_prompts(loaded, [(positive.text, 1.0)], None, positive.clip.loras)
         negative_parts = encode_prompts(loaded, [(negative.text, 1.0)], None, negative.clip.loras)
         embeddings = (positive_parts[0], negative_parts[0]) + ((positive_parts[2], negative_parts[2]) if len(positive_parts) == 4 else ())
-        from_noise = latent_image.empty and denoise >= 1.0
+        from_noise = latent_image.empty and denoise >= 1.0 and latent_image.noise_mask is None
+        mask = None
+        if latent_image.noise_mask is not None:
+            first = latent_image.noise_mask.reshape(-1, *latent_image.noise_mask.shape[-2:])[0]
+            grey = (first.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+            mask = np.asarray(Image.fromarray(grey).resize((width, height), Image.Resampling.BILINEAR))
         request = RenderRequest(
             prompt=positive.text,
             negative_prompt=negative.text,
@@ -280,6 +287,7 @@ class KSampler(Node):
             embeddings=embeddings,
             init_latents=None if from_noise else latent_image.samples,
             sigmas=scheduler,  # type: ignore[arg-type]
+            mask=mask,
         )
         samples = context.renderer.sample(request, context.on_step)
         return (Latent(samples.float().cpu()),)
@@ -328,6 +336,39 @@ class VAEEncode(Node):
             latent = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
             latents.append(latent[0].float().cpu() * factor)
         return (Latent(torch.stack(latents)),)
+
+
+@registered
+class SetLatentNoiseMask(Node):
+    name = "SetLatentNoiseMask"
+    display_name = "Set Latent Noise Mask"
+    category = "latent/inpaint"
+    description = "The sampler repaints only where the mask is 1; elsewhere the latent is kept at every step."
+    inputs = (Input("samples", "LATENT"), Input("mask", "MASK"))
+    outputs = (("LATENT", "LATENT"),)
+
+    def run(self, context: NodeContext, samples: Latent, mask: torch.Tensor) -> tuple[Any, ...]:
+        return (Latent(samples.samples, samples.empty, mask.reshape(-1, *mask.shape[-2:]).float()),)
+
+
+@registered
+class VAEEncodeForInpaint(Node):
+    name = "VAEEncodeForInpaint"
+    display_name = "VAE Encode (for Inpainting)"
+    category = "latent/inpaint"
+    description = "Encodes the image with the masked area greyed out (grown by grow_mask_by pixels), and keeps the mask."
+    inputs = (Input("pixels", "IMAGE"), Input("vae", "VAE"), Input("mask", "MASK"), Input("grow_mask_by", "INT", 6, 0, 64))
+    outputs = (("LATENT", "LATENT"),)
+
+    def run(self, context: NodeContext, pixels: torch.Tensor, vae: ModelValue, mask: torch.Tensor, grow_mask_by: int) -> tuple[Any, ...]:
+        height, width = pixels.shape[1], pixels.shape[2]
+        sized = F.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(), size=(height, width), mode="bilinear")
+        if grow_mask_by:
+            sized = F.max_pool2d(sized, kernel_size=2 * grow_mask_by + 1, stride=1, padding=grow_mask_by)
+        keep = (sized[:, 0] < 0.5).float()[..., None]
+        greyed = pixels * keep + 0.5 * (1 - keep)
+        (encoded,) = REGISTRY["VAEEncode"].run(context, pixels=greyed, vae=vae)
+        return (Latent(encoded.samples, False, sized[:, 0].round()),)
 
 
 @registered

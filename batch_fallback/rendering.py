@@ -25,12 +25,16 @@ from diffusers import (
     LCMScheduler,
     PNDMScheduler,
     StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
@@ -59,17 +63,25 @@ SCHEDULER_OPTIONS: dict[str, dict[str, object]] = {
     "pndm": {"skip_prk_steps": True},
 }
 
+Mode = Literal["txt2img", "img2img", "inpaint"]
+
 PIPELINES = {
-    # (SDXL, with ControlNets, img2img) → the diffusers pipeline that renders it
-    (False, False, False): StableDiffusionPipeline,
-    (False, False, True): StableDiffusionImg2ImgPipeline,
-    (False, True, False): StableDiffusionControlNetPipeline,
-    (False, True, True): StableDiffusionControlNetImg2ImgPipeline,
-    (True, False, False): StableDiffusionXLPipeline,
-    (True, False, True): StableDiffusionXLImg2ImgPipeline,
-    (True, True, False): StableDiffusionXLControlNetPipeline,
-    (True, True, True): StableDiffusionXLControlNetImg2ImgPipeline,
+    # (SDXL, with ControlNets, mode) → the diffusers pipeline that renders it
+    (False, False, "txt2img"): StableDiffusionPipeline,
+    (False, False, "img2img"): StableDiffusionImg2ImgPipeline,
+    (False, False, "inpaint"): StableDiffusionInpaintPipeline,
+    (False, True, "txt2img"): StableDiffusionControlNetPipeline,
+    (False, True, "img2img"): StableDiffusionControlNetImg2ImgPipeline,
+    (False, True, "inpaint"): StableDiffusionControlNetInpaintPipeline,
+    (True, False, "txt2img"): StableDiffusionXLPipeline,
+    (True, False, "img2img"): StableDiffusionXLImg2ImgPipeline,
+    (True, False, "inpaint"): StableDiffusionXLInpaintPipeline,
+    (True, True, "txt2img"): StableDiffusionXLControlNetPipeline,
+    (True, True, "img2img"): StableDiffusionXLControlNetImg2ImgPipeline,
+    (True, True, "inpaint"): StableDiffusionXLControlNetInpaintPipeline,
 }
+"""With a mask, the inpainting pipelines: an inpainting UNet (9 input channels) when the model has one,
+else masked latent blending (the masked area is denoised, the rest kept from the input at every step)."""
 
 PREVIEW_SIDE = 128
 
@@ -126,6 +138,9 @@ class RenderRequest:
     """Scaled latents to start from (instead of `init_image`), noised to `strength`."""
     sigmas: Sigmas = "normal"
     """How the scheduler spaces its noise levels (ComfyUI's `scheduler` input)."""
+    mask: np.ndarray | None = None
+    """Inpainting: height × width uint8, 255 where the picture is painted anew, 0 where it is kept (the
+    input image, or `init_latents`, is required)."""
 
 
 @dataclass(frozen=True)
@@ -170,10 +185,13 @@ class QualityRenderer:
         if not sdxl:
             components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         img2img = request.init_image is not None or request.init_latents is not None
+        if request.mask is not None and not img2img:
+            raise ValueError("a mask needs an input image to inpaint")
+        mode: Mode = "inpaint" if request.mask is not None else "img2img" if img2img else "txt2img"
         if request.controls:
             nets = [model.controlnets.get(control.model) for control in request.controls]
             components["controlnet"] = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
-        pipeline_class = PIPELINES[(sdxl, bool(request.controls), img2img)]
+        pipeline_class = PIPELINES[(sdxl, bool(request.controls), mode)]
         pipe = pipeline_class(**components)
         pipe.set_progress_bar_config(disable=True)
         generators = [torch.Generator("cpu").manual_seed(request.seed + index) for index in range(request.batch_size)]
@@ -194,7 +212,10 @@ class QualityRenderer:
             "output_type": output_type,
         }
         if request.init_latents is not None:
-            arguments.update(image=request.init_latents.to(model.placement.device, model.pipe.unet.dtype), strength=request.strength)
+            latents = request.init_latents.to(model.placement.device, model.pipe.unet.dtype)
+            arguments.update(image=latents, strength=request.strength)
+            if request.mask is not None:  # latents to start from, and (unused by a 4-channel UNet) the masked ones
+                arguments.update(masked_image_latents=latents, width=request.width, height=request.height)
         elif request.init_image is None:
             arguments.update(width=request.width, height=request.height)
         else:
@@ -202,11 +223,13 @@ class QualityRenderer:
             if image.size != (request.width, request.height):
                 image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
             arguments.update(image=image, strength=request.strength)
+        if request.mask is not None:
+            arguments.update(mask_image=_sized(request.mask, request.width, request.height), width=request.width, height=request.height)
         if request.controls:
             single = len(request.controls) == 1
             control_images = [_sized(control.image, request.width, request.height) for control in request.controls]
             scales = [control.scale for control in request.controls]
-            arguments["control_image" if img2img else "image"] = control_images[0] if single else control_images
+            arguments["image" if mode == "txt2img" else "control_image"] = control_images[0] if single else control_images
             arguments["controlnet_conditioning_scale"] = scales[0] if single else scales
             arguments["control_guidance_start"] = [control.start for control in request.controls]
             arguments["control_guidance_end"] = [control.end for control in request.controls]

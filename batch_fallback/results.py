@@ -21,8 +21,8 @@ from PIL.PngImagePlugin import PngInfo
 from .store import ResultRecord
 
 
-def result_path(results_dir: Path, job_id: str, index: int) -> Path:
-    return results_dir / job_id / f"{index}.png"
+def result_path(results_dir: Path, job_id: str, index: int, suffix: str = ".png") -> Path:
+    return results_dir / job_id / f"{index}{suffix}"
 
 
 def infotext(params: dict[str, Any], seed: int, model_name: str) -> str:
@@ -56,6 +56,17 @@ class ResultImage:
     """This image's `streamcanvas` JSON: the parameters it was made with."""
 
 
+@dataclass(frozen=True)
+class ResultFile:
+    """A result that is not an image (a video job's MP4), already encoded."""
+
+    data: bytes
+    suffix: str
+    width: int
+    height: int
+    seed: int
+
+
 def described(params: dict[str, Any], images: list[Image.Image], model_name: str) -> list[ResultImage]:
     """A txt2img/img2img job's images: image i has seed + i, the A1111 text and the job's parameters."""
     results = []
@@ -67,23 +78,29 @@ def described(params: dict[str, Any], images: list[Image.Image], model_name: str
 
 
 def write_results(
-    results_dir: Path, job_id: str, kind: str, images: list[ResultImage], rendered_on: dict[str, Any] | None = None
+    results_dir: Path, job_id: str, kind: str, produced: list[ResultImage | ResultFile], rendered_on: dict[str, Any] | None = None
 ) -> list[ResultRecord]:
     """Write each image as a PNG with its text chunks and our own JSON (`streamcanvas`), which adds
-    `rendered_on` (on the CPU, the torch thread counts it ran on)."""
+    `rendered_on` (on the CPU, the torch thread counts it ran on); files as they are."""
     directory = results_dir / job_id
     directory.mkdir(parents=True, exist_ok=True)
     records = []
-    for index, result in enumerate(images):
-        info = PngInfo()
-        for key, value in result.text.items():
-            info.add_text(key, value)
-        info.add_text("streamcanvas", json.dumps({"job_id": job_id, "kind": kind, "index": index, **result.record, **(rendered_on or {})}))
-        path = result_path(results_dir, job_id, index)
+    for index, result in enumerate(produced):
+        suffix = result.suffix if isinstance(result, ResultFile) else ".png"
+        path = result_path(results_dir, job_id, index, suffix)
         partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        result.image.save(partial, format="PNG", pnginfo=info)
+        if isinstance(result, ResultFile):
+            partial.write_bytes(result.data)
+            width, height = result.width, result.height
+        else:
+            info = PngInfo()
+            for key, value in result.text.items():
+                info.add_text(key, value)
+            info.add_text("streamcanvas", json.dumps({"job_id": job_id, "kind": kind, "index": index, **result.record, **(rendered_on or {})}))
+            result.image.save(partial, format="PNG", pnginfo=info)
+            width, height = result.image.width, result.image.height
         os.replace(partial, path)
-        records.append(ResultRecord(index, str(path), result.seed, result.image.width, result.image.height, path.stat().st_size))
+        records.append(ResultRecord(index, str(path), result.seed, width, height, path.stat().st_size))
     return records
 
 

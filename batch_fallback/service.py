@@ -32,6 +32,7 @@ from .queues import EmbeddedQueue, Housekeeper, JobQueue, RedisQueue, resubmit_q
 from .rendering import QualityRenderer
 from .store import JobRecord, JobStatus, JobStore, NewJob, Priority
 from .uploads import Uploads
+from .webhooks import WebhookPolicy, WebhookSender
 from .worker import JobExecutor, LiveGate, RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class BatchConfig:
     max_height: int = 1024
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     api_keys: frozenset[str] = frozenset()
+    webhooks: WebhookPolicy = field(default_factory=WebhookPolicy)
 
     @property
     def heartbeat_s(self) -> float:
@@ -80,6 +82,7 @@ class JobCreate(BaseModel):
     priority: Literal["low", "normal", "high"] = "normal"
     timeout_s: float | None = Field(None, gt=0, description="running time allowed; default from the server")
     max_attempts: int | None = Field(None, ge=1, le=10, description="attempts on transient failures")
+    webhook_url: str | None = Field(None, max_length=2048, description="POSTed to (signed) when the job ends; must be under a prefix the operator allows")
 
 
 def open_queue(config: BatchConfig) -> JobQueue | None:
@@ -128,6 +131,7 @@ class BatchService:
                 torch_threads=torch_threads,
             )
             self.queue = EmbeddedQueue(self.store, self.executor.run, config.embedded_workers, torch_threads=torch_threads)
+        self.webhooks = WebhookSender(self.store, config.webhooks) if config.webhooks.allowed else None
         self.housekeeper = Housekeeper(
             self.store,
             self.queue,
@@ -146,6 +150,8 @@ class BatchService:
                 logger.info("sent %d queued jobs to Redis again (duplicates are claimed once)", sent)
         self.queue.start()
         self.housekeeper.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
         if isinstance(self.queue, RedisQueue):
             self._publisher = threading.Thread(
                 target=self._publish_live_sessions, args=(self.queue,), name="live-sessions", daemon=True
@@ -158,6 +164,8 @@ class BatchService:
         if self._publisher is not None:
             self._publisher.join(5)
         self.housekeeper.stop()
+        if self.webhooks is not None:
+            self.webhooks.stop()
         if self.executor is not None:
             self.executor.stop()
         self.queue.stop()
@@ -197,6 +205,8 @@ class BatchService:
             raise InvalidJob(f"unknown kind {request.kind!r}; one of {', '.join(KINDS)}", field="kind")
         if request.timeout_s is not None and request.timeout_s > self.config.max_timeout_s:
             raise InvalidJob(f"timeout_s {request.timeout_s:g} is over the limit of {self.config.max_timeout_s:g}", field="timeout_s")
+        if request.webhook_url is not None:
+            self.config.webhooks.check(request.webhook_url)
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise InvalidJob("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
         if idempotency_key is not None:
@@ -215,6 +225,7 @@ class BatchService:
                 timeout_s=request.timeout_s or self.config.default_timeout_s,
                 input_image=accepted.input_image,
                 idempotency_key=idempotency_key,
+                webhook_url=request.webhook_url,
                 request=request.model_dump(),
             ),
             max_queued=self.config.max_queued,

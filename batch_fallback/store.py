@@ -130,6 +130,34 @@ stages = Table(
 )
 
 
+webhooks = Table(
+    # A job's callback: armed ("pending") in the transaction that ends the job, so no ending is missed.
+    "webhooks",
+    metadata,
+    Column("job_id", String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("url", Text, nullable=False),
+    Column("state", String(16), nullable=False),  # waiting → pending → delivered | failed
+    Column("event", String(16), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_at", Float, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("delivered_at", Float, nullable=True),
+)
+Index("ix_webhooks_due", webhooks.c.state, webhooks.c.next_at)
+
+
+@dataclass(frozen=True)
+class Webhook:
+    job_id: str
+    url: str
+    state: str
+    event: str | None
+    attempts: int
+    next_at: float | None
+    last_error: str | None
+    delivered_at: float | None
+
+
 @dataclass(frozen=True)
 class Stage:
     """Where a multi-part job stands: the part running now (None once all ran), the parts done in
@@ -185,6 +213,8 @@ class NewJob:
     timeout_s: float = 600.0
     input_image: bytes | None = None
     idempotency_key: str | None = None
+    webhook_url: str | None = None
+    """Called (POST) once the job has ended; checked against the operator's allow-list beforehand."""
     request: dict[str, Any] | None = None
     """The request as the client sent it; what an idempotency key is bound to (the stored params may
     differ between two sends of it, e.g. a seed picked at random). Required with an idempotency key."""
@@ -278,6 +308,8 @@ class JobStore:
                     if queued >= max_queued:
                         raise QueueFull(f"{queued} jobs are queued, the limit is {max_queued}; try again later")
                 connection.execute(insert(jobs).values(**row))
+                if new.webhook_url is not None:
+                    connection.execute(insert(webhooks).values(job_id=job_id, url=new.webhook_url, state="waiting", attempts=0))
         except IntegrityError:
             if new.idempotency_key is None:
                 raise
@@ -397,6 +429,7 @@ class JobStore:
                     .where(jobs.c.id == job_id)
                     .values(status=JobStatus.CANCELLED.value, finished_at=now, updated_at=now, error="cancelled while queued")
                 )
+                _arm_webhook(connection, job_id, JobStatus.CANCELLED, now)
             else:
                 connection.execute(
                     update(jobs).where(jobs.c.id == job_id).values(cancel_requested=True, updated_at=now)
@@ -533,13 +566,17 @@ class JobStore:
             connection.execute(delete(results).where(results.c.job_id == claim.job_id))
             if produced:
                 connection.execute(insert(results), [{"job_id": claim.job_id, **result.__dict__} for result in produced])
+            _arm_webhook(connection, claim.job_id, JobStatus.FINISHED, now)
         return True
 
     def end(self, claim: Claim, status: JobStatus, reason: str) -> bool:
         """Record a failed or cancelled attempt as the job's end."""
         now = time.time()
         with self._transaction() as connection:
-            return self._update_owned(connection, claim, status=status.value, finished_at=now, updated_at=now, error=reason)
+            if not self._update_owned(connection, claim, status=status.value, finished_at=now, updated_at=now, error=reason):
+                return False
+            _arm_webhook(connection, claim.job_id, status, now)
+            return True
 
     def retry_later(self, claim: Claim, reason: str, run_after: float) -> bool:
         with self._transaction() as connection:
@@ -599,7 +636,47 @@ class JobStore:
                     requeued.append(row.id)
                 if connection.execute(update(jobs).where(where).values(updated_at=now, **values)).rowcount != 1:
                     (requeued if values["status"] == JobStatus.QUEUED.value else failed).pop()
+                elif values["status"] != JobStatus.QUEUED.value:
+                    _arm_webhook(connection, row.id, JobStatus(values["status"]), now)
         return requeued, failed
+
+    # --- webhooks ------------------------------------------------------------------------------------
+
+    def webhook(self, job_id: str) -> Webhook | None:
+        with self._read() as connection:
+            row = connection.execute(select(webhooks).where(webhooks.c.job_id == job_id)).first()
+        return None if row is None else Webhook(**row._mapping)
+
+    def due_webhooks(self, now: float, lease_s: float, limit: int = 16) -> list[Webhook]:
+        """Take the callbacks due now: each is leased (its next_at moved past the lease) to one sender,
+        so two servers on one database do not both deliver it."""
+        with self._read() as connection:
+            rows = connection.execute(
+                select(webhooks).where(webhooks.c.state == "pending", webhooks.c.next_at <= now).order_by(webhooks.c.next_at).limit(limit)
+            ).all()
+        taken = []
+        for row in rows:
+            with self._transaction() as connection:
+                leased = connection.execute(
+                    update(webhooks)
+                    .where(webhooks.c.job_id == row.job_id, webhooks.c.state == "pending", webhooks.c.next_at == row.next_at)
+                    .values(next_at=now + lease_s)
+                ).rowcount
+            if leased == 1:
+                taken.append(Webhook(**row._mapping))
+        return taken
+
+    def webhook_attempted(self, job_id: str, now: float, error: str | None, retry_at: float | None) -> None:
+        """Record one delivery attempt: delivered (error None), to be retried at `retry_at`, or given up."""
+        values: dict[str, Any] = {"attempts": webhooks.c.attempts + 1, "last_error": error}
+        if error is None:
+            values.update(state="delivered", delivered_at=now, next_at=None)
+        elif retry_at is None:
+            values.update(state="failed", next_at=None)
+        else:
+            values.update(next_at=retry_at)
+        with self._transaction() as connection:
+            connection.execute(update(webhooks).where(webhooks.c.job_id == job_id, webhooks.c.state == "pending").values(**values))
 
     def queued(self) -> list[tuple[str, Priority, float]]:
         """Every queued job: (id, priority, run_after)."""
@@ -626,9 +703,17 @@ class JobStore:
             with self._transaction() as connection:
                 connection.execute(delete(results).where(results.c.job_id == job_id))
                 connection.execute(delete(stages).where(stages.c.job_id == job_id))
+                connection.execute(delete(webhooks).where(webhooks.c.job_id == job_id))
                 connection.execute(delete(jobs).where(jobs.c.id == job_id))
             purged.append(record)
         return purged
+
+
+def _arm_webhook(connection: Connection, job_id: str, status: JobStatus, now: float) -> None:
+    """The job has just ended: its callback (if it has one) is due now."""
+    connection.execute(
+        update(webhooks).where(webhooks.c.job_id == job_id, webhooks.c.state == "waiting").values(state="pending", event=status.value, next_at=now)
+    )
 
 
 def _hash_request(request: dict[str, Any] | None) -> str:

@@ -8,7 +8,10 @@ For each queue mode, one after the other so they never compete for the CPU:
    — with a worker body that claims the job and records it finished at once, rendering nothing.
 2. `model`: tiny-model txt2img jobs (128², 4 euler steps) through the real server: a
    `streamcanvas serve` child process, and for Redis one `streamcanvas worker` child process, with jobs
-   posted to `POST /v1/jobs` and followed with `GET /v1/jobs/{id}`.
+   posted to `POST /v1/jobs` and followed with `GET /v1/jobs/{id}`. In the same server, one at a time:
+   `workflow` jobs (ComfyUI's default text-to-image graph with the same size and steps, through
+   `POST /prompt`) and `video` jobs (a 2 s 256² 15 fps clip made here with PyAV, restyled by the stream
+   pipeline; frames/s = frames / run time).
 Each phase runs two patterns after a short warm-up:
 - `sequential`: one job at a time, the next submitted once the previous one finished — per-job latency
   and overhead with an empty queue;
@@ -56,6 +59,7 @@ from .viewers import cpu_seconds
 MODES = ("embedded", "redis")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 RESOLUTION = 128
+VIDEO_SECONDS, VIDEO_SIDE, VIDEO_FPS = 2.0, 256, 15
 THREADS = 2
 JOB_PARAMS = {"prompt": "a red house", "width": RESOLUTION, "height": RESOLUTION, "steps": 4, "scheduler": "euler"}
 NULL_WARMUP_JOBS = 10
@@ -378,7 +382,87 @@ def rename_model(figures: dict[str, Any]) -> dict[str, Any]:
     return {**figures, **renamed}
 
 
-def model_phase(mode: str, directory: Path, jobs: int, redis_url: str | None) -> dict[str, Any]:
+def workflow_graph(model: str) -> dict[str, Any]:
+    """ComfyUI's default text-to-image API workflow, at the txt2img jobs' size and steps."""
+    return {
+        "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": JOB_PARAMS["steps"], "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+                                                    "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": model}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": RESOLUTION, "height": RESOLUTION, "batch_size": 1}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": JOB_PARAMS["prompt"], "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["4", 1]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "bench", "images": ["8", 0]}},
+    }
+
+
+def post_workflow(http: httpx.Client, graph: dict[str, Any]) -> str:
+    response = http.post("/prompt", json={"prompt": graph})
+    if response.status_code != 200:
+        raise RuntimeError(f"POST /prompt answered {response.status_code}: {response.text[:500]}")
+    return str(response.json()["prompt_id"])
+
+
+def make_clip(seconds: float = VIDEO_SECONDS, side: int = VIDEO_SIDE, fps: int = VIDEO_FPS) -> bytes:
+    """A clip made here: a bar sweeping over a gradient (no file is downloaded)."""
+    import io
+
+    import av
+    import numpy as np
+
+    output = io.BytesIO()
+    frames = round(seconds * fps)
+    with av.open(output, "w", format="mp4") as clip:
+        stream = clip.add_stream("libx264", rate=fps)
+        stream.width = stream.height = side
+        stream.pix_fmt = "yuv420p"
+        y, x = np.mgrid[0:side, 0:side]
+        for index in range(frames):
+            rgb = np.stack([x * 255 // side, y * 255 // side, np.full_like(x, 128)], axis=-1).astype(np.uint8)
+            left = index * side // frames
+            rgb[:, left : left + side // 8] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                clip.mux(packet)
+        for packet in stream.encode(None):
+            clip.mux(packet)
+    return output.getvalue()
+
+
+def post_video(http: httpx.Client, clip: str) -> str:
+    response = http.post("/v1/jobs", json={"kind": "video", "params": {"video": clip, "prompt": JOB_PARAMS["prompt"], "seed": 1}})
+    if response.status_code != 201:
+        raise RuntimeError(f"POST /v1/jobs (video) answered {response.status_code}: {response.text[:500]}")
+    return str(response.json()["id"])
+
+
+def other_kinds(http: httpx.Client, workflow_jobs: int, video_jobs: int) -> dict[str, Any]:
+    """Workflow and video jobs, one at a time after one warm-up each."""
+    import base64
+
+    result: dict[str, Any] = {}
+    if workflow_jobs:
+        graph = workflow_graph(http.get("/v1/models").json()["models"][0]["id"])
+        wait_job(http, post_workflow(http, graph), time.monotonic() + JOB_DEADLINE_S)
+        views = [wait_job(http, post_workflow(http, graph), time.monotonic() + JOB_DEADLINE_S) for _ in range(workflow_jobs)]
+        result["workflow"] = rename_model(timing_figures(view_times(views), burst=False))
+    if video_jobs:
+        clip = base64.b64encode(make_clip()).decode()
+        wait_job(http, post_video(http, clip), time.monotonic() + JOB_DEADLINE_S)
+        views = [wait_job(http, post_video(http, clip), time.monotonic() + JOB_DEADLINE_S) for _ in range(video_jobs)]
+        frames = views[0]["params"]["frames"]
+        runs = [iso_seconds(v["finished_at"]) - iso_seconds(v["started_at"]) for v in views]
+        result["video"] = {
+            "clip": {"seconds": VIDEO_SECONDS, "side": VIDEO_SIDE, "fps": VIDEO_FPS, "frames": frames},
+            "stream": {"steps": views[0]["params"]["steps"], "strength": views[0]["params"]["strength"]},
+            "jobs": len(views),
+            "run_s": [round(run, 3) for run in runs],
+            "frames_per_s": round(frames / (sum(runs) / len(runs)), 2),
+            **rename_model(timing_figures(view_times(views), burst=False)),
+        }
+    return result
+
+
+def model_phase(mode: str, directory: Path, jobs: int, redis_url: str | None, workflow_jobs: int = 0, video_jobs: int = 0) -> dict[str, Any]:
     database_url = f"sqlite:///{directory / 'jobs.db'}"
     results_dir = directory / "results"
     extra = ["--threads", str(THREADS), "--database-url", database_url, "--results-dir", str(results_dir)]
@@ -408,19 +492,22 @@ def model_phase(mode: str, directory: Path, jobs: int, redis_url: str | None) ->
         deadline = time.monotonic() + 60 + jobs * 30
         views = [wait_job(http, job_id, deadline) for job_id in ids]
         burst = rename_model(timing_figures(view_times(views), burst=True))
+        # 4. the other kinds, one at a time
+        others = other_kinds(http, workflow_jobs, video_jobs)
     return {
         "server_ready_s": round(server_ready_s, 1),
         "workers_ready_s": round(workers_ready_s, 1),
         "model": info.get("model"),
         "sequential": sequential,
         "burst": burst,
+        **others,
     }
 
 
 # --- the run -----------------------------------------------------------------------------------------
 
 
-def run_mode(mode: str, root: Path, null_jobs: int, model_jobs: int) -> dict[str, Any]:
+def run_mode(mode: str, root: Path, null_jobs: int, model_jobs: int, workflow_jobs: int = 0, video_jobs: int = 0) -> dict[str, Any]:
     directory = root / mode
     directory.mkdir()
     with contextlib.ExitStack() as stack:
@@ -434,7 +521,7 @@ def run_mode(mode: str, root: Path, null_jobs: int, model_jobs: int) -> dict[str
             redis.Redis.from_url(redis_url).flushall()  # nothing of the null phase reaches the server's run
         if model_jobs:
             with OtherLoad() as load:
-                result["model"] = model_phase(mode, directory, model_jobs, redis_url)
+                result["model"] = model_phase(mode, directory, model_jobs, redis_url, workflow_jobs, video_jobs)
             result["model"]["cpu"] = load.figures
     return result
 
@@ -458,6 +545,11 @@ def headline(modes: dict[str, dict[str, Any]]) -> dict[str, Any]:
             row["tiny_latency_ms"] = model["sequential"]["latency_ms"]
             row["tiny_run_ms"] = model["sequential"]["run_ms"]
             row["tiny_overhead_ms"] = model["sequential"]["overhead_ms"]
+            if "workflow" in model:
+                row["workflow_latency_ms"] = model["workflow"]["latency_ms"]
+                row["workflow_run_ms"] = model["workflow"]["run_ms"]
+            if "video" in model:
+                row["video_frames_per_s"] = model["video"]["frames_per_s"]
         summary[mode] = row
     return summary
 
@@ -505,9 +597,11 @@ def parse_modes(value: str) -> list[str]:
 @click.command()
 @click.option("--null-jobs", default=300, show_default=True, help="Null-cost jobs per pattern (sequential, burst); 0 skips.")
 @click.option("--model-jobs", default=20, show_default=True, help="Tiny-model txt2img jobs per pattern; 0 skips.")
+@click.option("--workflow-jobs", default=10, show_default=True, help="ComfyUI default-graph workflow jobs (one at a time); 0 skips.")
+@click.option("--video-jobs", default=3, show_default=True, help="Video jobs of a 2 s 256² clip (one at a time); 0 skips.")
 @click.option("--modes", "modes_text", default="embedded,redis", show_default=True, help="Queue modes to run, comma-separated.")
 @click.option("--output", default=str(DEFAULT_OUTPUT), show_default=True, help="Where to write the JSON as well; '-' for stdout only.")
-def main(null_jobs: int, model_jobs: int, modes_text: str, output: str) -> None:
+def main(null_jobs: int, model_jobs: int, workflow_jobs: int, video_jobs: int, modes_text: str, output: str) -> None:
     """Benchmark the batch queue (embedded and Redis) with null jobs and tiny-model jobs; prints JSON."""
     modes = parse_modes(modes_text)
     if null_jobs < 0 or model_jobs < 0:
@@ -523,7 +617,7 @@ def main(null_jobs: int, model_jobs: int, modes_text: str, output: str) -> None:
     try:
         with environment(STREAMCANVAS_CACHE_DIR=str(root / "cache"), HF_HUB_OFFLINE="1"):
             for mode in modes:
-                results[mode] = run_mode(mode, root, null_jobs, model_jobs)
+                results[mode] = run_mode(mode, root, null_jobs, model_jobs, workflow_jobs, video_jobs)
         temp_filesystem = filesystem_of(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -536,6 +630,8 @@ def main(null_jobs: int, model_jobs: int, modes_text: str, output: str) -> None:
             "modes": modes,
             "null_jobs": null_jobs,
             "model_jobs": model_jobs,
+            "workflow_jobs": workflow_jobs,
+            "video_jobs": video_jobs,
             "warmup_jobs": {"null": NULL_WARMUP_JOBS, "model": MODEL_WARMUP_JOBS},
             "job_params": JOB_PARAMS,
             "server": {"resolution": f"{RESOLUTION}x{RESOLUTION}", "threads": THREADS, "worker_threads": THREADS},

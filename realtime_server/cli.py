@@ -75,6 +75,8 @@ def main() -> None:
 @click.option("--batch-live-share", type=float, help="Share of the device a batch job may use while live sessions stream (0 … 1). Default 0.25.")
 @click.option("--job-timeout", "job_timeout_s", type=float, help="Default running time allowed per job, seconds. Default 600.")
 @click.option("--job-retention", "job_retention_s", type=float, help="Seconds ended jobs and their files are kept. Default 604800 (7 days).")
+@click.option("--webhook-allow", "webhook_allow", multiple=True, help="URL prefix job callbacks may go to (repeat). Default: none (jobs may not name a webhook_url).")
+@click.option("--webhook-secret", help="Secret that signs job callbacks (HMAC-SHA256). Needed with --webhook-allow.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Logging verbosity. Default info.")
 def serve(**options: object) -> None:
     """Load the model, then serve the real-time canvas API.
@@ -94,7 +96,7 @@ def serve(**options: object) -> None:
     from .settings import Settings, validation_message
 
     given = {name: value for name, value in options.items() if value not in (None, ())}
-    for name in ("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", "model"):
+    for name in ("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", "model", "webhook_allow"):
         if name in given:
             given[name] = list(given[name])  # type: ignore[call-overload]
     try:

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 from streamcanvas.batch_fallback.service import BatchConfig
+from streamcanvas.batch_fallback.webhooks import WebhookPolicy
 from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.pipelines.backends import BackendConfig, BackendName, ShapeRange
 from streamcanvas.pipelines.adapters import parse_named_path
@@ -133,6 +134,11 @@ class Settings(BaseSettings):
     database_url: str | None = None
     results_dir: Path | None = None
     uploads_dir: Path | None = None
+    # Job callbacks (batch_fallback/webhooks.py): off unless the operator allows URL prefixes.
+    webhook_allow: Annotated[list[str], NoDecode] = []
+    webhook_secret: str | None = None
+    webhook_max_attempts: int = Field(8, ge=1, le=30)
+    webhook_backoff_s: float = Field(2.0, gt=0, le=3600)
     """Images uploaded for workflows (ComfyUI's POST /upload/image); default: the cache's "uploads"."""
     batch_workers: int = Field(1, ge=0, le=16)
     batch_max_resolution: str = "2048x2048"
@@ -145,7 +151,7 @@ class Settings(BaseSettings):
     job_retention_s: float = Field(7 * 24 * 3600.0, gt=0)
 
     _split = field_validator(
-        "api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", "model", mode="before"
+        "api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", "model", "webhook_allow", mode="before"
     )(_split_list)
 
     @field_validator("lora")
@@ -211,6 +217,11 @@ class Settings(BaseSettings):
     def _check_batch(self) -> Settings:
         if self.batch_queue == "redis" and not self.redis_url:
             raise ValueError("batch_queue 'redis' needs --redis-url (e.g. redis://127.0.0.1:6379/0)")
+        if self.webhook_allow and not self.webhook_secret:
+            raise ValueError("--webhook-allow needs --webhook-secret: every callback is signed with it")
+        for prefix in self.webhook_allow:
+            if not re.match(r"^https?://[^/@]+(/.*)?$", prefix):
+                raise ValueError(f"--webhook-allow {prefix!r} is not an http(s) URL prefix, e.g. http://127.0.0.1:9000/hooks/")
         return self
 
     @staticmethod
@@ -344,6 +355,7 @@ class Settings(BaseSettings):
             max_height=max(max_height, self.size[1]),
             image_limits=ImageLimits(max_width=side, max_height=side, max_pixels=self.max_image_pixels),
             api_keys=frozenset(self.api_keys),
+            webhooks=WebhookPolicy(tuple(self.webhook_allow), self.webhook_secret or "", self.webhook_max_attempts, self.webhook_backoff_s),
         )
 
 

@@ -198,7 +198,7 @@ def test_img2img_starts_from_the_image(deployment: Deployment) -> None:
 
 
 BAD_REQUESTS = [
-    ({"kind": "video", "params": {}}, 422, "kind"),
+    ({"kind": "sculpture", "params": {}}, 422, "kind"),
     ({"kind": "txt2img"}, 422, "params"),
     ({"kind": "txt2img", "params": {"prompt": "x", "colour": "red"}}, 422, "params.colour"),
     ({"kind": "txt2img", "params": {"width": 128}}, 422, "params.prompt"),
@@ -316,7 +316,7 @@ def test_openapi_describes_every_route(deployment: Deployment) -> None:
         assert path in schema["paths"]
     assert {"JobCreate", "JobView", "GenerationRequest", "Img2ImgRequest", "LiveSessionRequest", "WorkflowRequest"} <= set(schema["components"]["schemas"])
     kinds = deployment.jobs.http.get("/v1/job-kinds").json()
-    assert set(kinds) == {"txt2img", "img2img", "live_session", "workflow"}
+    assert set(kinds) == {"txt2img", "img2img", "inpaint", "outpaint", "upscale", "video", "live_session", "workflow"}
 
 
 # --- the live session, rendered at full quality -------------------------------------------------------
@@ -485,3 +485,27 @@ def test_a_comfyui_workflow_runs_on_every_deployment(deployment: Deployment) -> 
     assert first.status_code == second.status_code == 200
     # A batch of two from one seed: two different pictures (image i is sampled with seed + i).
     assert not np.array_equal(np.asarray(Image.open(io.BytesIO(first.content))), np.asarray(Image.open(io.BytesIO(second.content))))
+
+
+def test_a_video_job_killed_mid_clip_restarts_and_leaves_no_half_file(deployment: Deployment) -> None:
+    """The MP4 becomes a result file only once complete: a worker killed mid-clip leaves nothing at
+    the result's path, and the retried attempt writes the whole clip."""
+    from test_batch_kinds import make_clip, read_clip
+
+    drain(deployment)
+    jobs = deployment.jobs
+    clip = make_clip(frames=90, size=256, fps=15)
+    job = jobs.create("video", {"video": base64.b64encode(clip).decode(), "prompt": "a red house", "seed": 2})
+    jobs.wait(job["id"], {"running"}, step=5)
+    if deployment.mode == "embedded":
+        deployment.kill_server_and_restart()
+    else:
+        deployment.workers[-1].kill()
+    assert not (deployment.results_dir / job["id"]).exists() or not list((deployment.results_dir / job["id"]).iterdir())
+    if deployment.mode != "embedded":
+        deployment.start_worker()
+    ended = jobs.wait(job["id"], timeout=240)
+    assert ended["status"] == "finished" and ended["attempts"] == 2, ended
+    assert [path.name for path in (deployment.results_dir / job["id"]).iterdir()] == ["0.mp4"]
+    frames, _, _, _, _ = read_clip(jobs.http.get(ended["results"][0]["url"]).content)
+    assert len(frames) == 90

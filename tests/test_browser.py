@@ -6,6 +6,7 @@ webcam and the screen are Chromium's fake capture devices. Screenshots land in a
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import shutil
@@ -393,6 +394,43 @@ def test_render_the_canvas_at_full_quality(page: Page) -> None:
     assert embedded["kind"] == "live_session" and embedded["prompt"] == "a lighthouse at dusk"
     assert embedded["seed"] == int(page.input_value("#seed")) and embedded["steps"] == 25
     assert f"seed {embedded['seed']}" in link.inner_text()
+
+
+def canvas_pixels(page: Page, selector: str) -> np.ndarray:
+    data = page.evaluate(f"document.querySelector('{selector}').toDataURL('image/png')")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[1]))).convert("RGBA"))
+
+
+def test_a_painted_mask_limits_the_full_quality_render_to_it(page: Page) -> None:
+    page.fill("#prompt", "a lighthouse at dusk")
+    page.click("[data-tool=brush]")
+    stroke(page, [(0.1, 0.5), (0.9, 0.55)])
+    wait_settled(page)
+    before = page.evaluate(DRAWING_HASH)
+    page.click("[data-tool=mask]")
+    stroke(page, [(0.3, 0.25), (0.7, 0.25)])
+    assert page.evaluate(DRAWING_HASH) == before  # the mask is not part of the picture (nor sent as one)
+    assert page.is_visible("#clear-mask")
+    overlay = canvas_pixels(page, "#mask-overlay")
+    tinted_rows = np.nonzero(overlay[..., 3].any(axis=1))[0]
+    assert tinted_rows.size and tinted_rows.max() < SIZE * 0.45  # shown where it was painted
+    drawing = canvas_pixels(page, "#draw")[..., :3]
+    page.click("#render-hd")
+    link = page.locator("#render-hd-link")
+    link.wait_for()
+    with page.expect_download() as download:
+        link.click()
+    image = Image.open(download.value.path())
+    embedded = json.loads(image.text["streamcanvas"])
+    assert embedded["kind"] == "live_session" and embedded["mask_blur"] == 4
+    result = np.asarray(image.convert("RGB")).astype(int)
+    # Below the mask (past its blur) the render *is* the drawing; under it, it was painted anew.
+    kept = slice(int(SIZE * 0.45) + 13, SIZE)
+    assert np.array_equal(result[kept], drawing[kept])
+    under = result[tinted_rows.min() : tinted_rows.max() + 1, int(SIZE * 0.35) : int(SIZE * 0.65)]
+    assert np.abs(under - drawing[tinted_rows.min() : tinted_rows.max() + 1, int(SIZE * 0.35) : int(SIZE * 0.65)]).mean() > 3.0
+    page.click("#clear-mask")
+    assert not canvas_pixels(page, "#mask-overlay")[..., 3].any() and page.is_hidden("#clear-mask")
 
 
 def test_resolution_change_reconnects_at_the_new_size(page: Page) -> None:

@@ -359,3 +359,21 @@ def test_a_comfyui_workflow_applies_loras_and_controlnets(controls_server: Serve
     assert np.abs(run(controlled) - base).mean() > 1.0
     controlled["13"]["inputs"]["strength"] = 0.0
     assert np.abs(run(controlled) - base).mean() < 0.5  # a ControlNet at scale 0 adds nothing
+
+
+def test_a_video_job_takes_the_sessions_loras(controls_server: ServerProcess, jobs: Jobs) -> None:
+    """A clip restyled with a LoRA differs from the same clip without it, frame for frame."""
+    import base64 as b64
+
+    from test_batch_kinds import make_clip, read_clip
+
+    clip = b64.b64encode(make_clip(frames=6)).decode()
+
+    def restyled(**extra: Any) -> list[np.ndarray]:
+        job = jobs.wait(jobs.create("video", {"video": clip, "prompt": "a red house", "seed": 3, **extra})["id"])
+        assert job["status"] == "finished", job
+        return read_clip(jobs.http.get(job["results"][0]["url"]).content)[0]
+
+    plain, inked = restyled(), restyled(loras={"ink": 1.0})
+    assert len(plain) == len(inked) == 6
+    assert all(np.abs(a.astype(int) - b).mean() > 1.0 for a, b in zip(plain, inked))

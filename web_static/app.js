@@ -4,6 +4,7 @@ import { CanvasDocument, makeCanvas } from "./document.js";
 import { describeProgress, renderFullQuality } from "./batch.js";
 import { canvasMessage, deltaMessage, paramsMessage, recordMessage } from "./protocol.js";
 import { Sources } from "./sources.js";
+import { MaskLayer } from "./mask.js";
 import { TOOLS, ToolController } from "./tools.js";
 
 const $ = (selector) => document.querySelector(selector);
@@ -49,7 +50,11 @@ const settings = {
   pickColor(hex) { state.color = hex; $("#color").value = hex; selectTool("brush"); },
   notify(text) { showError({ code: "canvas", message: text }, true); },
 };
-new ToolController(doc, view, settings);
+const mask = new MaskLayer($("#mask-overlay"), state.resolution, state.resolution);
+new ToolController(doc, view, settings, {
+  stroke(points, size) { mask.stroke(points, size); $("#clear-mask").hidden = false; },
+});
+$("#clear-mask").addEventListener("click", () => { mask.clear(); $("#clear-mask").hidden = true; });
 
 const connection = new Connection({
   url: `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/stream`,
@@ -265,6 +270,8 @@ function randomSeed() {
 $("#resolution").addEventListener("change", (event) => {
   state.resolution = Number(event.target.value);
   doc.resize(state.resolution, state.resolution);
+  mask.resize(state.resolution, state.resolution);
+  $("#clear-mask").hidden = true;
   connection.restart(); // the size is part of hello
 });
 $("#quality").addEventListener("change", (event) => {
@@ -312,6 +319,7 @@ $("#render-hd").addEventListener("click", async () => {
       sessionId: ready.session_id,
       token: ready.token,
       apiKey: query.get("key") || undefined,
+      mask: mask.painted ? mask.toBase64() : null,
       onProgress: (progress) => { status.textContent = describeProgress(progress); },
     });
     const link = $("#render-hd-link");
@@ -522,7 +530,7 @@ $("#layer-down").addEventListener("click", () => doc.active && doc.moveLayer(doc
 
 // ---- keyboard ------------------------------------------------------------------------------------
 
-const TOOL_KEYS = { b: "brush", e: "eraser", l: "line", r: "rect", o: "ellipse", f: "fill", i: "picker" };
+const TOOL_KEYS = { b: "brush", e: "eraser", l: "line", r: "rect", o: "ellipse", f: "fill", i: "picker", m: "mask" };
 document.addEventListener("keydown", (event) => {
   const typing = event.target.matches("textarea, input[type=number], input[type=text], select");
   if (typing) return;

@@ -1,10 +1,12 @@
 // "Render full quality": the live session's current canvas, prompt and seed as a batch job
-// (POST /v1/jobs, kind live_session), polled until it ends. Polling rather than the SSE stream,
+// (POST /v1/jobs, kind live_session, with the mask if one is painted), polled until it ends. Polling rather than the SSE stream,
 // because EventSource cannot send the API key header a server with --api-key asks for.
 
 const POLL_MS = 400;
 
-export async function renderFullQuality({ sessionId, token, apiKey, steps = 25, onProgress }) {
+// With a mask (a base64 PNG, white where to repaint), only the masked area is rendered anew; every
+// other pixel of the result is the canvas's own.
+export async function renderFullQuality({ sessionId, token, apiKey, steps = 25, mask = null, onProgress }) {
   const headers = { "Content-Type": "application/json" };
   if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
   const created = await fetch("/v1/jobs", {
@@ -13,7 +15,7 @@ export async function renderFullQuality({ sessionId, token, apiKey, steps = 25, 
     body: JSON.stringify({
       kind: "live_session",
       priority: "high",
-      params: { session_id: sessionId, session_token: token, steps, preview: true },
+      params: { session_id: sessionId, session_token: token, steps, preview: true, ...(mask ? { mask } : {}) },
     }),
   });
   let job = await created.json();

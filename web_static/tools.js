@@ -1,7 +1,7 @@
 // Drawing tools driven by pointer events (mouse, pen and touch alike).
 import { makeCanvas, unionRect } from "./document.js";
 
-export const TOOLS = ["brush", "eraser", "line", "rect", "ellipse", "fill", "picker"];
+export const TOOLS = ["brush", "eraser", "line", "rect", "ellipse", "fill", "picker", "mask"];
 
 function hexToRgb(hex) {
   const value = parseInt(hex.slice(1), 16);
@@ -13,8 +13,9 @@ export function rgbToHex([r, g, b]) {
 }
 
 export class ToolController {
-  constructor(doc, view, settings) {
+  constructor(doc, view, settings, mask) {
     this.doc = doc;
+    this.mask = mask; // the inpainting mask (mask.js): the Mask tool paints there, not on a layer
     this.view = view;
     this.settings = settings; // { tool, color, size, opacity } read live
     this.edit = null;
@@ -43,6 +44,12 @@ export class ToolController {
       this.settings.pickColor(rgbToHex(this.doc.pixelAt(point.x, point.y)));
       return;
     }
+    if (tool === "mask") {
+      this.capture(event);
+      this.points = [point];
+      this.mask.stroke(this.points, this.settings.size);
+      return;
+    }
     if (!this.doc.active || !this.doc.active.visible) {
       this.settings.notify("The active layer is hidden or missing; pick a visible paint layer first.");
       return;
@@ -51,6 +58,14 @@ export class ToolController {
       this.fill(point);
       return;
     }
+    this.capture(event);
+    this.edit = this.doc.beginEdit();
+    this.stroke = makeCanvas(this.doc.width, this.doc.height);
+    this.points = [point];
+    this.redraw();
+  }
+
+  capture(event) {
     event.preventDefault();
     try {
       this.view.setPointerCapture(event.pointerId); // keep the stroke when the pointer leaves the canvas
@@ -58,22 +73,22 @@ export class ToolController {
       // not a live pointer (a synthetic event): the stroke still works while over the canvas
     }
     this.pointerId = event.pointerId;
-    this.edit = this.doc.beginEdit();
-    this.stroke = makeCanvas(this.doc.width, this.doc.height);
-    this.points = [point];
-    this.redraw();
   }
 
   move(event) {
     if (event.pointerId !== this.pointerId) return;
     const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [event];
-    for (const item of events.length ? events : [event]) this.points.push(this.position(item));
-    this.redraw();
+    for (const item of events.length ? events : [event]) {
+      this.points.push(this.position(item));
+      if (!this.edit) this.mask.stroke(this.points, this.settings.size);
+    }
+    if (this.edit) this.redraw();
   }
 
   up(event) {
     if (event.pointerId !== this.pointerId) return;
     this.pointerId = null;
+    if (!this.edit) return; // a mask stroke: nothing to commit to the layers' history
     this.redraw();
     this.doc.commitEdit(this.edit);
     this.edit = null;
