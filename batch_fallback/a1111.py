@@ -163,16 +163,9 @@ async def _generate(request: Request, img2img: bool) -> Response:
                 invert_mask=bool(body.inpainting_mask_invert),
             )
     service = service_of(request)
-    try:
-        record, _ = await asyncio.to_thread(service.create, {"kind": kind, "params": params})
-    except BatchError as error:
-        return JSONResponse({"detail": [{"loc": ["body", error.field or ""], "msg": str(error), "type": error.code}]}, status_code=error.status)
-    while not record.status.terminal:
-        # The job goes on if the client leaves (it is an ordinary job: GET /v1/jobs/{id} has it).
-        if await request.is_disconnected():
-            return Response(status_code=499)
-        await asyncio.sleep(0.1)
-        record = await asyncio.to_thread(service.get, record.id)
+    record = await _run_job(request, {"kind": kind, "params": params})
+    if isinstance(record, Response):
+        return record
     if record.status is JobStatus.FAILED:
         return JSONResponse({"error": "GenerationFailed", "detail": record.error or "", "body": "", "errors": record.error or ""}, status_code=500)
     images = [base64.b64encode(await asyncio.to_thread(_read, result.path)).decode() for result in record.results] if body.send_images else []
@@ -180,6 +173,22 @@ async def _generate(request: Request, img2img: bool) -> Response:
     if img2img and not parameters.pop("include_init_images", False):
         parameters["init_images"] = None
     return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(_info(record, service.model.name))})
+
+
+async def _run_job(request: Request, job: dict[str, Any]) -> JobRecord | Response:
+    """Queue an ordinary job and wait for its end (A1111's routes answer synchronously); a refusal as
+    A1111 answers it, or 499 when the client has left (the job goes on: GET /v1/jobs/{id} has it)."""
+    service = service_of(request)
+    try:
+        record, _ = await asyncio.to_thread(service.create, job)
+    except BatchError as error:
+        return JSONResponse({"detail": [{"loc": ["body", error.field or ""], "msg": str(error), "type": error.code}]}, status_code=error.status)
+    while not record.status.terminal:
+        if await request.is_disconnected():
+            return Response(status_code=499)
+        await asyncio.sleep(0.1)
+        record = await asyncio.to_thread(service.get, record.id)
+    return record
 
 
 def _read(path: str) -> bytes:
@@ -332,16 +341,9 @@ async def extra_single_image(request: Request) -> Response:
         params.update(width=body.upscaling_resize_w, height=body.upscaling_resize_h)
     else:
         params["scale"] = body.upscaling_resize
-    service = service_of(request)
-    try:
-        record, _ = await asyncio.to_thread(service.create, {"kind": "upscale", "params": params})
-    except BatchError as error:
-        return JSONResponse({"detail": [{"loc": ["body", error.field or ""], "msg": str(error), "type": error.code}]}, status_code=error.status)
-    while not record.status.terminal:
-        if await request.is_disconnected():
-            return Response(status_code=499)
-        await asyncio.sleep(0.05)
-        record = await asyncio.to_thread(service.get, record.id)
+    record = await _run_job(request, {"kind": "upscale", "params": params})
+    if isinstance(record, Response):
+        return record
     if record.status is not JobStatus.FINISHED:
         return JSONResponse({"error": "UpscaleFailed", "detail": record.error or "", "body": "", "errors": record.error or ""}, status_code=500)
     image = base64.b64encode(await asyncio.to_thread(_read, record.results[0].path)).decode()

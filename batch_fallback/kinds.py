@@ -325,15 +325,7 @@ class Img2Img(JobKind):
 
     def accept(self, request: Img2ImgRequest, context: AcceptContext) -> Accepted:
         rgb = _decode_upload(request.image, context.image_limits)
-        height, width = rgb.shape[:2]
-        width = request.width or _fit(width, context.max_width)
-        height = request.height or _fit(height, context.max_height)
-        _check_size(width, height, context)
-        _check_hires(request, width, height, context)
-        params = request.model_dump(exclude={"image"})
-        params.update(width=width, height=height, seed=_seed(request.seed))
-        params.update(_live_look(request, context))
-        return Accepted(params, _store_png(rgb))
+        return Accepted(_image_params(request, context, rgb), _store_png(rgb))
 
 
 class Inpaint(JobKind):
@@ -353,13 +345,9 @@ class Inpaint(JobKind):
     def _accepted(self, request: InpaintRequest | OutpaintRequest, context: AcceptContext, rgb: np.ndarray, mask: np.ndarray) -> Accepted:
         if not mask.any():
             raise InvalidJob("the mask is empty: nothing would be painted", field="params.mask")
-        height, width = rgb.shape[:2]
-        width = request.width or _fit(width, context.max_width)
-        height = request.height or _fit(height, context.max_height)
-        _check_size(width, height, context)
-        params = request.model_dump(exclude={"image", "mask", "invert_mask", "left", "right", "top", "bottom"})
-        params.update(width=width, height=height, seed=_seed(request.seed))
-        params.update(_live_look(request, context))
+        if request.hires is not None:
+            raise InvalidJob("hires is for txt2img and img2img; upscale the inpainted image with an upscale job", field="params.hires")
+        params = _image_params(request, context, rgb, exclude=frozenset({"mask", "invert_mask", "left", "right", "top", "bottom"}))
         # The mask travels as the stored image's alpha channel.
         return Accepted(params, _store_png(np.dstack([rgb, mask])))
 
@@ -685,6 +673,22 @@ def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
         extra["control_image"] = _base64_png(_decode_upload(request.control_image, context.image_limits, "control_image"))
     extra.update(prompt=prompt, negative_prompt=negative, loras={name: weight for name, weight in loras.items() if weight}, controls=controls)
     return extra
+
+
+def _image_params(
+    request: Img2ImgRequest | OutpaintRequest, context: AcceptContext, rgb: np.ndarray, exclude: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """The stored parameters of a job that starts from an image: its size (the image's, rounded down to
+    multiples of 8 within the maximum, unless given), a seed, and the live look."""
+    height, width = rgb.shape[:2]
+    width = request.width or _fit(width, context.max_width)
+    height = request.height or _fit(height, context.max_height)
+    _check_size(width, height, context)
+    _check_hires(request, width, height, context)
+    params = request.model_dump(exclude={"image", *exclude})
+    params.update(width=width, height=height, seed=_seed(request.seed))
+    params.update(_live_look(request, context))
+    return params
 
 
 def _hires_size(width: int, height: int, scale: float) -> tuple[int, int]:

@@ -285,3 +285,15 @@ def test_a_video_over_the_limits_is_refused_before_decoding(jobs: Jobs) -> None:
 def _png_bytes(array: np.ndarray) -> bytes:
     return base64.b64decode(png_base64(array))
 
+
+
+def test_a_mask_may_be_grey_levels_or_transparency(jobs: Jobs) -> None:
+    """White on black, or opaque on transparent (an opaque RGBA mask is read by its grey levels)."""
+    canvas = make_canvas(SIZE, 9)
+    grey = square_mask(SIZE, SIZE // 4, 3 * SIZE // 2 // 2)
+    transparent = np.zeros((SIZE, SIZE, 4), dtype=np.uint8)
+    transparent[..., 3] = grey
+    opaque = np.dstack([grey, grey, grey, np.full_like(grey, 255)])
+    renders = [finished(jobs, "inpaint", {**QUICK, "image": png_base64(canvas), "mask": png_base64(mask)})[1][0] for mask in (grey, transparent, opaque)]
+    assert np.array_equal(renders[0], renders[1]) and np.array_equal(renders[0], renders[2])
+    assert not np.array_equal(renders[0], canvas)
