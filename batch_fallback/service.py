@@ -109,7 +109,7 @@ class BatchService:
         self.styles = dict(styles or {})
         self.capture_live = capture_live
         self.store = JobStore(config.database_url)
-        self.uploads = Uploads(config.uploads_dir or config.results_dir / "uploads", config.image_limits)
+        self.uploads = Uploads(config.uploads_dir or config.results_dir / "uploads", config.image_limits, max_age_s=config.retention_s)
         self.live_sessions = 0
         self._stopping = threading.Event()
         self._publisher: threading.Thread | None = None

@@ -2,13 +2,16 @@
 
 A workflow's LoadImage names a file here; when the workflow is accepted, the files it names are copied
 into the job itself, so the job does not depend on the upload staying (or staying the same) and a
-worker on another machine needs no shared directory.
+worker on another machine needs no shared directory. That is also why the folder can be bounded: each
+upload first removes files older than the retention, then the oldest ones while the folder holds more
+than `max_files` or `max_bytes`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 from streamcanvas.codecs import images
@@ -22,9 +25,14 @@ _SAFE = re.compile(r"[^A-Za-z0-9._ ()\-]")
 
 
 class Uploads:
-    def __init__(self, root: Path, limits: ImageLimits) -> None:
+    def __init__(
+        self, root: Path, limits: ImageLimits, max_files: int = 10_000, max_bytes: int = 4 * 1024**3, max_age_s: float = 7 * 24 * 3600.0
+    ) -> None:
         self.root = root
         self.limits = limits
+        self.max_files = max_files
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
 
     def save(self, filename: str, data: bytes, subfolder: str = "", overwrite: bool = False) -> tuple[str, str]:
         """Check that `data` is an image within the limits and store it; returns (name, subfolder).
@@ -48,10 +56,30 @@ class Uploads:
         while target.exists() and not overwrite:
             target = directory / f"{stem} ({counter}){suffix}"
             counter += 1
+        self.prune(extra_bytes=len(data))
         partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
         partial.write_bytes(data)
         os.replace(partial, target)
         return target.name, "/".join(parts)
+
+    def prune(self, extra_bytes: int = 0, now: float | None = None) -> int:
+        """Remove uploads past the retention, then the oldest while over the limits (leaving room for
+        one more file of `extra_bytes`); returns how many went."""
+        now = time.time() if now is None else now
+        files = sorted(
+            ((path.stat().st_mtime, path.stat().st_size, path) for path in self.root.rglob("*") if path.is_file()),
+            key=lambda entry: entry[0],
+        ) if self.root.is_dir() else []
+        total = sum(size for _, size, _ in files)
+        removed = 0
+        for modified, size, path in files:
+            over = len(files) - removed >= self.max_files or total + extra_bytes > self.max_bytes
+            if not over and now - modified <= self.max_age_s:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+            removed += 1
+        return removed
 
     def path(self, name: str) -> Path | None:
         """The file `name` ("file.png" or "sub/file.png") names, if it exists inside the directory."""

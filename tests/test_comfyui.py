@@ -7,6 +7,7 @@ import asyncio
 import copy
 import io
 import json
+import os
 import struct
 import time
 import uuid
@@ -354,3 +355,22 @@ def test_object_info_lists_every_node_from_its_declaration(http: httpx.Client, m
     assert http.get("/object_info/NoSuchNode").json() == {}
     stats = http.get("/system_stats").json()
     assert stats["devices"][0]["type"] == "cpu" and stats["system"]["ram_total"] > 0
+
+
+def test_the_upload_folder_is_bounded(tmp_path: Path) -> None:
+    """Uploads are copied into the jobs that read them, so old ones can go: by age, count and size."""
+    from streamcanvas.batch_fallback.uploads import Uploads
+    from streamcanvas.codecs.images import ImageLimits
+
+    uploads = Uploads(tmp_path, ImageLimits(), max_files=3, max_bytes=10**9, max_age_s=3600)
+    for index in range(5):
+        uploads.save(f"image-{index}.png", _png(make_canvas(64, index)))
+        stamp = time.time() - 100 + index  # oldest first
+        os.utime(tmp_path / f"image-{index}.png", (stamp, stamp))
+    assert sorted(uploads.names()) == ["image-2.png", "image-3.png", "image-4.png"]
+    assert uploads.prune(now=time.time() + 3600 - 96.5) == 2  # past the retention: the two older of the three
+    assert uploads.names() == ("image-4.png",)
+    tight = Uploads(tmp_path / "small", ImageLimits(), max_bytes=3 * len(_png(make_canvas(64, 1))))
+    for index in range(4):
+        tight.save(f"same-{index}.png", _png(make_canvas(64, 1)))
+    assert len(tight.names()) == 3
