@@ -346,7 +346,8 @@ class Followed:
     started: bool = False
     node: str | None = None
     announced: int = 0
-    """How many nodes, in run order, have had their `executing`."""
+    """How many nodes, in run order, have had their `executing` (in this attempt)."""
+    attempt: int = 0
     progress: tuple[int, int] = (0, 0)
 
 
@@ -491,6 +492,8 @@ class ComfyHub:
             started = {"prompt_id": record.id, "timestamp": _timestamp(record.started_at)}
             add("execution_start", started)
             add("execution_cached", {"nodes": [], **started})
+        if record.attempts != followed.attempt:  # a retried attempt runs the nodes again
+            followed.attempt, followed.announced, followed.node, followed.progress = record.attempts, 0, None, (0, 0)
         if stage is not None:
             # Every node gets its `executing`, in run order, also those that started and ended between
             # two samples (the stage lists the nodes done).
