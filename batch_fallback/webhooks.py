@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -80,7 +81,7 @@ def payload(record: JobRecord, event: str) -> dict[str, Any]:
             "finished_at": record.finished_at,
             "url": base,
             "results": [
-                {"index": r.index, "url": f"{base}/results/{r.index}.png", "seed": r.seed, "width": r.width, "height": r.height, "bytes": r.bytes}
+                {"index": r.index, "url": f"{base}/results/{r.index}{Path(r.path).suffix}", "seed": r.seed, "width": r.width, "height": r.height, "bytes": r.bytes}
                 for r in record.results
             ],
         },
