@@ -297,3 +297,14 @@ def test_a_mask_may_be_grey_levels_or_transparency(jobs: Jobs) -> None:
     renders = [finished(jobs, "inpaint", {**QUICK, "image": png_base64(canvas), "mask": png_base64(mask)})[1][0] for mask in (grey, transparent, opaque)]
     assert np.array_equal(renders[0], renders[1]) and np.array_equal(renders[0], renders[2])
     assert not np.array_equal(renders[0], canvas)
+
+
+def test_a_video_job_cancelled_mid_clip_stops_between_frames(jobs: Jobs) -> None:
+    clip = base64.b64encode(make_clip(frames=120, size=256, fps=15)).decode()
+    job = jobs.create("video", {"video": clip, "prompt": "a red house", "seed": 1})
+    jobs.wait(job["id"], {"running"}, step=3)
+    assert jobs.cancel(job["id"]).status_code == 202
+    ended = jobs.wait(job["id"])
+    assert ended["status"] == "cancelled" and ended["results"] == []
+    step = int(ended["error"].split("cancelled at step ")[1].split(" of ")[0])
+    assert 3 <= step < 120 and ended["error"].endswith("of 120")

@@ -374,3 +374,46 @@ def test_the_upload_folder_is_bounded(tmp_path: Path) -> None:
     for index in range(4):
         tight.save(f"same-{index}.png", _png(make_canvas(64, 1)))
     assert len(tight.names()) == 3
+
+
+def test_inpainting_nodes_repaint_only_the_masked_area(server: ServerProcess, model: str, http: httpx.Client) -> None:
+    """LoadImage's MASK (the transparent area) through SetLatentNoiseMask or VAEEncodeForInpaint:
+    outside the mask the sampler keeps the image's latents, so the result there stays near the image's
+    round trip through the VAE (not equal: the decoder's attention reads the repainted latents too),
+    while the hole is painted anew."""
+    api = ComfyApiWrapper(server.base_url)
+    rgba = np.dstack([make_canvas(SIZE, 3), np.full((SIZE, SIZE), 255, np.uint8)])
+    rgba[SIZE // 4 : SIZE // 2, SIZE // 4 : 3 * SIZE // 4, 3] = 0  # the transparent hole is what is painted
+    name = upload(http, rgba, "holed.png")["name"]
+
+    def graph(encoder: dict[str, Any]) -> dict[str, Any]:
+        nodes = txt2img_graph(model, steps=6)
+        del nodes["5"]
+        nodes.update({"10": {"class_type": "LoadImage", "inputs": {"image": name}}, "12": encoder})
+        nodes["3"]["inputs"]["latent_image"] = ["12", 0]
+        return _titled(nodes)
+
+    round_trip = _titled({
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": model}},
+        "10": {"class_type": "LoadImage", "inputs": {"image": name}},
+        "11": {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["11", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "rt", "images": ["8", 0]}},
+    })
+    reference = pixels(next(iter(api.queue_and_wait_images(round_trip, "Save Image").values())))
+    graph_a = graph({"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["11", 0], "mask": ["10", 1]}})
+    graph_a["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}, "_meta": {"title": "enc"}}
+    graph_b = graph({"class_type": "VAEEncodeForInpaint", "inputs": {"pixels": ["10", 0], "vae": ["4", 2], "mask": ["10", 1], "grow_mask_by": 6}})
+    far = np.ones((SIZE, SIZE), dtype=bool)
+    far[SIZE // 4 - 16 : SIZE // 2 + 16, SIZE // 4 - 16 : 3 * SIZE // 4 + 16] = False
+    hole = np.zeros((SIZE, SIZE), dtype=bool)
+    hole[SIZE // 4 + 4 : SIZE // 2 - 4, SIZE // 4 + 4 : 3 * SIZE // 4 - 4] = True
+    unmasked = copy.deepcopy(graph_a)
+    unmasked["3"]["inputs"]["latent_image"] = ["11", 0]  # the same sampling without the mask
+    del unmasked["12"]  # (a node nothing reads is refused)
+    control = pixels(next(iter(api.queue_and_wait_images(unmasked, "Save Image").values())))
+    everywhere = np.abs(control - reference)[far].mean()
+    for nodes in (graph_a, graph_b):
+        result = pixels(next(iter(api.queue_and_wait_images(nodes, "Save Image").values())))
+        kept, painted = np.abs(result - reference)[far].mean(), np.abs(result - reference)[hole].mean()
+        assert painted > 3 * kept and everywhere > 2 * kept, (nodes["12"]["class_type"], kept, painted, everywhere)
