@@ -196,6 +196,20 @@ def make_tiny_model(directory: Path | str, seed: int = 0) -> Path:
     return _save_untrained(pipe, tiny_vae, Path(directory), {"seed": seed})
 
 
+def make_tiny_inpainting_model(directory: Path | str, seed: int = 0) -> Path:
+    """The tiny model with an inpainting UNet: 9 input channels (noisy latents, the mask, the masked
+    image's latents), as SD inpainting checkpoints have. For the batch queue's inpainting path (the
+    live stream takes 4-channel UNets only)."""
+    components = build_tiny_components(seed)
+    tiny_vae = components.pop("tiny_vae")
+    torch.manual_seed(seed + 1)
+    components["unet"] = UNet2DConditionModel(**{**TINY_UNET, "in_channels": 9}, cross_attention_dim=32)
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    return _save_untrained(pipe, tiny_vae, Path(directory), {"seed": seed, "inpainting": True})
+
+
 def _save_untrained(pipe: object, tiny_vae: AutoencoderTiny, target: Path, marker: dict[str, object]) -> Path:
     """Save an untrained tiny pipeline, its TAESD-shaped VAE in `taesd/`, and its marker.
 

@@ -308,3 +308,31 @@ def test_a_video_job_cancelled_mid_clip_stops_between_frames(jobs: Jobs) -> None
     assert ended["status"] == "cancelled" and ended["results"] == []
     step = int(ended["error"].split("cancelled at step ")[1].split(" of ")[0])
     assert 3 <= step < 120 and ended["error"].endswith("of 120")
+
+
+def test_a_model_with_an_inpainting_unet_inpaints_with_it(cache_dir: Any) -> None:
+    """A 9-channel UNet (noisy latents, mask, masked image) is what inpainting runs on when the model
+    has one; the kept pixels are the input's all the same. Through the inpaint kind and the renderer."""
+    from streamcanvas.batch_fallback.kinds import KINDS, AcceptContext
+    from streamcanvas.batch_fallback.rendering import QualityRenderer
+    from streamcanvas.codecs.images import ImageLimits
+    from streamcanvas.pipelines.loading import ModelSpec, load_model
+    from streamcanvas.pipelines.models import ModelSet
+    from streamcanvas.pipelines.tiny import make_tiny_inpainting_model
+
+    model = load_model(ModelSpec(model=str(make_tiny_inpainting_model(cache_dir / "tiny-inpainting"))))
+    models = ModelSet.single(model)
+    seen: list[int] = []
+    hook = model.pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    try:
+        kind = KINDS["inpaint"]
+        canvas, mask = make_canvas(64, 2), square_mask(64, 16, 48)
+        context = AcceptContext(512, 512, ImageLimits(), lambda session, token: None, models=models.choices())
+        accepted = kind.accept(kind.parse({**QUICK, "image": png_base64(canvas), "mask": png_base64(mask), "mask_blur": 0}), context)
+        (result,) = kind.run(accepted.params, accepted.input_image, QualityRenderer(models), lambda step, steps, preview: None)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {9}
+    image = np.asarray(result.image)
+    outside = square_mask(64, 16, 48) == 0
+    assert np.array_equal(image[outside], canvas[outside]) and not np.array_equal(image[~outside], canvas[~outside])
