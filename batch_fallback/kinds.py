@@ -394,6 +394,8 @@ class Upscale(JobKind):
     description = "an image made larger: resampled, and with strength above 0 repainted in tiles (hires fix)"
 
     def accept(self, request: UpscaleRequest, context: AcceptContext) -> Accepted:
+        if request.controls:
+            raise InvalidJob("controls are not applied tile by tile; repaint with img2img first, then upscale", field="params.controls")
         rgb = _decode_upload(request.image, context.image_limits)
         height, width = rgb.shape[:2]
         out_width = request.width or max(64, round(width * request.scale) // 8 * 8)
