@@ -103,6 +103,8 @@ def test_upscaling_resamples_exactly_and_the_hires_pass_runs_in_tiles(jobs: Jobs
     assert change > 0.25, change
     refused = jobs.create("upscale", {"image": png_base64(make_canvas(1024, 1)), "scale": 4.0}, expect=422)
     assert "outside 64" in refused["message"]
+    refused = jobs.create("upscale", {"image": png_base64(canvas), "strength": 0.3, "controls": [{"model": "scribble"}]}, expect=422)
+    assert refused["field"] == "params.controls"
 
 
 def test_the_hires_fix_renders_at_the_larger_size(jobs: Jobs) -> None:
