@@ -36,7 +36,7 @@ from streamcanvas.pipelines.styles import StylePreset
 
 from .errors import InvalidJob
 from .nodes import REGISTRY, NodeContext
-from .rendering import SCHEDULERS, QualityRenderer, RenderControl, RenderRequest, StepCallback
+from .rendering import SCHEDULERS, QualityRenderer, RenderControl, RenderRequest, StepCallback, preview_jpeg
 from .results import ResultFile, ResultImage, described
 from .store import Stage
 from .uploads import Uploads
@@ -410,7 +410,7 @@ class Upscale(JobKind):
         assert input_image is not None, "an upscale job has its image"
         upscaled = resized(Image.fromarray(_decode_stored(input_image)), params["width"], params["height"], params["upscaler"])
         if params["strength"] == 0:
-            on_step(1, 1, lambda: _thumbnail(upscaled))
+            on_step(1, 1, lambda: preview_jpeg(upscaled))
             return [upscaled]
         base = self.render_request(params, None, renderer)
         return [refine(renderer, upscaled, base, params["tile"], params["overlap"], on_step)]
@@ -450,7 +450,7 @@ class Video(JobKind):
         total = params["frames"]
 
         def on_frame(index: int, rgb: np.ndarray) -> None:
-            on_step(index + 1, max(total, index + 1), lambda: _thumbnail(Image.fromarray(rgb)))
+            on_step(index + 1, max(total, index + 1), lambda: preview_jpeg(Image.fromarray(rgb)))
 
         data = restyle(input_image, params["width"], params["height"], frames, on_frame)
         return [ResultFile(data, ".mp4", params["width"], params["height"], params["seed"])]
@@ -706,14 +706,6 @@ def _check_hires(request: GenerationRequest, width: int, height: int, context: A
             f"hires.scale {request.hires.scale:g} would make {out_width}x{out_height}, over the limit of {context.max_width}x{context.max_height}",
             field="params.hires.scale",
         )
-
-
-def _thumbnail(image: Image.Image) -> bytes:
-    small = image.copy()
-    small.thumbnail((128, 128))
-    buffer = io.BytesIO()
-    small.convert("RGB").save(buffer, format="JPEG", quality=70)
-    return buffer.getvalue()
 
 
 def _base64_png(rgb: np.ndarray | None) -> str | None:

@@ -259,11 +259,16 @@ class QualityRenderer:
             rgb = torch.einsum("chw,cr->rhw", latent[0].float().cpu(), _LATENT_TO_RGB)
             rgb = ((rgb + 1) / 2).clamp(0, 1)
         array = (rgb.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        image = Image.fromarray(array)
-        image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=70)
-        return buffer.getvalue()
+        return preview_jpeg(Image.fromarray(array))
+
+
+def preview_jpeg(image: Image.Image) -> bytes:
+    """A preview: the image at most PREVIEW_SIDE a side, as a JPEG."""
+    small = image.convert("RGB")
+    small.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=70)
+    return buffer.getvalue()
 
 
 def _sized(rgb: np.ndarray, width: int, height: int) -> Image.Image:
