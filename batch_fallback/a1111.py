@@ -89,14 +89,30 @@ _LATENT_UPSCALERS = {"latent": "bilinear", "latent (antialiased)": "bilinear", "
                      "latent (bicubic antialiased)": "bicubic", "latent (nearest)": "nearest", "latent (nearest-exact)": "nearest"}
 
 
-def _upscaler(name: str | None) -> str | None:
-    """Our resampler for an A1111 upscaler name; KeyError for one this server does not have."""
+def _networks(request: Request) -> dict[str, int]:
+    """The default model's super-resolution networks by name, with their factors."""
+    return service_of(request).models.default.upscalers.scales
+
+
+def _upscaler(name: str | None, networks: dict[str, int], latent: bool = False) -> str:
+    """Ours for an A1111 upscaler name (a resampler, a network by its name in any case, or with
+    `latent` the Latent ones); KeyError for one this server does not have."""
     if name is None:
         return "lanczos"
     key = name.lower()
     if key in _UPSCALER_LOOKUP:
         return _UPSCALER_LOOKUP[key] or "lanczos"
-    return _LATENT_UPSCALERS[key]
+    for network in networks:
+        if network.lower() == key:
+            return network
+    if latent:
+        return _LATENT_UPSCALERS[key]
+    raise KeyError(name)
+
+
+def _no_upscaler(name: str | None, networks: dict[str, int], latent: bool = False) -> JSONResponse:
+    listed = ", ".join([*UPSCALERS, *networks])
+    return _detail(404, f"Upscaler not found: {name!r}; this server has {listed}{' and the Latent ones' if latent else ''}")
 
 
 def _detail(status: int, message: str) -> JSONResponse:
@@ -136,10 +152,11 @@ async def _generate(request: Request, img2img: bool) -> Response:
     if body.seed >= 0:
         params["seed"] = body.seed
     if body.enable_hr and not img2img:
+        networks = _networks(request)
         try:
-            upscaler = _upscaler(body.hr_upscaler)
+            upscaler = _upscaler(body.hr_upscaler, networks, latent=True)
         except KeyError:
-            return _detail(404, f"Upscaler not found: {body.hr_upscaler!r}; this server has {', '.join(UPSCALERS)} and the Latent ones")
+            return _no_upscaler(body.hr_upscaler, networks, latent=True)
         scale = body.hr_scale
         if body.hr_resize_x or body.hr_resize_y:  # a target size instead of a factor: the larger factor it needs
             scale = max(body.hr_resize_x / body.width, body.hr_resize_y / body.height)
@@ -334,9 +351,12 @@ async def extra_single_image(request: Request) -> Response:
         body = ExtraSingleImageBody.model_validate(await read_json(request))
     except ValidationError as error:
         return _validation(error)
-    if body.upscaler_1.lower() not in _UPSCALER_LOOKUP:
-        return _detail(404, f"Upscaler not found: {body.upscaler_1!r}; this server has {', '.join(UPSCALERS)}")
-    params: dict[str, Any] = {"image": body.image, "upscaler": _UPSCALER_LOOKUP[body.upscaler_1.lower()] or "lanczos"}
+    networks = _networks(request)
+    try:
+        upscaler = _upscaler(body.upscaler_1, networks)
+    except KeyError:
+        return _no_upscaler(body.upscaler_1, networks)
+    params: dict[str, Any] = {"image": body.image, "upscaler": upscaler}
     if body.resize_mode == 1:
         params.update(width=body.upscaling_resize_w, height=body.upscaling_resize_h)
     else:
@@ -352,9 +372,14 @@ async def extra_single_image(request: Request) -> Response:
 
 @a1111_endpoint
 async def upscalers(request: Request) -> Response:
-    return JSONResponse([
-        {"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0} for name in UPSCALERS
-    ])
+    """The resamplers, then the super-resolution networks (A1111 lists its ESRGAN-family models so)."""
+    models = service_of(request).models
+    listed = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4.0} for name in UPSCALERS]
+    listed += [
+        {"name": entry["name"], "model_name": entry["network"], "model_path": entry["path"], "model_url": None, "scale": float(entry["scale"])}
+        for entry in models.default.upscalers.describe()
+    ]
+    return JSONResponse(listed)
 
 
 @a1111_endpoint

@@ -40,7 +40,7 @@ from .rendering import SCHEDULERS, QualityRenderer, RenderControl, RenderRequest
 from .results import ResultFile, ResultImage, described
 from .store import Stage
 from .uploads import Uploads
-from .upscaling import refine, resized
+from .upscaling import RESAMPLERS, network_passes, refine, upscaled
 from .video import VideoLimits, output_size, probe, restyle
 from .workflow import Catalog, execute, plan
 
@@ -116,14 +116,14 @@ class LiveLook(_Strict):
     control_image: str | None = Field(None, description="base64 PNG/JPEG/WebP the controls read (after their preprocessor); default: the input image")
 
 
-Resampler = Literal["lanczos", "bicubic", "bilinear", "nearest"]
+UPSCALER_DESCRIPTION = "a resampler (lanczos, bicubic, bilinear, nearest) or one of the server's super-resolution networks (--upscaler NAME=PATH)"
 
 
 class HiresFix(_Strict):
     """A second pass at a larger size: the first image upscaled, then repainted at a low strength in tiles."""
 
     scale: float = Field(2.0, ge=1.0, le=4.0)
-    upscaler: Resampler = "lanczos"
+    upscaler: str = Field("lanczos", max_length=64, description=UPSCALER_DESCRIPTION)
     strength: float = Field(0.5, gt=0.0, le=1.0)
     steps: int | None = Field(None, ge=1, le=150, description="None: the job's steps")
     tile: int = Field(512, ge=64, le=2048, multiple_of=8)
@@ -180,7 +180,7 @@ class UpscaleRequest(LiveLook):
     scale: float = Field(2.0, ge=1.0, le=4.0, description="×2, ×4 or anything between (width/height override it)")
     width: int | None = Field(None, ge=64, description="the output's width (a multiple of 8); None: the image's × scale")
     height: int | None = Field(None, ge=64)
-    upscaler: Resampler = "lanczos"
+    upscaler: str = Field("lanczos", max_length=64, description=UPSCALER_DESCRIPTION)
     strength: float = Field(0.0, ge=0.0, le=1.0, description="0: resampling only; above 0, the hires-fix pass: img2img in tiles at this strength")
     prompt: str = Field("", max_length=4000, description="what the hires-fix pass paints")
     negative_prompt: str = Field("", max_length=4000)
@@ -268,8 +268,8 @@ class JobKind:
         second = dataclasses.replace(request, strength=hires["strength"], steps=hires["steps"] or request.steps, controls=())
         refined = []
         for index, image in enumerate(images):
-            upscaled = resized(image, width, height, hires["upscaler"])
-            refined.append(refine(renderer, upscaled, dataclasses.replace(second, seed=request.seed + index), hires["tile"], hires["overlap"], on_step))
+            larger = upscaled(renderer, image, width, height, hires["upscaler"], params.get("model"), on_step)
+            refined.append(refine(renderer, larger, dataclasses.replace(second, seed=request.seed + index), hires["tile"], hires["overlap"], on_step))
         return refined
 
     def render_request(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer) -> RenderRequest:
@@ -401,6 +401,7 @@ class Upscale(JobKind):
         out_width = request.width or max(64, round(width * request.scale) // 8 * 8)
         out_height = request.height or max(64, round(height * request.scale) // 8 * 8)
         _check_size(out_width, out_height, context)
+        _check_upscaler(request.upscaler, (width, height), (out_width, out_height), context, request.model, "params.upscaler")
         params = request.model_dump(exclude={"image"})
         params.update(width=out_width, height=out_height, seed=_seed(request.seed), batch_size=1)
         params.update(_live_look(request, context))
@@ -408,12 +409,12 @@ class Upscale(JobKind):
 
     def render(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
         assert input_image is not None, "an upscale job has its image"
-        upscaled = resized(Image.fromarray(_decode_stored(input_image)), params["width"], params["height"], params["upscaler"])
+        image = Image.fromarray(_decode_stored(input_image))
+        larger = upscaled(renderer, image, params["width"], params["height"], params["upscaler"], params.get("model"), on_step)
         if params["strength"] == 0:
-            on_step(1, 1, lambda: preview_jpeg(upscaled))
-            return [upscaled]
+            return [larger]
         base = self.render_request(params, None, renderer)
-        return [refine(renderer, upscaled, base, params["tile"], params["overlap"], on_step)]
+        return [refine(renderer, larger, base, params["tile"], params["overlap"], on_step)]
 
 
 class Video(JobKind):
@@ -631,6 +632,7 @@ def workflow_catalog(
         checkpoints=tuple(models),
         loras=union(choice.loras for choice in models.values()),
         controlnets=union(choice.controlnets for choice in models.values()),
+        upscale_models=union((name for name, _ in choice.upscalers) for choice in models.values()),
         images=images,
         has_image=has_image,
         max_width=max_width,
@@ -643,14 +645,9 @@ def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
     template applied to the prompt and its fields under the request's own."""
     where = "params."
     extra: dict[str, Any] = {"style": request.style, "control_image": None}
-    choice = ModelChoice()
+    choice = _model_choice(request.model, context)
     if context.models:
-        model = request.model or next(iter(context.models))
-        if model not in context.models:
-            error = UnknownName.listing("model", "model", model, context.models)
-            raise InvalidJob(f"{where}{error}", field=f"{where}model")
-        choice = context.models[model]
-        extra["model"] = model
+        extra["model"] = request.model or next(iter(context.models))
     loras = dict(request.loras)
     controls = [control.model_dump() for control in request.controls]
     prompt = getattr(request, "prompt", "")
@@ -706,6 +703,39 @@ def _check_hires(request: GenerationRequest, width: int, height: int, context: A
             f"hires.scale {request.hires.scale:g} would make {out_width}x{out_height}, over the limit of {context.max_width}x{context.max_height}",
             field="params.hires.scale",
         )
+    _check_upscaler(request.hires.upscaler, (width, height), (out_width, out_height), context, request.model, "params.hires.upscaler")
+
+
+def _check_upscaler(
+    name: str, size: tuple[int, int], out_size: tuple[int, int], context: AcceptContext, model: str | None, field: str
+) -> None:
+    """A resampler, or a super-resolution network of the job's model whose passes stay within twice
+    the server's maximum size each way before they are resampled to the output size."""
+    if name in RESAMPLERS:
+        return
+    networks = dict(_model_choice(model, context).upscalers)
+    if name not in networks:
+        error = UnknownName.listing(field.rpartition(".")[2], "upscaler", name, [*RESAMPLERS, *networks])
+        raise InvalidJob(f"{field.rpartition('.')[0]}.{error}", field=field)
+    passes = network_passes(networks[name], *size, *out_size)
+    width, height = (side * networks[name] ** passes for side in size)
+    if width > 2 * context.max_width or height > 2 * context.max_height:
+        raise InvalidJob(
+            f"{field}: {name!r} (x{networks[name]}) would make {width}x{height} on the way to {out_size[0]}x{out_size[1]}, over twice "
+            f"the limit of {context.max_width}x{context.max_height}; use a network of a smaller factor, or a resampler",
+            field=field,
+        )
+
+
+def _model_choice(model: str | None, context: AcceptContext) -> ModelChoice:
+    """What the job's model (or the default) lets it name; UnknownName-style InvalidJob for a model the server lacks."""
+    if not context.models:
+        return ModelChoice()
+    name = model or next(iter(context.models))
+    if name not in context.models:
+        error = UnknownName.listing("model", "model", name, context.models)
+        raise InvalidJob(f"params.{error}", field="params.model")
+    return context.models[name]
 
 
 def _base64_png(rgb: np.ndarray | None) -> str | None:

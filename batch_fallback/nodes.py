@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from streamcanvas.pipelines.stream import encode_prompts
+from streamcanvas.pipelines.super_resolution import SuperResolution
 
 from .rendering import SIGMA_OPTIONS, QualityRenderer, RenderControl, RenderRequest, StepCallback, sigma_spacings
 from .results import ResultImage
+from .upscaling import super_resolve
 from .workflow import Catalog, Input, Node
 
 MAX_BATCH = 8
@@ -456,6 +458,40 @@ class ImageScaleBy(Node):
 
 
 @registered
+class UpscaleModelLoader(Node):
+    name = "UpscaleModelLoader"
+    display_name = "Load Upscale Model"
+    category = "loaders"
+    description = "One of the server's super-resolution networks (--upscaler NAME=PATH); nothing is loaded from a path."
+    inputs = (Input("model_name", "COMBO", options=lambda catalog: catalog.upscale_models),)
+    outputs = (("UPSCALE_MODEL", "UPSCALE_MODEL"),)
+
+    def run(self, context: NodeContext, model_name: str) -> tuple[Any, ...]:
+        _network(context, model_name)  # a network the server no longer has fails here
+        return (model_name,)
+
+
+@registered
+class ImageUpscaleWithModel(Node):
+    name = "ImageUpscaleWithModel"
+    display_name = "Upscale Image (using Model)"
+    category = "image/upscaling"
+    description = "The image made larger by the network's own factor (x2, x4), tile by tile."
+    inputs = (Input("upscale_model", "UPSCALE_MODEL"), Input("image", "IMAGE"))
+    outputs = (("IMAGE", "IMAGE"),)
+
+    def run(self, context: NodeContext, upscale_model: str, image: torch.Tensor) -> tuple[Any, ...]:
+        network = _network(context, upscale_model)
+        width, height = image.shape[2] * network.scale, image.shape[1] * network.scale
+        context.check_size(width, height, "the upscaled image")
+        larger = [
+            np.asarray(super_resolve(network, Image.fromarray(array), width, height, context.on_step), dtype=np.float32) / 255.0
+            for array in _to_uint8(image)
+        ]
+        return (torch.from_numpy(np.stack(larger)),)
+
+
+@registered
 class LatentUpscale(Node):
     name = "LatentUpscale"
     display_name = "Upscale Latent"
@@ -557,6 +593,13 @@ class ControlNetApplyAdvanced(Node):
 
 
 # --- helpers ----------------------------------------------------------------------------------------
+
+
+def _network(context: NodeContext, name: str) -> SuperResolution:
+    for _, model in context.renderer.models:
+        if name in model.upscalers.networks:
+            return model.upscalers.networks[name]
+    raise ValueError(f"the server has no upscale model {name!r}")
 
 
 def _check_lora(context: NodeContext, model: str, lora: str) -> None:

@@ -1,19 +1,24 @@
-"""Upscaling: resampling, and the diffusion "hires fix" (upscale, then img2img at a low strength in
-overlapping tiles, so that outputs far larger than the model's own size fit in memory).
+"""Upscaling: resampling, super-resolution networks, and the diffusion "hires fix" (upscale, then
+img2img at a low strength in overlapping tiles, so that outputs far larger than the model's own size
+fit in memory).
 
-Tiles are `tile` pixels square (smaller only when the image is), placed so the last one in a row or
-column sits flush with the border; where two overlap they are blended with linear ramps, so no seam
-shows. Progress counts every tile's steps: step k of tiles × steps.
+Both the network and the hires pass work tile by tile (`tiled`). Tiles are `tile` pixels square
+(smaller only when the image is), placed so the last one in a row or column sits flush with the border;
+where two overlap they are blended with linear ramps, so no seam shows. Progress counts tiles (the
+network) or every tile's steps (the hires pass: step k of tiles × steps).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
-from .rendering import QualityRenderer, RenderRequest, StepCallback
+from streamcanvas.pipelines.super_resolution import SuperResolution
+
+from .rendering import QualityRenderer, RenderRequest, StepCallback, preview_jpeg
 
 RESAMPLERS = {
     "lanczos": Image.Resampling.LANCZOS,
@@ -21,6 +26,15 @@ RESAMPLERS = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
+
+NETWORK_TILE = 192
+"""Input pixels a side of one super-resolution tile (its output is `scale` times that)."""
+NETWORK_OVERLAP = 16
+MAX_NETWORK_PASSES = 3
+"""A ×2 network reaches ×4 in two passes, ×8 in three; past the target the result is resampled down."""
+
+Painter = Callable[[np.ndarray, int, int], np.ndarray]
+"""(tile pixels H×W×3 uint8, index of the tile, how many tiles) → the painted tile, `scale` times as large."""
 
 
 def resized(image: Image.Image, width: int, height: int, method: str) -> Image.Image:
@@ -46,36 +60,91 @@ def _ramp(size: int, start_ramp: int, end_ramp: int) -> np.ndarray:
     return weights
 
 
+def _overlaps(runs: list[tuple[int, int]], index: int) -> tuple[int, int]:
+    """How far run `index` overlaps the one before it and the one after it (0 at the image's border)."""
+    start, end = runs[index]
+    before = runs[index - 1][1] - start if index > 0 else 0
+    after = end - runs[index + 1][0] if index + 1 < len(runs) else 0
+    return before, after
+
+
+def tiled(pixels: np.ndarray, tile: int, overlap: int, scale: int, paint: Painter) -> np.ndarray:
+    """`pixels` (H×W×3 uint8) painted tile by tile into an image `scale` times as large, the tiles'
+    overlaps blended with linear ramps."""
+    height, width = pixels.shape[:2]
+    columns, rows = spans(width, tile, overlap), spans(height, tile, overlap)
+    total = len(columns) * len(rows)
+    accumulated = np.zeros((height * scale, width * scale, 3), dtype=np.float32)
+    weights = np.zeros((height * scale, width * scale, 1), dtype=np.float32)
+    for row, (top, bottom) in enumerate(rows):
+        for column, (left, right) in enumerate(columns):
+            index = row * len(columns) + column
+            painted = paint(np.ascontiguousarray(pixels[top:bottom, left:right]), index, total)
+            expected = ((bottom - top) * scale, (right - left) * scale, 3)
+            if painted.shape != expected:
+                raise RuntimeError(f"a tile came back {painted.shape}, expected {expected}")
+            ramp_top, ramp_bottom = _overlaps(rows, row)
+            ramp_left, ramp_right = _overlaps(columns, column)
+            weight = (
+                _ramp(expected[0], ramp_top * scale, ramp_bottom * scale)[:, None, None]
+                * _ramp(expected[1], ramp_left * scale, ramp_right * scale)[None, :, None]
+            )
+            window = (slice(top * scale, bottom * scale), slice(left * scale, right * scale))
+            accumulated[window] += painted.astype(np.float32) * weight
+            weights[window] += weight
+    return np.clip(accumulated / weights + 0.5, 0, 255).astype(np.uint8)
+
+
 def refine(renderer: QualityRenderer, image: Image.Image, base: RenderRequest, tile: int, overlap: int, on_step: StepCallback) -> Image.Image:
     """img2img over `image` (already at its final size, a multiple of 8 each way) tile by tile, with
     `base`'s prompt, strength, steps and seed."""
-    width, height = image.size
+
+    def paint(piece: np.ndarray, index: int, total: int) -> np.ndarray:
+        request = dataclasses.replace(base, init_image=piece, width=piece.shape[1], height=piece.shape[0], batch_size=1)
+
+        def tile_step(step: int, steps: int, make_preview) -> None:  # type: ignore[no-untyped-def]
+            on_step(index * steps + step, total * steps, make_preview)
+
+        (painted,) = renderer.render(request, tile_step)
+        return np.asarray(painted.convert("RGB"), dtype=np.uint8)
+
+    return Image.fromarray(tiled(np.asarray(image.convert("RGB"), dtype=np.uint8), tile, overlap, 1, paint))
+
+
+def network_passes(network_scale: int, width: int, height: int, out_width: int, out_height: int) -> int:
+    """How many passes of a ×`network_scale` network take a width × height image to at least the output size."""
+    passes = 1
+    while passes < MAX_NETWORK_PASSES and (width * network_scale**passes < out_width or height * network_scale**passes < out_height):
+        passes += 1
+    return passes
+
+
+def super_resolve(network: SuperResolution, image: Image.Image, width: int, height: int, on_step: StepCallback) -> Image.Image:
+    """`image` through the network (as many passes as reach width × height), tile by tile, then
+    resampled to exactly width × height (Lanczos) where the network's scale overshoots."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    columns, rows = spans(width, tile, overlap), spans(height, tile, overlap)
-    total = len(columns) * len(rows)
-    accumulated = np.zeros((height, width, 3), dtype=np.float32)
-    weights = np.zeros((height, width, 1), dtype=np.float32)
+    passes = network_passes(network.scale, pixels.shape[1], pixels.shape[0], width, height)
+    sides = [(pixels.shape[1] * network.scale**n, pixels.shape[0] * network.scale**n) for n in range(passes)]
+    total = sum(len(spans(side_w, NETWORK_TILE, NETWORK_OVERLAP)) * len(spans(side_h, NETWORK_TILE, NETWORK_OVERLAP)) for side_w, side_h in sides)
     done = 0
-    for top, bottom in rows:
-        for left, right in columns:
-            piece = np.ascontiguousarray(pixels[top:bottom, left:right])
-            request = dataclasses.replace(base, init_image=piece, width=right - left, height=bottom - top, batch_size=1)
+    for _ in range(passes):
 
-            def tile_step(step: int, steps: int, make_preview, offset: int = done) -> None:  # type: ignore[no-untyped-def]
-                on_step(offset * steps + step, total * steps, make_preview)
-
-            (painted,) = renderer.render(request, tile_step)
+        def paint(piece: np.ndarray, index: int, count: int) -> np.ndarray:
+            nonlocal done
+            painted = network.upscale_tile(piece)
             done += 1
-            # Ramps only where a neighbouring tile overlaps this one (never at the image's border).
-            previous_column = [c for c in columns if c[0] < left]
-            previous_row = [r for r in rows if r[0] < top]
-            ramp_left = previous_column[-1][1] - left if previous_column else 0
-            ramp_top = previous_row[-1][1] - top if previous_row else 0
-            next_column = [c for c in columns if c[0] > left]
-            next_row = [r for r in rows if r[0] > top]
-            ramp_right = right - next_column[0][0] if next_column else 0
-            ramp_bottom = bottom - next_row[0][0] if next_row else 0
-            weight = _ramp(bottom - top, ramp_top, ramp_bottom)[:, None, None] * _ramp(right - left, ramp_left, ramp_right)[None, :, None]
-            accumulated[top:bottom, left:right] += np.asarray(painted.convert("RGB"), dtype=np.float32) * weight
-            weights[top:bottom, left:right] += weight
-    return Image.fromarray(np.clip(accumulated / weights + 0.5, 0, 255).astype(np.uint8))
+            on_step(done, total, lambda: preview_jpeg(Image.fromarray(painted)))
+            return painted
+
+        pixels = tiled(pixels, NETWORK_TILE, NETWORK_OVERLAP, network.scale, paint)
+    return resized(Image.fromarray(pixels), width, height, "lanczos")
+
+
+def upscaled(renderer: QualityRenderer, image: Image.Image, width: int, height: int, upscaler: str, model: str | None, on_step: StepCallback) -> Image.Image:
+    """`image` at width × height by a resampler (one step of progress), or by one of the model's
+    super-resolution networks (a step a tile)."""
+    if upscaler in RESAMPLERS:
+        larger = resized(image, width, height, upscaler)
+        on_step(1, 1, lambda: preview_jpeg(larger))
+        return larger
+    return super_resolve(renderer.models.get(model).upscalers.get(upscaler, "params.upscaler"), image, width, height, on_step)

@@ -25,6 +25,7 @@ from .adapters import LoraAdapters
 from .backends import Backend, eager_backend
 from .controls import ControlNets
 from .depth import DepthEstimator
+from .super_resolution import Upscalers
 from .devices import DevicePlacement, choose_placement
 from .errors import ModelLoadError, ModelNotFound
 from .tiny import TAESD_SUBDIR, stream_defaults, tiny_model_kind
@@ -50,6 +51,8 @@ class ModelSpec:
     """Named ControlNets (name, path or repo id), shared by every session that asks for one."""
     depth_model: str | None = None
     """A depth-estimation network (path or repo id) for the `depth` control preprocessor."""
+    upscalers: tuple[tuple[str, str], ...] = ()
+    """Named super-resolution networks (name, path or repo id) for upscale jobs."""
     device: str = "auto"
     dtype: str = "auto"
 
@@ -80,6 +83,8 @@ class LoadedModel:
     controlnets: ControlNets = field(default_factory=ControlNets)
     depth: DepthEstimator | None = None
     """The depth network of the `depth` preprocessor, if one was given."""
+    upscalers: Upscalers = field(default_factory=Upscalers)
+    """Super-resolution networks that upscale jobs name (`--upscaler NAME=PATH`)."""
     prompt_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     """Held while a prompt is encoded. The tokenizer keeps its padding and truncation settings on the
     shared object, and diffusers' encode_prompt tokenizes twice with different settings (to warn about
@@ -99,6 +104,7 @@ class LoadedModel:
             "loras": self.adapters.describe(),
             "controlnets": self.controlnets.describe(),
             "depth_model": self.depth.describe() if self.depth is not None else None,
+            "upscalers": self.upscalers.describe(),
             "architecture": self.architecture,
             "device": str(self.placement.device),
             "dtype": str(self.placement.dtype).removeprefix("torch."),
@@ -219,6 +225,9 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     depth = None
     if spec.depth_model is not None:
         depth = DepthEstimator(resolve_model_path(spec.depth_model, what="depth model"), placement.device, placement.dtype)
+    upscalers = Upscalers.load(
+        {name: resolve_model_path(where, what=f"upscaler {name!r}") for name, where in spec.upscalers}, placement.device, placement.dtype
+    )
     vaes = [pipe.vae] if full_vae is None else [pipe.vae, full_vae.to(placement.device)]
     for module in (pipe.unet, *vaes, *text_encoders(pipe)):
         module.eval()
@@ -241,6 +250,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         adapters=adapters,
         controlnets=controlnets,
         depth=depth,
+        upscalers=upscalers,
         architecture=architecture,
     )
 

@@ -43,11 +43,13 @@ class ModelChoice:
     controlnets: tuple[str, ...] = ()
     defaults: StreamParams | None = None
     depth: bool = False
+    upscalers: tuple[tuple[str, int], ...] = ()
+    """Super-resolution networks by name, with the factor each one upscales by."""
 
     @classmethod
     def of(cls, model: LoadedModel) -> ModelChoice:
         defaults = StreamParams().replace(**model.stream_defaults)
-        return cls(model.adapters.names, model.controlnets.names, defaults, model.depth is not None)
+        return cls(model.adapters.names, model.controlnets.names, defaults, model.depth is not None, tuple(model.upscalers.scales.items()))
 
     def check(self, params: StreamParams) -> None:
         """Raise UnknownName, listing what exists, for a LoRA, ControlNet or depth this model lacks."""
@@ -173,6 +175,7 @@ def load_models(specs: list[tuple[str, ModelSpec]], budget_bytes: int | None = N
         directory = _model_directory(spec)
         extras = [resolve_model_path(path, what=f"ControlNet {net!r}") for net, path in spec.controlnets]
         extras += [resolve_model_path(path, what=f"LoRA {lora!r}") for lora, path in spec.adapters]
+        extras += [resolve_model_path(path, what=f"upscaler {upscaler!r}") for upscaler, path in spec.upscalers]
         sizes[name] = weight_bytes(directory, placement.dtype) + sum(weight_bytes(path, placement.dtype) for path in extras)
     total = sum(sizes.values())
     if total > budget:

@@ -40,6 +40,7 @@ def main() -> None:
 )
 @click.option("--lora", multiple=True, help="A LoRA directory or cached repo id (repeat for several). NAME=PATH loads it as an adapter that each session turns on and weighs live (\"loras\": {NAME: weight}); a bare PATH (one at most, e.g. an LCM-LoRA) is fused into the UNet for every frame.")
 @click.option("--controlnet", multiple=True, help="A ControlNet, NAME=PATH (a diffusers directory or cached repo id; repeat for several), shared by every session that names it in \"controls\".")
+@click.option("--upscaler", multiple=True, help="A super-resolution network, NAME=PATH (a transformers image-super-resolution directory or cached repo id, e.g. a Swin2SR x2/x4; repeat for several), that upscale jobs name as their \"upscaler\".")
 @click.option("--depth-model", help="A depth-estimation network (a transformers directory or cached repo id, e.g. a DPT or Depth Anything) for controls with the 'depth' preprocessor.")
 @click.option("--styles", type=click.Path(dir_okay=False, path_type=Path), help="A TOML file of style presets (see pipelines/styles.toml, the default set).")
 @click.option("--resolution", help="Default session resolution WIDTHxHEIGHT, multiples of 8. Default 512x512.")
@@ -96,7 +97,7 @@ def serve(**options: object) -> None:
     from .settings import Settings, validation_message
 
     given = {name: value for name, value in options.items() if value not in (None, ())}
-    for name in ("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", "model", "webhook_allow"):
+    for name in ("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", "upscaler", "model", "webhook_allow"):
         if name in given:
             given[name] = list(given[name])  # type: ignore[call-overload]
     try:
@@ -156,6 +157,7 @@ def serve(**options: object) -> None:
 @click.option("--tiny-vae", help="As for serve (used for previews).")
 @click.option("--lora", multiple=True, help="As for serve (give the worker the LoRAs the server names, so jobs that use them run here).")
 @click.option("--controlnet", multiple=True, help="As for serve.")
+@click.option("--upscaler", multiple=True, help="As for serve.")
 @click.option("--depth-model", help="As for serve.")
 @click.option("--device", help="auto, cpu, cuda or cuda:N. Default auto.")
 @click.option("--dtype", help="auto, float32, float16 or bfloat16.")
@@ -176,7 +178,7 @@ def worker(**options: object) -> None:
 
     given = {name: value for name, value in options.items() if value not in (None, ())}
     given.setdefault("batch_queue", "redis")
-    for name in ("lora", "controlnet", "model"):
+    for name in ("lora", "controlnet", "upscaler", "model"):
         if name in given:
             given[name] = list(given[name])  # type: ignore[call-overload]
     try:

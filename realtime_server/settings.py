@@ -10,7 +10,7 @@ from urllib.parse import unquote
 from typing import Literal
 
 import pydantic
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     most, e.g. an LCM-LoRA) is fused into the UNet for every frame."""
     controlnet: Annotated[list[str], NoDecode] = []
     """ControlNets, `NAME=PATH` each."""
+    upscaler: Annotated[list[str], NoDecode] = []
+    """Super-resolution networks for upscale jobs, `NAME=PATH` each."""
     depth_model: str | None = None
     """A depth-estimation network (directory or cached repo id) for the `depth` control preprocessor."""
     styles: Path | None = None
@@ -151,7 +153,7 @@ class Settings(BaseSettings):
     job_retention_s: float = Field(7 * 24 * 3600.0, gt=0)
 
     _split = field_validator(
-        "api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", "model", "webhook_allow", mode="before"
+        "api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", "upscaler", "model", "webhook_allow", mode="before"
     )(_split_list)
 
     @field_validator("lora")
@@ -169,10 +171,11 @@ class Settings(BaseSettings):
         _unique([_model_entry(entry) for entry in value], "--model")
         return value
 
-    @field_validator("controlnet")
+    @field_validator("controlnet", "upscaler")
     @classmethod
-    def _check_controlnets(cls, value: list[str]) -> list[str]:
-        _unique([parse_named_path(entry, "--controlnet") for entry in value], "--controlnet")
+    def _check_named_paths(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        flag = f"--{info.field_name}"
+        _unique([parse_named_path(entry, flag) for entry in value], flag)
         return value
 
     @field_validator("ice_servers")
@@ -296,6 +299,7 @@ class Settings(BaseSettings):
                         adapters=tuple(parse_named_path(entry, "--lora") for entry in self.lora if _named(entry)) if first else (),
                         controlnets=tuple(parse_named_path(entry, "--controlnet") for entry in self.controlnet) if first else (),
                         depth_model=self.depth_model if first else None,
+                        upscalers=tuple(parse_named_path(entry, "--upscaler") for entry in self.upscaler) if first else (),
                         device=self.device,
                         dtype=self.dtype,
                     ),

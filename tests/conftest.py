@@ -115,6 +115,15 @@ def live_extras(cache_dir: Path, toy_model_dir: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def upscaler_dirs(cache_dir: Path) -> dict[str, Path]:
+    """Two tiny super-resolution networks (Swin2SR with random weights, x2 and x4), built offline."""
+    from streamcanvas.pipelines.super_resolution import make_tiny_super_resolution_model
+
+    root = cache_dir / "upscalers"
+    return {"sr2": make_tiny_super_resolution_model(root / "sr2", 2), "sr4": make_tiny_super_resolution_model(root / "sr4", 4, seed=1)}
+
+
+@pytest.fixture(scope="session")
 def controlled_model(toy_model_dir: Path, live_extras: dict[str, Path]):  # type: ignore[no-untyped-def]
     """The trained toy model with the LoRAs `ink` and `glow` as adapters, the ControlNets `scribble`
     and `edges`, and a (tiny, random) depth network."""
@@ -162,9 +171,10 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
+def server(cache_dir: Path, artifacts_dir: Path, upscaler_dirs: dict[str, Path]) -> Iterator[ServerProcess]:
     """The shared server: two slots, default settings, the trained toy model (and WebRTC's ICE on
-    loopback, for the tests that run over both transports)."""
-    process = start_server(cache_dir, artifacts_dir, "shared", "--slots", "2", *LOOPBACK_ARGS)
+    loopback, for the tests that run over both transports), and the tiny upscalers `sr2` and `sr4`."""
+    upscalers = [f"--upscaler={name}={path}" for name, path in upscaler_dirs.items()]
+    process = start_server(cache_dir, artifacts_dir, "shared", "--slots", "2", *LOOPBACK_ARGS, *upscalers)
     yield process
     process.stop()

@@ -7,15 +7,19 @@ import base64
 import io
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from batch_helpers import Jobs, png_base64
 from conftest import TEST_RESOLUTION
 from helpers import ServerProcess, make_canvas
+from streamcanvas.batch_fallback.upscaling import tiled
+from streamcanvas.pipelines.super_resolution import SuperResolution
 
 SIZE = TEST_RESOLUTION
 QUICK = {"prompt": "a red house", "steps": 4, "scheduler": "euler", "seed": 21}
@@ -107,6 +111,63 @@ def test_upscaling_resamples_exactly_and_the_hires_pass_runs_in_tiles(jobs: Jobs
     assert refused["field"] == "params.controls"
 
 
+@pytest.fixture(scope="module")
+def networks(upscaler_dirs: dict[str, Path]) -> dict[str, SuperResolution]:
+    """The shared server's upscalers (`--upscaler sr2=… --upscaler sr4=…`), loaded here too."""
+    return {name: SuperResolution(path, torch.device("cpu"), torch.float32) for name, path in upscaler_dirs.items()}
+
+
+def test_tiles_are_placed_and_blended_exactly_at_every_scale() -> None:
+    """With a painter that upscales each tile by repeating pixels, the tiled whole is the image upscaled
+    the same way, to the last bit: every tile lands where it belongs and the ramps add up to 1."""
+    image = make_canvas(200, 3)[:, :168]
+    for scale in (1, 2, 4):
+        seen: list[tuple[int, int]] = []
+
+        def paint(piece: np.ndarray, index: int, total: int) -> np.ndarray:
+            seen.append((index, total))
+            return np.repeat(np.repeat(piece, scale, axis=0), scale, axis=1)
+
+        assert np.array_equal(tiled(image, 64, 16, scale, paint), np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)), scale
+        assert seen == [(index, 16) for index in range(16)]  # 200 × 168 in 64 px tiles: 4 × 4
+
+
+def test_a_super_resolution_network_upscales_tile_by_tile(jobs: Jobs, networks: dict[str, SuperResolution]) -> None:
+    canvas = make_canvas(2 * SIZE, 8)  # 256²: 2 × 2 tiles of 192 px
+    job, (image,) = finished(jobs, "upscale", {"image": png_base64(canvas), "scale": 2.0, "upscaler": "sr2"})
+    whole = networks["sr2"].upscale_tile(canvas)  # the network over the whole picture at once
+    assert image.shape == whole.shape == (4 * SIZE, 4 * SIZE, 3)
+    assert job["progress"] == {"step": 4, "steps": 4}
+    assert np.abs(image.astype(int) - whole).mean() < 0.5  # measured 0.02: float rounding (tiles are other matrix shapes)
+    lanczos = np.asarray(Image.fromarray(canvas).resize(image.shape[1::-1], Image.Resampling.LANCZOS))
+    assert np.abs(image.astype(int) - lanczos).mean() > 20  # the network's picture, not a resampler's
+
+    # x4 from the x2 network: two passes (one tile, then four); x2 from the x4 network: its x4, resampled down.
+    small = make_canvas(SIZE, 9)
+    job, (four,) = finished(jobs, "upscale", {"image": png_base64(small), "scale": 4.0, "upscaler": "sr2"})
+    assert four.shape == (4 * SIZE, 4 * SIZE, 3) and job["progress"] == {"step": 5, "steps": 5}
+    assert np.abs(four.astype(int) - networks["sr2"].upscale_tile(networks["sr2"].upscale_tile(small))).mean() < 0.5
+    _, (two,) = finished(jobs, "upscale", {"image": png_base64(small), "scale": 2.0, "upscaler": "sr4"})
+    down = np.asarray(Image.fromarray(networks["sr4"].upscale_tile(small)).resize((2 * SIZE, 2 * SIZE), Image.Resampling.LANCZOS))
+    assert two.shape == down.shape and np.abs(two.astype(int) - down).mean() < 0.5
+
+    refused = jobs.create("upscale", {"image": png_base64(small), "upscaler": "R-ESRGAN 4x+"}, expect=422)
+    assert refused["field"] == "params.upscaler" and "lanczos" in refused["message"] and "sr2, sr4" in refused["message"]
+    # A 1200 px picture through the x4 network would be 4800 px on the way, over twice the 2048 px batch limit.
+    refused = jobs.create("upscale", {"image": png_base64(make_canvas(1200, 2)), "scale": 1.0, "upscaler": "sr4"}, expect=422)
+    assert refused["field"] == "params.upscaler" and "4800x4800" in refused["message"]
+    refused = jobs.create("txt2img", {**QUICK, "width": SIZE, "height": SIZE, "hires": {"upscaler": "sr3"}}, expect=422)
+    assert refused["field"] == "params.hires.upscaler"
+
+
+def test_the_hires_fix_can_upscale_with_a_network(jobs: Jobs) -> None:
+    hires = {"scale": 2.0, "strength": 0.3, "steps": 4, "tile": 128}
+    _, (network,) = finished(jobs, "txt2img", {**QUICK, "width": SIZE, "height": SIZE, "hires": {**hires, "upscaler": "sr2"}})
+    _, (lanczos,) = finished(jobs, "txt2img", {**QUICK, "width": SIZE, "height": SIZE, "hires": hires})
+    assert network.shape == lanczos.shape == (2 * SIZE, 2 * SIZE, 3)
+    assert np.abs(network.astype(int) - lanczos).mean() > 5.0  # the second pass started from the network's picture
+
+
 def test_the_hires_fix_renders_at_the_larger_size(jobs: Jobs) -> None:
     job, (image,) = finished(jobs, "txt2img", {**QUICK, "width": SIZE, "height": SIZE, "hires": {"scale": 2.0, "strength": 0.4, "steps": 5, "tile": 128}})
     assert image.shape == (2 * SIZE, 2 * SIZE, 3) and job["results"][0]["width"] == 2 * SIZE
@@ -122,11 +183,15 @@ def _decoded(data: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
 
 
-def test_the_a1111_routes_for_upscaling_inpainting_and_png_info(jobs: Jobs) -> None:
+def test_the_a1111_routes_for_upscaling_inpainting_and_png_info(jobs: Jobs, networks: dict[str, SuperResolution]) -> None:
     http = jobs.http
     canvas = make_canvas(SIZE, 7)
-    upscalers = http.get("/sdapi/v1/upscalers").json()
-    assert {"None", "Lanczos", "Nearest"} <= {entry["name"] for entry in upscalers}
+    upscalers = {entry["name"]: entry for entry in http.get("/sdapi/v1/upscalers").json()}
+    assert {"None", "Lanczos", "Nearest", "sr2", "sr4"} <= set(upscalers)
+    assert upscalers["sr4"]["scale"] == 4.0 and upscalers["sr2"]["model_name"] == "Swin2SRForImageSuperResolution"
+    answer = http.post("/sdapi/v1/extra-single-image", json={"image": _b64(canvas), "upscaling_resize": 2, "upscaler_1": "SR2"}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert np.abs(_decoded(answer.json()["image"]).astype(int) - networks["sr2"].upscale_tile(canvas)).mean() < 0.5
     answer = http.post("/sdapi/v1/extra-single-image", json={"image": _b64(canvas), "upscaling_resize": 2, "upscaler_1": "Nearest"}, timeout=120)
     assert answer.status_code == 200, answer.text
     assert np.array_equal(_decoded(answer.json()["image"]), np.repeat(np.repeat(canvas, 2, axis=0), 2, axis=1))

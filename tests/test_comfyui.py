@@ -342,7 +342,7 @@ def test_object_info_lists_every_node_from_its_declaration(http: httpx.Client, m
     info = http.get("/object_info").json()
     for name in ("CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "VAEEncode", "LoadImage",
                  "SaveImage", "PreviewImage", "LoraLoader", "ControlNetLoader", "ControlNetApply", "ControlNetApplyAdvanced", "ImageScale",
-                 "ImageScaleBy", "LatentUpscale", "LatentUpscaleBy"):
+                 "ImageScaleBy", "LatentUpscale", "LatentUpscaleBy", "UpscaleModelLoader", "ImageUpscaleWithModel"):
         assert info[name]["name"] == name, name
     sampler = info["KSampler"]
     assert sampler["input"]["required"]["sampler_name"][0][:2] == ["euler", "euler_ancestral"]
@@ -351,10 +351,35 @@ def test_object_info_lists_every_node_from_its_declaration(http: httpx.Client, m
     assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == [model]
     assert info["CheckpointLoaderSimple"]["output"] == ["MODEL", "CLIP", "VAE"]
     assert info["SaveImage"]["output_node"] is True
+    assert info["UpscaleModelLoader"]["input"]["required"]["model_name"][0] == ["sr2", "sr4"]
+    assert info["UpscaleModelLoader"]["output"] == ["UPSCALE_MODEL"] and info["ImageUpscaleWithModel"]["output"] == ["IMAGE"]
     assert http.get("/object_info/KSampler").json() == {"KSampler": sampler}
     assert http.get("/object_info/NoSuchNode").json() == {}
     stats = http.get("/system_stats").json()
     assert stats["devices"][0]["type"] == "cpu" and stats["system"]["ram_total"] > 0
+
+
+def test_an_upscale_model_workflow_upscales_by_the_networks_factor(server: ServerProcess, http: httpx.Client, upscaler_dirs: dict[str, Path]) -> None:
+    """ComfyUI's upscale-model pair: LoadImage → UpscaleModelLoader + ImageUpscaleWithModel → SaveImage."""
+    import torch
+
+    from streamcanvas.pipelines.super_resolution import SuperResolution
+
+    canvas = make_canvas(SIZE // 2, 4)
+    name = upload(http, canvas, "small.png")["name"]
+    graph = _titled({
+        "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "sr4"}},
+        "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"filename_prefix": "upscaled", "images": ["3", 0]}},
+    })
+    result = pixels(next(iter(ComfyApiWrapper(server.base_url).queue_and_wait_images(graph, "Save Image").values())))
+    expected = SuperResolution(upscaler_dirs["sr4"], torch.device("cpu"), torch.float32).upscale_tile(canvas)
+    assert result.shape == expected.shape == (2 * SIZE, 2 * SIZE, 3)
+    assert np.abs(result - expected).mean() < 0.5
+    graph["2"]["inputs"]["model_name"] = "RealESRGAN_x4plus.pth"
+    answer = _post(http, graph)
+    assert answer.status_code == 400 and answer.json()["node_errors"]["2"]["errors"][0]["type"] == "value_not_in_list"
 
 
 def test_the_upload_folder_is_bounded(tmp_path: Path) -> None:
