@@ -13,7 +13,10 @@ Runs, in one process and one after the other so they never compete for the CPU:
    - `lockstep`: each client waits for the frame that answers its canvas before sending the next,
      like the browser canvas pacing itself by the server's frames.
 Latency is measured by the client, from sending a canvas to receiving the first frame that fully shows
-it (the frame's `input_seq`). Everything is bounded in time; all traffic stays on 127.0.0.1.
+it (the frame's `input_seq`). With the trained toy model the frame shows its canvas, so the picture
+checks that attribution: `attribution` counts the sampled frames whose picture is closest to the canvas
+their `input_seq` names, among all the canvases sent. Everything is bounded in time; all traffic stays
+on 127.0.0.1.
 Prints one JSON document (and writes it with --output).
 """
 
@@ -50,6 +53,8 @@ from streamcanvas.sessions.stats import percentiles
 
 PROMPT = "a watercolor landscape with mountains"
 CANVAS_COUNT = 16
+ATTRIBUTION_SAMPLES = 48
+"""Frames per client whose picture is compared with the canvases (decoded after the run, off the clock)."""
 
 
 def describe_machine() -> dict[str, Any]:
@@ -176,6 +181,30 @@ class ClientResult:
     answered: int = 0
     latency_ms: list[float] = field(default_factory=list)
     server_stats: dict[str, Any] = field(default_factory=dict)
+    samples: list[tuple[int, bytes]] = field(default_factory=list)
+    """(input_seq, JPEG) of the first measured frames, for `attribution`."""
+
+
+def _thumbnail(pixels: np.ndarray, side: int = 16) -> np.ndarray:
+    """Luminance block means on a side × side grid: the picture's layout, whatever the prompt tints it."""
+    height, width = pixels.shape[:2]
+    luma = pixels[: height // side * side, : width // side * side].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    return luma.reshape(side, height // side, side, width // side).mean(axis=(1, 3)).ravel()
+
+
+def attribution(samples: list[tuple[int, bytes]], canvases: list[np.ndarray]) -> dict[str, int]:
+    """How many frames look most like the canvas their input_seq names (canvas seq % count), among all
+    the canvases. Canvases are compared by what sets each apart from the others (their mean taken
+    out), frames likewise (the sampled frames' mean taken out)."""
+    if not samples:
+        return {"frames_checked": 0, "picture_shows_input_seq": 0}
+    references = np.stack([_thumbnail(canvas) for canvas in canvases])
+    references -= references.mean(axis=0)
+    frames = np.stack([_thumbnail(simplejpeg.decode_jpeg(jpeg)) for _, jpeg in samples])
+    frames -= frames.mean(axis=0)
+    scores = frames @ references.T / (np.linalg.norm(frames, axis=1)[:, None] * np.linalg.norm(references, axis=1)[None, :] + 1e-9)
+    named = np.array([seq % len(canvases) for seq, _ in samples])
+    return {"frames_checked": len(samples), "picture_shows_input_seq": int((scores.argmax(axis=1) == named).sum())}
 
 
 async def run_client(
@@ -209,6 +238,8 @@ async def run_client(
                 if now >= measure_from:
                     result.frames += 1
                 seq = message["input_seq"]
+                if seq is not None and now >= measure_from and len(result.samples) < ATTRIBUTION_SAMPLES:
+                    result.samples.append((seq, message["image"]))
                 if seq is not None and seq > highest_answered:
                     highest_answered = seq
                     answered_event.set()
@@ -245,7 +276,8 @@ async def run_scenario(
     url: str, size: int, clients: int, rate_hz: float | None, warmup_s: float, seconds: float,
     params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    payloads = [simplejpeg.encode_jpeg(canvas, quality=90) for canvas in make_canvases(size)]
+    canvases = make_canvases(size)
+    payloads = [simplejpeg.encode_jpeg(canvas, quality=90) for canvas in canvases]
     results = await asyncio.gather(
         *(run_client(url, size, payloads, rate_hz, warmup_s, seconds, params) for _ in range(clients))
     )
@@ -264,6 +296,7 @@ async def run_scenario(
         "server_dropped_inputs": sum(result.server_stats.get("dropped_inputs", 0) for result in results),
         "latency_ms": percentiles(latency),
         "server_timings_ms": results[0].server_stats.get("timings_ms", {}),
+        "attribution": attribution([sample for result in results for sample in result.samples], canvases),
     }
 
 
@@ -282,6 +315,7 @@ def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
     for key in ("inputs_sent", "inputs_answered", "dropped", "server_dropped_inputs"):
         merged[key] = sum(item[key] for item in rounds)
+    merged["attribution"] = {key: sum(item["attribution"][key] for item in rounds) for key in rounds[0]["attribution"]}
     return merged
 
 

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +20,68 @@ TEST_RESOLUTION = 128
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The toy model's retraining runs beside the rest of the suite (BackgroundRetraining): its test goes last.
+    items.sort(key=lambda item: item.get_closest_marker("background_retraining") is not None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
     for item in items:
         if item.get_closest_marker("cuda") is not None:  # the marker, not any test or id named "cuda"
             item.add_marker(skip)
+
+
+class BackgroundRetraining:
+    """`streamcanvas make-tiny-model --train DIR` (what `make toy-weights` runs), the whole plan from
+    scratch, started when the tests are collected and run at the lowest CPU priority beside them.
+
+    It takes about ten minutes of both cores; most tests spend much of their time waiting on servers
+    and sockets, so run beside them it mostly takes time they leave idle, and its test (the last one)
+    waits only for what is left. Training is deterministic whatever else runs (it uses a fixed number
+    of threads), and the run is checked exactly as it would be in the foreground."""
+
+    KEY = pytest.StashKey["BackgroundRetraining"]()
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="streamcanvas-retraining-"))
+        self.model = self.root / "toy"
+        self.log = (self.root / "output.log").open("w")
+        self.process = subprocess.Popen(
+            ["nice", "-n", "19", sys.executable, "-m", "streamcanvas.realtime_server.cli", "make-tiny-model", "--train", str(self.model)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "STREAMCANVAS_CACHE_DIR": str(self.root)},
+        )
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        """The command's exit status and the end of its output, once it has finished."""
+        returncode = self.process.wait(timeout)
+        self.log.flush()
+        return returncode, (self.root / "output.log").read_text()[-3000:]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly:
+        return
+    if any(item.get_closest_marker("background_retraining") is not None for item in session.items):
+        session.config.stash[BackgroundRetraining.KEY] = BackgroundRetraining()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    retraining = session.config.stash.get(BackgroundRetraining.KEY, None)
+    if retraining is not None:
+        retraining.close()
+
+
+@pytest.fixture
+def background_retraining(request: pytest.FixtureRequest) -> BackgroundRetraining:
+    return request.config.stash[BackgroundRetraining.KEY]
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,13 @@ untrained tiny model (`tiny_model_dir`), which builds in under a second.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import TEST_RESOLUTION
+from conftest import TEST_RESOLUTION, BackgroundRetraining
 from helpers import Client, ServerProcess, decode_frame
 from streamcanvas.pipelines import drawings
 from streamcanvas.pipelines.loading import ModelSpec, load_model
@@ -92,8 +91,9 @@ WORD_EFFECT_FLOORS = {"red": 0.05, "blue": 0.05, "dark": 0.4}
 
 
 @pytest.mark.slow
+@pytest.mark.background_retraining
 @pytest.mark.timeout(2400)
-def test_the_training_script_reproduces_the_shipped_weights(tmp_path: Path) -> None:
+def test_the_training_script_reproduces_the_shipped_weights(background_retraining: BackgroundRetraining) -> None:
     """`streamcanvas make-tiny-model --train` (what `make toy-weights` runs), with the whole plan, from scratch.
 
     On the machine that trained the shipped weights they come out the same to the bit. On another CPU
@@ -107,17 +107,16 @@ def test_the_training_script_reproduces_the_shipped_weights(tmp_path: Path) -> N
     So the effect's size varies between trajectories by up to five times and is not compared with the
     shipped one's; its sign and a floor are. (That training is deterministic on one machine is
     `test_training_is_seeded_and_deterministic`.)"""
-    from test_cli import run
-
-    result = run("make-tiny-model", "--train", str(tmp_path / "toy"), env={**os.environ, "STREAMCANVAS_CACHE_DIR": str(tmp_path)}, timeout=2300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    returncode, output = background_retraining.wait(timeout=2300)
+    assert returncode == 0, output
+    retrained_dir = background_retraining.model
     shipped = json.loads((SHIPPED_TOY_MODEL / MARKER).read_text())
-    retrained = json.loads((tmp_path / "toy" / MARKER).read_text())
+    retrained = json.loads((retrained_dir / MARKER).read_text())
     assert retrained["plan"] == shipped["plan"] and retrained["version"] == shipped["version"]
     if retrained["weights_fingerprint"] == shipped["weights_fingerprint"]:
         return
     print(f"other weights: trained on {retrained['cpu']} (torch {retrained['torch']}), shipped from {shipped['cpu']} (torch {shipped['torch']})")
-    ours, theirs = (behaviour(load_model(ModelSpec(model=str(path)))) for path in (tmp_path / "toy", SHIPPED_TOY_MODEL))
+    ours, theirs = (behaviour(load_model(ModelSpec(model=str(path)))) for path in (retrained_dir, SHIPPED_TOY_MODEL))
     assert abs(ours["round_trip_db"] - theirs["round_trip_db"]) < 1.0, (ours, theirs)
     for word, floor in WORD_EFFECT_FLOORS.items():
         assert ours[word] >= floor and theirs[word] >= floor, (word, ours, theirs)
