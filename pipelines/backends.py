@@ -234,17 +234,19 @@ def _onnxruntime(model: LoadedModel, config: BackendConfig, requested: str) -> B
         def load(entry: Entry) -> OnnxRuntimeRunner:
             return OnnxRuntimeRunner(entry.file(ONNX_FILE), device, threads=config.threads)
 
-        runners, names = _load_runners(cache, builder.onnx, load, (GraphLoadError,), STREAM_COMPONENTS)
+        # ONNX Runtime runs the graphs written with its fused attention operator (export.Attention).
+        graph = functools.partial(builder.onnx, attention="fused")
+        runners, names = _load_runners(cache, graph, load, (GraphLoadError,), STREAM_COMPONENTS)
         controlnets: dict[str, Any] = {}
         if model.controlnets.names:
             # With ControlNets loaded: the UNet graph that takes their residuals, and one graph each.
-            controlled, controlled_names = _load_runners(cache, builder.onnx, load, (GraphLoadError,), (Component.UNET_CONTROLLED,))
+            controlled, controlled_names = _load_runners(cache, graph, load, (GraphLoadError,), (Component.UNET_CONTROLLED,))
             runners.update(controlled)
             names += controlled_names
             for name in model.controlnets.names:
                 net = model.controlnets.get(name)
                 loaded, net_names = _load_runners(
-                    cache, functools.partial(builder.onnx, module=net), load, (GraphLoadError,), (Component.CONTROLNET,)
+                    cache, functools.partial(graph, module=net), load, (GraphLoadError,), (Component.CONTROLNET,)
                 )
                 controlnets[name] = CompiledControlNet(loaded[Component.CONTROLNET], dtype, model.pipe.unet.config)
                 names += net_names

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from filelock import FileLock
@@ -57,14 +58,21 @@ def full_vae_model(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     return load_model(ModelSpec(model=str(tiny_model_dir), tiny_vae="none"))
 
 
+@pytest.mark.parametrize("attention", ["standard", "fused"])
 @pytest.mark.parametrize("vae", ["taesd", "full"])
 def test_every_exported_component_matches_torch_at_other_shapes(
-    vae: str, tiny_model, full_vae_model, tmp_path: Path  # type: ignore[no-untyped-def]
+    vae: str, attention: str, tiny_model, full_vae_model, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
+    """Both ways of writing attention: standard operators (what TensorRT builds from) and ONNX Runtime's
+    fused MultiHeadAttention (what ONNX Runtime runs), in the UNet and in the full VAE's middle block."""
     model = tiny_model if vae == "taesd" else full_vae_model
     assert type(model.pipe.vae).__name__ == ("AutoencoderTiny" if vae == "taesd" else "AutoencoderKL")
     builder = ArtifactBuilder(EngineCache(tmp_path), model.pipe, model_name="tiny")
-    runners = {component: OnnxRuntimeRunner(builder.onnx(component).file(ONNX_FILE), torch.device("cpu"), threads=2) for component in STREAM_COMPONENTS}
+    graphs = {component: builder.onnx(component, attention=attention).file(ONNX_FILE) for component in STREAM_COMPONENTS}  # type: ignore[arg-type]
+    fused = {component: sum(node.op_type == "MultiHeadAttention" for node in onnx.load(str(path)).graph.node) for component, path in graphs.items()}
+    # The tiny UNet has 6 transformer blocks (self- and cross-attention each); the full VAE one attention, TAESD none.
+    assert fused == ({Component.UNET: 12, Component.VAE_ENCODER: int(vae == "full"), Component.VAE_DECODER: int(vae == "full")} if attention == "fused" else dict.fromkeys(graphs, 0))
+    runners = {component: OnnxRuntimeRunner(path, torch.device("cpu"), threads=2) for component, path in graphs.items()}
     generator = torch.Generator().manual_seed(0)
     worst: dict[str, float] = {}
     # The graphs were traced at 128² with batch 2: other sides, non-square sizes and batches must work.
@@ -106,8 +114,11 @@ def test_the_controlnet_graphs_match_torch_at_other_shapes(tiny_model, tiny_mode
     def load(entry):  # type: ignore[no-untyped-def]
         return OnnxRuntimeRunner(entry.file(ONNX_FILE), torch.device("cpu"), threads=2)
 
-    compiled_net = CompiledControlNet(load(builder.onnx(Component.CONTROLNET, module=net)), torch.float32, pipe.unet.config)
-    compiled_unet = CompiledUNet(load(builder.onnx(Component.UNET)), torch.float32, controlled=load(builder.onnx(Component.UNET_CONTROLLED)))
+    # The graphs ONNX Runtime runs (fused attention; TensorRT builds no engines for these).
+    compiled_net = CompiledControlNet(load(builder.onnx(Component.CONTROLNET, module=net, attention="fused")), torch.float32, pipe.unet.config)
+    compiled_unet = CompiledUNet(
+        load(builder.onnx(Component.UNET, attention="fused")), torch.float32, controlled=load(builder.onnx(Component.UNET_CONTROLLED, attention="fused"))
+    )
     assert builder.onnx_key(Component.CONTROLNET, module=net) != builder.onnx_key(Component.UNET_CONTROLLED)
     generator = torch.Generator().manual_seed(1)
     worst = {"controlnet": 0.0, "unet_controlled": 0.0}
@@ -159,7 +170,7 @@ BASE_KEY = EngineKey(
 )
 KEY_CHANGES = [
     ("kind", "onnx"), ("component", "vae_decoder"), ("weights", "b" * 64), ("export_version", 2), ("opset", 18),
-    ("dtype", "float32"), ("min_side", 320), ("opt_side", 768), ("max_side", 768), ("min_batch", 2),
+    ("dtype", "float32"), ("attention", "fused"), ("min_side", 320), ("opt_side", 768), ("max_side", 768), ("min_batch", 2),
     ("opt_batch", 4), ("max_batch", 4), ("tensorrt", "10.6.0"), ("gpu", "NVIDIA GeForce RTX 4090"),
     ("compute_capability", "8.9"), ("cuda", "12.8"),
 ]
@@ -211,7 +222,7 @@ def test_a_corrupt_entry_is_detected_and_rebuilt(tiny_model, tmp_path: Path, cap
 
 def test_two_builder_processes_build_once_and_both_succeed(tiny_model_dir: Path, tiny_model, cache_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     engines = tmp_path / "engines"
-    key = ArtifactBuilder(EngineCache(engines), tiny_model.pipe, model_name="tiny").onnx_key(Component.VAE_DECODER)
+    key = ArtifactBuilder(EngineCache(engines), tiny_model.pipe, model_name="tiny").onnx_key(Component.VAE_DECODER, attention="fused")
     engines.mkdir()
     command = [sys.executable, "-m", "streamcanvas.realtime_server.cli", "engines", "build", "--model", str(tiny_model_dir),
                "--engine-dir", str(engines), "--component", "vae_decoder", "--backend", "onnxruntime"]
@@ -427,7 +438,7 @@ def test_a_graph_the_runtime_refuses_is_rebuilt(tiny_model, tmp_path: Path, capl
     import hashlib
 
     cache = EngineCache(tmp_path)
-    entry = ArtifactBuilder(cache, tiny_model.pipe, model_name="tiny").onnx(Component.VAE_DECODER)
+    entry = ArtifactBuilder(cache, tiny_model.pipe, model_name="tiny").onnx(Component.VAE_DECODER, attention="fused")  # what ONNX Runtime runs
     garbage = b"not an onnx graph" * 100
     entry.file(ONNX_FILE).write_bytes(garbage)
     manifest = json.loads((entry.path / MANIFEST).read_text())

@@ -16,7 +16,7 @@ from diffusers import StableDiffusionPipeline
 
 from .cache import EngineCache, EngineKey, Entry, fingerprint_module
 from .components import Component, ShapeRange
-from .export import DEFAULT_OPSET, EXPORT_VERSION, export_component
+from .export import DEFAULT_OPSET, EXPORT_VERSION, Attention, export_component
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ArtifactBuilder:
     def _notes(self) -> dict[str, object]:
         return {"model": self.model_name, "device": str(self.device), "torch": torch.__version__}
 
-    def onnx_key(self, component: Component, module: torch.nn.Module | None = None) -> EngineKey:
+    def onnx_key(self, component: Component, module: torch.nn.Module | None = None, attention: Attention = "standard") -> EngineKey:
         return EngineKey(
             kind="onnx",
             component=component.value,
@@ -79,15 +79,19 @@ class ArtifactBuilder:
             export_version=EXPORT_VERSION,
             opset=self.opset,
             dtype=str(self.module(component, module).dtype).removeprefix("torch."),
+            attention=attention,
         )
 
-    def onnx(self, component: Component, allow_build: bool = True, module: torch.nn.Module | None = None) -> Entry:
-        """`component`'s ONNX graph (`module`: the ControlNet, for Component.CONTROLNET)."""
-        key = self.onnx_key(component, module)
+    def onnx(
+        self, component: Component, allow_build: bool = True, module: torch.nn.Module | None = None, attention: Attention = "standard"
+    ) -> Entry:
+        """`component`'s ONNX graph (`module`: the ControlNet, for Component.CONTROLNET), its attention
+        as standard operators (portable: TensorRT builds from these) or fused for ONNX Runtime."""
+        key = self.onnx_key(component, module, attention)
 
         def build(directory: Path) -> dict[str, object]:
             self.progress(f"export {component.value} to ONNX")
-            export_component(self.pipe, component, directory / ONNX_FILE, opset=self.opset, module=module)
+            export_component(self.pipe, component, directory / ONNX_FILE, opset=self.opset, module=module, attention=attention)
             self.built.append(key.name)
             return self._notes()
 

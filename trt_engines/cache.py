@@ -64,6 +64,8 @@ class EngineKey:
     export_version: int
     opset: int
     dtype: str
+    attention: str = "standard"
+    """How the graph writes attention (`export.Attention`): "fused" graphs are for ONNX Runtime only."""
     min_side: int | None = None
     opt_side: int | None = None
     max_side: int | None = None

@@ -7,14 +7,18 @@ The graph is simplified with onnxslim (constant folding, shape-op elimination) b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal, get_args
 
 import onnx
 import onnxslim
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderTiny, StableDiffusionPipeline
 
 from .components import (
@@ -38,6 +42,84 @@ EXTERNAL_DATA_BYTES = 1 << 30
 
 _TRACE_SIDE = 128
 _TRACE_BATCH = 2
+
+Attention = Literal["standard", "fused"]
+"""How a graph computes attention: with standard ONNX operators (MatMul, Softmax: any runtime, and what
+TensorRT builds its engines from), or with ONNX Runtime's fused `com.microsoft.MultiHeadAttention`
+operator (ONNX Runtime only). The fused graph's UNet was 17% faster on this CPU at 512² (attention over
+1,024 tokens is half of the tiny UNet's time there), and on CUDA the operator runs flash attention."""
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+
+
+class _MultiHeadAttention(torch.autograd.Function):
+    """Attention over (batch, tokens, heads × head size) projections: scaled dot-product attention when
+    run, ONNX Runtime's MultiHeadAttention operator when exported."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+        batch, _, width = query.shape
+
+        def split(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.view(batch, -1, heads, tensor.shape[-1] // heads).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(split(query), split(key), split(value), scale=scale)
+        return attended.transpose(1, 2).reshape(batch, -1, value.shape[-1])
+
+    @staticmethod
+    def symbolic(graph: Any, query: Any, key: Any, value: Any, heads: int, scale: float) -> Any:
+        return graph.op("com.microsoft::MultiHeadAttention", query, key, value, num_heads_i=heads, scale_f=scale)
+
+
+class _FusedAttentionProcessor:
+    """diffusers' attention (AttnProcessor2_0) with its core as one `_MultiHeadAttention`: the same
+    projections, norms and residual, for the attention layouts SD's UNet, ControlNets and VAE use."""
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **_: Any,
+    ) -> torch.Tensor:
+        if attention_mask is not None or attn.spatial_norm is not None or attn.norm_q is not None or attn.norm_k is not None:
+            raise NotImplementedError("fused attention export covers attention without masks, spatial or q/k norms")
+        residual = hidden_states
+        spatial = hidden_states.ndim == 4
+        if spatial:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        attended = _MultiHeadAttention.apply(query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states), attn.heads, float(attn.scale))
+        hidden_states = attn.to_out[1](attn.to_out[0](attended))
+        if spatial:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def _attention_written_as(graph: torch.nn.Module, attention: Attention) -> Iterator[None]:
+    """While exporting: every attention layer of `graph` fused (then put back as it was), or as it is."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    models = [module for module in graph.modules() if attention == "fused" and hasattr(module, "set_attn_processor")]
+    saved = [model.attn_processors for model in models]
+    try:
+        for model in models:
+            model.set_attn_processor(_FusedAttentionProcessor())
+        yield
+    finally:
+        for model, processors in zip(models, saved):
+            model.set_attn_processor(processors)
 
 
 class _UNetGraph(torch.nn.Module):
@@ -184,9 +266,11 @@ def export_component(
     opset: int = DEFAULT_OPSET,
     external_above: int = EXTERNAL_DATA_BYTES,
     module: torch.nn.Module | None = None,
+    attention: Attention = "standard",
 ) -> None:
     """Write `component` of `pipe` (its UNet with or without ControlNet residuals, its live VAE's
-    encoder/decoder, or the ControlNet `module` for that UNet) to the ONNX file `path`.
+    encoder/decoder, or the ControlNet `module` for that UNet) to the ONNX file `path`, its attention
+    written as `attention` says.
 
     The graph is traced on the pipeline's own device and dtype. Weights of more than `external_above`
     bytes go to `path` + `.data`.
@@ -202,17 +286,18 @@ def export_component(
             # The tracer warns about every Python branch on a shape; side_multiple() covers the one that
             # matters, and the parity tests run the graphs at shapes other than the traced one.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(
-                graph,
-                inputs,
-                str(traced),
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
+            with _attention_written_as(graph, attention):
+                torch.onnx.export(
+                    graph,
+                    inputs,
+                    str(traced),
+                    input_names=input_names,
+                    output_names=output_names,
+                    dynamic_axes=dynamic_axes,
+                    opset_version=opset,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
         weights = sum(parameter.numel() * parameter.element_size() for parameter in graph.parameters())
         if weights < onnx.checker.MAXIMUM_PROTOBUF:
             model = onnxslim.slim(str(traced))
@@ -228,5 +313,7 @@ def export_component(
             )
         else:
             onnx.save_model(model, str(path))
-    logger.info("exported %s to %s (opset %d%s)", component.value, path, opset, ", external weights" if external else "")
+    logger.info(
+        "exported %s to %s (opset %d, %s attention%s)", component.value, path, opset, attention, ", external weights" if external else ""
+    )
 
