@@ -414,6 +414,29 @@ def test_prepare_backend_reuses_cached_graphs(tiny_model, tmp_path: Path) -> Non
     assert second.name == "onnxruntime" and second.reason == "requested" and second.measurement is None
 
 
+def test_torch_glue_runs_on_one_thread_only_while_onnxruntime_runs_every_network(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Between ONNX Runtime's calls torch only moves small tensors, on one thread; a stream whose UNet
+    runs on torch (for a LoRA) keeps the thread's own count, and every frame puts the count back."""
+    from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
+    from streamcanvas.pipelines.tiny import make_tiny_lora
+
+    lora = make_tiny_lora(tmp_path / "lora", tiny_model_dir)
+    model = load_model(ModelSpec(model=str(tiny_model_dir), adapters=(("ink", str(lora)),)))
+    model.backend = prepare_backend(model, BackendConfig(name="onnxruntime", engine_dir=tmp_path / "engines", threads=2))
+    stream = StreamPipeline(model, 64, 64)
+    stream.configure(StreamParams(prompt="a cat"), img2img=True)
+    seen: list[int] = []
+    decode = model.backend.compiled_for(64, 64, 2)[1].decoder  # type: ignore[index]
+    model.backend.compiled_for(64, 64, 2)[1].decoder = lambda *args: (seen.append(torch.get_num_threads()), decode(*args))[1]  # type: ignore[index]
+    threads = torch.get_num_threads()
+    assert threads > 1, "needs a machine with two cores or more"
+    stream.render(make_canvas(64, 1), tag=1)
+    assert stream.glue_threads == 1 and seen == [1] and torch.get_num_threads() == threads
+    stream.configure(StreamParams(prompt="a cat", loras={"ink": 1.0}), img2img=True)
+    stream.render(make_canvas(64, 2), tag=2)
+    assert stream.backend.startswith("onnxruntime (VAE); torch (UNet") and stream.glue_threads is None and seen == [1, threads]
+
+
 @pytest.mark.slow
 def test_torch_compile_frames_match_eager_frames(tiny_model_dir: Path) -> None:
     """The `compile` backend (inductor on the CPU; about a minute to compile the first frame's shapes)."""
