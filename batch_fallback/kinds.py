@@ -116,7 +116,7 @@ class LiveLook(_Strict):
     control_image: str | None = Field(None, description="base64 PNG/JPEG/WebP the controls read (after their preprocessor); default: the input image")
 
 
-UPSCALER_DESCRIPTION = "a resampler (lanczos, bicubic, bilinear, nearest) or one of the server's super-resolution networks (--upscaler NAME=PATH)"
+UPSCALER_DESCRIPTION = f"a resampler ({', '.join(RESAMPLERS)}) or one of the server's super-resolution networks (--upscaler NAME=PATH)"
 
 
 class HiresFix(_Strict):
