@@ -423,7 +423,8 @@ class ComfyHub:
                 del self.clients[client_id]
                 for prompt_id in [p for p, followed in self.followed.items() if followed.client_id == client_id]:
                     del self.followed[prompt_id]  # a reconnect finds them in the store again
-            with contextlib.suppress(RuntimeError):
+            # A client that already left makes Starlette raise WebSocketDisconnect on the close frame.
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError):
                 await websocket.close()
 
     async def _drain(self, websocket: WebSocket, client: Client) -> None:

@@ -14,6 +14,7 @@ one the WebSocket uses: only the bytes move differently.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -46,6 +47,8 @@ from .runtime import Runtime
 logger = logging.getLogger(__name__)
 
 _VIDEO_CLOCK = 90_000
+_UNSENT_MESSAGES = 8
+"""Messages kept for a data channel that is not open yet (a WHIP publisher never opens one): the oldest go."""
 _CHANNEL_QUEUE = 64
 _REPEAT_S = 0.5
 
@@ -210,6 +213,9 @@ class PeerSession(Peer):
             self.track = RenderedTrack(session.broadcast.subscribe(viewer=False, jpeg=False))
         self.inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=_CHANNEL_QUEUE)
         self.channel = None
+        self.unsent: collections.deque[bytes] = collections.deque(maxlen=_UNSENT_MESSAGES)
+        """Messages taken from the session before the data channel opened (the newest few): a txt2img
+        session's one frame is often rendered while the channel is still opening."""
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
 
@@ -248,6 +254,10 @@ class PeerSession(Peer):
 
     def _on_datachannel(self, channel) -> None:  # type: ignore[no-untyped-def]
         self.channel = channel
+        if channel.readyState == "open":
+            self._send_unsent()
+        else:
+            channel.on("open", self._send_unsent)
 
         @channel.on("message")
         def on_message(message: bytes | str) -> None:
@@ -268,9 +278,14 @@ class PeerSession(Peer):
 
     async def _send_outgoing(self) -> None:
         while (payload := await self.session.next_outgoing()) is not None:
+            self.unsent.append(payload)
             if self.channel is not None and self.channel.readyState == "open":
-                self.channel.send(payload)
+                self._send_unsent()
         await self.close()
+
+    def _send_unsent(self) -> None:
+        while self.unsent and self.channel is not None and self.channel.readyState == "open":
+            self.channel.send(self.unsent.popleft())
 
 
 class ViewerPeer(Peer):
