@@ -60,6 +60,11 @@ def _ramp(size: int, start_ramp: int, end_ramp: int) -> np.ndarray:
     return weights
 
 
+def tile_count(width: int, height: int, tile: int, overlap: int) -> int:
+    """How many tiles `tiled` paints a width × height image in."""
+    return len(spans(width, tile, overlap)) * len(spans(height, tile, overlap))
+
+
 def _overlaps(runs: list[tuple[int, int]], index: int) -> tuple[int, int]:
     """How far run `index` overlaps the one before it and the one after it (0 at the image's border)."""
     start, end = runs[index]
@@ -73,7 +78,7 @@ def tiled(pixels: np.ndarray, tile: int, overlap: int, scale: int, paint: Painte
     overlaps blended with linear ramps."""
     height, width = pixels.shape[:2]
     columns, rows = spans(width, tile, overlap), spans(height, tile, overlap)
-    total = len(columns) * len(rows)
+    total = tile_count(width, height, tile, overlap)
     accumulated = np.zeros((height * scale, width * scale, 3), dtype=np.float32)
     weights = np.zeros((height * scale, width * scale, 1), dtype=np.float32)
     for row, (top, bottom) in enumerate(rows):
@@ -123,9 +128,9 @@ def super_resolve(network: SuperResolution, image: Image.Image, width: int, heig
     """`image` through the network (as many passes as reach width × height), tile by tile, then
     resampled to exactly width × height (Lanczos) where the network's scale overshoots."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    passes = network_passes(network.scale, pixels.shape[1], pixels.shape[0], width, height)
-    sides = [(pixels.shape[1] * network.scale**n, pixels.shape[0] * network.scale**n) for n in range(passes)]
-    total = sum(len(spans(side_w, NETWORK_TILE, NETWORK_OVERLAP)) * len(spans(side_h, NETWORK_TILE, NETWORK_OVERLAP)) for side_w, side_h in sides)
+    side_x, side_y = image.size
+    passes = network_passes(network.scale, side_x, side_y, width, height)
+    total = sum(tile_count(side_x * network.scale**n, side_y * network.scale**n, NETWORK_TILE, NETWORK_OVERLAP) for n in range(passes))
     done = 0
     for _ in range(passes):
 
