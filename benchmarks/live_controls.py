@@ -8,7 +8,8 @@ their pictures). In the same run, one client in lockstep (it sends its next canv
 one is answered) streams with: nothing; one ControlNet (scribble preprocessor on the canvas); two LoRAs
 (weights 0.8 and 0.5); both. Then two clients on two slots at once, first with the same LoRA (no
 switches), then one with each LoRA (the shared UNet's adapters switch on every call), against the
-frame time; and the server's own count and mean time of LoRA switches.
+frame time; and the server's own count and mean time of LoRA switches (and, with `--backend
+onnxruntime`, of LoRA weight merges: the compiled UNet binds weights merged per LoRA set).
 
 In this process, with no server: UNet and ControlNet forward calls counted over frames of 1 and of 4
 streams rendered together, to show that a ControlNet costs one extra network call per UNet call; and
@@ -126,14 +127,15 @@ def count_calls(model_dir: Path, extras: dict[str, Path], size: int, frames: int
 @click.option("--seconds", type=float, default=8.0, show_default=True, help="Measured seconds per run.")
 @click.option("--warmup", "warmup_s", type=float, default=3.0, show_default=True)
 @click.option("--model", help="A diffusers directory (default: the trained toy model); LoRAs and the ControlNet are built for it.")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True, help="What runs the UNet, the ControlNet and the VAE.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
-def main(resolution: int, seconds: float, warmup_s: float, model: str | None, output: Path | None) -> None:
+def main(resolution: int, seconds: float, warmup_s: float, model: str | None, backend: str, output: Path | None) -> None:
     """Benchmark live controls (ControlNet, LoRAs, LoRA switching); prints JSON."""
     started = time.time()
     model_dir = Path(model) if model else ensure_toy_model()
     with tempfile.TemporaryDirectory(prefix="streamcanvas-live-controls-") as temporary:
         extras = build_extras(model_dir, Path(temporary))
-        extra = ["--slots", "2", "--batch-workers", "0", "--model", str(model_dir), "--backend", "torch"]
+        extra = ["--slots", "2", "--batch-workers", "0", "--model", str(model_dir), "--backend", backend]
         for name in ("first", "second"):
             extra += ["--lora", f"{name}={extras[name]}"]
         extra += ["--controlnet", f"lines={extras['lines']}"]
@@ -152,7 +154,7 @@ def main(resolution: int, seconds: float, warmup_s: float, model: str | None, ou
     report = {
         "benchmark": "live_controls",
         "machine": describe_machine(),
-        "config": {"resolution": resolution, "seconds": seconds, "warmup_s": warmup_s, "model": model or "toy", "backend": "torch", "codec": "jpeg q80"},
+        "config": {"resolution": resolution, "seconds": seconds, "warmup_s": warmup_s, "model": model or "toy", "backend": backend, "codec": "jpeg q80"},
         "one_client": single,
         "one_client_p50_over_none": {name: round(run["latency_ms"]["p50"] / none_p50, 2) for name, run in single.items()},
         "lora_switching": {
@@ -161,6 +163,9 @@ def main(resolution: int, seconds: float, warmup_s: float, model: str | None, ou
             "switches_with_same_lora": between - before,
             "switches_with_a_lora_each": after["switches"] - between,
             "switch_ms_mean": after["switch_ms_mean"],
+            # Compiled UNets bind weights merged per LoRA set instead (adapters.merged): how often, how long.
+            "merges": after.get("merges"),
+            "merge_ms_mean": after.get("merge_ms_mean"),
             "p99_a_lora_each_over_same": round(switching["latency_ms"]["p99"] / same["latency_ms"]["p99"], 2),
         },
         "calls_per_round": calls,

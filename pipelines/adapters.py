@@ -10,6 +10,7 @@ and a stream without LoRAs on a model that has none loaded pays nothing at all.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import threading
@@ -28,6 +29,9 @@ LoraWeights = tuple[tuple[str, float], ...]
 
 MAX_ACTIVE_LORAS = 8
 LORA_WEIGHT_RANGE = (-4.0, 4.0)
+MERGED_SETS = 4
+"""How many LoRA sets' merged weights (for compiled UNets, see `LoraAdapters.merged`) are kept at once;
+each costs as much memory as the weights the LoRAs touch. The least recently used goes first."""
 
 
 class LoraAdapters:
@@ -41,6 +45,9 @@ class LoraAdapters:
         self._lock = threading.RLock()
         self._applied: LoraWeights = ()
         self._wanted = threading.local()
+        self._merged: collections.OrderedDict[LoraWeights, list[torch.Tensor]] = collections.OrderedDict()
+        self.merges = 0
+        self.merge_ms_total = 0.0
         for name, path in self.paths.items():
             try:
                 pipe.load_lora_weights(str(path), adapter_name=name, local_files_only=True)  # type: ignore[attr-defined]
@@ -75,6 +82,57 @@ class LoraAdapters:
         finally:
             self._wanted.weights = previous
 
+    def current(self) -> LoraWeights:
+        """The LoRAs this thread wants now (set by `wanted`)."""
+        return getattr(self._wanted, "weights", ())
+
+    def lifted(self) -> tuple[str, ...]:
+        """The UNet parameters the loaded LoRAs change (their layers' base weights), by name, for graphs
+        that take them as inputs; empty when there are no LoRAs or one of them cannot be merged into its
+        layer's weight as a plain sum (DoRA, LoRA biases, embedding LoRAs)."""
+        if not self.paths:
+            return ()
+        from peft.tuners.lora import Conv2d, Linear, LoraLayer
+
+        names = []
+        for name, module in self.pipe.unet.named_modules():  # type: ignore[attr-defined]
+            if not isinstance(module, LoraLayer):
+                continue
+            plain = isinstance(module, (Linear, Conv2d)) and not any(module.use_dora.values())
+            if not plain or any(getattr(module, "lora_bias", {}).values()):
+                logger.info("the LoRA layer %s is not a plain low-rank update; compiled UNets do not take these LoRAs", name)
+                return ()
+            names.append(f"{name}.base_layer.weight")
+        return tuple(names)
+
+    @torch.no_grad()
+    def merged(self, weights: LoraWeights, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """The parameters `names` (from `lifted`) with these LoRAs merged in at these weights:
+        base + Σ weight × B·A × alpha/rank for each active LoRA, what PEFT's forward adds beside the base
+        layer. Computed once per LoRA set and kept for the `MERGED_SETS` most recently used."""
+        with self._lock:
+            cached = self._merged.get(weights)
+            if cached is not None:
+                self._merged.move_to_end(weights)
+                return cached
+            started = time.perf_counter()
+            self._apply(weights)  # set_adapters: each layer's scaling includes its LoRA's weight
+            modules = dict(self.pipe.unet.named_modules())  # type: ignore[attr-defined]
+            result = []
+            for name in names:
+                layer = modules[name.removesuffix(".base_layer.weight")]
+                merged = layer.base_layer.weight.detach().clone()
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        merged += layer.get_delta_weight(adapter)
+                result.append(merged.contiguous())
+            self._merged[weights] = result
+            while len(self._merged) > MERGED_SETS:
+                self._merged.popitem(last=False)
+            self.merges += 1
+            self.merge_ms_total += (time.perf_counter() - started) * 1000
+            return result
+
     def _before_call(self, module: torch.nn.Module, args: object) -> None:
         self._lock.acquire()
         try:
@@ -105,6 +163,8 @@ class LoraAdapters:
             "names": list(self.names),
             "switches": self.switches,
             "switch_ms_mean": round(self.switch_ms_total / self.switches, 3) if self.switches else None,
+            "merges": self.merges,
+            "merge_ms_mean": round(self.merge_ms_total / self.merges, 3) if self.merges else None,
         }
 
 

@@ -114,6 +114,12 @@ class Backend:
     """Compiled ControlNets by name; with them `unet` takes their residuals too (ONNX Runtime only)."""
 
     @property
+    def takes_loras(self) -> bool:
+        """Whether streams with LoRAs run the compiled UNet (graphs that take the LoRA-merged weights as
+        inputs; else their UNet runs on torch)."""
+        return bool(getattr(self.unet, "takes_loras", False))
+
+    @property
     def takes_controls(self) -> bool:
         """Whether streams with ControlNets run them and the UNet compiled (else both run on torch)."""
         return bool(self.controlnets)
@@ -142,6 +148,7 @@ class Backend:
             "engines": list(self.engines),
             "side_multiple": self.side_multiple,
             "controlnets": list(self.controlnets),
+            "takes_loras": self.takes_loras,
         }
         if self.shapes is not None:
             described["shapes"] = {
@@ -238,8 +245,10 @@ def _onnxruntime(model: LoadedModel, config: BackendConfig, requested: str) -> B
         graph = functools.partial(builder.onnx, attention="fused")
         runners, names = _load_runners(cache, graph, load, (GraphLoadError,), STREAM_COMPONENTS)
         controlnets: dict[str, Any] = {}
+        unets = (Component.UNET,)
         if model.controlnets.names:
             # With ControlNets loaded: the UNet graph that takes their residuals, and one graph each.
+            unets += (Component.UNET_CONTROLLED,)
             controlled, controlled_names = _load_runners(cache, graph, load, (GraphLoadError,), (Component.UNET_CONTROLLED,))
             runners.update(controlled)
             names += controlled_names
@@ -250,10 +259,27 @@ def _onnxruntime(model: LoadedModel, config: BackendConfig, requested: str) -> B
                 )
                 controlnets[name] = CompiledControlNet(loaded[Component.CONTROLNET], dtype, model.pipe.unet.config)
                 names += net_names
+        lifted = model.adapters.lifted()
+        lifted_runners: dict[Component, Any] = {}
+        if lifted:
+            # With named LoRAs: the UNet graphs again, with the weights the LoRAs change as inputs.
+            lifted_graph = functools.partial(graph, lifted=lifted)
+            lifted_runners, lifted_names = _load_runners(cache, lifted_graph, load, (GraphLoadError,), unets)
+            names += lifted_names
     except (OnnxRuntimeUnavailable, GraphLoadError, CacheError, OSError) as error:
         raise BackendUnavailable(f"onnxruntime cannot run here: {error}") from error
     backend = _compiled_backend(model, "onnxruntime", requested, runners, names, reason="requested")
     backend.controlnets = controlnets
+    if lifted_runners:
+        adapters = model.adapters
+
+        def merged_weights() -> list[torch.Tensor] | None:
+            wanted = adapters.current()
+            return adapters.merged(wanted, lifted) if wanted else None
+
+        backend.unet.lifted = merged_weights
+        backend.unet.lifted_runner = lifted_runners[Component.UNET]
+        backend.unet.lifted_controlled = lifted_runners.get(Component.UNET_CONTROLLED)
     return backend
 
 

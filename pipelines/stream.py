@@ -591,11 +591,14 @@ class StreamPipeline:
 
     @property
     def needs_torch_unet(self) -> bool:
-        """LoRA adapters go into torch's UNet only (the compiled graphs hold the base weights); ControlNet
-        residuals too, unless the backend compiled the ControlNets and a UNet that takes them."""
+        """LoRAs and ControlNet residuals go into torch's UNet unless the backend compiled a UNet that takes
+        them (graphs with the LoRA-touched weights as inputs; the ControlNets and a UNet with residual
+        inputs)."""
         if self.params is None:
             return False
-        return bool(self.params.active_loras) or (bool(self.params.controls) and not self.model.backend.takes_controls)
+        backend = self.model.backend
+        loras = bool(self.params.active_loras) and not backend.takes_loras
+        return loras or (bool(self.params.controls) and not backend.takes_controls)
 
     @property
     def glue_threads(self) -> int | None:
@@ -623,7 +626,8 @@ class StreamPipeline:
             self.backend = "torch"
         elif self.needs_torch_unet:
             unet = self.model.pipe.unet
-            self.backend = f"{backend.name} (VAE); torch (UNet, for {'LoRAs' if params.active_loras else 'controls'})"
+            for_loras = bool(params.active_loras) and not backend.takes_loras
+            self.backend = f"{backend.name} (VAE); torch (UNet, for {'LoRAs' if for_loras else 'controls'})"
         else:
             self.backend = backend.name
             # The compiled ControlNets go with the compiled UNet (they are the same networks as the

@@ -170,7 +170,7 @@ BASE_KEY = EngineKey(
 )
 KEY_CHANGES = [
     ("kind", "onnx"), ("component", "vae_decoder"), ("weights", "b" * 64), ("export_version", 2), ("opset", 18),
-    ("dtype", "float32"), ("attention", "fused"), ("min_side", 320), ("opt_side", 768), ("max_side", 768), ("min_batch", 2),
+    ("dtype", "float32"), ("attention", "fused"), ("lifted", "c" * 24), ("min_side", 320), ("opt_side", 768), ("max_side", 768), ("min_batch", 2),
     ("opt_batch", 4), ("max_batch", 4), ("tensorrt", "10.6.0"), ("gpu", "NVIDIA GeForce RTX 4090"),
     ("compute_capability", "8.9"), ("cuda", "12.8"),
 ]
@@ -415,8 +415,9 @@ def test_prepare_backend_reuses_cached_graphs(tiny_model, tmp_path: Path) -> Non
 
 
 def test_torch_glue_runs_on_one_thread_only_while_onnxruntime_runs_every_network(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Between ONNX Runtime's calls torch only moves small tensors, on one thread; a stream whose UNet
-    runs on torch (for a LoRA) keeps the thread's own count, and every frame puts the count back."""
+    """Between ONNX Runtime's calls torch only moves small tensors, on one thread (a stream with a LoRA
+    too: its UNet is compiled); a stream at a size the graphs do not take runs on torch and keeps the
+    thread's own count, and every frame puts the count back."""
     from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
     from streamcanvas.pipelines.tiny import make_tiny_lora
 
@@ -424,17 +425,49 @@ def test_torch_glue_runs_on_one_thread_only_while_onnxruntime_runs_every_network
     model = load_model(ModelSpec(model=str(tiny_model_dir), adapters=(("ink", str(lora)),)))
     model.backend = prepare_backend(model, BackendConfig(name="onnxruntime", engine_dir=tmp_path / "engines", threads=2))
     stream = StreamPipeline(model, 64, 64)
-    stream.configure(StreamParams(prompt="a cat"), img2img=True)
+    stream.configure(StreamParams(prompt="a cat", loras={"ink": 1.0}), img2img=True)
     seen: list[int] = []
     decode = model.backend.compiled_for(64, 64, 2)[1].decoder  # type: ignore[index]
     model.backend.compiled_for(64, 64, 2)[1].decoder = lambda *args: (seen.append(torch.get_num_threads()), decode(*args))[1]  # type: ignore[index]
     threads = torch.get_num_threads()
     assert threads > 1, "needs a machine with two cores or more"
     stream.render(make_canvas(64, 1), tag=1)
-    assert stream.glue_threads == 1 and seen == [1] and torch.get_num_threads() == threads
-    stream.configure(StreamParams(prompt="a cat", loras={"ink": 1.0}), img2img=True)
-    stream.render(make_canvas(64, 2), tag=2)
-    assert stream.backend.startswith("onnxruntime (VAE); torch (UNet") and stream.glue_threads is None and seen == [1, threads]
+    assert stream.backend == "onnxruntime" and stream.glue_threads == 1 and seen == [1] and torch.get_num_threads() == threads
+    odd = StreamPipeline(model, 72, 72)  # not a multiple of the graphs' side multiple (16)
+    odd.configure(StreamParams(prompt="a cat"), img2img=True)
+    thread_counts: list[int] = []
+    model.pipe.unet.register_forward_hook(lambda *_: thread_counts.append(torch.get_num_threads()))
+    odd.render(make_canvas(72, 2), tag=2)
+    assert odd.backend == "torch" and odd.glue_threads is None and set(thread_counts) == {threads}
+    assert torch.get_num_threads() == threads
+
+
+def test_the_lora_graphs_take_merged_weights_and_match_torch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With named LoRAs, the UNet is exported again with the weights the LoRAs change as inputs (its own
+    cache entry); fed the weights merged for a LoRA set, it gives what torch's UNet gives with those
+    adapters active, at shapes other than the traced one and for sets it has not seen before."""
+    loras = [("ink", str(make_tiny_lora(tmp_path / "ink", tiny_model_dir, seed=1))), ("glow", str(make_tiny_lora(tmp_path / "glow", tiny_model_dir, seed=2)))]
+    model = load_model(ModelSpec(model=str(tiny_model_dir), adapters=tuple(loras)))
+    model.backend = prepare_backend(model, BackendConfig(name="onnxruntime", engine_dir=tmp_path / "engines", threads=2))
+    lifted = model.adapters.lifted()
+    # The tiny LoRAs change every attention projection: q, k, v and out of 12 attention layers.
+    assert len(lifted) == 48 and all(name.endswith(("to_q.base_layer.weight", "to_out.0.base_layer.weight", "to_k.base_layer.weight", "to_v.base_layer.weight")) for name in lifted)
+    entries = {entry.key.name: entry.key for entry in EngineCache(tmp_path / "engines").entries()[0]}
+    unets = [key for key in entries.values() if key.component == "unet"]
+    assert len(unets) == 2 and {key.lifted is None for key in unets} == {True, False}
+    generator = torch.Generator().manual_seed(3)
+    unet = model.backend.unet
+    for batch, side, wanted in ((1, 48, (("ink", 1.0),)), (3, 80, (("glow", 0.5), ("ink", -1.5))), (2, 64, ())):
+        sample = torch.randn(batch, 4, side // 8, side // 8, generator=generator)
+        timestep = torch.tensor([900, 500, 100][:batch])
+        text = torch.randn(batch, 77, model.pipe.unet.config.cross_attention_dim, generator=generator)
+        with model.adapters.wanted(wanted):
+            compiled = unet(sample, timestep, encoder_hidden_states=text)[0]
+            expected = model.pipe.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+        base = model.pipe.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+        assert (compiled - expected).abs().max().item() <= 1e-3, wanted
+        if wanted:
+            assert (expected - base).abs().max().item() > 0.02, "the LoRA made no difference: the test proves nothing"
 
 
 @pytest.mark.slow

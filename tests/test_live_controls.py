@@ -329,13 +329,13 @@ def test_a_controlnet_costs_one_call_per_unet_call_whatever_the_batch(controlled
     assert calls["unet"] == calls["controlnet"] == 4  # a priming step, then one a frame
 
 
-def test_on_onnxruntime_controlnets_run_compiled_and_loras_keep_the_compiled_vae(
+def test_on_onnxruntime_controlnets_and_loras_run_compiled(
     toy_model_dir: Path, live_extras: dict[str, Path], tmp_path: Path
 ) -> None:
     """With ControlNets loaded, ONNX Runtime also gets a UNet graph that takes their residuals and one
-    graph per ControlNet: a stream with controls runs wholly compiled and renders what torch renders
-    (up to float rounding). The exported UNet holds the base weights, so a stream with LoRAs runs its
-    UNet (and ControlNets) on torch and its VAE on ONNX Runtime; a plain stream stays wholly compiled."""
+    graph per ControlNet; with named LoRAs, UNet graphs whose LoRA-touched weights are inputs, bound to
+    the weights merged for the stream's LoRAs. Streams with controls, LoRAs or both run wholly compiled
+    and render what torch renders (up to float rounding)."""
     from streamcanvas.pipelines.backends import BackendConfig, prepare_backend
     from streamcanvas.pipelines.loading import ModelSpec, load_model
 
@@ -352,33 +352,71 @@ def test_on_onnxruntime_controlnets_run_compiled_and_loras_keep_the_compiled_vae
     cases = [
         ({"controls": [SCRIBBLE]}, "onnxruntime"),
         ({"controls": two, "steps": 2, "cfg_type": "full", "guidance_scale": 2.0}, "onnxruntime"),
-        ({"loras": {"ink": 1.0}}, "onnxruntime (VAE); torch (UNet, for LoRAs)"),
-        ({"loras": {"ink": 1.0}, "controls": [SCRIBBLE]}, "onnxruntime (VAE); torch (UNet, for LoRAs)"),
+        ({"loras": {"ink": 1.0}}, "onnxruntime"),
+        ({"loras": {"ink": 0.6}, "steps": 2, "cfg_type": "full", "guidance_scale": 2.0}, "onnxruntime"),
+        ({"loras": {"ink": 1.0}, "controls": [SCRIBBLE]}, "onnxruntime"),
     ]
     torch_calls = [0]
     hooks = [
-        compiled.controlnets.get(name).register_forward_hook(lambda *_: torch_calls.__setitem__(0, torch_calls[0] + 1))
-        for name in ("scribble", "edges")
+        module.register_forward_hook(lambda *_: torch_calls.__setitem__(0, torch_calls[0] + 1))
+        for module in (compiled.controlnets.get("scribble"), compiled.controlnets.get("edges"), compiled.pipe.unet)
     ]
+    assert compiled.backend.takes_loras and compiled.backend.describe()["takes_loras"]
     for params, backend in cases:
         on_onnx = stream(compiled, **params)
         assert on_onnx.backend == backend, params
         before = torch_calls[0]
         rendered = [on_onnx.render(canvas, tag=tag).image for tag in range(3)]
-        # Compiled: torch's ControlNets never ran; beside torch's UNet (for LoRAs) they did.
-        if "controls" in params:
-            assert (torch_calls[0] == before) == (backend == "onnxruntime"), (params, torch_calls)
+        # Compiled: torch's ControlNets (and UNet) never ran.
+        assert torch_calls[0] == before, (params, torch_calls)
         reference = stream(eager, **params)
         expected = [reference.render(canvas, tag=tag).image for tag in range(3)]
         worst = max(int(np.abs(a.astype(int) - b).max()) for a, b in zip(rendered, expected))
         assert worst <= 3, (params, worst)
-        # And the controls did act: not the frame without them.
-        if "controls" in params:
-            plain = {name: value for name, value in params.items() if name != "controls"}
-            assert difference(rendered[-1], frame(eager, canvas, **plain)) > 1, params
+        # And the controls and LoRAs did act: not the frame without them.
+        for control in ("controls", "loras"):
+            if control in params:
+                plain = {name: value for name, value in params.items() if name != control}
+                assert difference(rendered[-1], frame(eager, canvas, **plain)) > 1, (control, params)
+    # Threads with different LoRA sets at the same moments: each binds its own merged weights.
+    wanted: list[dict[str, float]] = [{"ink": 1.0}, {"ink": -0.7}, {}]
+    expected = [frame(eager, canvas, loras=loras, steps=1, cfg_type="none") for loras in wanted]
+    worst_seen: list[int] = []
+    errors: list[BaseException] = []
+    together = threading.Barrier(len(wanted), timeout=60)
+
+    def work(index: int) -> None:
+        try:
+            together.wait()
+            pipeline = stream(compiled, loras=wanted[index], steps=1, cfg_type="none")
+            for tag in range(4):
+                together.wait()
+                image = pipeline.render(canvas, tag=tag).image
+                worst_seen.append(int(np.abs(image.astype(int) - expected[index]).max()))
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(len(wanted))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and len(worst_seen) == 4 * len(wanted) and max(worst_seen) <= 3, (errors, worst_seen)
     for hook in hooks:
         hook.remove()
+    assert torch_calls[0] == 0
     assert stream(compiled).backend == "onnxruntime"
+    # Merged weights are kept for a bounded number of LoRA sets, the least recently used going first.
+    from streamcanvas.pipelines.adapters import MERGED_SETS
+
+    lifted = compiled.adapters.lifted()
+    merges = compiled.adapters.merges
+    for weight in range(MERGED_SETS + 2):
+        compiled.adapters.merged((("ink", weight / 10),), lifted)
+    assert len(compiled.adapters._merged) == MERGED_SETS
+    compiled.adapters.merged((("ink", (MERGED_SETS + 1) / 10),), lifted)  # the newest: still there
+    compiled.adapters.merged((("ink", 0.0),), lifted)  # the oldest: merged again
+    assert compiled.adapters.merges == merges + MERGED_SETS + 3
 
 
 def test_a_fused_lora_stays_fused_beside_named_ones(toy_model_dir: Path, live_extras: dict[str, Path]) -> None:

@@ -7,8 +7,9 @@ are the same.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -71,7 +72,9 @@ class ArtifactBuilder:
     def _notes(self) -> dict[str, object]:
         return {"model": self.model_name, "device": str(self.device), "torch": torch.__version__}
 
-    def onnx_key(self, component: Component, module: torch.nn.Module | None = None, attention: Attention = "standard") -> EngineKey:
+    def onnx_key(
+        self, component: Component, module: torch.nn.Module | None = None, attention: Attention = "standard", lifted: Sequence[str] = ()
+    ) -> EngineKey:
         return EngineKey(
             kind="onnx",
             component=component.value,
@@ -80,18 +83,27 @@ class ArtifactBuilder:
             opset=self.opset,
             dtype=str(self.module(component, module).dtype).removeprefix("torch."),
             attention=attention,
+            lifted=hashlib.sha256("\n".join(lifted).encode()).hexdigest()[:24] if lifted else None,
         )
 
     def onnx(
-        self, component: Component, allow_build: bool = True, module: torch.nn.Module | None = None, attention: Attention = "standard"
+        self,
+        component: Component,
+        allow_build: bool = True,
+        module: torch.nn.Module | None = None,
+        attention: Attention = "standard",
+        lifted: Sequence[str] = (),
     ) -> Entry:
         """`component`'s ONNX graph (`module`: the ControlNet, for Component.CONTROLNET), its attention
-        as standard operators (portable: TensorRT builds from these) or fused for ONNX Runtime."""
-        key = self.onnx_key(component, module, attention)
+        as standard operators (portable: TensorRT builds from these) or fused for ONNX Runtime, and the
+        UNet weights named in `lifted` as inputs."""
+        key = self.onnx_key(component, module, attention, lifted)
 
         def build(directory: Path) -> dict[str, object]:
-            self.progress(f"export {component.value} to ONNX")
-            export_component(self.pipe, component, directory / ONNX_FILE, opset=self.opset, module=module, attention=attention)
+            self.progress(f"export {component.value} to ONNX" + (" (LoRA weights as inputs)" if lifted else ""))
+            export_component(
+                self.pipe, component, directory / ONNX_FILE, opset=self.opset, module=module, attention=attention, lifted=lifted
+            )
             self.built.append(key.name)
             return self._notes()
 

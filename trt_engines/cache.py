@@ -66,6 +66,9 @@ class EngineKey:
     dtype: str
     attention: str = "standard"
     """How the graph writes attention (`export.Attention`): "fused" graphs are for ONNX Runtime only."""
+    lifted: str | None = None
+    """Digest of the names of the UNet weights the graph takes as inputs (those LoRAs change; bound per
+    LoRA set at run time), None when every weight is inside the graph."""
     min_side: int | None = None
     opt_side: int | None = None
     max_side: int | None = None

@@ -11,7 +11,7 @@ adapters below, and everything above them, are the same for every backend.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Protocol
@@ -50,6 +50,12 @@ SIGNATURES: dict[Component, Signature] = {
     Component.VAE_ENCODER: Signature(("images",), "latents"),
     Component.VAE_DECODER: Signature(("latents",), "images"),
 }
+
+
+def lifted_names(count: int) -> tuple[str, ...]:
+    """The graph input names of a UNet's `count` lifted weights (the weights LoRAs change), in the
+    order they were listed at export."""
+    return tuple(f"lifted_weight_{index}" for index in range(count))
 
 
 def residual_names(count: int) -> tuple[str, ...]:
@@ -161,15 +167,39 @@ def unet_feeds(
     }
 
 
+LiftedWeights = Callable[[], "Sequence[torch.Tensor] | None"]
+"""Called at each UNet call: the lifted weights (`lifted_names`' order) for the caller's LoRAs, or None
+for the base weights (the graphs without lifted weights run then)."""
+
+
 class CompiledUNet:
     """Called by StreamDiffusion as `unet(sample, t, encoder_hidden_states=..., return_dict=False)[0]`,
     and with ControlNet residuals as diffusers' UNet takes them (`pipelines.controls.controlled_unet`)
-    when the backend exported the controlled graph too."""
+    when the backend exported the controlled graph too.
 
-    def __init__(self, runner: Runner, dtype: torch.dtype, controlled: Runner | None = None) -> None:
+    With `lifted` (and the `lifted_runner`, and `lifted_controlled` for ControlNets), a caller with LoRAs
+    runs the graphs whose LoRA-targeted weights are inputs, bound to the merged weights `lifted` gives."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        dtype: torch.dtype,
+        controlled: Runner | None = None,
+        *,
+        lifted: LiftedWeights | None = None,
+        lifted_runner: Runner | None = None,
+        lifted_controlled: Runner | None = None,
+    ) -> None:
         self.runner = runner
         self.dtype = dtype
         self.controlled = controlled
+        self.lifted = lifted
+        self.lifted_runner = lifted_runner
+        self.lifted_controlled = lifted_controlled
+
+    @property
+    def takes_loras(self) -> bool:
+        return self.lifted is not None and self.lifted_runner is not None
 
     def __call__(
         self,
@@ -183,13 +213,20 @@ class CompiledUNet:
         if return_dict:
             raise ValueError("compiled components return tuples only")
         feeds = unet_feeds(sample, timestep, encoder_hidden_states, self.dtype)
+        weights = self.lifted() if self.lifted is not None else None
+        plain, controlled = self.runner, self.controlled
+        if weights is not None:
+            if self.lifted_runner is None:
+                raise ValueError("this compiled UNet has no graph that takes LoRA weights")
+            plain, controlled = self.lifted_runner, self.lifted_controlled
+            feeds.update(zip(lifted_names(len(weights)), weights))
         if down_block_additional_residuals is None:
-            return (self.runner(feeds, sample.shape, self.dtype),)
-        if self.controlled is None or mid_block_additional_residual is None:
+            return (plain(feeds, sample.shape, self.dtype),)
+        if controlled is None or mid_block_additional_residual is None:
             raise ValueError("this compiled UNet takes no ControlNet residuals (no controlled graph was exported)")
         residuals = [*down_block_additional_residuals, mid_block_additional_residual]
         feeds.update(zip(residual_names(len(residuals)), (residual.to(self.dtype) for residual in residuals)))
-        return (self.controlled(feeds, sample.shape, self.dtype),)
+        return (controlled(feeds, sample.shape, self.dtype),)
 
 
 class CompiledControlNet:

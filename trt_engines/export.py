@@ -11,7 +11,7 @@ import contextlib
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -28,6 +28,7 @@ from .components import (
     Component,
     controlled_signature,
     controlnet_signature,
+    lifted_names,
     residual_shapes,
 )
 
@@ -151,6 +152,49 @@ class _ControlledUNetGraph(torch.nn.Module):
         )[0]
 
 
+class _LiftedWeights(torch.nn.Module):
+    """A UNet graph (`_UNetGraph` or `_ControlledUNetGraph`) whose listed UNet parameters are inputs
+    (after the graph's own inputs, in the order listed) instead of weights inside the file: the weights
+    LoRAs change, which the runtime binds per LoRA set (see `components.lifted_names`).
+
+    Within `lifted_out()` the listed parameters are taken out of their modules (so the exporter, which
+    names the weights it writes by their place among the module's parameters, never sees them) and kept
+    as plain attributes; while it runs, the input tensors stand in those places. torch.func's
+    functional_call would do the swap, but it refuses to run under the tracer."""
+
+    def __init__(self, graph: torch.nn.Module, unet: torch.nn.Module, lifted: Sequence[str]) -> None:
+        super().__init__()
+        self.graph = graph
+        modules = dict(unet.named_modules())
+        self.slots = [(modules[name.rpartition(".")[0]], name.rpartition(".")[2]) for name in lifted]
+
+    @contextlib.contextmanager
+    def lifted_out(self) -> Iterator[None]:
+        taken: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+        try:
+            for module, attribute in self.slots:
+                parameter = module._parameters.pop(attribute)
+                taken.append((module, attribute, parameter))  # type: ignore[arg-type]
+                module.__dict__[attribute] = parameter
+            yield
+        finally:
+            for module, attribute, parameter in taken:
+                module.__dict__.pop(attribute, None)
+                module._parameters[attribute] = parameter
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        count = len(self.slots)
+        own, weights = inputs[: len(inputs) - count], inputs[len(inputs) - count :]
+        saved = [module.__dict__[attribute] for module, attribute in self.slots]
+        try:
+            for (module, attribute), weight in zip(self.slots, weights):
+                module.__dict__[attribute] = weight
+            return self.graph(*own)
+        finally:
+            for (module, attribute), parameter in zip(self.slots, saved):
+                module.__dict__[attribute] = parameter
+
+
 class _ControlNetGraph(torch.nn.Module):
     """A ControlNet at conditioning scale 1: the stream scales its residuals row by row afterwards."""
 
@@ -267,10 +311,12 @@ def export_component(
     external_above: int = EXTERNAL_DATA_BYTES,
     module: torch.nn.Module | None = None,
     attention: Attention = "standard",
+    lifted: Sequence[str] = (),
 ) -> None:
     """Write `component` of `pipe` (its UNet with or without ControlNet residuals, its live VAE's
     encoder/decoder, or the ControlNet `module` for that UNet) to the ONNX file `path`, its attention
-    written as `attention` says.
+    written as `attention` says; the UNet parameters named in `lifted` become the graph's last inputs
+    (`components.lifted_names`) instead of weights in the file.
 
     The graph is traced on the pipeline's own device and dtype. Weights of more than `external_above`
     bytes go to `path` + `.data`.
@@ -279,6 +325,16 @@ def export_component(
         raise ValueError(f"opset {opset} is too old: 17 or newer is needed (GroupNorm/LayerNorm export)")
     graph, inputs = _graph_and_inputs(pipe, component, module)
     input_names, output_names, dynamic_axes = _names_and_axes(pipe, component)
+    if lifted:
+        if component not in (Component.UNET, Component.UNET_CONTROLLED):
+            raise ValueError(f"only the UNet's weights can be graph inputs, not {component.value}'s")
+        parameters = dict(pipe.unet.named_parameters())
+        missing = [name for name in lifted if name not in parameters]
+        if missing:
+            raise ValueError(f"the UNet has no parameters {', '.join(missing[:3])}")
+        graph = _LiftedWeights(graph, pipe.unet, lifted)
+        inputs = (*inputs, *(parameters[name].detach() for name in lifted))
+        input_names = [*input_names, *lifted_names(len(lifted))]
     path = Path(path)
     with tempfile.TemporaryDirectory(prefix="streamcanvas-export-", dir=path.parent) as scratch:
         traced = Path(scratch) / "traced.onnx"
@@ -286,7 +342,8 @@ def export_component(
             # The tracer warns about every Python branch on a shape; side_multiple() covers the one that
             # matters, and the parity tests run the graphs at shapes other than the traced one.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            with _attention_written_as(graph, attention):
+            lifted_out = graph.lifted_out() if isinstance(graph, _LiftedWeights) else contextlib.nullcontext()
+            with _attention_written_as(graph, attention), lifted_out:
                 torch.onnx.export(
                     graph,
                     inputs,
@@ -298,7 +355,7 @@ def export_component(
                     do_constant_folding=True,
                     dynamo=False,
                 )
-        weights = sum(parameter.numel() * parameter.element_size() for parameter in graph.parameters())
+        weights = sum(parameter.numel() * parameter.element_size() for parameter in graph.parameters())  # lifted ones too: an upper bound
         if weights < onnx.checker.MAXIMUM_PROTOBUF:
             model = onnxslim.slim(str(traced))
         else:
@@ -314,6 +371,7 @@ def export_component(
         else:
             onnx.save_model(model, str(path))
     logger.info(
-        "exported %s to %s (opset %d, %s attention%s)", component.value, path, opset, attention, ", external weights" if external else ""
-    )
+        "exported %s to %s (opset %d, %s attention%s%s)", component.value, path, opset, attention,
+        ", external weights" if external else "", f", {len(lifted)} weights as inputs" if lifted else "",
+    )  # fmt: skip
 
