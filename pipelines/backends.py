@@ -38,6 +38,7 @@ from streamcanvas.trt_engines.components import (
     CompiledVae,
     Component,
     ShapeRange,
+    added_width,
 )
 from streamcanvas.trt_engines.export import side_multiple
 from streamcanvas.trt_engines.onnxruntime_backend import (
@@ -168,16 +169,6 @@ def prepare_backend(model: LoadedModel, config: BackendConfig) -> Backend:
     """Set up the configured backend for `model` (blocking: export, engine loading, measurement)."""
     if config.name == "torch":
         return eager_backend()
-    if model.architecture == "sdxl" and config.name != "compile":
-        # The exported UNet graphs take latents, timesteps and text embeddings only; SDXL's UNet also
-        # needs its added conditioning (pooled embeddings, size ids), which they do not carry yet.
-        reason = "SDXL-shaped models run on torch: the compiled UNet graphs do not take SDXL's added conditioning yet"
-        if config.name != "auto":
-            raise BackendUnavailable(f"--backend {config.name}: {reason}")
-        logger.info("backend auto: torch (%s)", reason)
-        chosen = eager_backend(reason=reason)
-        chosen.requested = "auto"
-        return chosen
     if config.name == "compile":
         return _compiled_by_torch(model)
     if config.name == "onnxruntime":
@@ -395,11 +386,17 @@ def measure(model: LoadedModel, backend: Backend, side: int, rounds: int = MEASU
     latents = torch.randn(2, 4, latent, latent, generator=generator).to(placement.device, placement.dtype)
     timesteps = torch.tensor([500, 800], device=placement.device)
     text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=generator).to(placement.device, placement.dtype)
+    added: dict[str, Any] = {}
+    pooled = added_width(pipe.unet.config)
+    if pooled is not None:  # SDXL's added conditioning: a pooled text embedding and the size ids
+        sizes = torch.tensor([[side, side, 0, 0, side, side]] * 2, dtype=placement.dtype, device=placement.device)
+        text_embeds = torch.randn(2, pooled, generator=generator).to(placement.device, placement.dtype)
+        added = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": sizes}}
 
     def frame(unet: Any, vae: Any) -> float:
         started = time.perf_counter()
         vae.encode(image)
-        unet(latents, timesteps, encoder_hidden_states=text, return_dict=False)
+        unet(latents, timesteps, encoder_hidden_states=text, return_dict=False, **added)
         vae.decode(latents[:1], return_dict=False)
         if placement.device.type == "cuda":
             torch.cuda.synchronize(placement.device)

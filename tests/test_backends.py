@@ -348,6 +348,10 @@ def test_tensorrt_shapes_refuse_inconsistent_ranges() -> None:
     shapes = ShapeRange(min_side=256, opt_side=512, max_side=768, max_batch=4)
     assert shapes.covers(256, 768, 4) and not shapes.covers(128, 512) and not shapes.covers(512, 512, 5)
     assert shapes.profile(Component.UNET, text_width=1024)["encoder_hidden_states"] == ((1, 77, 1024), (2, 77, 1024), (4, 77, 1024))
+    assert set(shapes.profile(Component.UNET)) == {"sample", "timestep", "encoder_hidden_states"}
+    # An SDXL UNet's engine takes the pooled text embedding and the six size ids too.
+    sdxl = shapes.profile(Component.UNET, text_width=2048, pooled_width=1280)
+    assert sdxl["text_embeds"] == ((1, 1280), (2, 1280), (4, 1280)) and sdxl["time_ids"] == ((1, 6), (2, 6), (4, 6))
 
 
 # ---- whole frames: ONNX Runtime against torch through real servers ------------------------------------

@@ -11,7 +11,6 @@ import pytest
 from helpers import make_canvas
 from streamcanvas.batch_fallback.rendering import QualityRenderer, RenderControl, RenderRequest
 from streamcanvas.pipelines.backends import BackendConfig, prepare_backend
-from streamcanvas.pipelines.errors import BackendUnavailable
 from streamcanvas.pipelines.loading import ModelSpec, load_model
 from streamcanvas.pipelines.stream import CFG_TYPES, StreamParams, StreamPipeline, render_together
 from streamcanvas.pipelines.tiny import make_tiny_controlnet, make_tiny_lora
@@ -95,8 +94,43 @@ def test_sdxl_batch_renders(sdxl) -> None:  # type: ignore[no-untyped-def]
     assert not np.array_equal(render(controls=(control,)), plain)
 
 
-def test_compiled_backends_refuse_sdxl_and_auto_says_why(sdxl) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(BackendUnavailable, match="SDXL"):
-        prepare_backend(sdxl, BackendConfig(name="onnxruntime"))
-    chosen = prepare_backend(sdxl, BackendConfig(name="auto"))
-    assert chosen.name == "torch" and "SDXL" in chosen.reason
+def test_sdxl_runs_compiled_on_onnxruntime(tiny_sdxl_dir: Path, sdxl, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The exported SDXL UNet, ControlNet and LoRA graphs take the added conditioning (pooled text
+    embedding and size ids) as inputs: streams with nothing, full CFG, a LoRA, a ControlNet, and four
+    streams rendered together run wholly on ONNX Runtime and render what torch renders."""
+    adapters = tuple((name, str(path)) for name, path in sdxl.adapters.paths.items())
+    controlnets = tuple((name, str(path)) for name, path in sdxl.controlnets.paths.items())
+    compiled = load_model(ModelSpec(model=str(tiny_sdxl_dir), adapters=adapters, controlnets=controlnets))
+    compiled.backend = prepare_backend(compiled, BackendConfig(name="onnxruntime", engine_dir=tmp_path, threads=2))
+    assert compiled.backend.name == "onnxruntime" and compiled.backend.takes_loras and compiled.backend.takes_controls
+    torch_calls = [0]
+    for module in (compiled.pipe.unet, compiled.controlnets.get("lines")):
+        module.register_forward_hook(lambda *_: torch_calls.__setitem__(0, torch_calls[0] + 1))
+    canvas = make_canvas(SIZE, 2)
+    for params in (
+        {},
+        {"cfg_type": "full", "guidance_scale": 2.0, "steps": 2},
+        {"loras": {"ink": 1.0}},
+        {"controls": [{"model": "lines", "preprocessor": "canny"}]},
+        {"prompt": "a blue sea", "loras": {"ink": 0.5}, "controls": [{"model": "lines", "scale": 0.6}]},
+    ):
+        stream = StreamPipeline(compiled, SIZE, SIZE)
+        stream.configure(StreamParams(**{"prompt": "a red house", **params}), img2img=True)
+        assert stream.backend == "onnxruntime", params
+        rendered = stream.render(canvas, tag=1).image
+        expected = frame(sdxl, canvas, **params)
+        assert np.abs(rendered.astype(int) - expected).max() <= 3, params
+    prompts = ["a red house", "a blue sea", "a green hill", "a red house"]
+    streams = []
+    for prompt in prompts:
+        stream = StreamPipeline(compiled, SIZE, SIZE)
+        stream.configure(StreamParams(prompt=prompt, steps=1, cfg_type="none"), img2img=True)
+        streams.append(stream)
+    together = render_together([(stream, canvas, 1) for stream in streams])
+    for result, prompt in zip(together, prompts):
+        expected = frame(sdxl, canvas, prompt=prompt, steps=1, cfg_type="none")
+        assert np.abs(result.image.astype(int) - expected).max() <= 3, prompt
+    assert torch_calls[0] == 0
+    # auto measures SDXL like any model (its measurement feeds the added conditioning too).
+    chosen = prepare_backend(compiled, BackendConfig(name="auto", engine_dir=tmp_path, threads=2, measure_side=SIZE))
+    assert chosen.name in ("onnxruntime", "torch") and chosen.measurement is not None

@@ -335,3 +335,29 @@ async def test_a_server_streams_frames_with_tensorrt(
             assert (first != second).any(), "frames must follow the canvas"
     finally:
         server.stop()
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.timeout(BUILD_TIMEOUT_S)
+def test_an_sdxl_model_streams_on_tensorrt_engines(tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    """The SDXL UNet's engine takes the added conditioning (pooled text embedding, size ids) as inputs of
+    its profile: a stream renders on the engines what it renders on torch, up to float16 rounding."""
+    pytest.importorskip("tensorrt")
+    import numpy as np
+
+    from streamcanvas.pipelines.backends import BackendConfig, prepare_backend
+    from streamcanvas.pipelines.loading import ModelSpec, load_model
+    from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
+
+    spec = ModelSpec(model=str(tiny_sdxl_dir), device="cuda", dtype="float16")
+    eager, compiled = load_model(spec), load_model(spec)
+    compiled.backend = prepare_backend(compiled, BackendConfig(name="tensorrt", engine_dir=tmp_path, build_engines=True, shapes=_shapes()))
+    canvas = make_canvas(128, 3)
+    images = []
+    for model in (compiled, eager):
+        stream = StreamPipeline(model, 128, 128)
+        stream.configure(StreamParams(prompt="a red house", steps=2), img2img=True)
+        images.append(stream.render(canvas, tag=1).image.astype(int))
+        assert stream.backend == model.backend.name
+    assert np.abs(images[0] - images[1]).mean() <= 2.0

@@ -16,7 +16,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from .cache import EngineCache, EngineKey, Entry, fingerprint_module
-from .components import Component, ShapeRange
+from .components import Component, ShapeRange, added_width
 from .export import DEFAULT_OPSET, EXPORT_VERSION, Attention, export_component
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ class ArtifactBuilder:
                 component,
                 text_length=self.pipe.tokenizer.model_max_length,
                 text_width=self.pipe.unet.config.cross_attention_dim,
+                pooled_width=added_width(self.pipe.unet.config),
             )
             build_engine(
                 graph.file(ONNX_FILE),

@@ -50,6 +50,22 @@ SIGNATURES: dict[Component, Signature] = {
     Component.VAE_ENCODER: Signature(("images",), "latents"),
     Component.VAE_DECODER: Signature(("latents",), "images"),
 }
+ADDED_INPUTS = ("text_embeds", "time_ids")
+"""SDXL's added conditioning, after the UNet's own inputs: the pooled text embedding and the size ids."""
+TIME_IDS = 6
+"""SDXL's size ids: original height and width, crop top and left, target height and width."""
+
+
+def added_width(unet_config: Mapping[str, object]) -> int | None:
+    """The pooled text embedding's width for a UNet that takes SDXL's added conditioning, else None."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return None
+    return int(unet_config["projection_class_embeddings_input_dim"]) - TIME_IDS * int(unet_config["addition_time_embed_dim"])  # type: ignore[call-overload]
+
+
+def unet_inputs(added: bool) -> tuple[str, ...]:
+    """The inputs every UNet and ControlNet graph starts with (SDXL's added conditioning with `added`)."""
+    return (*SIGNATURES[Component.UNET].inputs, *(ADDED_INPUTS if added else ()))
 
 
 def lifted_names(count: int) -> tuple[str, ...]:
@@ -79,13 +95,13 @@ def residual_shapes(unet_config: Mapping[str, object], batch: int, latent_height
     return [*shapes, (batch, channels[-1], height, width)]
 
 
-def controlled_signature(residuals: int) -> Signature:
-    return Signature((*SIGNATURES[Component.UNET].inputs, *residual_names(residuals)), "noise_pred")
+def controlled_signature(residuals: int, added: bool = False) -> Signature:
+    return Signature((*unet_inputs(added), *residual_names(residuals)), "noise_pred")
 
 
-def controlnet_signature(residuals: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def controlnet_signature(residuals: int, added: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """A ControlNet graph's (inputs, outputs)."""
-    return (*SIGNATURES[Component.UNET].inputs, "controlnet_cond"), residual_names(residuals)
+    return (*unet_inputs(added), "controlnet_cond"), residual_names(residuals)
 
 
 @dataclass(frozen=True)
@@ -117,20 +133,25 @@ class ShapeRange:
         return sides_fit and self.min_batch <= batch <= self.max_batch
 
     def profile(
-        self, component: Component, text_length: int = 77, text_width: int = 768
+        self, component: Component, text_length: int = 77, text_width: int = 768, pooled_width: int | None = None
     ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """(min, opt, max) shape of every input, as a TensorRT optimisation profile takes them."""
+        """(min, opt, max) shape of every input, as a TensorRT optimisation profile takes them
+        (`pooled_width`: an SDXL UNet's, which takes the added conditioning too)."""
         if component not in STREAM_COMPONENTS:
             raise ValueError(f"{component.value} is exported for ONNX Runtime only; TensorRT builds {', '.join(c.value for c in STREAM_COMPONENTS)}")
         sides = (self.min_side, self.opt_side, self.max_side)
         if component is Component.UNET:
             batches = (self.min_batch, self.opt_batch, self.max_batch)
             latent = [(batch, LATENT_CHANNELS, side // VAE_SCALE, side // VAE_SCALE) for batch, side in zip(batches, sides)]
-            return {
-                "sample": tuple(latent),  # type: ignore[dict-item]
-                "timestep": tuple((batch,) for batch in batches),  # type: ignore[dict-item]
-                "encoder_hidden_states": tuple((batch, text_length, text_width) for batch in batches),  # type: ignore[dict-item]
+            profile = {
+                "sample": tuple(latent),
+                "timestep": tuple((batch,) for batch in batches),
+                "encoder_hidden_states": tuple((batch, text_length, text_width) for batch in batches),
             }
+            if pooled_width is not None:
+                profile["text_embeds"] = tuple((batch, pooled_width) for batch in batches)
+                profile["time_ids"] = tuple((batch, TIME_IDS) for batch in batches)
+            return profile  # type: ignore[return-value]
         # The VAE sees one frame a session (frame_buffer_size 1): one, or as many as sessions render
         # together in one call (cross-session batching), up to max_batch.
         frames = (1, 1, self.max_batch)
@@ -156,20 +177,23 @@ class MultiOutputRunner(Protocol):
 
 
 def unet_feeds(
-    sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, dtype: torch.dtype
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    dtype: torch.dtype,
+    added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The inputs the UNet and ControlNet graphs share, in their dtypes (a timestep a row)."""
+    """The inputs the UNet and ControlNet graphs share, in their dtypes (a timestep a row; SDXL's
+    added conditioning as given, a row each)."""
     batch = sample.shape[0]
-    return {
+    feeds = {
         "sample": sample.to(dtype),
         "timestep": torch.as_tensor(timestep, device=sample.device).to(torch.int64).reshape(-1).expand(batch),
         "encoder_hidden_states": encoder_hidden_states.to(dtype),
     }
-
-
-LiftedWeights = Callable[[], "Sequence[torch.Tensor] | None"]
-"""Called at each UNet call: the lifted weights (`lifted_names`' order) for the caller's LoRAs, or None
-for the base weights (the graphs without lifted weights run then)."""
+    if added_cond_kwargs is not None:
+        feeds.update({name: added_cond_kwargs[name].to(dtype) for name in ADDED_INPUTS})
+    return feeds
 
 
 class CompiledUNet:
@@ -209,10 +233,11 @@ class CompiledUNet:
         down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,
         return_dict: bool = False,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor]:
         if return_dict:
             raise ValueError("compiled components return tuples only")
-        feeds = unet_feeds(sample, timestep, encoder_hidden_states, self.dtype)
+        feeds = unet_feeds(sample, timestep, encoder_hidden_states, self.dtype, added_cond_kwargs)
         weights = self.lifted() if self.lifted is not None else None
         plain, controlled = self.runner, self.controlled
         if weights is not None:
@@ -246,13 +271,15 @@ class CompiledControlNet:
         controlnet_cond: torch.Tensor,
         conditioning_scale: float = 1.0,
         return_dict: bool = False,
+        added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         if return_dict:
             raise ValueError("compiled components return tuples only")
         batch, _, height, width = sample.shape
         shapes = residual_shapes(self.unet_config, batch, height, width)
         names = residual_names(len(shapes))
-        feeds = {**unet_feeds(sample, timestep, encoder_hidden_states, self.dtype), "controlnet_cond": controlnet_cond.to(self.dtype)}
+        feeds = unet_feeds(sample, timestep, encoder_hidden_states, self.dtype, added_cond_kwargs)
+        feeds["controlnet_cond"] = controlnet_cond.to(self.dtype)
         outputs = self.runner.run_many(feeds, dict(zip(names, shapes)), self.dtype)
         residuals = [outputs[name] for name in names]
         if conditioning_scale != 1.0:

@@ -22,14 +22,16 @@ import torch.nn.functional as F
 from diffusers import AutoencoderTiny, StableDiffusionPipeline
 
 from .components import (
+    ADDED_INPUTS,
     LATENT_CHANNELS,
-    SIGNATURES,
     VAE_SCALE,
     Component,
+    added_width,
     controlled_signature,
     controlnet_signature,
     lifted_names,
     residual_shapes,
+    unet_inputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -123,25 +125,36 @@ def _attention_written_as(graph: torch.nn.Module, attention: Attention) -> Itera
             model.set_attn_processor(processors)
 
 
+def _added(inputs: tuple[torch.Tensor, ...], added: bool) -> tuple[dict[str, Any], tuple[torch.Tensor, ...]]:
+    """Split SDXL's added conditioning (two inputs, when `added`) off the front of `inputs`."""
+    if not added:
+        return {}, inputs
+    return {"added_cond_kwargs": dict(zip(ADDED_INPUTS, inputs[:2]))}, inputs[2:]
+
+
 class _UNetGraph(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module) -> None:
+    """The UNet (`added`: an SDXL UNet, whose added conditioning follows the text embeddings)."""
+
+    def __init__(self, unet: torch.nn.Module, added: bool = False) -> None:
         super().__init__()
         self.unet = unet
+        self.added = added
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        extra, _ = _added(rest, self.added)
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **extra)[0]
 
 
 class _ControlledUNetGraph(torch.nn.Module):
     """The UNet with a ControlNet's residuals (already scaled and summed) added to its skip connections."""
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, added: bool = False) -> None:
         super().__init__()
         self.unet = unet
+        self.added = added
 
-    def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *residuals: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        extra, residuals = _added(rest, self.added)
         return self.unet(
             sample,
             timestep,
@@ -149,6 +162,7 @@ class _ControlledUNetGraph(torch.nn.Module):
             down_block_additional_residuals=list(residuals[:-1]),
             mid_block_additional_residual=residuals[-1],
             return_dict=False,
+            **extra,
         )[0]
 
 
@@ -198,13 +212,15 @@ class _LiftedWeights(torch.nn.Module):
 class _ControlNetGraph(torch.nn.Module):
     """A ControlNet at conditioning scale 1: the stream scales its residuals row by row afterwards."""
 
-    def __init__(self, controlnet: torch.nn.Module) -> None:
+    def __init__(self, controlnet: torch.nn.Module, added: bool = False) -> None:
         super().__init__()
         self.controlnet = controlnet
+        self.added = added
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, controlnet_cond: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *rest: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
+        extra, (controlnet_cond,) = _added(rest, self.added)
         down, middle = self.controlnet(
             sample,
             timestep,
@@ -212,6 +228,7 @@ class _ControlNetGraph(torch.nn.Module):
             controlnet_cond=controlnet_cond,
             conditioning_scale=1.0,
             return_dict=False,
+            **extra,
         )
         return (*down, middle)
 
@@ -261,15 +278,20 @@ def _graph_and_inputs(
             torch.tensor([500, 700][:_TRACE_BATCH], dtype=torch.int64, device=device),
             torch.randn(_TRACE_BATCH, 77, unet.config.cross_attention_dim, device=device, dtype=dtype),
         )
+        pooled = added_width(unet.config)
+        if pooled is not None:  # SDXL: the pooled text embedding and the size ids
+            sizes = torch.tensor([[_TRACE_SIDE, _TRACE_SIDE, 0, 0, _TRACE_SIDE, _TRACE_SIDE]], device=device, dtype=dtype)
+            inputs += (torch.randn(_TRACE_BATCH, pooled, device=device, dtype=dtype), sizes.repeat(_TRACE_BATCH, 1))
+        added = pooled is not None
         if component is Component.UNET:
-            return _UNetGraph(unet), inputs
+            return _UNetGraph(unet, added), inputs
         if component is Component.UNET_CONTROLLED:
             shapes = residual_shapes(unet.config, _TRACE_BATCH, latent, latent)
-            return _ControlledUNetGraph(unet), (*inputs, *(torch.randn(shape, device=device, dtype=dtype) * 0.1 for shape in shapes))
+            return _ControlledUNetGraph(unet, added), (*inputs, *(torch.randn(shape, device=device, dtype=dtype) * 0.1 for shape in shapes))
         if module is None:
             raise ValueError("a ControlNet export needs the ControlNet module")
         cond = torch.rand(_TRACE_BATCH, module.config.conditioning_channels, _TRACE_SIDE, _TRACE_SIDE, device=device, dtype=dtype)
-        return _ControlNetGraph(module), (*inputs, cond)
+        return _ControlNetGraph(module, added), (*inputs, cond)
     vae = pipe.vae
     if component is Component.VAE_ENCODER:
         return _EncoderGraph(vae), (torch.rand(1, 3, _TRACE_SIDE, _TRACE_SIDE, device=device, dtype=vae.dtype) * 2 - 1,)
@@ -284,9 +306,11 @@ def _names_and_axes(pipe: StableDiffusionPipeline, component: Component) -> tupl
         return ["images"], ["latents"], {"images": image, "latents": latent}
     if component is Component.VAE_DECODER:
         return ["latents"], ["images"], {"latents": latent, "images": image}
-    unet_axes = {"sample": latent, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"}}
+    added = added_width(pipe.unet.config) is not None
+    unet_axes = {name: {0: "batch"} for name in unet_inputs(added)}
+    unet_axes["sample"] = latent
     if component is Component.UNET:
-        return list(SIGNATURES[component].inputs), ["noise_pred"], {**unet_axes, "noise_pred": latent}
+        return list(unet_inputs(added)), ["noise_pred"], {**unet_axes, "noise_pred": latent}
     # Residuals shrink with the down blocks: each has its own height and width axes.
     count = len(residual_shapes(pipe.unet.config, 1, 8, 8))
 
@@ -294,10 +318,10 @@ def _names_and_axes(pipe: StableDiffusionPipeline, component: Component) -> tupl
         return {name: {0: "batch", 2: f"{name}_height", 3: f"{name}_width"} for name in names}
 
     if component is Component.UNET_CONTROLLED:
-        signature = controlled_signature(count)
+        signature = controlled_signature(count, added)
         residuals = signature.inputs[len(unet_axes):]
         return list(signature.inputs), ["noise_pred"], {**unet_axes, **residual_axes(residuals), "noise_pred": latent}
-    inputs, outputs = controlnet_signature(count)
+    inputs, outputs = controlnet_signature(count, added)
     return list(inputs), list(outputs), {**unet_axes, "controlnet_cond": image, **residual_axes(outputs)}
 
 
