@@ -91,8 +91,10 @@ async def test_each_session_renders_with_the_model_it_picked(two_models: ServerP
         await first.hello(model="toy", params=STEADY)
         await second.hello(model="tiny", params=STEADY)
         seqs = [await first.send_canvas(canvas), await second.send_canvas(canvas)]
-        assert np.array_equal(decode_frame(await first.frame_for(seqs[0])), toy)
-        assert np.array_equal(decode_frame(await second.frame_for(seqs[1])), tiny)
+        # Up to float rounding, which JPEG may spread over a block (a busy machine may give the worker
+        # fewer OpenMP threads); the two models' pictures are more than 5 levels apart on average.
+        assert np.abs(decode_frame(await first.frame_for(seqs[0])).astype(int) - toy).mean() <= 1
+        assert np.abs(decode_frame(await second.frame_for(seqs[1])).astype(int) - tiny).mean() <= 1
 
 
 async def test_an_unknown_model_is_refused_naming_the_models(two_models: ServerProcess) -> None:
@@ -110,7 +112,11 @@ def test_batch_jobs_pick_a_model(two_models: ServerProcess) -> None:
             assert job["status"] == "finished", job
             return np.asarray(jobs.image(job["results"][0]["url"]).convert("RGB"), dtype=np.int16)
 
-        assert np.array_equal(render(), render(model="toy"))
+        # The same job on the default model and on it by name: the same picture, up to a grey level or two
+        # of float rounding (the two jobs may run on worker threads that OpenMP gives different thread
+        # counts when the machine is busy; seen in CI). Another model is far more than that away.
+        difference = np.abs(render() - render(model="toy"))
+        assert difference.mean() <= 0.5 and difference.max() <= 4
         assert np.abs(render(model="tiny") - render()).mean() > 5
         assert render(model="xl").shape == (SIZE, SIZE, 3)
         refused = jobs.http.post("/v1/jobs", json={"kind": "txt2img", "params": {"prompt": "x", "model": "sd-turbo"}})
