@@ -259,8 +259,7 @@ def _onnxruntime(model: LoadedModel, config: BackendConfig, requested: str) -> B
             names += lifted_names
     except (OnnxRuntimeUnavailable, GraphLoadError, CacheError, OSError) as error:
         raise BackendUnavailable(f"onnxruntime cannot run here: {error}") from error
-    backend = _compiled_backend(model, "onnxruntime", requested, runners, names, reason="requested")
-    backend.controlnets = controlnets
+    loras: dict[str, Any] = {}
     if lifted_runners:
         adapters = model.adapters
 
@@ -268,9 +267,13 @@ def _onnxruntime(model: LoadedModel, config: BackendConfig, requested: str) -> B
             wanted = adapters.current()
             return adapters.merged(wanted, lifted) if wanted else None
 
-        backend.unet.lifted = merged_weights
-        backend.unet.lifted_runner = lifted_runners[Component.UNET]
-        backend.unet.lifted_controlled = lifted_runners.get(Component.UNET_CONTROLLED)
+        loras = {
+            "lifted": merged_weights,
+            "lifted_runner": lifted_runners[Component.UNET],
+            "lifted_controlled": lifted_runners.get(Component.UNET_CONTROLLED),
+        }
+    backend = _compiled_backend(model, "onnxruntime", requested, runners, names, reason="requested", **loras)
+    backend.controlnets = controlnets
     return backend
 
 
@@ -339,15 +342,22 @@ def _load_runners(
 
 
 def _compiled_backend(
-    model: LoadedModel, name: str, requested: str, runners: dict[Component, Any], engines: tuple[str, ...], reason: str
+    model: LoadedModel,
+    name: str,
+    requested: str,
+    runners: dict[Component, Any],
+    engines: tuple[str, ...],
+    reason: str,
+    **loras: Any,
 ) -> Backend:
+    """`loras`: CompiledUNet's `lifted`, `lifted_runner` and `lifted_controlled`, for streams with LoRAs."""
     pipe, dtype = model.pipe, model.placement.dtype
     return Backend(
         name=name,
         requested=requested,
         reason=reason,
         engines=engines,
-        unet=CompiledUNet(runners[Component.UNET], dtype, controlled=runners.get(Component.UNET_CONTROLLED)),
+        unet=CompiledUNet(runners[Component.UNET], dtype, controlled=runners.get(Component.UNET_CONTROLLED), **loras),
         vae=CompiledVae(runners[Component.VAE_ENCODER], runners[Component.VAE_DECODER], dtype, pipe.vae.config.scaling_factor),
         side_multiple=side_multiple(pipe),
     )
