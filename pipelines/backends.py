@@ -22,7 +22,7 @@ import functools
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -112,7 +112,7 @@ class Backend:
     side_multiple: int = 8
     measurement: dict[str, float] | None = None
     controlnets: dict[str, Any] = field(default_factory=dict)
-    """Compiled ControlNets by name; with them `unet` takes their residuals too (ONNX Runtime only)."""
+    """Compiled ControlNets by name; with them `unet` takes their residuals too."""
 
     @property
     def takes_loras(self) -> bool:
@@ -235,46 +235,68 @@ def _onnxruntime(model: LoadedModel, config: BackendConfig, requested: str) -> B
         # ONNX Runtime runs the graphs written with its fused attention operator (export.Attention).
         graph = functools.partial(builder.onnx, attention="fused")
         runners, names = _load_runners(cache, graph, load, (GraphLoadError,), STREAM_COMPONENTS)
-        controlnets: dict[str, Any] = {}
-        unets = (Component.UNET,)
-        if model.controlnets.names:
-            # With ControlNets loaded: the UNet graph that takes their residuals, and one graph each.
-            unets += (Component.UNET_CONTROLLED,)
-            controlled, controlled_names = _load_runners(cache, graph, load, (GraphLoadError,), (Component.UNET_CONTROLLED,))
-            runners.update(controlled)
-            names += controlled_names
-            for name in model.controlnets.names:
-                net = model.controlnets.get(name)
-                loaded, net_names = _load_runners(
-                    cache, functools.partial(graph, module=net), load, (GraphLoadError,), (Component.CONTROLNET,)
-                )
-                controlnets[name] = CompiledControlNet(loaded[Component.CONTROLNET], dtype, model.pipe.unet.config)
-                names += net_names
-        lifted = model.adapters.lifted()
-        lifted_runners: dict[Component, Any] = {}
-        if lifted:
-            # With named LoRAs: the UNet graphs again, with the weights the LoRAs change as inputs.
-            lifted_graph = functools.partial(graph, lifted=lifted)
-            lifted_runners, lifted_names = _load_runners(cache, lifted_graph, load, (GraphLoadError,), unets)
-            names += lifted_names
+        extras = _controls_and_loras(model, cache, graph, load, (GraphLoadError,))
     except (OnnxRuntimeUnavailable, GraphLoadError, CacheError, OSError) as error:
         raise BackendUnavailable(f"onnxruntime cannot run here: {error}") from error
-    loras: dict[str, Any] = {}
-    if lifted_runners:
+    return extras.backend(model, "onnxruntime", requested, runners, names, reason="requested")
+
+
+@dataclass
+class _Extras:
+    """The compiled graphs (or engines) for ControlNets and LoRAs, beside a backend's stream components."""
+
+    runners: dict[Component, Any] = field(default_factory=dict)
+    controlnets: dict[str, Any] = field(default_factory=dict)
+    loras: dict[str, Any] = field(default_factory=dict)
+    """CompiledUNet's `lifted`, `lifted_runner` and `lifted_controlled`; empty without LoRA graphs."""
+    names: tuple[str, ...] = ()
+
+    def backend(
+        self, model: LoadedModel, name: str, requested: str, runners: dict[Component, Any], names: tuple[str, ...], reason: str
+    ) -> Backend:
+        backend = _compiled_backend(model, name, requested, {**runners, **self.runners}, names + self.names, reason, **self.loras)
+        backend.controlnets = self.controlnets
+        return backend
+
+
+def _controls_and_loras(
+    model: LoadedModel,
+    cache: EngineCache,
+    fetch: Callable[..., Entry],
+    load: Callable[[Entry], Any],
+    loader_errors: tuple[type[BaseException], ...],
+) -> _Extras:
+    """With ControlNets loaded: the UNet that takes their residuals, and one graph (or engine) each.
+    With named LoRAs: the UNet again (and the controlled one), with the weights the LoRAs change as
+    inputs, bound at each call to the weights merged for the caller's LoRAs. `fetch(component,
+    module=None, lifted=())` gets an entry, as `ArtifactBuilder.onnx` or `.tensorrt` do."""
+    extras = _Extras()
+    dtype = model.placement.dtype
+    unets = (Component.UNET,)
+    if model.controlnets.names:
+        unets += (Component.UNET_CONTROLLED,)
+        extras.runners, extras.names = _load_runners(cache, fetch, load, loader_errors, (Component.UNET_CONTROLLED,))
+        for name in model.controlnets.names:
+            net = model.controlnets.get(name)
+            loaded, net_names = _load_runners(cache, functools.partial(fetch, module=net), load, loader_errors, (Component.CONTROLNET,))
+            extras.controlnets[name] = CompiledControlNet(loaded[Component.CONTROLNET], dtype, model.pipe.unet.config)
+            extras.names += net_names
+    lifted = model.adapters.lifted()
+    if lifted:
+        lifted_runners, lifted_names = _load_runners(cache, functools.partial(fetch, lifted=lifted), load, loader_errors, unets)
+        extras.names += lifted_names
         adapters = model.adapters
 
         def merged_weights() -> list[torch.Tensor] | None:
             wanted = adapters.current()
             return adapters.merged(wanted, lifted) if wanted else None
 
-        loras = {
+        extras.loras = {
             "lifted": merged_weights,
             "lifted_runner": lifted_runners[Component.UNET],
             "lifted_controlled": lifted_runners.get(Component.UNET_CONTROLLED),
         }
-    backend = _compiled_backend(model, "onnxruntime", requested, runners, names, reason="requested", **loras)
-    backend.controlnets = controlnets
-    return backend
+    return extras
 
 
 def _tensorrt(model: LoadedModel, config: BackendConfig, requested: str) -> Backend:
@@ -284,25 +306,28 @@ def _tensorrt(model: LoadedModel, config: BackendConfig, requested: str) -> Back
         raise BackendUnavailable(f"tensorrt cannot run here: {unavailable}")
     cache, shapes = config.cache, config.shapes
     builder = ArtifactBuilder(cache, model.pipe, model_name=model.name)
+
+    def fetch(component: Component, module: torch.nn.Module | None = None, lifted: Sequence[str] = ()) -> Entry:
+        return builder.tensorrt(component, shapes, allow_build=config.build_engines, module=module, lifted=lifted)
+
+    def load(entry: Entry) -> TensorRTRunner:
+        return TensorRTRunner(entry.file(ENGINE_FILE), device, cuda_graphs=config.cuda_graphs)
+
     try:
-        runners, names = _load_runners(
-            cache,
-            lambda component: builder.tensorrt(component, shapes, allow_build=config.build_engines),
-            lambda entry: TensorRTRunner(entry.file(ENGINE_FILE), device, cuda_graphs=config.cuda_graphs),
-            (EngineBuildError,),
-            STREAM_COMPONENTS,
-        )
+        runners, names = _load_runners(cache, fetch, load, (EngineBuildError,), STREAM_COMPONENTS)
+        extras = _controls_and_loras(model, cache, fetch, load, (EngineBuildError,))
     except EntryMissing as error:
+        extra = " (the ControlNet and LoRA engines: --build-engines only)" if model.controlnets.names or model.adapters.names else ""
         raise BackendUnavailable(
             f"{error}. Build the engines with `streamcanvas engines build --backend tensorrt "
             f"{_model_arguments(model)}--resolution {shapes.opt_side}x{shapes.opt_side} "
             f"--max-resolution {shapes.max_side}x{shapes.max_side} --engine-min-resolution {shapes.min_side} "
-            f"--engine-max-batch {shapes.max_batch}`, or start the server with --build-engines"
+            f"--engine-max-batch {shapes.max_batch}`, or start the server with --build-engines{extra}"
         ) from None
     except (CacheError, EngineBuildError, TensorRTUnavailable, OSError) as error:
         raise BackendUnavailable(f"tensorrt engines could not be prepared: {error}") from error
     reason = "requested" if requested == "tensorrt" else "the tensorrt package imports and the engines are built"
-    backend = _compiled_backend(model, "tensorrt", requested, runners, names, reason)
+    backend = extras.backend(model, "tensorrt", requested, runners, names, reason)
     backend.shapes = shapes
     return backend
 

@@ -354,6 +354,41 @@ def test_tensorrt_shapes_refuse_inconsistent_ranges() -> None:
     assert sdxl["text_embeds"] == ((1, 1280), (2, 1280), (4, 1280)) and sdxl["time_ids"] == ((1, 6), (2, 6), (4, 6))
 
 
+def test_tensorrt_profiles_cover_every_input_of_the_control_and_lora_graphs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """TensorRT builds the controlled UNet, ControlNet and LoRA engines from their standard-attention
+    ONNX graphs: each profile names exactly the graph's inputs, with the graph's ranks, residual shapes
+    that follow the UNet's down blocks at every corner, and one fixed shape per lifted weight."""
+    from streamcanvas.pipelines.tiny import make_tiny_controlnet
+
+    lora = make_tiny_lora(tmp_path / "lora", tiny_model_dir)
+    net_dir = make_tiny_controlnet(tmp_path / "controlnet", tiny_model_dir)
+    model = load_model(ModelSpec(model=str(tiny_model_dir), adapters=(("ink", str(lora)),), controlnets=(("lines", str(net_dir)),)))
+    builder = ArtifactBuilder(EngineCache(tmp_path / "engines"), model.pipe, model_name="tiny")
+    shapes = ShapeRange(min_side=64, opt_side=128, max_side=256, max_batch=4)
+    net = model.controlnets.get("lines")
+    lifted = model.adapters.lifted()
+    for component, module, weights in (
+        (Component.UNET_CONTROLLED, None, ()),
+        (Component.CONTROLNET, net, ()),
+        (Component.UNET, None, lifted),
+        (Component.UNET_CONTROLLED, None, lifted),
+    ):
+        profile = builder.tensorrt_profile(component, shapes, module, weights)
+        graph = onnx.load(str(builder.onnx(component, module=module, lifted=weights).file(ONNX_FILE)), load_external_data=False)
+        ranks = {value.name: len(value.type.tensor_type.shape.dim) for value in graph.graph.input}
+        assert set(profile) == set(ranks), (component, set(profile) ^ set(ranks))
+        assert all(len(shape) == ranks[name] for name, corners in profile.items() for shape in corners), component
+        for name, corners in profile.items():
+            assert corners[0] <= corners[1] <= corners[2] if name.startswith("lifted_") else all(low <= high for low, high in zip(corners[0], corners[2])), name
+    controlled = builder.tensorrt_profile(Component.UNET_CONTROLLED, shapes)
+    assert controlled["down_residual_0"] == ((1, 32, 8, 8), (2, 32, 16, 16), (4, 32, 32, 32))
+    assert controlled["mid_residual"][2][2:] == (32 // 2 ** (len(model.pipe.unet.config.block_out_channels) - 1),) * 2
+    assert builder.tensorrt_profile(Component.CONTROLNET, shapes, net)["controlnet_cond"] == ((1, 3, 64, 64), (2, 3, 128, 128), (4, 3, 256, 256))
+    weights = builder.tensorrt_profile(Component.UNET, shapes, lifted=lifted)
+    parameters = dict(model.pipe.unet.named_parameters())
+    assert [weights[f"lifted_weight_{index}"][0] for index in range(len(lifted))] == [tuple(parameters[name].shape) for name in lifted]
+
+
 # ---- whole frames: ONNX Runtime against torch through real servers ------------------------------------
 
 

@@ -361,3 +361,38 @@ def test_an_sdxl_model_streams_on_tensorrt_engines(tiny_sdxl_dir: Path, tmp_path
         images.append(stream.render(canvas, tag=1).image.astype(int))
         assert stream.backend == model.backend.name
     assert np.abs(images[0] - images[1]).mean() <= 2.0
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.timeout(BUILD_TIMEOUT_S)
+def test_controlnets_and_loras_run_on_tensorrt_engines(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With a ControlNet and a named LoRA loaded, `--build-engines` also builds the controlled UNet, the
+    ControlNet (several outputs: its residuals) and the UNet with the LoRA-touched weights as inputs:
+    streams with controls, a LoRA or both run wholly on the engines and render what torch renders, up to
+    float16 rounding."""
+    pytest.importorskip("tensorrt")
+    import numpy as np
+
+    from streamcanvas.pipelines.backends import BackendConfig, prepare_backend
+    from streamcanvas.pipelines.loading import ModelSpec, load_model
+    from streamcanvas.pipelines.stream import StreamParams, StreamPipeline
+    from streamcanvas.pipelines.tiny import make_tiny_controlnet, make_tiny_lora
+
+    lora = make_tiny_lora(tmp_path / "lora", tiny_model_dir, seed=1)
+    net = make_tiny_controlnet(tmp_path / "controlnet", tiny_model_dir, seed=2)
+    spec = ModelSpec(model=str(tiny_model_dir), device="cuda", dtype="float16", adapters=(("ink", str(lora)),), controlnets=(("lines", str(net)),))
+    eager, compiled = load_model(spec), load_model(spec)
+    compiled.backend = prepare_backend(
+        compiled, BackendConfig(name="tensorrt", engine_dir=tmp_path / "engines", build_engines=True, shapes=_shapes())
+    )
+    assert compiled.backend.takes_loras and compiled.backend.takes_controls
+    canvas = make_canvas(128, 3)
+    for params in ({"controls": [{"model": "lines", "preprocessor": "canny"}]}, {"loras": {"ink": 1.0}}, {"loras": {"ink": 0.5}, "controls": [{"model": "lines"}]}):
+        images = []
+        for model in (compiled, eager):
+            stream = StreamPipeline(model, 128, 128)
+            stream.configure(StreamParams(prompt="a red house", steps=2, **params), img2img=True)
+            assert stream.backend == model.backend.name, params
+            images.append(stream.render(canvas, tag=1).image.astype(int))
+        assert np.abs(images[0] - images[1]).mean() <= 2.0, params

@@ -16,7 +16,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from .cache import EngineCache, EngineKey, Entry, fingerprint_module
-from .components import Component, ShapeRange, added_width
+from .components import Component, ShapeRange, added_width, lifted_names
 from .export import DEFAULT_OPSET, EXPORT_VERSION, Attention, export_component
 
 logger = logging.getLogger(__name__)
@@ -109,10 +109,12 @@ class ArtifactBuilder:
 
         return self.cache.get_or_build(key, build if allow_build else None)
 
-    def tensorrt_key(self, component: Component, shapes: ShapeRange) -> EngineKey:
+    def tensorrt_key(
+        self, component: Component, shapes: ShapeRange, module: torch.nn.Module | None = None, lifted: Sequence[str] = ()
+    ) -> EngineKey:
         from .tensorrt_backend import tensorrt_environment
 
-        onnx_key = self.onnx_key(component)
+        onnx_key = self.onnx_key(component, module, lifted=lifted)
         return EngineKey(
             kind="tensorrt",
             component=component.value,
@@ -120,6 +122,7 @@ class ArtifactBuilder:
             export_version=EXPORT_VERSION,
             opset=self.opset,
             dtype=onnx_key.dtype,
+            lifted=onnx_key.lifted,
             min_side=shapes.min_side,
             opt_side=shapes.opt_side,
             max_side=shapes.max_side,
@@ -129,24 +132,43 @@ class ArtifactBuilder:
             **tensorrt_environment(self.device),
         )
 
-    def tensorrt(self, component: Component, shapes: ShapeRange, allow_build: bool = False) -> Entry:
+    def tensorrt_profile(
+        self, component: Component, shapes: ShapeRange, module: torch.nn.Module | None = None, lifted: Sequence[str] = ()
+    ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """The optimisation profile of `component`'s engine: every input's (min, opt, max) shape."""
+        unet = self.pipe.unet
+        parameters = dict(unet.named_parameters()) if lifted else {}
+        return shapes.profile(
+            component,
+            text_length=self.pipe.tokenizer.model_max_length,
+            text_width=unet.config.cross_attention_dim,
+            pooled_width=added_width(unet.config),
+            unet_config=unet.config,
+            conditioning_channels=module.config.conditioning_channels if component is Component.CONTROLNET and module is not None else None,
+            lifted={name: tuple(parameters[weight].shape) for name, weight in zip(lifted_names(len(lifted)), lifted)},
+        )
+
+    def tensorrt(
+        self,
+        component: Component,
+        shapes: ShapeRange,
+        allow_build: bool = False,
+        module: torch.nn.Module | None = None,
+        lifted: Sequence[str] = (),
+    ) -> Entry:
+        """`component`'s TensorRT engine for `shapes`, built from its standard-attention ONNX graph
+        (`module` and `lifted` as for `onnx`)."""
         from .tensorrt_backend import build_engine, tensorrt_environment
 
-        key = self.tensorrt_key(component, shapes)
+        key = self.tensorrt_key(component, shapes, module, lifted)
 
         def build(directory: Path) -> dict[str, object]:
-            graph = self.onnx(component, allow_build=True)
+            graph = self.onnx(component, allow_build=True, module=module, lifted=lifted)
             self.progress(f"build {component.value} TensorRT engine")
-            profile = shapes.profile(
-                component,
-                text_length=self.pipe.tokenizer.model_max_length,
-                text_width=self.pipe.unet.config.cross_attention_dim,
-                pooled_width=added_width(self.pipe.unet.config),
-            )
             build_engine(
                 graph.file(ONNX_FILE),
                 directory / ENGINE_FILE,
-                profile,
+                self.tensorrt_profile(component, shapes, module, lifted),
                 fp16=key.dtype == "float16",
                 timing_cache=self.cache.timing_cache(tensorrt_environment(self.device)),
                 progress=lambda step: self.progress(f"build {component.value} TensorRT engine: {step}"),
@@ -155,4 +177,3 @@ class ArtifactBuilder:
             return {**self._notes(), "onnx": graph.key.name}
 
         return self.cache.get_or_build(key, build if allow_build else None)
-

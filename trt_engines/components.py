@@ -133,24 +133,45 @@ class ShapeRange:
         return sides_fit and self.min_batch <= batch <= self.max_batch
 
     def profile(
-        self, component: Component, text_length: int = 77, text_width: int = 768, pooled_width: int | None = None
+        self,
+        component: Component,
+        text_length: int = 77,
+        text_width: int = 768,
+        pooled_width: int | None = None,
+        *,
+        unet_config: Mapping[str, object] | None = None,
+        conditioning_channels: int | None = None,
+        lifted: Mapping[str, tuple[int, ...]] | None = None,
     ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-        """(min, opt, max) shape of every input, as a TensorRT optimisation profile takes them
-        (`pooled_width`: an SDXL UNet's, which takes the added conditioning too)."""
-        if component not in STREAM_COMPONENTS:
-            raise ValueError(f"{component.value} is exported for ONNX Runtime only; TensorRT builds {', '.join(c.value for c in STREAM_COMPONENTS)}")
+        """(min, opt, max) shape of every input, as a TensorRT optimisation profile takes them.
+
+        `pooled_width`: an SDXL UNet's, which takes the added conditioning too. The controlled UNet's
+        residual inputs need the UNet's config (`unet_config`), a ControlNet's control image its
+        `conditioning_channels`; `lifted` weights (name → shape) have one shape each."""
         sides = (self.min_side, self.opt_side, self.max_side)
-        if component is Component.UNET:
+        if component in (Component.UNET, Component.UNET_CONTROLLED, Component.CONTROLNET):
             batches = (self.min_batch, self.opt_batch, self.max_batch)
-            latent = [(batch, LATENT_CHANNELS, side // VAE_SCALE, side // VAE_SCALE) for batch, side in zip(batches, sides)]
-            profile = {
-                "sample": tuple(latent),
+            corners = list(zip(batches, sides))
+            profile: dict[str, tuple[tuple[int, ...], ...]] = {
+                "sample": tuple((batch, LATENT_CHANNELS, side // VAE_SCALE, side // VAE_SCALE) for batch, side in corners),
                 "timestep": tuple((batch,) for batch in batches),
                 "encoder_hidden_states": tuple((batch, text_length, text_width) for batch in batches),
             }
             if pooled_width is not None:
                 profile["text_embeds"] = tuple((batch, pooled_width) for batch in batches)
                 profile["time_ids"] = tuple((batch, TIME_IDS) for batch in batches)
+            if component is Component.UNET_CONTROLLED:
+                if unet_config is None:
+                    raise ValueError("the controlled UNet's profile needs the UNet's config (its residual shapes)")
+                at_corners = [residual_shapes(unet_config, batch, side // VAE_SCALE, side // VAE_SCALE) for batch, side in corners]
+                for index, name in enumerate(residual_names(len(at_corners[0]))):
+                    profile[name] = tuple(shapes[index] for shapes in at_corners)
+            if component is Component.CONTROLNET:
+                if conditioning_channels is None:
+                    raise ValueError("a ControlNet's profile needs its conditioning_channels")
+                profile["controlnet_cond"] = tuple((batch, conditioning_channels, side, side) for batch, side in corners)
+            for name, shape in (lifted or {}).items():
+                profile[name] = (shape, shape, shape)
             return profile  # type: ignore[return-value]
         # The VAE sees one frame a session (frame_buffer_size 1): one, or as many as sessions render
         # together in one call (cross-session batching), up to max_batch.

@@ -27,7 +27,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,12 +216,15 @@ class TensorRTRunner:
             names = [engine.get_tensor_name(index) for index in range(engine.num_io_tensors)]
             inputs = [name for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT]
             outputs = [name for name in names if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT]
-            if len(outputs) != 1:
-                raise EngineBuildError(f"{self.engine_path} has {len(outputs)} outputs; a runner needs exactly one")
+            if not outputs:
+                raise EngineBuildError(f"{self.engine_path} has no outputs")
             self.input_names: tuple[str, ...] = tuple(inputs)
+            self.output_names: tuple[str, ...] = tuple(outputs)
             self.output_name: str = outputs[0]
+            """The output `__call__` returns (engines with several outputs, ControlNets', use `run_many`)."""
             self.input_dtypes = {name: _torch_dtype(trt, engine.get_tensor_dtype(name)) for name in inputs}
-            self.output_dtype = _torch_dtype(trt, engine.get_tensor_dtype(self.output_name))
+            self.output_dtypes = {name: _torch_dtype(trt, engine.get_tensor_dtype(name)) for name in outputs}
+            self.output_dtype = self.output_dtypes[self.output_name]
             self.input_ranges = {name: _profile_range(engine, name) for name in inputs}
             # One block of device memory for every context of this engine: runs take turns on one stream.
             size = int(engine.device_memory_size_v2 if hasattr(engine, "device_memory_size_v2") else engine.device_memory_size)
@@ -238,6 +241,35 @@ class TensorRTRunner:
     def __call__(
         self, feeds: Mapping[str, torch.Tensor], output_shape: Sequence[int], output_dtype: torch.dtype
     ) -> torch.Tensor:
+        if len(self.output_names) != 1:
+            raise ValueError(f"{self.engine_path.name} has {len(self.output_names)} outputs; use run_many")
+        inputs = self._inputs(feeds)
+        output = torch.empty(tuple(output_shape), dtype=self.output_dtype, device=self.device)
+        signature = tuple(tuple(tensor.shape) for tensor in inputs.values())
+        with self._turn():
+            if self.cuda_graphs:
+                self._run_with_graph(signature, inputs, output)
+            else:
+                self._run(self._context, inputs, {self.output_name: output})
+        return output if output.dtype == output_dtype else output.to(output_dtype)
+
+    def run_many(
+        self, feeds: Mapping[str, torch.Tensor], outputs: Mapping[str, Sequence[int]], output_dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """Every output of the engine ({name: shape} in, {name: tensor} out), as a ControlNet's residuals
+        are; not captured in CUDA graphs."""
+        if set(outputs) != set(self.output_names):
+            raise ValueError(f"{self.engine_path.name} has outputs {', '.join(self.output_names)}, not {', '.join(outputs)}")
+        inputs = self._inputs(feeds)
+        results = {
+            name: torch.empty(tuple(shape), dtype=self.output_dtypes[name], device=self.device) for name, shape in outputs.items()
+        }
+        with self._turn():
+            self._run(self._context, inputs, results)
+        return {name: tensor if tensor.dtype == output_dtype else tensor.to(output_dtype) for name, tensor in results.items()}
+
+    def _inputs(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The feeds in the engine's input order and types, contiguous, each checked against the profile."""
         unknown = set(feeds) - set(self.input_names)
         if unknown:
             raise ValueError(f"{self.engine_path.name} has no input {', '.join(sorted(unknown))}; it takes {', '.join(self.input_names)}")
@@ -252,21 +284,20 @@ class TensorRTRunner:
                 raise ValueError(f"input {name!r} is on {tensor.device}; this engine runs on {self.device}")
             inputs[name] = tensor.to(self.input_dtypes[name]).contiguous()
             self._check_shape(name, tuple(inputs[name].shape))
-        output = torch.empty(tuple(output_shape), dtype=self.output_dtype, device=self.device)
-        signature = tuple(tuple(tensor.shape) for tensor in inputs.values())
+        return inputs
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """This call's turn on the runner's stream: after the caller's work, before what it does next."""
         caller = torch.cuda.current_stream(self.device)
         with self._lock, torch.cuda.device(self.device):
             if self._closed:
                 raise RuntimeError(f"the runner for {self.engine_path.name} is closed")
             self._stream.wait_stream(caller)
             try:
-                if self.cuda_graphs:
-                    self._run_with_graph(signature, inputs, output)
-                else:
-                    self._run(self._context, inputs, output)
+                yield
             finally:
                 caller.wait_stream(self._stream)
-        return output if output.dtype == output_dtype else output.to(output_dtype)
 
     def close(self) -> None:
         """Release the engine, its contexts, graphs and device memory (further calls raise)."""
@@ -298,27 +329,28 @@ class TensorRTRunner:
             context.device_memory = self._scratch.data_ptr()
         return context
 
-    def _bind(self, context: Any, inputs: Mapping[str, torch.Tensor], output: torch.Tensor) -> None:
+    def _bind(self, context: Any, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
         for name, tensor in inputs.items():
             if not context.set_input_shape(name, tuple(tensor.shape)):
                 raise ValueError(f"TensorRT refused shape {tuple(tensor.shape)} for input {name!r} of {self.engine_path.name}")
             if not context.set_tensor_address(name, tensor.data_ptr()):
                 raise RuntimeError(f"TensorRT refused the address of input {name!r} of {self.engine_path.name}")
-        produced = tuple(context.get_tensor_shape(self.output_name))
-        if produced != tuple(output.shape):
-            raise ValueError(
-                f"{self.engine_path.name} produces {self.output_name!r} of shape {produced} for these inputs, "
-                f"not the {tuple(output.shape)} asked for"
-            )
-        if not context.set_tensor_address(self.output_name, output.data_ptr()):
-            raise RuntimeError(f"TensorRT refused the address of output {self.output_name!r} of {self.engine_path.name}")
+        for name, output in outputs.items():
+            produced = tuple(context.get_tensor_shape(name))
+            if produced != tuple(output.shape):
+                raise ValueError(
+                    f"{self.engine_path.name} produces {name!r} of shape {produced} for these inputs, "
+                    f"not the {tuple(output.shape)} asked for"
+                )
+            if not context.set_tensor_address(name, output.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of output {name!r} of {self.engine_path.name}")
 
     def _enqueue(self, context: Any) -> None:
         if not context.execute_async_v3(self._stream.cuda_stream):
             raise RuntimeError(f"TensorRT could not run {self.engine_path.name} (its log says why)")
 
-    def _run(self, context: Any, inputs: Mapping[str, torch.Tensor], output: torch.Tensor) -> None:
-        self._bind(context, inputs, output)
+    def _run(self, context: Any, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
+        self._bind(context, inputs, outputs)
         self._enqueue(context)
 
     def _run_with_graph(
@@ -326,13 +358,13 @@ class TensorRTRunner:
     ) -> None:
         if signature not in self._graphs:
             if len(self._graphs) >= MAX_CUDA_GRAPHS:
-                self._run(self._context, inputs, output)
+                self._run(self._context, inputs, {self.output_name: output})
                 return
             self._graphs[signature] = self._capture(inputs, output)
             return  # _capture's normal run has produced this call's output
         captured = self._graphs[signature]
         if captured is None:  # this engine cannot be captured at these shapes
-            self._run(self._context, inputs, output)
+            self._run(self._context, inputs, {self.output_name: output})
             return
         if captured.output.shape != output.shape:
             raise ValueError(
@@ -351,7 +383,7 @@ class TensorRTRunner:
         with torch.cuda.stream(self._stream):
             static_inputs = {name: tensor.clone() for name, tensor in inputs.items()}
             static_output = torch.empty_like(output)
-            self._run(context, static_inputs, static_output)
+            self._run(context, static_inputs, {self.output_name: static_output})
             output.copy_(static_output)
         graph = torch.cuda.CUDAGraph()
         try:
