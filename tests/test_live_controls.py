@@ -5,6 +5,7 @@ ControlNets built offline (conftest's `controlled_model`)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,26 @@ def stream(model, **params) -> StreamPipeline:  # type: ignore[no-untyped-def]
     params.setdefault("prompt", "a red house")
     pipeline.configure(StreamParams(**params), img2img=True)
     return pipeline
+
+
+def in_threads_together(count: int, work: Callable[[int, threading.Barrier], None]) -> list[BaseException]:
+    """Run `work(index, barrier)` on `count` threads at once (they meet at the barrier as they choose);
+    what they raised."""
+    errors: list[BaseException] = []
+    together = threading.Barrier(count, timeout=60)
+
+    def run(index: int) -> None:
+        try:
+            work(index, together)
+        except BaseException as error:  # noqa: BLE001 - returned to the test, which asserts on it
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return errors
 
 
 def frame(model, canvas: np.ndarray | None = None, layer: np.ndarray | None = None, **params) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -163,28 +184,19 @@ def test_threads_with_different_loras_never_see_each_others_weights(controlled_m
     canvas = make_canvas(SIZE, 4)
     expected = [frame(controlled_model, canvas, loras=loras, steps=1, cfg_type="none") for loras in wanted]
     mismatches: list[int] = []
-    errors: list[BaseException] = []
-    together = threading.Barrier(3, timeout=60)
 
-    def work(index: int) -> None:
-        try:
+    def work(index: int, together: threading.Barrier) -> None:
+        together.wait()
+        pipeline = stream(controlled_model, loras=wanted[index], steps=1, cfg_type="none")
+        for tag in range(6):
             together.wait()
-            pipeline = stream(controlled_model, loras=wanted[index], steps=1, cfg_type="none")
-            for tag in range(6):
-                together.wait()
-                image = pipeline.render(canvas, tag=tag).image
-                # Up to a grey level or two of float rounding: OpenMP may give a busy thread fewer
-                # threads than the main one had (another order of sums). A LoRA's effect is ~5 levels.
-                if np.abs(image.astype(int) - expected[index]).max() > 2:
-                    mismatches.append(index)
-        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
-            errors.append(error)
+            image = pipeline.render(canvas, tag=tag).image
+            # Up to a grey level or two of float rounding: OpenMP may give a busy thread fewer
+            # threads than the main one had (another order of sums). A LoRA's effect is ~5 levels.
+            if np.abs(image.astype(int) - expected[index]).max() > 2:
+                mismatches.append(index)
 
-    threads = [threading.Thread(target=work, args=(index,)) for index in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    errors = in_threads_together(len(wanted), work)
     assert not errors and not mismatches
     assert controlled_model.adapters.describe()["switches"] > 0
 
@@ -196,24 +208,15 @@ def test_prompts_encoded_by_several_threads_at_once_are_the_prompts_encoded_alon
     prompts = ["a red house", "a blue sea at night", "green hills"]
     alone = [encode_prompts(toy_model, [(text, 1.0)], "blurry") for text in prompts]
     wrong: list[tuple[int, int]] = []
-    errors: list[BaseException] = []
-    together = threading.Barrier(len(prompts), timeout=60)
 
-    def work(index: int) -> None:
-        try:
-            for round_ in range(30):
-                together.wait()
-                encoded = encode_prompts(toy_model, [(prompts[index], 1.0)], "blurry")
-                if not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(encoded, alone[index])):
-                    wrong.append((round_, index))
-        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
-            errors.append(error)
+    def work(index: int, together: threading.Barrier) -> None:
+        for round_ in range(30):
+            together.wait()
+            encoded = encode_prompts(toy_model, [(prompts[index], 1.0)], "blurry")
+            if not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(encoded, alone[index])):
+                wrong.append((round_, index))
 
-    threads = [threading.Thread(target=work, args=(index,)) for index in range(len(prompts))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    errors = in_threads_together(len(prompts), work)
     assert not errors and not wrong, wrong[:5]
 
 
@@ -382,25 +385,16 @@ def test_on_onnxruntime_controlnets_and_loras_run_compiled(
     wanted: list[dict[str, float]] = [{"ink": 1.0}, {"ink": -0.7}, {}]
     expected = [frame(eager, canvas, loras=loras, steps=1, cfg_type="none") for loras in wanted]
     worst_seen: list[int] = []
-    errors: list[BaseException] = []
-    together = threading.Barrier(len(wanted), timeout=60)
 
-    def work(index: int) -> None:
-        try:
+    def work(index: int, together: threading.Barrier) -> None:
+        together.wait()
+        pipeline = stream(compiled, loras=wanted[index], steps=1, cfg_type="none")
+        for tag in range(4):
             together.wait()
-            pipeline = stream(compiled, loras=wanted[index], steps=1, cfg_type="none")
-            for tag in range(4):
-                together.wait()
-                image = pipeline.render(canvas, tag=tag).image
-                worst_seen.append(int(np.abs(image.astype(int) - expected[index]).max()))
-        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
-            errors.append(error)
+            image = pipeline.render(canvas, tag=tag).image
+            worst_seen.append(int(np.abs(image.astype(int) - expected[index]).max()))
 
-    threads = [threading.Thread(target=work, args=(index,)) for index in range(len(wanted))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    errors = in_threads_together(len(wanted), work)
     assert not errors and len(worst_seen) == 4 * len(wanted) and max(worst_seen) <= 3, (errors, worst_seen)
     for hook in hooks:
         hook.remove()
