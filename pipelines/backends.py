@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "Backend", "BackendConfig", "BackendName", "ShapeRange", "prepare_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendConfig", "BackendName", "ExtraArtifact", "ShapeRange", "extra_artifacts", "prepare_backend"]
 
 BackendName = Literal["auto", "torch", "compile", "onnxruntime", "tensorrt"]
 BACKENDS: tuple[str, ...] = get_args(BackendName)
@@ -259,6 +259,33 @@ class _Extras:
         return backend
 
 
+@dataclass(frozen=True)
+class ExtraArtifact:
+    """A graph (or engine) a model's ControlNets or LoRAs add to the stream's three: `component`, from
+    `module` (a ControlNet) or the UNet, with the UNet weights in `lifted` as inputs; `controlnet` names
+    the ControlNet it is."""
+
+    component: Component
+    module: torch.nn.Module | None = None
+    lifted: tuple[str, ...] = ()
+    controlnet: str | None = None
+
+
+def extra_artifacts(model: LoadedModel) -> list[ExtraArtifact]:
+    """With ControlNets loaded: the UNet that takes their residuals, and one graph each. With named
+    LoRAs: the UNet again (and the controlled one), with the weights the LoRAs change as inputs."""
+    extras = []
+    unets = [Component.UNET]
+    if model.controlnets.names:
+        unets.append(Component.UNET_CONTROLLED)
+        extras.append(ExtraArtifact(Component.UNET_CONTROLLED))
+        extras += [ExtraArtifact(Component.CONTROLNET, model.controlnets.get(name), controlnet=name) for name in model.controlnets.names]
+    lifted = model.adapters.lifted()
+    if lifted:
+        extras += [ExtraArtifact(component, lifted=lifted) for component in unets]
+    return extras
+
+
 def _controls_and_loras(
     model: LoadedModel,
     cache: EngineCache,
@@ -266,25 +293,24 @@ def _controls_and_loras(
     load: Callable[[Entry], Any],
     loader_errors: tuple[type[BaseException], ...],
 ) -> _Extras:
-    """With ControlNets loaded: the UNet that takes their residuals, and one graph (or engine) each.
-    With named LoRAs: the UNet again (and the controlled one), with the weights the LoRAs change as
-    inputs, bound at each call to the weights merged for the caller's LoRAs. `fetch(component,
+    """The runners of `extra_artifacts`, in their places: the controlled UNet, the ControlNets, and the
+    LoRA graphs bound at each call to the weights merged for the caller's LoRAs. `fetch(component,
     module=None, lifted=())` gets an entry, as `ArtifactBuilder.onnx` or `.tensorrt` do."""
     extras = _Extras()
-    dtype = model.placement.dtype
-    unets = (Component.UNET,)
-    if model.controlnets.names:
-        unets += (Component.UNET_CONTROLLED,)
-        extras.runners, extras.names = _load_runners(cache, fetch, load, loader_errors, (Component.UNET_CONTROLLED,))
-        for name in model.controlnets.names:
-            net = model.controlnets.get(name)
-            loaded, net_names = _load_runners(cache, functools.partial(fetch, module=net), load, loader_errors, (Component.CONTROLNET,))
-            extras.controlnets[name] = CompiledControlNet(loaded[Component.CONTROLNET], dtype, model.pipe.unet.config)
-            extras.names += net_names
-    lifted = model.adapters.lifted()
-    if lifted:
-        lifted_runners, lifted_names = _load_runners(cache, functools.partial(fetch, lifted=lifted), load, loader_errors, unets)
-        extras.names += lifted_names
+    lifted_runners: dict[Component, Any] = {}
+    lifted: tuple[str, ...] = ()
+    for artifact in extra_artifacts(model):
+        get = functools.partial(fetch, module=artifact.module, lifted=artifact.lifted)
+        loaded, names = _load_runners(cache, get, load, loader_errors, (artifact.component,))
+        runner = loaded[artifact.component]
+        extras.names += names
+        if artifact.lifted:
+            lifted, lifted_runners[artifact.component] = artifact.lifted, runner
+        elif artifact.controlnet is not None:
+            extras.controlnets[artifact.controlnet] = CompiledControlNet(runner, model.placement.dtype, model.pipe.unet.config)
+        else:
+            extras.runners[artifact.component] = runner
+    if lifted_runners:
         adapters = model.adapters
 
         def merged_weights() -> list[torch.Tensor] | None:
@@ -317,12 +343,11 @@ def _tensorrt(model: LoadedModel, config: BackendConfig, requested: str) -> Back
         runners, names = _load_runners(cache, fetch, load, (EngineBuildError,), STREAM_COMPONENTS)
         extras = _controls_and_loras(model, cache, fetch, load, (EngineBuildError,))
     except EntryMissing as error:
-        extra = " (the ControlNet and LoRA engines: --build-engines only)" if model.controlnets.names or model.adapters.names else ""
         raise BackendUnavailable(
             f"{error}. Build the engines with `streamcanvas engines build --backend tensorrt "
             f"{_model_arguments(model)}--resolution {shapes.opt_side}x{shapes.opt_side} "
             f"--max-resolution {shapes.max_side}x{shapes.max_side} --engine-min-resolution {shapes.min_side} "
-            f"--engine-max-batch {shapes.max_batch}`, or start the server with --build-engines{extra}"
+            f"--engine-max-batch {shapes.max_batch}`, or start the server with --build-engines"
         ) from None
     except (CacheError, EngineBuildError, TensorRTUnavailable, OSError) as error:
         raise BackendUnavailable(f"tensorrt engines could not be prepared: {error}") from error
@@ -337,6 +362,8 @@ def _model_arguments(model: LoadedModel) -> str:
     arguments = "" if model.is_test_model else f"--model {model.name} "
     if model.lora is not None:
         arguments += f"--lora {model.lora} "
+    arguments += "".join(f"--lora {name}={path} " for name, path in model.adapters.paths.items())
+    arguments += "".join(f"--controlnet {name}={path} " for name, path in model.controlnets.paths.items())
     return arguments + f"--dtype {str(model.placement.dtype).removeprefix('torch.')} "
 
 

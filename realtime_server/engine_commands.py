@@ -27,7 +27,8 @@ def engines() -> None:
 @engines.command("build")
 @click.option("--model", help="As for serve: a diffusers directory or a cached repo id. Default: the trained toy model.")
 @click.option("--tiny-vae", help="As for serve: the live VAE whose encoder/decoder are built.")
-@click.option("--lora", help="As for serve: fused into the UNet before export (the engine is keyed by the fused weights).")
+@click.option("--lora", multiple=True, help="As for serve (repeatable): a bare PATH is fused into the UNet before export (the engine is keyed by the fused weights); with NAME=PATH, the UNet is also built with the weights LoRAs touch as inputs.")
+@click.option("--controlnet", multiple=True, help="As for serve (repeatable), NAME=PATH: also builds the UNet that takes ControlNet residuals and each ControlNet.")
 @click.option("--device", help="auto, cpu, cuda or cuda:N. Default auto.")
 @click.option("--dtype", help="auto (float16 on CUDA, float32 on CPU), float32 or float16.")
 @click.option("--backend", type=click.Choice(ENGINE_KINDS), help="What to build for. Default: tensorrt on CUDA, onnxruntime on the CPU.")
@@ -36,12 +37,13 @@ def engines() -> None:
 @click.option("--engine-min-resolution", type=int, help="As for serve: the smallest side engines accept. Default 256.")
 @click.option("--engine-max-batch", type=int, help="As for serve: the largest UNet batch. Default 8.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), help="The engine cache. Default <cache>/engines.")
-@click.option("--component", "components", multiple=True, type=click.Choice(COMPONENTS), help="Build only this component (repeat). Default: all.")
+@click.option("--component", "components", multiple=True, type=click.Choice(COMPONENTS), help="Build only this component (repeat). Default: all, and what ControlNets and named LoRAs add.")
 def build(backend: str | None, components: tuple[str, ...], **options: object) -> None:
     """Build the engines `serve` would use with the same options (a progress bar shows each stage)."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from streamcanvas.pipelines.backends import ExtraArtifact, extra_artifacts
     from streamcanvas.pipelines.errors import PipelineError
     from streamcanvas.pipelines.loading import load_model
     from streamcanvas.trt_engines.builder import ArtifactBuilder
@@ -61,17 +63,20 @@ def build(backend: str | None, components: tuple[str, ...], **options: object) -
         unavailable = tensorrt_unavailable_reason(model.placement.device)
         if unavailable is not None:
             raise click.ClickException(f"cannot build TensorRT engines here: {unavailable}")
-    chosen = [Component(name) for name in (components or COMPONENTS)]
+    chosen = [ExtraArtifact(Component(name)) for name in (components or COMPONENTS)]
+    if not components:
+        chosen += extra_artifacts(model)
     results = []
     bar_format = "{n_fmt}/{total_fmt} components [{elapsed}] {desc}"
     with logging_redirect_tqdm(), tqdm(total=len(chosen), unit="component", bar_format=bar_format) as bar:
         builder = ArtifactBuilder(config.cache, model.pipe, model_name=model.name, progress=bar.set_description_str)
-        for component in chosen:
+        for artifact in chosen:
+            component, module, lifted = artifact.component, artifact.module, artifact.lifted
             try:
                 if kind == "tensorrt":
-                    entry = builder.tensorrt(component, config.shapes, allow_build=True)
-                else:
-                    entry = builder.onnx(component, attention="fused")  # the graphs ONNX Runtime runs
+                    entry = builder.tensorrt(component, config.shapes, allow_build=True, module=module, lifted=lifted)
+                else:  # the graphs ONNX Runtime runs
+                    entry = builder.onnx(component, attention="fused", module=module, lifted=lifted)
             except (CacheError, EngineBuildError, OSError) as error:
                 raise click.ClickException(f"building {component.value} failed: {error}") from None
             results.append((entry, "built" if entry.key.name in builder.built else "cached"))
@@ -141,11 +146,10 @@ def prune(engine_dir: Path | None, unused_days: float | None, remove_all: bool, 
 def _settings(options: dict[str, object]):  # type: ignore[no-untyped-def]
     from .settings import Settings
 
-    given = {name: value for name, value in options.items() if value is not None}
+    # Options left out are left to the settings' defaults (and the environment); repeated ones are lists.
+    given = {name: list(value) if isinstance(value, tuple) else value for name, value in options.items() if value not in (None, ())}
     if isinstance(given.get("model"), str):
         given["model"] = [given["model"]]
-    if isinstance(given.get("lora"), str):
-        given["lora"] = [given["lora"]]
     try:
         return Settings(**given)
     except pydantic.ValidationError as error:

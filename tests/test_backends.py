@@ -302,6 +302,32 @@ def test_engines_list_and_prune_on_a_real_cache(tiny_model_dir: Path, cache_dir:
     assert "1 removed, 0 kept" in everything.stdout and not fine.exists()
 
 
+def test_engines_build_also_builds_what_controlnets_and_loras_add(tiny_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """With `--controlnet NAME=PATH` and `--lora NAME=PATH`, `engines build` builds the controlled UNet,
+    the ControlNet and the two LoRA graphs too, and a backend prepared for the same model takes every
+    one of its graphs from the cache, building nothing."""
+    from streamcanvas.pipelines.tiny import make_tiny_controlnet
+
+    lora = make_tiny_lora(tmp_path / "lora", tiny_model_dir)
+    net = make_tiny_controlnet(tmp_path / "controlnet", tiny_model_dir)
+    engines = tmp_path / "engines"
+    built = cli(
+        "engines", "build", "--model", str(tiny_model_dir), "--engine-dir", str(engines),
+        "--lora", f"ink={lora}", "--controlnet", f"lines={net}", cache_dir=cache_dir,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert [line.split()[0] for line in built.stdout.splitlines()] == ["built"] * 7
+    keys = [entry.key for entry in EngineCache(engines).entries()[0]]
+    assert sorted((key.component, key.lifted is not None) for key in keys) == [
+        ("controlnet", False), ("unet", False), ("unet", True), ("unet_controlled", False), ("unet_controlled", True),
+        ("vae_decoder", False), ("vae_encoder", False),
+    ]  # fmt: skip
+    model = load_model(ModelSpec(model=str(tiny_model_dir), adapters=(("ink", str(lora)),), controlnets=(("lines", str(net)),)))
+    backend = prepare_backend(model, BackendConfig(name="onnxruntime", engine_dir=engines))
+    assert sorted(backend.engines) == sorted(key.name for key in keys)
+    assert len(EngineCache(engines).entries()[0]) == 7
+
+
 # ---- choosing the backend ------------------------------------------------------------------------------
 
 
