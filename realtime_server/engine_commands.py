@@ -111,7 +111,7 @@ def list_entries(engine_dir: Path | None, as_json: bool) -> None:
             sides = "any" if key.min_side is None else f"{key.min_side}-{key.max_side}"
             batch = "any" if key.min_batch is None else f"{key.min_batch}-{key.max_batch}"
             rows.append((
-                key.component, key.kind, str(entry.info.get("model", "?")), key.dtype, sides, batch,
+                key.component + ("+lora-inputs" if key.lifted else ""), key.kind, str(entry.info.get("model", "?")), key.dtype, sides, batch,
                 key.tensorrt or "-", key.gpu or "-", _size(entry.size), _age(now - entry.created), _age(now - entry.used), key.digest,
             ))
         widths = [max(len(row[column]) for row in rows) for column in range(len(header))]

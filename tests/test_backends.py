@@ -326,6 +326,8 @@ def test_engines_build_also_builds_what_controlnets_and_loras_add(tiny_model_dir
     backend = prepare_backend(model, BackendConfig(name="onnxruntime", engine_dir=engines))
     assert sorted(backend.engines) == sorted(key.name for key in keys)
     assert len(EngineCache(engines).entries()[0]) == 7
+    listed = cli("engines", "list", "--engine-dir", str(engines), cache_dir=cache_dir).stdout.splitlines()
+    assert sum(line.startswith(("unet+lora-inputs ", "unet_controlled+lora-inputs ")) for line in listed) == 2
 
 
 # ---- choosing the backend ------------------------------------------------------------------------------
