@@ -39,6 +39,7 @@ from streamcanvas.trt_engines.components import (
     Component,
     ShapeRange,
     added_width,
+    size_ids,
 )
 from streamcanvas.trt_engines.export import side_multiple
 from streamcanvas.trt_engines.onnxruntime_backend import (
@@ -254,9 +255,9 @@ class _Extras:
     def backend(
         self, model: LoadedModel, name: str, requested: str, runners: dict[Component, Any], names: tuple[str, ...], reason: str
     ) -> Backend:
-        backend = _compiled_backend(model, name, requested, {**runners, **self.runners}, names + self.names, reason, **self.loras)
-        backend.controlnets = self.controlnets
-        return backend
+        return _compiled_backend(
+            model, name, requested, {**runners, **self.runners}, names + self.names, reason, self.controlnets, **self.loras
+        )
 
 
 @dataclass(frozen=True)
@@ -400,6 +401,7 @@ def _compiled_backend(
     runners: dict[Component, Any],
     engines: tuple[str, ...],
     reason: str,
+    controlnets: dict[str, Any] | None = None,
     **loras: Any,
 ) -> Backend:
     """`loras`: CompiledUNet's `lifted`, `lifted_runner` and `lifted_controlled`, for streams with LoRAs."""
@@ -412,6 +414,7 @@ def _compiled_backend(
         unet=CompiledUNet(runners[Component.UNET], dtype, controlled=runners.get(Component.UNET_CONTROLLED), **loras),
         vae=CompiledVae(runners[Component.VAE_ENCODER], runners[Component.VAE_DECODER], dtype, pipe.vae.config.scaling_factor),
         side_multiple=side_multiple(pipe),
+        controlnets=controlnets or {},
     )
 
 
@@ -451,9 +454,8 @@ def measure(model: LoadedModel, backend: Backend, side: int, rounds: int = MEASU
     added: dict[str, Any] = {}
     pooled = added_width(pipe.unet.config)
     if pooled is not None:  # SDXL's added conditioning: a pooled text embedding and the size ids
-        sizes = torch.tensor([[side, side, 0, 0, side, side]] * 2, dtype=placement.dtype, device=placement.device)
         text_embeds = torch.randn(2, pooled, generator=generator).to(placement.device, placement.dtype)
-        added = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": sizes}}
+        added = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": size_ids(side, side, 2, placement.device, placement.dtype)}}
 
     def frame(unet: Any, vae: Any) -> float:
         started = time.perf_counter()

@@ -32,6 +32,8 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from streamdiffusion import StreamDiffusion
 
+from streamcanvas.trt_engines.components import size_ids
+
 from .adapters import LORA_WEIGHT_RANGE, MAX_ACTIVE_LORAS, LoraWeights
 from .controls import MAX_CONTROLS, ControlRows, ControlSpec, control_tensor, controlled_unet, merge_rows, preprocess
 from .errors import NO_DEPTH_MODEL, InvalidParameter, UnknownName
@@ -267,9 +269,8 @@ class _SessionStream(StreamDiffusion):
         self.added_conditions = None
         if pooled is not None and unconditional_pooled is not None:
             text_embeds = self._arranged(pooled, unconditional_pooled)
-            size = [self.height, self.width]
-            time_ids = torch.tensor([size + [0, 0] + size], dtype=text_embeds.dtype, device=text_embeds.device)
-            self.added_conditions = {"text_embeds": text_embeds, "time_ids": time_ids.repeat(text_embeds.shape[0], 1)}
+            time_ids = size_ids(self.height, self.width, text_embeds.shape[0], text_embeds.device, text_embeds.dtype)
+            self.added_conditions = {"text_embeds": text_embeds, "time_ids": time_ids}
 
     def _arranged(self, conditional: torch.Tensor, unconditional: torch.Tensor) -> torch.Tensor:
         repeats = [1] * (conditional.dim() - 1)

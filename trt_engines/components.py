@@ -63,6 +63,11 @@ def added_width(unet_config: Mapping[str, object]) -> int | None:
     return int(unet_config["projection_class_embeddings_input_dim"]) - TIME_IDS * int(unet_config["addition_time_embed_dim"])  # type: ignore[call-overload]
 
 
+def size_ids(height: int, width: int, rows: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """SDXL's `time_ids` for `rows` rows of a height × width picture: original size, crop (none), target size."""
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).repeat(rows, 1)
+
+
 def unet_inputs(added: bool) -> tuple[str, ...]:
     """The inputs every UNet and ControlNet graph starts with (SDXL's added conditioning with `added`)."""
     return (*SIGNATURES[Component.UNET].inputs, *(ADDED_INPUTS if added else ()))

@@ -31,6 +31,7 @@ from .components import (
     controlnet_signature,
     lifted_names,
     residual_shapes,
+    size_ids,
     unet_inputs,
 )
 
@@ -280,8 +281,8 @@ def _graph_and_inputs(
         )
         pooled = added_width(unet.config)
         if pooled is not None:  # SDXL: the pooled text embedding and the size ids
-            sizes = torch.tensor([[_TRACE_SIDE, _TRACE_SIDE, 0, 0, _TRACE_SIDE, _TRACE_SIDE]], device=device, dtype=dtype)
-            inputs += (torch.randn(_TRACE_BATCH, pooled, device=device, dtype=dtype), sizes.repeat(_TRACE_BATCH, 1))
+            sizes = size_ids(_TRACE_SIDE, _TRACE_SIDE, _TRACE_BATCH, device, dtype)
+            inputs += (torch.randn(_TRACE_BATCH, pooled, device=device, dtype=dtype), sizes)
         added = pooled is not None
         if component is Component.UNET:
             return _UNetGraph(unet, added), inputs
