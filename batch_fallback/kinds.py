@@ -31,7 +31,7 @@ from streamcanvas.pipelines.adapters import MAX_ACTIVE_LORAS
 from streamcanvas.pipelines.controls import MAX_CONTROL_SCALE, MAX_CONTROLS, Preprocessor, preprocess
 from streamcanvas.pipelines.errors import InvalidParameter, UnknownName
 from streamcanvas.pipelines.models import ModelChoice
-from streamcanvas.pipelines.stream import RenderResult, StreamParams, StreamPipeline
+from streamcanvas.pipelines.stream import MAX_SEED, RenderResult, StreamParams, StreamPipeline
 from streamcanvas.pipelines.styles import StylePreset
 
 from .errors import InvalidJob
@@ -46,7 +46,6 @@ from .workflow import Catalog, execute, plan
 
 StageCallback = Callable[[Stage], None]
 
-MAX_SEED = 2**32 - 1
 SchedulerName = Literal["euler_a", "euler", "dpmpp_2m", "ddim", "pndm", "unipc", "heun", "lcm"]
 assert set(SchedulerName.__args__) == set(SCHEDULERS)  # type: ignore[attr-defined]
 

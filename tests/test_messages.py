@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgpack
 import pytest
 
@@ -122,3 +124,17 @@ def test_the_wire_parameters_are_the_stream_parameters() -> None:
     assert set(PARAM_TYPES) == {field.name for field in dataclasses.fields(StreamParams)}
     for name, kind in _WHIP_PARAMS.items():
         assert kind in PARAM_TYPES[name], name
+
+
+def test_the_page_and_the_batch_jobs_take_the_streams_seed_range() -> None:
+    """The seed's upper bound is the stream's (pipelines.stream.MAX_SEED) in the batch jobs' schema and in
+    the page, which clamps what a person types to it."""
+    import re
+
+    from streamcanvas.batch_fallback import kinds
+    from streamcanvas.pipelines.stream import MAX_SEED
+
+    assert kinds.MAX_SEED == MAX_SEED
+    page = (Path(__file__).parent.parent / "web_static" / "app.js").read_text()
+    declared = re.search(r"^const MAX_SEED = (\d+);$", page, re.MULTILINE)
+    assert declared is not None and int(declared.group(1)) == MAX_SEED
