@@ -31,6 +31,7 @@ from streamcanvas.pipelines.adapters import MAX_ACTIVE_LORAS
 from streamcanvas.pipelines.controls import MAX_CONTROL_SCALE, MAX_CONTROLS, Preprocessor, preprocess
 from streamcanvas.pipelines.errors import InvalidParameter, UnknownName
 from streamcanvas.pipelines.models import ModelChoice
+from streamcanvas.pipelines.sizes import MIN_SIDE, SIDE_MULTIPLE, side_problem
 from streamcanvas.pipelines.stream import MAX_SEED, RenderResult, StreamParams, StreamPipeline
 from streamcanvas.pipelines.styles import StylePreset
 
@@ -125,15 +126,15 @@ class HiresFix(_Strict):
     upscaler: str = Field("lanczos", max_length=64, description=UPSCALER_DESCRIPTION)
     strength: float = Field(0.5, gt=0.0, le=1.0)
     steps: int | None = Field(None, ge=1, le=150, description="None: the job's steps")
-    tile: int = Field(512, ge=64, le=2048, multiple_of=8)
+    tile: int = Field(512, ge=MIN_SIDE, le=2048, multiple_of=SIDE_MULTIPLE)
     overlap: int = Field(64, ge=0, le=512)
 
 
 class GenerationRequest(LiveLook):
     prompt: str = Field(max_length=4000)
     negative_prompt: str = Field("", max_length=4000)
-    width: int = Field(512, ge=64, description="multiple of 8, at most the server's max resolution")
-    height: int = Field(512, ge=64)
+    width: int = Field(512, ge=MIN_SIDE, description="multiple of 8, at most the server's max resolution")
+    height: int = Field(512, ge=MIN_SIDE)
     steps: int = Field(25, ge=1, le=150)
     scheduler: SchedulerName = "euler_a"
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
@@ -146,8 +147,8 @@ class GenerationRequest(LiveLook):
 class Img2ImgRequest(GenerationRequest):
     image: str = Field(description="base64 PNG, JPEG or WebP (a data: URL is accepted)")
     strength: float = Field(0.6, gt=0.0, le=1.0)
-    width: int | None = Field(None, ge=64)  # type: ignore[assignment]
-    height: int | None = Field(None, ge=64)  # type: ignore[assignment]
+    width: int | None = Field(None, ge=MIN_SIDE)  # type: ignore[assignment]
+    height: int | None = Field(None, ge=MIN_SIDE)  # type: ignore[assignment]
 
 
 InpaintingFill = Literal["original", "fill", "latent_noise", "latent_nothing"]
@@ -170,15 +171,15 @@ class OutpaintRequest(GenerationRequest):
     mask_blur: int = Field(8, ge=0, le=64, description="how far the new area blends into the old, pixels")
     inpainting_fill: InpaintingFill = "fill"
     strength: float = Field(1.0, gt=0.0, le=1.0)
-    width: int | None = Field(None, ge=64, description="None: the extended canvas's size (rounded down to a multiple of 8)")  # type: ignore[assignment]
-    height: int | None = Field(None, ge=64)  # type: ignore[assignment]
+    width: int | None = Field(None, ge=MIN_SIDE, description="None: the extended canvas's size (rounded down to a multiple of 8)")  # type: ignore[assignment]
+    height: int | None = Field(None, ge=MIN_SIDE)  # type: ignore[assignment]
 
 
 class UpscaleRequest(LiveLook):
     image: str = Field(description="base64 PNG, JPEG or WebP (a data: URL is accepted)")
     scale: float = Field(2.0, ge=1.0, le=4.0, description="×2, ×4 or anything between (width/height override it)")
-    width: int | None = Field(None, ge=64, description="the output's width (a multiple of 8); None: the image's × scale")
-    height: int | None = Field(None, ge=64)
+    width: int | None = Field(None, ge=MIN_SIDE, description="the output's width (a multiple of 8); None: the image's × scale")
+    height: int | None = Field(None, ge=MIN_SIDE)
     upscaler: str = Field("lanczos", max_length=64, description=UPSCALER_DESCRIPTION)
     strength: float = Field(0.0, ge=0.0, le=1.0, description="0: resampling only; above 0, the hires-fix pass: img2img in tiles at this strength")
     prompt: str = Field("", max_length=4000, description="what the hires-fix pass paints")
@@ -187,7 +188,7 @@ class UpscaleRequest(LiveLook):
     scheduler: SchedulerName = "euler_a"
     guidance_scale: float = Field(5.0, ge=0.0, le=30.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    tile: int = Field(512, ge=64, le=2048, multiple_of=8)
+    tile: int = Field(512, ge=MIN_SIDE, le=2048, multiple_of=SIDE_MULTIPLE)
     overlap: int = Field(64, ge=0, le=512)
     preview: bool = False
 
@@ -204,8 +205,8 @@ class VideoRequest(LiveLook):
     cfg_type: Literal["none", "full", "self", "initialize"] = "self"
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     feedback: float = Field(0.0, ge=0.0, le=1.0, description="temporal option: how much of the previous frame's latent each frame starts from")
-    width: int | None = Field(None, ge=64, description="the output's size; None: the clip's, scaled down to fit the server's maximum")
-    height: int | None = Field(None, ge=64)
+    width: int | None = Field(None, ge=MIN_SIDE, description="the output's size; None: the clip's, scaled down to fit the server's maximum")
+    height: int | None = Field(None, ge=MIN_SIDE)
     preview: bool = False
 
 
@@ -219,8 +220,8 @@ class LiveSessionRequest(_Strict):
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
     strength: float | None = Field(None, gt=0.0, le=1.0, description="None: the session's strength")
     negative_prompt: str | None = Field(None, max_length=4000)
-    width: int | None = Field(None, ge=64, description="None: the session's resolution")
-    height: int | None = Field(None, ge=64)
+    width: int | None = Field(None, ge=MIN_SIDE, description="None: the session's resolution")
+    height: int | None = Field(None, ge=MIN_SIDE)
     batch_size: int = Field(1, ge=1, le=8)
     preview: bool = False
     mask: str | None = Field(None, description="base64 image, white where the canvas is painted anew (an inpaint of the canvas); None: all of it")
@@ -746,15 +747,14 @@ def _seed(seed: int | None) -> int:
 
 
 def _fit(size: int, maximum: int) -> int:
-    return max(64, min(maximum, size) // 8 * 8)
+    return max(MIN_SIDE, min(maximum, size) // SIDE_MULTIPLE * SIDE_MULTIPLE)
 
 
 def _check_size(width: int, height: int, context: AcceptContext) -> None:
     for name, value, maximum in (("width", width, context.max_width), ("height", height, context.max_height)):
-        if value % 8:
-            raise InvalidJob(f"{name} {value} is not a multiple of 8", field=f"params.{name}")
-        if not 64 <= value <= maximum:
-            raise InvalidJob(f"{name} {value} is outside 64 … {maximum}", field=f"params.{name}")
+        problem = side_problem(value, maximum)
+        if problem is not None:
+            raise InvalidJob(f"{name} {problem}", field=f"params.{name}")
 
 
 def _decode_upload(data: str, limits: ImageLimits, name: str = "image") -> np.ndarray:

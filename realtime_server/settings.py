@@ -23,6 +23,7 @@ from streamcanvas.pipelines.loading import ModelSpec
 from streamcanvas.pipelines.models import DEFAULT_MODEL_NAME
 from streamcanvas.pipelines.paths import default_cache_dir
 from streamcanvas.pipelines.sharing import Sharing
+from streamcanvas.pipelines.sizes import side_problem
 from streamcanvas.sessions.manager import SessionConfig
 
 _RESOLUTION = re.compile(r"^(\d{2,5})x(\d{2,5})$")
@@ -203,8 +204,10 @@ class Settings(BaseSettings):
         if not match:
             raise ValueError(f"{value!r} is not WIDTHxHEIGHT, e.g. 512x512")
         width, height = int(match[1]), int(match[2])
-        if width % 8 or height % 8 or width < 64 or height < 64:
-            raise ValueError(f"{value!r}: width and height must be multiples of 8 and at least 64")
+        for name, side in (("width", width), ("height", height)):
+            problem = side_problem(side)
+            if problem is not None:
+                raise ValueError(f"{value!r}: {name} {problem}")
         return value
 
     @model_validator(mode="after")

@@ -50,6 +50,7 @@ from streamcanvas.codecs.messages import (
     serialize,
 )
 from streamcanvas.pipelines.errors import InvalidParameter, UnknownName
+from streamcanvas.pipelines.sizes import side_problem
 from streamcanvas.pipelines.stream import StreamParams
 
 from .broadcast import BroadcastFrame, FrameBroadcast
@@ -373,13 +374,10 @@ class Session:
 
     def _check_resolution(self, width: int, height: int) -> None:
         config = self.config
-        if width % 8 or height % 8:
-            raise InvalidResolution(f"resolution {width}x{height} must be a multiple of 8", field="width")
-        if not (64 <= width <= config.max_width and 64 <= height <= config.max_height):
-            raise InvalidResolution(
-                f"resolution {width}x{height} is outside 64x64 … {config.max_width}x{config.max_height}",
-                field="width",
-            )
+        for name, value, maximum in (("width", width, config.max_width), ("height", height, config.max_height)):
+            problem = side_problem(value, maximum)
+            if problem is not None:
+                raise InvalidResolution(f"resolution {width}x{height}: {name} {problem}", field=name)
 
     def _new_input(self, client_seq: int | None, canvas_changed: bool = False) -> None:
         """Record one input (caller holds _lock) and wake the worker: the newest input wins."""

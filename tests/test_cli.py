@@ -77,7 +77,7 @@ def test_bad_settings_are_usage_errors(cache_dir: Path) -> None:
 
     env = server_env(cache_dir)
     cases = [
-        (["serve", "--resolution", "100x100"], "multiples of 8"),
+        (["serve", "--resolution", "100x100"], "not a multiple of 8"),
         (["serve", "--device", "cuda", "--port", str(free_port())], "CUDA"),
         (["serve", "--batch-queue", "redis"], "--redis-url"),
         (["worker"], "--redis-url"),
