@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import click
-import pydantic
 
 from .engine_commands import engines
 
@@ -93,20 +92,11 @@ def serve(**options: object) -> None:
 
     from .app import create_app
     from .connections import http_protocol, websocket_protocol
+    from .options import configure_logging, settings_from
     from .runtime import Runtime
-    from .settings import Settings, validation_message
 
-    given = {name: value for name, value in options.items() if value not in (None, ())}
-    for name in ("api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", "upscaler", "model", "webhook_allow"):
-        if name in given:
-            given[name] = list(given[name])  # type: ignore[call-overload]
-    try:
-        settings = Settings(**given)
-    except pydantic.ValidationError as error:
-        raise click.UsageError(validation_message(error)) from None
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    settings = settings_from(options)
+    configure_logging(settings.log_level)
     log = logging.getLogger("streamcanvas")
     if settings.binds_beyond_loopback and not settings.api_keys:
         log.warning(
@@ -174,18 +164,10 @@ def worker(**options: object) -> None:
     from streamcanvas.batch_fallback.process import run_worker
     from streamcanvas.pipelines.errors import PipelineError
 
-    from .settings import Settings, validation_message
+    from .options import configure_logging, settings_from
 
-    given = {name: value for name, value in options.items() if value not in (None, ())}
-    given.setdefault("batch_queue", "redis")
-    for name in ("lora", "controlnet", "upscaler", "model"):
-        if name in given:
-            given[name] = list(given[name])  # type: ignore[call-overload]
-    try:
-        settings = Settings(**given)
-    except pydantic.ValidationError as error:
-        raise click.UsageError(validation_message(error)) from None
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from(options, batch_queue="redis")
+    configure_logging(settings.log_level)
     try:
         run_worker(settings.batch_config(), settings.model_specs(), settings.threads, settings.memory_budget_bytes)
     except PipelineError as error:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
 import click
-import pydantic
 
 ENGINE_KINDS = ["onnxruntime", "tensorrt"]
 COMPONENTS = ["unet", "vae_encoder", "vae_decoder"]
@@ -50,9 +48,10 @@ def build(backend: str | None, components: tuple[str, ...], **options: object) -
     from streamcanvas.trt_engines.cache import CacheError
     from streamcanvas.trt_engines.components import Component
     from streamcanvas.trt_engines.tensorrt_backend import EngineBuildError, tensorrt_unavailable_reason
+    from .options import configure_logging, settings_from
 
-    settings = _settings(options)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from(options)
+    configure_logging("info")
     try:
         model = load_model(settings.model_spec())
     except PipelineError as error:
@@ -142,20 +141,6 @@ def prune(engine_dir: Path | None, unused_days: float | None, remove_all: bool, 
         click.echo(f"{'would remove' if dry_run else 'removed'} {path.name}: {why}")
     click.echo(f"{len(bad) + len(old)} {'to remove' if dry_run else 'removed'}, {len(good) - len(old)} kept")
 
-
-def _settings(options: dict[str, object]):  # type: ignore[no-untyped-def]
-    from .settings import Settings
-
-    # Options left out are left to the settings' defaults (and the environment); repeated ones are lists.
-    given = {name: list(value) if isinstance(value, tuple) else value for name, value in options.items() if value not in (None, ())}
-    if isinstance(given.get("model"), str):
-        given["model"] = [given["model"]]
-    try:
-        return Settings(**given)
-    except pydantic.ValidationError as error:
-        from .settings import validation_message
-
-        raise click.UsageError(validation_message(error)) from None
 
 
 def _cache(engine_dir: Path | None):  # type: ignore[no-untyped-def]
