@@ -113,6 +113,16 @@ def sigma_spacings(scheduler: str) -> tuple[str, ...]:
     return tuple(name for name, options in SIGMA_OPTIONS.items() if set(options) <= accepted)
 
 
+def schedule_length(steps: int, strength: float) -> int:
+    """The schedule an image-to-image render asks diffusers for. diffusers runs the last int(steps ×
+    strength) steps of a `steps`-step schedule, none when that rounds to 0 (and then fails); such a
+    request runs one step instead, at its strength: the shortest schedule whose last step starts there."""
+    length = steps
+    while 0 < strength and int(length * strength) < 1:
+        length += 1
+    return length
+
+
 @dataclass(frozen=True)
 class RenderRequest:
     prompt: str | tuple[tuple[str, float], ...]
@@ -201,9 +211,10 @@ class QualityRenderer:
             on_step(step + 1, pipeline.num_timesteps, lambda: self.preview(latents, model))
             return tensors
 
+        starts_from_an_image = request.init_latents is not None or request.init_image is not None
         arguments: dict = {
             **self._prompt_arguments(model, request),
-            "num_inference_steps": request.steps,
+            "num_inference_steps": schedule_length(request.steps, request.strength) if starts_from_an_image else request.steps,
             "guidance_scale": request.guidance_scale,
             "num_images_per_prompt": request.batch_size,
             "generator": generators,

@@ -192,6 +192,10 @@ def test_img2img_starts_from_the_image(deployment: Deployment) -> None:
         assert job["status"] == "finished" and job["progress"]["steps"] == 4  # 8 steps × strength 0.5
         results.append(np.asarray(jobs.image(job["results"][0]["url"])))
     assert not np.array_equal(results[0], results[1])
+    # 1 step × strength 0.5 rounds to no step at all in diffusers' arithmetic: one step runs, at half noise.
+    short = jobs.wait(jobs.create("img2img", {**base, "steps": 1, "image": png_base64(make_canvas(SIZE, 1))})["id"])
+    assert short["status"] == "finished" and short["progress"]["steps"] == 1, short
+    assert not np.array_equal(np.asarray(jobs.image(short["results"][0]["url"])), make_canvas(SIZE, 1))
 
 
 # --- validation ---------------------------------------------------------------------------------------
