@@ -163,6 +163,9 @@ class Ready:
     model: dict[str, Any]
     token: str | None = None
     viewer_token: str | None = None
+    defaults: dict[str, Any] | None = field(default=None, metadata={"omit_if_none": True})
+    """Every parameter's value before the hello's `params`: this model's defaults, which a change of
+    style puts the old preset's fields back to (added to version 1)."""
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,15 @@ class UnknownName(InvalidParameter):
     lists the ones it has."""
 
     @classmethod
-    def listing(cls, field: str, what: str, name: str, names: Iterable[str], flag: str | None = None) -> UnknownName:
-        """`no <what> named <name>; this server has: <names>` (or how to give it some, with `flag`)."""
-        listed = ", ".join(names) or (f"none (start the server with {flag})" if flag else "none")
-        return cls(field, f"no {what} named {name!r}; this server has: {listed}")
+    def listing(
+        cls, field: str, what: str, name: str, names: Iterable[str], flag: str | None = None, owner: str = "this server", hint: str | None = None
+    ) -> UnknownName:
+        """`no <what> named <name>; <owner> has: <names>`; when it has none, `hint` or how to give it
+        some (`flag`)."""
+        listed = ", ".join(names)
+        if not listed:
+            listed = f"none ({hint})" if hint else f"none (start the server with {flag})" if flag else "none"
+        return cls(field, f"no {what} named {name!r}; {owner} has: {listed}")
 
 
 NO_DEPTH_MODEL = "the 'depth' preprocessor needs a depth model: start the server with --depth-model PATH"

@@ -45,20 +45,28 @@ class ModelChoice:
     depth: bool = False
     upscalers: tuple[tuple[str, int], ...] = ()
     """Super-resolution networks by name, with the factor each one upscales by."""
+    owner: str = "this server"
+    """Who has these, in an error's words: the server, or with several models this one."""
+    hint: str | None = None
+    """What to say when it has no LoRAs or ControlNets (None: the flag that adds them)."""
 
     @classmethod
-    def of(cls, model: LoadedModel) -> ModelChoice:
+    def of(cls, model: LoadedModel, owner: str = "this server", hint: str | None = None) -> ModelChoice:
         defaults = StreamParams().replace(**model.stream_defaults)
-        return cls(model.adapters.names, model.controlnets.names, defaults, model.depth is not None, tuple(model.upscalers.scales.items()))
+        return cls(
+            model.adapters.names, model.controlnets.names, defaults, model.depth is not None, tuple(model.upscalers.scales.items()), owner, hint
+        )
 
     def check(self, params: StreamParams) -> None:
         """Raise UnknownName, listing what exists, for a LoRA, ControlNet or depth this model lacks."""
         for name, _ in params.loras:
             if name not in self.loras:
-                raise UnknownName.listing("loras", "LoRA", name, self.loras, "--lora NAME=PATH")
+                raise UnknownName.listing("loras", "LoRA", name, self.loras, "--lora NAME=PATH", self.owner, self.hint)
         for control in params.controls:
             if control.model not in self.controlnets:
-                raise UnknownName.listing("controls", "ControlNet", control.model, self.controlnets, "--controlnet NAME=PATH")
+                raise UnknownName.listing(
+                    "controls", "ControlNet", control.model, self.controlnets, "--controlnet NAME=PATH", self.owner, self.hint
+                )
             if control.preprocessor == "depth" and not self.depth:
                 raise UnknownName("controls", NO_DEPTH_MODEL)
 
@@ -97,7 +105,13 @@ class ModelSet:
         return self.models[name]
 
     def choices(self) -> dict[str, ModelChoice]:
-        return {name: ModelChoice.of(model) for name, model in self.models.items()}
+        if len(self.models) == 1:
+            return {name: ModelChoice.of(model) for name, model in self.models.items()}
+        default = next(iter(self.models))
+        hint = f"LoRAs and ControlNets load on the default model, {default!r}"
+        return {
+            name: ModelChoice.of(model, f"model {name!r}", None if name == default else hint) for name, model in self.models.items()
+        }
 
     def __iter__(self) -> Iterator[tuple[str, LoadedModel]]:
         return iter(self.models.items())

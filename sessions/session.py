@@ -410,6 +410,7 @@ class Session:
                 model=self.broker.describe_model(self.model_name),
                 token=self.broker.issue_token(self.id, "control"),
                 viewer_token=self.broker.issue_token(self.id, "viewer"),
+                defaults=_params_dict(self._defaults()),
             )
         )
         if self.mode == "txt2img":

@@ -29,12 +29,16 @@ STEADY = {"prompt": "a red house", "steps": 1, "cfg_type": "none"}
 
 
 @pytest.fixture(scope="module")
-def controls_server(cache_dir: Path, artifacts_dir: Path, live_extras: dict[str, Path]) -> Iterator[ServerProcess]:
+def controls_server(cache_dir: Path, artifacts_dir: Path, live_extras: dict[str, Path], toy_model_dir: Path, tiny_model_dir: Path) -> Iterator[ServerProcess]:
+    """The trained toy model with the LoRAs, ControlNets and depth network, and beside it the untrained
+    tiny model, which has none of them (they load on the default model)."""
     process = start_server(
         cache_dir,
         artifacts_dir,
         "controls",
         "--slots", "2",
+        "--model", f"toy={toy_model_dir}",
+        "--model", f"tiny={tiny_model_dir}",
         "--lora", f"ink={live_extras['ink']}",
         "--lora", f"glow={live_extras['glow']}",
         "--controlnet", f"scribble={live_extras['scribble']}",
@@ -270,7 +274,7 @@ def test_the_page_offers_every_live_control(browser, controls_server: ServerProc
         assert page.locator("[data-lora]").count() == 2
         assert page.locator("#controlnet option").all_inner_texts() == ["none", "scribble", "edges"]
         assert page.locator("#preprocessor option").all_inner_texts() == ["scribble", "canny", "none", "depth"]
-        assert page.locator("#model option").all_inner_texts() == ["toy (trained toy model)"] and page.locator("#model").is_disabled()
+        assert page.locator("#model option").all_inner_texts() == ["toy (trained toy model)", "tiny (untrained toy model)"]
 
         def changes() -> dict[str, Any]:
             merged: dict[str, Any] = {}
@@ -377,3 +381,73 @@ def test_a_video_job_takes_the_sessions_loras(controls_server: ServerProcess, jo
     plain, inked = restyled(), restyled(loras={"ink": 1.0})
     assert len(plain) == len(inked) == 6
     assert all(np.abs(a.astype(int) - b).mean() > 1.0 for a, b in zip(plain, inked))
+
+
+def test_the_page_shows_what_the_session_holds_and_switches_models_cleanly(browser, controls_server: ServerProcess) -> None:  # type: ignore[no-untyped-def]
+    """Chromium: the controls show the session's parameters (the model's defaults, a style's fields and
+    their reset), a reconnect gets the same session back, a model without the LoRAs and ControlNets in use
+    is switched to without them (not refused over and over), a hello the server refuses goes back to
+    the settings that worked, and removing the line layer stops it steering the frames."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    sent: list[Any] = []
+    page.on("websocket", lambda websocket: websocket.on("framesent", lambda payload: sent.append(parse_client_message(payload))))
+
+    def next_ready(after: str) -> dict[str, Any]:
+        page.wait_for_function(f"streamcanvas.connection.ready && streamcanvas.connection.ready.session_id !== {after!r}")
+        return page.evaluate("streamcanvas.connection.ready")  # type: ignore[no-any-return]
+
+    try:
+        open_page(page, controls_server)
+        ready = page.evaluate("streamcanvas.connection.ready")
+        defaults = ready["defaults"]
+        assert ready["params"]["cfg_type"] == defaults["cfg_type"] == "none"  # the toy model's own default
+        assert page.input_value("#cfg-type") == "none" and page.input_value("#steps") == str(defaults["steps"])
+
+        page.select_option("#style", "watercolor")
+        assert page.input_value("#negative-prompt") == "dark, sharp" and page.input_value("#strength") == "0.6"
+        page.select_option("#style", "")  # the preset's fields go back to the defaults, on the server and here
+        assert page.input_value("#negative-prompt") == defaults["negative_prompt"]
+        assert float(page.input_value("#strength")) == defaults["strength"]
+
+        page.select_option("#style", "dream")
+        page.evaluate("streamcanvas.connection.restart()")
+        again = next_ready(ready["session_id"])
+        assert (again["params"]["style"], again["params"]["strength"]) == ("dream", 0.85)  # not the page's 0.5
+
+        page.locator("[data-lora=glow]").fill("0.5")
+        page.select_option("#controlnet", "scribble")
+        wait_settled(page)
+        sent.clear()
+        page.select_option("#model", "tiny")
+        tiny = next_ready(again["session_id"])
+        assert tiny["model"]["id"] == "tiny" and tiny["params"]["loras"] == {} and tiny["params"]["controls"] == []
+        assert [message.type for message in sent].count("hello") == 1
+        assert page.locator("[data-lora-label=glow]").is_hidden() and page.locator("#controlnet").input_value() == ""
+
+        # A hello the server refuses (here a size over its maximum) is not sent again and again: the
+        # page goes back to the last settings that worked.
+        sent.clear()
+        page.evaluate("streamcanvas.state.resolution = 4096; streamcanvas.connection.restart()")
+        back = next_ready(tiny["session_id"])
+        assert (back["width"], back["model"]["id"]) == (SIZE, "tiny")
+        assert [message.type for message in sent].count("hello") == 2
+
+        page.select_option("#model", "toy")
+        next_ready(back["session_id"])
+        page.select_option("#controlnet", "scribble")
+        page.check("#lines-as-control")
+        stroke(page, [(0.2, 0.5), (0.8, 0.5)])
+        wait_settled(page)
+        sent.clear()
+        page.click("#remove-layer")  # the Lines layer, which is active
+        wait_settled(page)
+        assert not page.is_checked("#lines-as-control")
+        controls = [message.changes["controls"] for message in sent if isinstance(message, Params) and "controls" in message.changes]
+        assert controls and controls[-1][0]["source"] == "canvas"
+        assert not errors
+    finally:
+        context.close()

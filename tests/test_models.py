@@ -104,6 +104,19 @@ async def test_an_unknown_model_is_refused_naming_the_models(two_models: ServerP
         assert (error["code"], error["field"], error["fatal"]) == ("unknown_name", "model", True) and "toy, tiny, xl" in error["message"]
 
 
+async def test_ready_gives_the_models_defaults_and_errors_name_the_model(two_models: ServerProcess) -> None:
+    """`ready.defaults` is where the session's parameters started (its model's own defaults, which a
+    style change puts fields back to); a LoRA on a model that has none says whose LoRAs they are."""
+    async with Client.connect(two_models.ws_url) as client:
+        ready = await client.hello(model="tiny", params={"prompt": "a red house", "strength": 0.7})
+        assert ready["defaults"] == {**ready["params"], "prompt": "", "strength": 0.5}
+    async with Client.connect(two_models.ws_url) as client:
+        await client.send(Hello(protocol=(1,), model="tiny", params={"loras": {"ink": 1.0}}))
+        error = await client.expect("error")
+    assert (error["code"], error["field"], error["fatal"]) == ("unknown_name", "loras", True)
+    assert "model 'tiny' has: none (LoRAs and ControlNets load on the default model, 'toy')" in error["message"], error
+
+
 def test_batch_jobs_pick_a_model(two_models: ServerProcess) -> None:
     jobs = Jobs(two_models.base_url)
     try:

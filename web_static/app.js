@@ -19,16 +19,20 @@ const state = {
   color: $("#color").value,
   size: Number($("#size").value),
   opacity: Number($("#opacity").value) / 100,
-  params: {
-    prompt: "",
-    strength: Number($("#strength").value),
-    steps: Number($("#steps").value),
-    seed: Number($("#seed").value),
-    transition_frames: Number($("#transition").value),
-  },
+  // The session's parameters as the server holds them: ready.params, then each change this page sends,
+  // applied the server's way (predict). The next hello sends the ones in `touched`, so a reconnect gets
+  // the same session back and a model switch keeps what the person chose, not the old model's defaults.
+  params: { prompt: "", transition_frames: Number($("#transition").value) },
+  touched: new Set(["prompt", "transition_frames"]),
+  defaults: null, // ready.defaults: where a style change puts the old preset's fields back
   resolution: Number(query.get("resolution") || $("#resolution").value),
   quality: Number($("#quality").value),
   styles: {}, // style name → the fields it sets (GET /v1/styles)
+  models: {}, // model id → its LoRAs, ControlNets and depth network (GET /v1/models)
+  lastGood: null, // the hello settings of the last session the server accepted
+  fixes: 0, // hellos changed after a refusal since the last ready (bounded: no loop)
+  linesLayer: null, // the layer "Line layer as control" made the control layer
+  recording: null, // the recording running in this session: {url, token} for its link if the session ends
   needFull: true, // the server's copy must be replaced: after (re)connect, resize, camera frames
   sending: false,
   promptPending: false,
@@ -63,7 +67,7 @@ const connection = new Connection({
     height: state.resolution,
     codec: query.get("codec") || "jpeg", // ?codec=png for lossless frames
     quality: state.quality,
-    params: { ...state.params },
+    params: helloParams(),
     apiKey: query.get("key") || undefined,
     model: state.model || undefined,
   }),
@@ -79,6 +83,7 @@ const statusText = {
   waiting: ({ retryInMs }) => `Disconnected — reconnecting in ${Math.ceil(retryInMs / 1000)}s`,
   reconnecting: () => "Reconnecting…",
   error: ({ error }) => `Error: ${error.message}`,
+  refused: ({ error }) => `Refused: ${error.message}`,
   closed: () => "Closed",
 };
 
@@ -87,9 +92,19 @@ connection.addEventListener("state", (event) => {
   const status = $("#status");
   status.dataset.state = name;
   status.textContent = (statusText[name] || (() => name))(event.detail);
-  if (name === "ready") {
+  const live = name === "ready";
+  for (const id of ["#viewer-link", "#record", "#render-hd"]) $(id).disabled = !live;
+  if (name === "refused") handleRefusal(event.detail.error);
+  if (live) {
     const ready = event.detail.ready;
     state.needFull = true;
+    state.params = { ...ready.params };
+    state.defaults = ready.defaults || null;
+    state.lastGood = { resolution: state.resolution, quality: state.quality, model: state.model };
+    state.fixes = 0;
+    offerControlsOf(ready.model.id);
+    showParams(state.params);
+    endRecording();
     $("#model-name").textContent = ready.model.toy_model ? `${ready.model.toy_model} toy model` : ready.model.name;
     $("#model-name").title = `${ready.model.name} · ${ready.model.device} · ${ready.model.vae}`;
     const viewer = new URL("/obs.html", location.href);
@@ -98,12 +113,35 @@ connection.addEventListener("state", (event) => {
     $("#viewer-url").dataset.mjpeg = new URL(
       `/v1/sessions/${ready.session_id}/mjpeg?token=${encodeURIComponent(ready.viewer_token)}`, location.href,
     ).href;
-    $("#viewer-link").disabled = false;
-    $("#record").disabled = false;
-    $("#record").setAttribute("aria-pressed", "false"); // a new session is not recording
-    $("#render-hd").disabled = false;
   }
 });
+
+// A hello the server refused (a setting this model or server does not take): go back to what worked
+// last, or drop the parameter it names, and try again; at most three times before the next ready.
+function handleRefusal(error) {
+  if (state.fixes >= 3) return;
+  state.fixes += 1;
+  const good = state.lastGood;
+  const helloChanged = good && (good.model !== state.model || good.resolution !== state.resolution || good.quality !== state.quality);
+  if (helloChanged) {
+    state.model = good.model;
+    state.resolution = good.resolution;
+    state.quality = good.quality;
+    if (good.model) $("#model").value = good.model;
+    $("#resolution").value = String(good.resolution);
+    $("#quality").value = String(good.quality);
+    doc.resize(state.resolution, state.resolution);
+    mask.resize(state.resolution, state.resolution);
+    showError({ code: "note", message: "Went back to the last settings that worked." }, true);
+  } else if (error.field && error.field in state.params) {
+    state.touched.delete(error.field);
+    delete state.params[error.field];
+    showError({ code: "note", message: `Left out ${error.field} and reconnected.` }, true);
+  } else {
+    return;
+  }
+  connection.restart();
+}
 
 connection.addEventListener("frame", (event) => {
   const frame = event.detail;
@@ -214,9 +252,46 @@ function loop() {
 }
 
 function sendParams(changes) {
-  Object.assign(state.params, changes); // kept for the next hello, so a reconnect restores them
+  state.params = predict(state.params, changes); // kept for the next hello, so a reconnect restores them
+  for (const name of Object.keys(changes)) state.touched.add(name);
+  if ("style" in changes) showParams(state.params);
   const seq = connection.sendControl((seq) => paramsMessage(seq, changes));
   if (seq !== null) state.lastInputSeq = seq;
+}
+
+// What the server makes of `changes` (pipelines/styles.py apply_style): a new style first puts the
+// fields the old one set back to the defaults, then sets its own, under the other changes.
+function predict(current, changes) {
+  if (!("style" in changes)) return { ...current, ...changes };
+  const merged = {};
+  const old = state.styles[current.style];
+  if (old && state.defaults) {
+    for (const name of Object.keys(old)) if (name in state.defaults) merged[name] = state.defaults[name];
+  }
+  const preset = state.styles[changes.style] || {};
+  for (const [name, value] of Object.entries(preset)) if (name !== "control_scale") merged[name] = value;
+  const next = { ...current, ...merged, ...changes };
+  if ("control_scale" in preset && !("controls" in changes) && Array.isArray(next.controls)) {
+    next.controls = next.controls.map((control) => ({ ...control, scale: preset.control_scale }));
+  }
+  return next;
+}
+
+// The parameters a hello sends: those the person chose, less what the chosen model cannot take.
+function helloParams() {
+  const params = {};
+  for (const name of state.touched) if (name in state.params) params[name] = state.params[name];
+  const offer = state.models[state.model || state.defaultModel];
+  if (!offer) return params;
+  if (params.loras) {
+    params.loras = Object.fromEntries(Object.entries(params.loras).filter(([name]) => offer.loras.includes(name)));
+  }
+  const usable = (control) => offer.controlnets.includes(control.model) && (control.preprocessor !== "depth" || offer.depth);
+  if (params.controls) params.controls = params.controls.filter(usable);
+  const style = state.styles[params.style];
+  const styleFits = !style || (Object.keys(style.loras || {}).every((name) => offer.loras.includes(name)) && (style.controls || []).every(usable));
+  if (!styleFits) delete params.style;
+  return params;
 }
 
 // ---- controls ------------------------------------------------------------------------------------
@@ -301,13 +376,34 @@ connection.addEventListener("recording", (event) => {
   const started = recording.state === "started";
   $("#record").setAttribute("aria-pressed", String(started));
   $("#record").textContent = started ? "Stop recording" : "Record";
-  if (!started) {
-    const link = $("#recording-link");
-    link.href = `${recording.url}?token=${encodeURIComponent(connection.ready.token)}`;
-    link.textContent = `Download recording (${recording.frames} frames, ${recording.duration_s.toFixed(1)} s)`;
-    link.hidden = false;
+  const ready = connection.ready;
+  if (started) {
+    // Where it will be if the session ends first (the server finishes and keeps it): for the link then.
+    state.recording = { url: `/v1/sessions/${ready.session_id}/recordings/${recording.recording_id}.mp4`, token: ready.token };
+  } else {
+    state.recording = null;
+    showRecordingLink(`${recording.url}?token=${encodeURIComponent(ready.token)}`,
+      `Download recording (${recording.frames} frames, ${recording.duration_s.toFixed(1)} s)`);
   }
 });
+
+function showRecordingLink(href, text) {
+  const link = $("#recording-link");
+  link.href = href;
+  link.textContent = text;
+  link.hidden = false;
+}
+
+// A new session records nothing; a recording the old one was making ended with it, and is kept.
+function endRecording() {
+  $("#record").setAttribute("aria-pressed", "false");
+  $("#record").textContent = "Record";
+  if (state.recording) {
+    showRecordingLink(`${state.recording.url}?token=${encodeURIComponent(state.recording.token)}`,
+      "Download recording (it ended when the connection did)");
+    state.recording = null;
+  }
+}
 
 $("#render-hd").addEventListener("click", async () => {
   const ready = connection.ready;
@@ -361,8 +457,17 @@ async function loadOffer() {
     $("#style").append(option);
     state.styles[style.name] = style.fields;
   }
+  for (const model of models.models) {
+    state.models[model.id] = {
+      loras: model.loras.names,
+      controlnets: model.controlnets.map((controlnet) => controlnet.name),
+      depth: Boolean(model.depth_model),
+    };
+    if (model.default) state.defaultModel = model.id;
+  }
   for (const name of info.model.loras.names) {
     const label = document.createElement("label");
+    label.dataset.loraLabel = name;
     label.textContent = `LoRA ${name} `;
     const slider = document.createElement("input");
     Object.assign(slider, { type: "range", min: "0", max: "1.5", step: "0.05", value: "0" });
@@ -378,6 +483,28 @@ async function loadOffer() {
     $("#model").append(new Option(label, model.id, model.default, model.default));
   }
   $("#model").disabled = models.models.length < 2;
+  // The session size: the server's own unless the address asks for one; none above its maximum.
+  const [maxWidth, maxHeight] = String(info.max_resolution).split("x").map(Number);
+  const side = Math.min(info.resolution.width, info.resolution.height);
+  if (!query.get("resolution") && ![...$("#resolution").options].some((option) => Number(option.value) === side)) {
+    $("#resolution").append(new Option(String(side), String(side)));
+  }
+  for (const option of $("#resolution").options) option.disabled = Number(option.value) > Math.min(maxWidth, maxHeight);
+  if (!query.get("resolution") && side !== state.resolution) {
+    state.resolution = side;
+    $("#resolution").value = String(side);
+    doc.resize(side, side);
+    mask.resize(side, side);
+  }
+}
+
+// LoRAs and ControlNets load on the default model only: the controls offer what the session's model has.
+function offerControlsOf(modelId) {
+  const offer = state.models[modelId];
+  if (!offer) return;
+  for (const label of document.querySelectorAll("[data-lora-label]")) label.hidden = !offer.loras.includes(label.dataset.loraLabel);
+  for (const option of $("#controlnet").options) option.disabled = option.value !== "" && !offer.controlnets.includes(option.value);
+  for (const option of $("#preprocessor").options) option.disabled = option.value === "depth" && !offer.depth;
 }
 
 $("#model").addEventListener("change", (event) => {
@@ -405,25 +532,35 @@ function controls() {
   }];
 }
 
-$("#style").addEventListener("change", (event) => {
-  sendParams({ style: event.target.value });
-  showStyle(state.styles[event.target.value] || {});
-});
+$("#style").addEventListener("change", (event) => sendParams({ style: event.target.value }));
 
-// The server applies a style's fields; the controls show them (the ones this page has).
-function showStyle(fields) {
-  if ("strength" in fields) {
-    $("#strength").value = String(fields.strength);
-    $("#strength-value").textContent = Number(fields.strength).toFixed(2);
+// The controls show the session's parameters (the ones this page has a control for).
+function showParams(params) {
+  const set = (selector, value) => { if (value !== undefined && value !== null) $(selector).value = String(value); };
+  set("#strength", params.strength);
+  if (params.strength !== undefined) $("#strength-value").textContent = Number(params.strength).toFixed(2);
+  set("#guidance", params.guidance_scale);
+  if (params.guidance_scale !== undefined) $("#guidance-value").textContent = Number(params.guidance_scale).toFixed(1);
+  set("#negative-prompt", params.negative_prompt);
+  set("#cfg-type", params.cfg_type);
+  set("#transition", params.transition_frames);
+  set("#steps", params.steps);
+  set("#seed", params.seed);
+  set("#style", params.style);
+  if (typeof params.prompt === "string" && document.activeElement !== $("#prompt") && !state.promptPending) $("#prompt").value = params.prompt;
+  if (params.similar_filter !== undefined) $("#similar-filter").checked = Boolean(params.similar_filter);
+  if (params.loras) {
+    for (const slider of document.querySelectorAll("[data-lora]")) slider.value = String(params.loras[slider.dataset.lora] || 0);
   }
-  if ("guidance_scale" in fields) {
-    $("#guidance").value = String(fields.guidance_scale);
-    $("#guidance-value").textContent = Number(fields.guidance_scale).toFixed(1);
+  if (Array.isArray(params.controls)) {
+    const control = params.controls[0];
+    $("#controlnet").value = control ? control.model : "";
+    if (control) {
+      $("#control-scale").value = String(control.scale);
+      $("#control-scale-value").textContent = Number(control.scale).toFixed(2);
+      if (control.source !== "layer") $("#preprocessor").value = control.preprocessor;
+    }
   }
-  if ("negative_prompt" in fields) $("#negative-prompt").value = fields.negative_prompt;
-  if ("cfg_type" in fields) $("#cfg-type").value = fields.cfg_type;
-  if ("transition_frames" in fields) $("#transition").value = String(fields.transition_frames);
-  if ("steps" in fields) $("#steps").value = String(fields.steps);
 }
 $("#negative-prompt").addEventListener("change", (event) => sendParams({ negative_prompt: event.target.value }));
 $("#guidance").addEventListener("input", (event) => { $("#guidance-value").textContent = Number(event.target.value).toFixed(1); });
@@ -444,7 +581,9 @@ $("#lines-as-control").addEventListener("change", (event) => {
     // Strokes on the background would take the paper with them: lines get a layer of their own.
     const background = doc.layers.find((layer) => layer.kind === "paint");
     doc.setControlLayer(doc.active === background ? doc.addLayer("Lines") : doc.active);
+    state.linesLayer = doc.controlLayer;
   } else {
+    state.linesLayer = null;
     doc.setControlLayer(null);
   }
   state.needFull = true;
@@ -463,6 +602,12 @@ doc.addEventListener("change", () => {
   renderLayers();
   $("#undo").disabled = doc.undoStack.length === 0;
   $("#redo").disabled = doc.redoStack.length === 0;
+  if (state.linesLayer && !doc.controlLayer) {
+    state.linesLayer = null; // its layer was removed: the lines no longer steer the frames
+    $("#lines-as-control").checked = false;
+    state.needFull = true;
+    sendParams({ controls: controls() });
+  }
 });
 
 async function loadImageFile(file) {
@@ -576,6 +721,10 @@ window.streamcanvas = {
 
 renderLayers();
 selectTool("brush");
-loadOffer().catch((error) => showError({ code: "client", message: `Could not read what the server offers: ${error.message}` }));
-connection.open();
+$("#undo").disabled = true; // nothing drawn yet
+$("#redo").disabled = true;
+// What the server offers decides the first hello (its size, what each model takes): read it first.
+loadOffer()
+  .catch((error) => showError({ code: "client", message: `Could not read what the server offers: ${error.message}` }))
+  .finally(() => connection.open());
 requestAnimationFrame(loop);

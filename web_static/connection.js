@@ -5,6 +5,9 @@ import { hello, pack, unpack, pingMessage } from "./protocol.js";
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000];
 const MAX_IN_FLIGHT = 2; // two keep the server's stream batch busy without building a backlog
 const IN_FLIGHT_TIMEOUT_MS = 3000; // an input the server skipped (similar-frame filter) must not stall us
+// A hello refused with one of these would be refused again as it is: the connection does not retry it
+// by itself but reports "refused", and the page changes the hello (or the person does).
+const REFUSALS = new Set(["invalid_field", "invalid_value", "unknown_name", "unsupported_image_format", "unsupported_version", "unauthorized"]);
 
 export class Connection extends EventTarget {
   constructor({ url, helloFields }) {
@@ -19,6 +22,7 @@ export class Connection extends EventTarget {
     this.retryTimer = null;
     this.closedByUs = false;
     this.ready = null;
+    this.refusal = null; // the error that refused this connection's hello
   }
 
   setState(state, detail = {}) {
@@ -33,6 +37,8 @@ export class Connection extends EventTarget {
 
   open() {
     this.closedByUs = false;
+    this.refusal = null;
+    this.ready = null; // the session of a socket being replaced is over for this connection
     clearTimeout(this.retryTimer);
     this.setState(this.attempt ? "reconnecting" : "connecting");
     const socket = new WebSocket(this.url);
@@ -61,6 +67,11 @@ export class Connection extends EventTarget {
       this.ready = null;
       if (this.closedByUs) {
         this.setState("closed");
+        return;
+      }
+      if (this.refusal) {
+        this.attempt = 0;
+        this.setState("refused", { error: this.refusal });
         return;
       }
       this.scheduleReconnect(event.code);
@@ -113,6 +124,7 @@ export class Connection extends EventTarget {
         break;
       case "error":
         this.dispatchEvent(new CustomEvent("error-message", { detail: message }));
+        if (message.fatal && this.ready === null && REFUSALS.has(message.code)) this.refusal = message;
         if (message.fatal) this.setState("error", { error: message });
         break;
       case "recording":
