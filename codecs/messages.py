@@ -21,6 +21,17 @@ PROTOCOL_VERSIONS: tuple[int, ...] = (1,)
 """Versions this build speaks, oldest first. The server picks the highest one the client also offers."""
 
 MAX_SEQ = 2**53 - 1
+MAX_ERROR_CHARS = 1000
+"""An error's `message` is cut there: it is for people, and it must not carry a client's megabytes back."""
+MAX_FIELD_CHARS = 100
+
+
+def _quoted(value: object, limit: int = 60) -> str:
+    """A client's key or value as an error quotes it: repr, at most `limit` characters."""
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    text = repr(value[: limit + 1] if isinstance(value, str) else value)
+    return text if len(text) <= limit else text[:limit] + "…"
 _MAX_RECTS = 256
 _MAX_STRING = 4096
 
@@ -214,6 +225,13 @@ class Error:
     field: str | None = None
     fatal: bool = False
 
+    def __post_init__(self) -> None:
+        # What a client sent is quoted short where an error names it; this bounds whatever was missed.
+        if len(self.message) > MAX_ERROR_CHARS:
+            object.__setattr__(self, "message", self.message[:MAX_ERROR_CHARS] + "…")
+        if self.field is not None and len(self.field) > MAX_FIELD_CHARS:
+            object.__setattr__(self, "field", self.field[:MAX_FIELD_CHARS])
+
 
 @dataclass(frozen=True)
 class Recording:
@@ -329,7 +347,7 @@ class _Fields:
         # Keys are str or bin (strict_map_key); a bin key is named by its repr, never sent back as bytes.
         unknown = sorted(key if isinstance(key, str) else repr(key) for key in self.body if key not in self.seen)
         if unknown:
-            raise InvalidField(f"{self.where}: unknown field {unknown[0]!r}", field=unknown[0])
+            raise InvalidField(f"{self.where}: unknown field {_quoted(unknown[0])}", field=unknown[0][:MAX_FIELD_CHARS])
 
 
 def _names(kinds: tuple[type, ...]) -> str:
@@ -396,7 +414,7 @@ def parse_param_changes(changes: dict[str, Any], where: str = "params") -> dict[
     for name, value in changes.items():
         kinds = PARAM_TYPES.get(name) if isinstance(name, str) else None
         if kinds is None:
-            raise InvalidField(f"{where}: unknown parameter {name!r}", field=str(name))
+            raise InvalidField(f"{where}: unknown parameter {_quoted(name)}", field=str(name)[:MAX_FIELD_CHARS])
         if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             raise InvalidField(
                 f"{where}: '{name}' must be {_names(kinds)}, got {type(value).__name__}", field=name

@@ -25,7 +25,7 @@ import torch
 from diffusers import ControlNetModel
 
 from .depth import DepthEstimator
-from .errors import NO_DEPTH_MODEL, InvalidParameter, ModelLoadError, UnknownName
+from .errors import NO_DEPTH_MODEL, InvalidParameter, ModelLoadError, UnknownName, quoted
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +56,14 @@ class ControlSpec:
         for name, high in (("scale", MAX_CONTROL_SCALE), ("start", 1.0), ("end", 1.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
-                raise InvalidParameter(where, f"'{name}' must be a number in [0, {high}], got {value!r}")
+                raise InvalidParameter(where, f"'{name}' must be a number in [0, {high}], got {quoted(value)}")
             object.__setattr__(self, name, float(value))
         if self.start >= self.end:
             raise InvalidParameter(where, f"'start' ({self.start}) must be below 'end' ({self.end})")
         if self.preprocessor not in PREPROCESSORS:
-            raise InvalidParameter(where, f"'preprocessor' {self.preprocessor!r} is not one of {', '.join(PREPROCESSORS)}")
+            raise InvalidParameter(where, f"'preprocessor' {quoted(self.preprocessor)} is not one of {', '.join(PREPROCESSORS)}")
         if self.source not in CONTROL_SOURCES:
-            raise InvalidParameter(where, f"'source' {self.source!r} is not one of {', '.join(CONTROL_SOURCES)}")
+            raise InvalidParameter(where, f"'source' {quoted(self.source)} is not one of {', '.join(CONTROL_SOURCES)}")
 
     @classmethod
     def parse(cls, value: object) -> ControlSpec:
@@ -74,7 +74,7 @@ class ControlSpec:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(str(key) for key in value if key not in known)
         if unknown:
-            raise InvalidParameter("controls", f"unknown field {unknown[0]!r} (known: {', '.join(sorted(known))})")
+            raise InvalidParameter("controls", f"unknown field {quoted(unknown[0])} (known: {', '.join(sorted(known))})")
         return cls(**value)  # type: ignore[arg-type]
 
     def keeps(self, steps: int) -> list[bool]:
@@ -99,7 +99,7 @@ def preprocess(image: np.ndarray, preprocessor: Preprocessor, depth: DepthEstima
         edges = cv2.Canny(cv2.GaussianBlur(gray, (5, 5), 0), 50, 120)
         edges = cv2.dilate(edges, np.ones((3, 3), np.uint8), iterations=1)
     else:
-        raise InvalidParameter("controls", f"'preprocessor' {preprocessor!r} is not one of {', '.join(PREPROCESSORS)}")
+        raise InvalidParameter("controls", f"'preprocessor' {quoted(preprocessor)} is not one of {', '.join(PREPROCESSORS)}")
     return np.repeat(edges[:, :, None], 3, axis=2)
 
 

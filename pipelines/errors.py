@@ -38,7 +38,16 @@ class UnknownName(InvalidParameter):
         listed = ", ".join(names)
         if not listed:
             listed = f"none ({hint})" if hint else f"none (start the server with {flag})" if flag else "none"
-        return cls(field, f"no {what} named {name!r}; {owner} has: {listed}")
+        return cls(field, f"no {what} named {quoted(name)}; {owner} has: {listed}")
+
+
+def quoted(value: object, limit: int = 60) -> str:
+    """A client's name or value as an error message quotes it: its repr, cut to `limit` characters (a
+    name can be megabytes long, and bytes would come back four times as long)."""
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    text = repr(value[: limit + 1] if isinstance(value, str) else value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 NO_DEPTH_MODEL = "the 'depth' preprocessor needs a depth model: start the server with --depth-model PATH"

@@ -36,7 +36,7 @@ from streamcanvas.trt_engines.components import size_ids
 
 from .adapters import LORA_WEIGHT_RANGE, MAX_ACTIVE_LORAS, LoraWeights
 from .controls import MAX_CONTROLS, ControlRows, ControlSpec, control_tensor, controlled_unet, merge_rows, preprocess
-from .errors import NO_DEPTH_MODEL, InvalidParameter, UnknownName
+from .errors import NO_DEPTH_MODEL, InvalidParameter, UnknownName, quoted
 from .loading import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class StreamParams:
         _check_range("transition_frames", self.transition_frames, 0, MAX_TRANSITION_FRAMES)
         _check_range("feedback", self.feedback, 0.0, MAX_FEEDBACK)
         if self.cfg_type not in CFG_TYPES:
-            raise InvalidParameter("cfg_type", f"{self.cfg_type!r} is not one of {', '.join(CFG_TYPES)}")
+            raise InvalidParameter("cfg_type", f"{quoted(self.cfg_type)} is not one of {', '.join(CFG_TYPES)}")
         if self.cfg_type == "full" and not self.denoising_batch:
             # streamdiffusion 0.1.1 raises UnboundLocalError in prepare() for this combination.
             raise InvalidParameter("cfg_type", "'full' needs denoising_batch=true")
@@ -192,7 +192,7 @@ def _loras(value: object) -> LoraWeights:
         if not isinstance(name, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise InvalidParameter("loras", "must be a map of LoRA name (a string) to weight (a number)")
         if not low <= weight <= high:
-            raise InvalidParameter("loras", f"weight of {name!r} is {weight}, outside [{low}, {high}]")
+            raise InvalidParameter("loras", f"weight of {quoted(name)} is {quoted(weight)}, outside [{low}, {high}]")
     return tuple(sorted((name, float(weight)) for name, weight in items))
 
 

@@ -163,6 +163,33 @@ async def test_bad_controls_are_typed_errors_and_the_session_goes_on(
         await client.frame_for(await client.send_canvas(make_canvas(SIZE, 1)))
 
 
+@pytest.mark.parametrize(
+    ("changes", "code", "field"),
+    [
+        ({"loras": {"x" * 1_000_000: 1.0}}, "unknown_name", "loras"),
+        ({"controls": [{"model": "y" * 1_000_000}]}, "unknown_name", "controls"),
+        ({"controls": [{"model": "scribble", "preprocessor": "z" * 1_000_000}]}, "invalid_value", "controls"),
+        ({"controls": [{"model": "scribble", "scale": b"\0" * 2_000_000}]}, "invalid_value", "controls"),
+        ({"controls": [{"model": "scribble", "w" * 1_000_000: 1}]}, "invalid_value", "controls"),
+        ({"q" * 1_000_000: 1}, "invalid_field", None),
+    ],
+    ids=["lora-name", "controlnet-name", "preprocessor", "bytes-scale", "control-field", "parameter-name"],
+)
+async def test_errors_quote_a_clients_megabytes_in_a_few_characters(
+    controls_server: ServerProcess, changes: dict[str, Any], code: str, field: str | None
+) -> None:
+    """What a client sent comes back in an error's message cut short (it was echoed whole, and bytes at four
+    times their size: a 2 MB value gave an 8 MB error), and the session goes on."""
+    async with Client.connect(controls_server.ws_url) as client:
+        await client.hello(params=STEADY)
+        seq = client.next_seq()
+        await client.send(Params(changes=changes, seq=seq))
+        error = await error_for(client, seq)
+        assert error["code"] == code and not error["fatal"] and len(error["message"]) < 300, len(error["message"])
+        assert (error["field"] == field) if field else len(error["field"]) <= 100
+        await client.frame_for(await client.send_canvas(make_canvas(SIZE, 1)))
+
+
 async def test_a_hello_naming_an_unknown_lora_is_refused(controls_server: ServerProcess) -> None:
     async with Client.connect(controls_server.ws_url) as client:
         await client.send(Hello(protocol=(1,), params={"loras": {"sepia": 1.0}}))
