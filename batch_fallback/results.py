@@ -26,10 +26,11 @@ def result_path(results_dir: Path, job_id: str, index: int, suffix: str = ".png"
 
 
 def infotext(params: dict[str, Any], seed: int, model_name: str) -> str:
-    """The A1111 'parameters' text of one image."""
-    lines = [params.get("prompt", "")]
+    """The A1111 'parameters' text of one image. A weighted prompt is written in A1111's composable form,
+    `a cat :0.7 AND a dog :0.3`."""
+    lines = [prompt_text(params.get("prompt", ""))]
     if params.get("negative_prompt"):
-        lines.append(f"Negative prompt: {params['negative_prompt']}")
+        lines.append(f"Negative prompt: {prompt_text(params['negative_prompt'])}")
     fields = [
         f"Steps: {params['steps']}",
         f"Sampler: {params['scheduler']}",
@@ -42,6 +43,12 @@ def infotext(params: dict[str, Any], seed: int, model_name: str) -> str:
         fields.append(f"Denoising strength: {params['strength']}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def prompt_text(prompt: str | list[Any] | tuple[Any, ...]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return " AND ".join(f"{text} :{weight:g}" for text, weight in prompt)
 
 
 @dataclass(frozen=True)

@@ -280,6 +280,18 @@ async def test_render_full_quality_keeps_the_sessions_loras_and_control_layer(co
     assert np.abs(live_image.astype(int) - same).max() <= 2
 
 
+async def test_render_full_quality_takes_a_weighted_prompt(controls_server: ServerProcess, jobs: Jobs) -> None:
+    """A session's weighted prompt goes into its full-quality render (the job used to fail writing the
+    PNG's A1111 text), written there in A1111's composable form."""
+    async with Client.connect(controls_server.ws_url) as client:
+        ready = await client.hello(params={"prompt": [["a red house", 0.7], ["a blue lake", 0.3]], "seed": 3})
+        await client.frame_for(await client.send_canvas(make_canvas(SIZE, 2)))
+        created = jobs.create("live_session", {"session_id": ready["session_id"], "session_token": ready["token"], "steps": 2})
+    live = jobs.wait(created["id"])
+    assert live["status"] == "finished", live
+    assert jobs.image(live["results"][0]["url"]).info["parameters"].startswith("a red house :0.7 AND a blue lake :0.3\n")
+
+
 # The canvas page (last: its module-scoped browser keeps an event loop running in this thread) ------------------------------------------------------------------------------------
 
 
