@@ -502,13 +502,21 @@ async def whep(request: Request) -> Response:
     return _sdp_created(runtime, f"/v1/whep/{viewer.resource_id}", answer, {})
 
 
-async def resource(request: Request) -> Response:
+async def whip_resource(request: Request) -> Response:
+    return await _resource(request, "whip")
+
+
+async def whep_resource(request: Request) -> Response:
+    return await _resource(request, "whep")
+
+
+async def _resource(request: Request, kind: str) -> Response:
     """DELETE ends a WHIP/WHEP resource; PATCH (trickle ICE, ICE restart) is not supported."""
     runtime: Runtime = request.app.state.runtime
     if request.method == "OPTIONS":
         return _options(_ALLOW_RESOURCE, accepts_sdp=False)
     peer = runtime.peers.get(request.path_params["resource_id"])
-    if peer is None or peer.kind != request.path_params["kind"]:
+    if peer is None or peer.kind != kind:
         raise HTTPProblem(404, "unknown_resource", "no such WHIP/WHEP resource (it may have ended)")
     if request.method == "DELETE":
         await peer.close()
@@ -540,5 +548,6 @@ def webrtc_routes(allowed_origins: list[str]) -> list[Route]:
         Route("/v1/webrtc/offer", offer, methods=["POST", "OPTIONS"], middleware=cors),
         Route("/v1/whip", whip, methods=["POST", "OPTIONS"], middleware=cors),
         Route("/v1/sessions/{session_id:str}/whep", whep, methods=["POST", "OPTIONS"], middleware=cors),
-        Route("/v1/{kind:str}/{resource_id:str}", resource, methods=["DELETE", "PATCH", "OPTIONS"], middleware=cors),
+        Route("/v1/whip/{resource_id:str}", whip_resource, methods=["DELETE", "PATCH", "OPTIONS"], middleware=cors),
+        Route("/v1/whep/{resource_id:str}", whep_resource, methods=["DELETE", "PATCH", "OPTIONS"], middleware=cors),
     ]

@@ -171,3 +171,18 @@ async def test_a_session_without_frame_messages_renders_but_sends_none(server: S
                 break
             assert asyncio.get_running_loop().time() < deadline, "no frame rendered"
         assert message["inputs"] == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/foo", "/v1/foo/bar", "/v1/styles/watercolor", "/v1/models/toy", "/v1/info/x", "/v1/foo/bar/baz"])
+@pytest.mark.parametrize("method", ["GET", "DELETE", "PATCH"])
+def test_a_path_that_does_not_exist_is_not_found(server: ServerProcess, path: str, method: str) -> None:
+    """Anywhere under /v1/ (protocol.md): 404 not_found, whatever the method (two-part paths were taken
+    for WHIP/WHEP resources: 405 "use PATCH or DELETE", or "no such WHIP/WHEP resource")."""
+    answer = httpx.request(method, f"{server.base_url}{path}", timeout=10)
+    assert answer.status_code == 404 and answer.json()["error"] == "not_found", (answer.status_code, answer.text)
+
+
+def test_an_unknown_whip_or_whep_resource_is_unknown_resource(server: ServerProcess) -> None:
+    for path in ("/v1/whip/0123", "/v1/whep/0123"):
+        answer = httpx.delete(f"{server.base_url}{path}", timeout=10)
+        assert answer.status_code == 404 and answer.json()["error"] == "unknown_resource", answer.text
