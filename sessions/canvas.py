@@ -45,7 +45,8 @@ class CanvasBuffer:
             if patch.x < 0 or patch.y < 0 or patch.x + width > self.width or patch.y + height > self.height:
                 raise OutOfBounds(
                     f"patch {index} at ({patch.x}, {patch.y}) of {width}x{height} does not fit inside the "
-                    f"{self.width}x{self.height} canvas"
+                    f"{self.width}x{self.height} canvas",
+                    field="patches",
                 )
             rgb = images.decode(payload.format, payload.data, patch_limits, width=payload.width, height=payload.height)
             decoded.append((patch.x, patch.y, rgb))

@@ -134,6 +134,8 @@ async def test_every_bad_message_gets_a_typed_error_and_the_session_goes_on(serv
             assert error["code"] == code, f"{name}: {error}"
             assert error["fatal"] is False, name
             assert error["message"], name
+            if code == "out_of_bounds":
+                assert error["field"] == "patches", f"{name}: {error}"  # protocol.md: the field is named either way
         # The references point at the message that caused the error, where one could be read.
         await client.send_raw(packed({"type": "params", "seq": 99, "changes": {"steps": 0}}))
         error = await client.expect("error")
