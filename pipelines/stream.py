@@ -475,8 +475,11 @@ class StreamPipeline:
             or (params.cfg_type, params.denoising_batch) != (previous.cfg_type, previous.denoising_batch)
             or (seed_changed and not blend_seed)
         )
+        # Where a transition starts, taken before a rebuild (new steps, strength or CFG) starts a new stream:
+        # the prompt's embeddings, the seed's noise, and the input the frames answer until it is over.
         embeddings_from = self._current_embeddings()
-        noise_from = self._current_noise() if blend_seed and not rebuild else None
+        noise_from = self._current_noise() if blend_seed else None
+        answered = self._blend.answered if self._blend is not None else (self._fed[0] if self._fed else None)
         self.params = params
         self.img2img = img2img
         prompt_key = (tuple(params.prompts()), params.negative_prompt, params.active_loras)
@@ -500,7 +503,7 @@ class StreamPipeline:
                 stream.init_noise, self._noise = self._blend.noise_to  # a blend cut short lands where it was going
             self._blend = None
         elif prompt_changed or noise_from is not None:
-            self._start_blend(params, embeddings_from, noise_from, stream)
+            self._start_blend(params, embeddings_from, noise_from, stream, answered)
         stream.set_prompt_embeddings(*(self._blend.embeddings() if self._blend else self._embeddings))
         if params.similar_filter:
             stream.enable_similar_image_filter(params.similar_threshold)
@@ -527,17 +530,22 @@ class StreamPipeline:
         embeddings_from: tuple[torch.Tensor, ...] | None,
         noise_from: tuple[torch.Tensor, torch.Tensor] | None,
         stream: _SessionStream,
+        answered: int | None,
     ) -> None:
-        """Blend from where the stream is towards its new prompt (and seed) over `transition_frames`."""
+        """Blend from where the stream was towards its new prompt (and seed) over `transition_frames`."""
         assert self._embeddings is not None
         noise_to = self._seed_noise(params.seed, stream) if noise_from is not None else None
+        if noise_from is not None and noise_to is not None:
+            if [tensor.shape for tensor in noise_from] != [tensor.shape for tensor in noise_to]:
+                noise_from = noise_to = None  # new steps make a deeper or shallower stream batch: the seed cuts in
+            else:
+                stream.init_noise, self._noise = noise_from  # a rebuilt stream starts at its new seed: go back
         if noise_from is None and self._blend is not None and self._blend.noise_to is not None:
             # A prompt change while a seed change is still blending in: the noise goes on to the new seed.
             noise_from, noise_to = self._blend.noise(), self._blend.noise_to
         if embeddings_from is None:  # the first configure: nothing to blend from
             self._blend = None
             return
-        answered = self._blend.answered if self._blend is not None else (self._fed[0] if self._fed else None)
         self._blend = _Blend(params.transition_frames, embeddings_from, self._embeddings, noise_from, noise_to, answered)
 
     def _advance_blend(self) -> None:

@@ -451,6 +451,29 @@ def test_a_transition_answers_its_input_only_once_it_has_arrived(controlled_mode
     assert answers == [1, 1, 1, 2] and pipeline.settled
 
 
+@pytest.mark.parametrize("also", [{"strength": 0.7}, {"cfg_type": "none"}, {"steps": 3}], ids=["strength", "cfg", "steps"])
+def test_a_transition_that_rebuilds_the_stream_still_blends_and_answers_at_its_end(controlled_model, also) -> None:  # type: ignore[no-untyped-def]
+    """A prompt and seed change that also moves strength, CFG or steps starts a new stream batch. The
+    prompt still blends, the frames answer the change only at the end of the blend (they answered it at
+    once), and the seed slerps (it cut in), except with new steps: a deeper stream batch has other noise."""
+    canvas = make_canvas(SIZE, 1)
+    changes = {"prompt": "a blue sea", "seed": 77, **also}
+    pipeline = stream(controlled_model, transition_frames=4)
+    assert pipeline.render(canvas, tag=1).answers == 1
+    target = frame(controlled_model, canvas, transition_frames=4, **changes)
+    pipeline.configure(pipeline.params.replace(**changes), img2img=True)
+    results = []
+    while not pipeline.settled and len(results) < 12:
+        results.append(pipeline.render(canvas, tag=2))
+    answers = [result.answers for result in results]
+    assert answers[-1] == 2 and set(answers[:-1]) == {1}, answers
+    assert len(results) == 4 + pipeline.depth - 1 and np.array_equal(results[-1].image, target)
+    distances = [difference(result.image, target) for result in results[:4]]
+    assert all(later < earlier for earlier, later in zip(distances, distances[1:])), distances
+    if "steps" not in also:  # the seed's noise moved over the blend too: the first frame is not the new seed's
+        assert pipeline.params.seed == 77 and difference(results[0].image, target) > 1
+
+
 def test_a_seed_and_a_prompt_blending_at_once_both_arrive(controlled_model) -> None:  # type: ignore[no-untyped-def]
     """The page sends a new seed at once and the prompt a moment later: the second transition starts
     while the first is under way, and the stream still ends exactly where a fresh one starts."""
