@@ -96,14 +96,22 @@ class _Strict(BaseModel):
 
 
 class BatchControl(_Strict):
-    """A ControlNet for a batch render, as a live session's CONTROL (no `source`: a batch job's control
-    image is its `control_image`, or else its input image)."""
+    """A ControlNet for a batch render, as a live session's CONTROL; what it reads is `source`."""
 
     model: str = Field(max_length=64)
     scale: float = Field(1.0, ge=0.0, le=MAX_CONTROL_SCALE)
     start: float = Field(0.0, ge=0.0, le=1.0)
     end: float = Field(1.0, ge=0.0, le=1.0)
     preprocessor: Preprocessor = "scribble"
+    source: Literal["control_image", "image"] | None = Field(
+        None, description="the job's control_image or its input image; None: the control_image if the job has one, else the input image"
+    )
+
+    def reads(self, control_image: object | None, image: object | None) -> object | None:
+        """Which of the two this control reads (None where that one is missing)."""
+        if self.source == "image" or (self.source is None and control_image is None):
+            return image
+        return control_image
 
 
 class LiveLook(_Strict):
@@ -276,9 +284,10 @@ class JobKind:
         """The stored parameters as the renderer takes them."""
         init_image = _decode_stored(input_image) if input_image is not None else None
         controls = tuple(BatchControl.model_validate(control) for control in params.get("controls", ()))
-        control_source = _decode_stored(base64.b64decode(params["control_image"])) if params.get("control_image") else init_image
+        control_image = _decode_stored(base64.b64decode(params["control_image"])) if params.get("control_image") else None
         depth = renderer.models.get(params.get("model")).depth
-        if controls and control_source is None:
+        sources = [control.reads(control_image, init_image) for control in controls]
+        if any(source is None for source in sources):
             raise InvalidJob("controls need a control_image (or an input image)", field="params.control_image")
         prompt = params["prompt"]
         return RenderRequest(
@@ -296,8 +305,8 @@ class JobKind:
             loras=tuple(sorted(params.get("loras", {}).items())),
             model=params.get("model"),
             controls=tuple(
-                RenderControl(control.model, control.scale, control.start, control.end, preprocess(control_source, control.preprocessor, depth))  # type: ignore[arg-type]
-                for control in controls
+                RenderControl(control.model, control.scale, control.start, control.end, preprocess(source, control.preprocessor, depth))  # type: ignore[arg-type]
+                for control, source in zip(controls, sources)
             ),
         )
 
@@ -313,8 +322,8 @@ class Txt2Img(JobKind):
         params = request.model_dump()
         params["seed"] = _seed(request.seed)
         params.update(_live_look(request, context))
-        if params["controls"] and not params["control_image"]:
-            raise InvalidJob("a txt2img job with controls needs a control_image", field="params.control_image")
+        if any(BatchControl.model_validate(control).reads(params["control_image"], None) is None for control in params["controls"]):
+            raise InvalidJob("a txt2img job has no input image: its controls read a control_image", field="params.control_image")
         return Accepted(params)
 
 
@@ -434,6 +443,8 @@ class Video(JobKind):
         params = request.model_dump(exclude={"video"})
         params.update(width=width, height=height, seed=_seed(request.seed), frames=info.frames, fps=info.fps, audio=info.audio)
         params.update(_live_look(request, context))
+        if any(control["source"] == "control_image" for control in params["controls"]):
+            raise InvalidJob("a video job's controls read each frame of the clip: no control_image", field="params.controls")
         stream_params(params)  # the live stream's own checks, now rather than on the worker
         return Accepted(params, raw)
 
@@ -509,11 +520,11 @@ class LiveSession(JobKind):
         _check_size(width, height, context)
         session = live.params
         prompts = session.prompts()  # the style's template already applied
-        layer_controls = [control for control in session.controls if control.source == "layer"]
-        canvas_controls = [control for control in session.controls if control.source == "canvas"]
-        # A batch job has one control image: the session's control layer if any control reads it, else
-        # its canvas.
-        controls = layer_controls if layer_controls and live.control_layer is not None else canvas_controls
+        # Each control reads what it reads live: the control layer (the job's control_image; a control on a
+        # layer never sent does nothing, live or here) or the canvas (the job's input image).
+        has_layer = live.control_layer is not None
+        controls = [control for control in session.controls if control.source == "canvas" or has_layer]
+        reads_layer = any(control.source == "layer" for control in controls)
         params = {
             "session_id": request.session_id,
             "prompt": prompts[0][0] if len(prompts) == 1 else [list(pair) for pair in prompts],
@@ -530,15 +541,17 @@ class LiveSession(JobKind):
             "style": session.style,
             "loras": dict(session.active_loras),
             "controls": [
-                {"model": c.model, "scale": c.scale, "start": c.start, "end": c.end, "preprocessor": c.preprocessor} for c in controls
+                {
+                    "model": c.model, "scale": c.scale, "start": c.start, "end": c.end, "preprocessor": c.preprocessor,
+                    "source": "control_image" if c.source == "layer" else "image",
+                }
+                for c in controls
             ],
-            "control_image": _base64_png(live.control_layer) if controls and controls is layer_controls else None,
+            "control_image": _base64_png(live.control_layer) if reads_layer else None,
         }
         if live.canvas is None and request.mask is not None:
             raise InvalidJob("a mask needs the session's canvas: this session renders from its prompt alone", field="params.mask")
         if live.canvas is None:  # a txt2img session: its prompt and seed (and control layer) are all there is
-            if controls and params["control_image"] is None:
-                params["controls"] = []
             return Accepted(params)
         params["strength"] = request.strength if request.strength is not None else session.strength
         if request.mask is None:
@@ -665,7 +678,7 @@ def _live_look(request: LiveLook, context: AcceptContext) -> dict[str, Any]:
             for control in controls:
                 control["scale"] = preset.control_scale
     try:  # the live stream's own checks: ranges, start below end, and names this model has
-        choice.check(StreamParams(loras=loras, controls=controls))
+        choice.check(StreamParams(loras=loras, controls=[{k: v for k, v in control.items() if k != "source"} for control in controls]))
     except InvalidParameter as error:
         raise InvalidJob(f"{where}{error}", field=f"{where}{error.field}") from None
     if request.control_image is not None:

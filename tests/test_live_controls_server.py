@@ -248,6 +248,8 @@ def test_batch_jobs_take_loras_controls_and_styles(jobs: Jobs) -> None:
         ({"controls": [{"model": "depth"}], "control_image": png_base64(lines(SIZE, 1))}, "params.controls", "scribble, edges"),
         ({"style": "baroque"}, "params.style", "watercolor"),
         ({"controls": [{"model": "scribble"}]}, "params.control_image", "control_image"),
+        ({"controls": [{"model": "scribble", "source": "image"}], "control_image": png_base64(lines(SIZE, 1))}, "params.control_image", "input image"),
+        ({"controls": [{"model": "scribble", "source": "layer"}]}, "params.controls.0.source", "control_image"),
         ({"controls": [{"model": "scribble", "preprocessor": "hed"}]}, "params.controls.0.preprocessor", "scribble"),
         ({"control_image": "not base64!"}, "params.control_image", "base64"),
     ],
@@ -258,16 +260,25 @@ def test_bad_live_look_fields_are_refused_before_queueing(jobs: Jobs, params: di
 
 
 async def test_render_full_quality_keeps_the_sessions_loras_and_control_layer(controls_server: ServerProcess, jobs: Jobs) -> None:
+    """Every control of the session goes into the job, each reading what it reads live: the control layer
+    (the job's control_image) or the canvas (its input image). A canvas control beside a layer control
+    used to be dropped."""
     canvas = make_canvas(SIZE, 4)
     control = {**LAYER_CONTROL, "scale": 0.8}
+    on_canvas = {"model": "edges", "scale": 0.6, "preprocessor": "canny", "source": "canvas"}
     async with Client.connect(controls_server.ws_url) as client:
-        ready = await client.hello(params={"prompt": "a blue lake", "seed": 12, "loras": {"glow": 0.6}, "controls": [control], "style": "pencil"})
+        ready = await client.hello(
+            params={"prompt": "a blue lake", "seed": 12, "loras": {"glow": 0.6}, "controls": [control, on_canvas], "style": "pencil"}
+        )
         await client.send_canvas(canvas)
         await client.frame_for(await send_layer(client, lines(SIZE, 5)))
         created = jobs.create("live_session", {"session_id": ready["session_id"], "session_token": ready["token"], "steps": 4, "scheduler": "euler"})
     assert created["params"]["loras"] == {"glow": 0.6} and created["params"]["style"] == "pencil"
     # The session set its control's scale itself, in the same hello as the style: its own value wins.
-    assert created["params"]["controls"] == [{"model": "scribble", "scale": 0.8, "start": 0.0, "end": 1.0, "preprocessor": "none"}]
+    assert created["params"]["controls"] == [
+        {"model": "scribble", "scale": 0.8, "start": 0.0, "end": 1.0, "preprocessor": "none", "source": "control_image"},
+        {"model": "edges", "scale": 0.6, "start": 0.0, "end": 1.0, "preprocessor": "canny", "source": "image"},
+    ]
     assert created["params"]["prompt"].startswith("a blue lake, pencil sketch")
     live = jobs.wait(created["id"])
     assert live["status"] == "finished", live
@@ -278,6 +289,12 @@ async def test_render_full_quality_keeps_the_sessions_loras_and_control_layer(co
     )
     live_image = np.asarray(jobs.image(live["results"][0]["url"]).convert("RGB"))
     assert np.abs(live_image.astype(int) - same).max() <= 2
+    without_canvas_control = render(
+        jobs, "img2img", prompt=created["params"]["prompt"], negative_prompt=created["params"]["negative_prompt"], seed=12,
+        strength=created["params"]["strength"], image=png_base64(canvas), loras={"glow": 0.6},
+        controls=created["params"]["controls"][:1], control_image=png_base64(lines(SIZE, 5)),
+    )
+    assert np.abs(live_image.astype(int) - without_canvas_control).mean() > 0.5  # the canvas control took part
 
 
 async def test_render_full_quality_takes_a_weighted_prompt(controls_server: ServerProcess, jobs: Jobs) -> None:
