@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import CorruptImage, ImageTooLarge, InvalidField, UnsupportedImageFormat
 
@@ -146,6 +146,9 @@ def _open_pillow(image_format: ImageFormat, data: bytes) -> Image.Image:
     except Image.DecompressionBombError as error:
         # Pillow's own guard fires at open() for sizes far past any sane limit; same answer as ours.
         raise ImageTooLarge(f"image dimensions are over the limits: {error}") from None
+    except UnidentifiedImageError:
+        # (Pillow's own message names its in-memory file object: nothing a client can use.)
+        raise CorruptImage(f"not a readable {image_format.value.upper()}: no {image_format.value.upper()} header") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise CorruptImage(f"not a readable {image_format.value.upper()}: {error}") from None
     return image
