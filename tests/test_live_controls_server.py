@@ -3,6 +3,7 @@ for the trained toy model), driven by WebSocket clients."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -312,10 +313,9 @@ async def test_render_full_quality_takes_a_weighted_prompt(controls_server: Serv
 # The canvas page (last: its module-scoped browser keeps an event loop running in this thread) ------------------------------------------------------------------------------------
 
 
-def test_the_page_offers_every_live_control(browser, controls_server: ServerProcess, artifacts_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    """Chromium: the page lists the server's styles, LoRAs and ControlNets, sends each control as the
-    protocol has it, and sends its line layer as the control layer (white strokes on black) while the
-    canvas it sends keeps only the other layers."""
+@contextlib.contextmanager
+def watched_page(browser) -> Iterator[tuple[Any, list[str], list[Any]]]:  # type: ignore[no-untyped-def]
+    """A page in a fresh browser context, with the page errors it raises and the messages it sends."""
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
@@ -324,6 +324,16 @@ def test_the_page_offers_every_live_control(browser, controls_server: ServerProc
     sent: list[Any] = []
     page.on("websocket", lambda websocket: websocket.on("framesent", lambda payload: sent.append(parse_client_message(payload))))
     try:
+        yield page, errors, sent
+    finally:
+        context.close()
+
+
+def test_the_page_offers_every_live_control(browser, controls_server: ServerProcess, artifacts_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """Chromium: the page lists the server's styles, LoRAs and ControlNets, sends each control as the
+    protocol has it, and sends its line layer as the control layer (white strokes on black) while the
+    canvas it sends keeps only the other layers."""
+    with watched_page(browser) as (page, errors, sent):
         open_page(page, controls_server)
         wait_settled(page)
         assert page.locator("#style option").all_inner_texts() == ["none", "watercolor", "pencil", "dream", "webcam"]
@@ -374,8 +384,6 @@ def test_the_page_offers_every_live_control(browser, controls_server: ServerProc
         assert lines_drawn[0, 0].max() == 0 and lines_drawn[SIZE // 2, SIZE // 2].min() == 255  # white on black
         page.screenshot(path=str(artifacts_dir / "browser-live-controls.png"), full_page=True)
         assert not errors
-    finally:
-        context.close()
 
 
 def test_a_comfyui_workflow_applies_loras_and_controlnets(controls_server: ServerProcess, jobs: Jobs) -> None:
@@ -444,19 +452,12 @@ def test_the_page_shows_what_the_session_holds_and_switches_models_cleanly(brows
     their reset), a reconnect gets the same session back, a model without the LoRAs and ControlNets in use
     is switched to without them (not refused over and over), a hello the server refuses goes back to
     the settings that worked, and removing the line layer stops it steering the frames."""
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    sent: list[Any] = []
-    page.on("websocket", lambda websocket: websocket.on("framesent", lambda payload: sent.append(parse_client_message(payload))))
+    with watched_page(browser) as (page, errors, sent):
 
-    def next_ready(after: str) -> dict[str, Any]:
-        page.wait_for_function(f"streamcanvas.connection.ready && streamcanvas.connection.ready.session_id !== {after!r}")
-        return page.evaluate("streamcanvas.connection.ready")  # type: ignore[no-any-return]
+        def next_ready(after: str) -> dict[str, Any]:
+            page.wait_for_function(f"streamcanvas.connection.ready && streamcanvas.connection.ready.session_id !== {after!r}")
+            return page.evaluate("streamcanvas.connection.ready")  # type: ignore[no-any-return]
 
-    try:
         open_page(page, controls_server)
         ready = page.evaluate("streamcanvas.connection.ready")
         defaults = ready["defaults"]
@@ -505,5 +506,3 @@ def test_the_page_shows_what_the_session_holds_and_switches_models_cleanly(brows
         controls = [message.changes["controls"] for message in sent if isinstance(message, Params) and "controls" in message.changes]
         assert controls and controls[-1][0]["source"] == "canvas"
         assert not errors
-    finally:
-        context.close()
