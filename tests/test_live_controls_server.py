@@ -4,11 +4,10 @@ for the trained toy model), driven by WebSocket clients."""
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import io
 
 import httpx
 import numpy as np
