@@ -32,8 +32,10 @@ def _quoted(value: object, limit: int = 60) -> str:
         return f"<{len(value)} bytes>"
     text = repr(value[: limit + 1] if isinstance(value, str) else value)
     return text if len(text) <= limit else text[:limit] + "…"
+
+
 _MAX_RECTS = 256
-_MAX_STRING = 4096
+_MAX_STRING = 2000  # the longest string parameter (a prompt): pipelines.stream.MAX_PROMPT_CHARS, a test checks
 
 # Parameter deltas: name → accepted Python types. Ranges (and the insides of arrays and maps) are
 # checked by the pipeline that uses them (`pipelines.stream.StreamParams`).

@@ -126,6 +126,14 @@ def test_the_wire_parameters_are_the_stream_parameters() -> None:
         assert kind in PARAM_TYPES[name], name
 
 
+def test_the_parser_caps_strings_where_the_stream_caps_prompts() -> None:
+    """A long prompt is refused with one limit whichever layer sees it first."""
+    from streamcanvas.codecs import messages
+    from streamcanvas.pipelines.stream import MAX_PROMPT_CHARS
+
+    assert messages._MAX_STRING == MAX_PROMPT_CHARS
+
+
 def test_the_page_and_the_batch_jobs_take_the_streams_seed_range() -> None:
     """The seed's upper bound is the stream's (pipelines.stream.MAX_SEED) in the batch jobs' schema and in
     the page, which clamps what a person types to it."""
