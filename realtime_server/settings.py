@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -71,7 +73,7 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     model: Annotated[list[str], NoDecode] = []
     """Models to serve: `NAME=PATH` or a bare PATH (named by it); the first is the default. None: the
@@ -384,10 +386,43 @@ def _unique(pairs: list[tuple[str, str]], option: str) -> None:
         raise ValueError(f"{option}: the name {repeated[0]!r} is given twice")
 
 
-def validation_message(error: pydantic.ValidationError) -> str:
-    """One line a command-line user can act on: every invalid setting and what is wrong with it."""
-    lines = []
+ENV_PREFIX = "STREAMCANVAS_"
+OTHER_VARIABLES = frozenset({"STREAMCANVAS_CACHE_DIR", "STREAMCANVAS_TEST_TOY_MODEL", "STREAMCANVAS_WS_FUZZ_CASES", "STREAMCANVAS_WS_FUZZ_SEED"})
+"""The STREAMCANVAS_* variables that are not settings: where models and engines are cached
+(pipelines.paths), and the test suite's own."""
+
+
+def setting_variables() -> dict[str, str]:
+    """Each setting's environment variable → the setting."""
+    return {f"{ENV_PREFIX}{name.upper()}": name for name in Settings.model_fields}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """What is wrong with the STREAMCANVAS_* variables in `environ`: one line for each that is not a
+    setting, with the nearest setting's variable (a misspelt STREAMCANVAS_API_KEY would otherwise leave
+    the server open, without a word)."""
+    known = setting_variables()
+    problems = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known or name in OTHER_VARIABLES:
+            continue
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        problems.append(f"{name} is not a setting" + (f" (did you mean {near[0]}?)" if near else ""))
+    return problems
+
+
+def validation_message(error: pydantic.ValidationError, options: Mapping[str, str] | None = None) -> str:
+    """One line a command-line user can act on: every invalid setting, named as the user gave it (the
+    option, from `options`: setting → option, and its environment variable), and what is wrong with it."""
+    problems: dict[str, list[str]] = {}
     for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "settings"
-        lines.append(f"{where}: {problem['msg']}")
+        setting = str(problem["loc"][0]) if problem["loc"] else "settings"
+        problems.setdefault(setting, []).append(problem["msg"])
+    lines = []
+    for setting, messages in problems.items():
+        where = setting
+        if setting in Settings.model_fields:
+            variable = f"{ENV_PREFIX}{setting.upper()}"
+            where = f"{options[setting]} ({variable})" if options and setting in options else variable
+        lines.append(f"{where}: {' or '.join(dict.fromkeys(messages))}")
     return "; ".join(lines)

@@ -81,15 +81,25 @@ def test_bad_settings_are_usage_errors(cache_dir: Path) -> None:
         (["serve", "--device", "cuda", "--port", str(free_port())], "CUDA"),
         (["serve", "--batch-queue", "redis"], "--redis-url"),
         (["worker"], "--redis-url"),
-        (["serve", "--batch-live-share", "2"], "batch_live_share"),
+        (["serve", "--batch-live-share", "2"], "--batch-live-share (STREAMCANVAS_BATCH_LIVE_SHARE)"),
         (["serve", "--frame-target", "100"], "--sessions-per-slot 2 or more"),
-        (["serve", "--sessions-per-slot", "0"], "sessions_per_slot"),
+        (["serve", "--sessions-per-slot", "0"], "--sessions-per-slot (STREAMCANVAS_SESSIONS_PER_SLOT)"),
         (["serve", "--sessions-per-slot", "auto", "--no-batching"], "cannot go with --no-batching"),
         (["serve", "--upscaler", "x=/a", "--upscaler", "x=/b"], "--upscaler: the name 'x' is given twice"),
+        # A bad value is named as the user gave it: the option, and the variable that sets it too.
+        (["serve", "--idle-timeout", "-1"], "--idle-timeout (STREAMCANVAS_IDLE_TIMEOUT_S): Input should be greater than 0"),
     ]
-    for arguments, message in cases:
-        result = CliRunner().invoke(main, arguments, env=env)
-        assert result.exit_code == 2 and message in result.stderr, (arguments, result.exit_code, result.stderr[-2000:])
+    environment_cases = [
+        # A misspelt variable was ignored without a word: here it would have left the server without keys.
+        ({"STREAMCANVAS_API_KEY": "secret"}, "STREAMCANVAS_API_KEY is not a setting (did you mean STREAMCANVAS_API_KEYS?)"),
+        ({"STREAMCANVAS_IDLE_TIMEOUT_S": "-1"}, "STREAMCANVAS_IDLE_TIMEOUT_S): Input should be greater than 0"),
+        ({"STREAMCANVAS_LOG_LEVEL": "loud"}, "STREAMCANVAS_LOG_LEVEL): Input should be"),  # was a traceback
+    ]
+    for arguments, message, extra in [(arguments, message, {}) for arguments, message in cases] + [
+        (["serve", "--port", str(free_port())], message, extra) for extra, message in environment_cases
+    ]:
+        result = CliRunner().invoke(main, arguments, env={**env, **extra})
+        assert result.exit_code == 2 and message in result.stderr, (arguments, extra, result.exit_code, result.stderr[-2000:])
 
 
 def test_the_server_says_it_runs_the_trained_toy_model(server: ServerProcess) -> None:
