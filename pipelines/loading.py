@@ -1,7 +1,7 @@
 """Loading diffusion models from a local directory or the Hugging Face cache, offline.
 
 The server never downloads weights: a model is a local diffusers directory, or a Hugging Face repo id
-that is already in the local cache (`huggingface-cli download` it beforehand on a machine that can).
+that is already in the local cache (`hf download` it beforehand on a machine that can).
 With no model configured the project's own trained toy model (its weights ship in the package) is loaded
 through exactly the same `from_pretrained` path.
 """
@@ -134,7 +134,7 @@ def resolve_model_path(name: str, what: str = "model") -> Path:
         raise ModelNotFound(
             f"{what} {name!r} is not a local directory and is not in the Hugging Face cache at "
             f"{hub_constants.HF_HUB_CACHE} (looked up offline; this server never downloads weights). "
-            f"Download it on a machine with access (`huggingface-cli download {name}`) and copy the "
+            f"Download it on a machine with access (`hf download {name}`) and copy the "
             f"cache, or pass the path of a diffusers directory. ({type(error).__name__})"
         ) from None
 
