@@ -225,7 +225,10 @@ async def list_jobs(request: Request) -> Response:
     before = _parse_cursor(query["before"]) if "before" in query else None
     records = await asyncio.to_thread(service.store.list, status, limit, before)
     next_before = f"{records[-1].created_at!r}:{records[-1].id}" if len(records) == limit else None
-    return JSONResponse(JobListView(jobs=[JobView(**job_view(r)) for r in records], next_before=next_before).model_dump(mode="json"))
+    queued = any(record.status is JobStatus.QUEUED for record in records)
+    positions = await asyncio.to_thread(service.store.queue_positions) if queued else {}
+    views = [JobView(**job_view(record, positions.get(record.id))) for record in records]
+    return JSONResponse(JobListView(jobs=views, next_before=next_before).model_dump(mode="json"))
 
 
 def _parse_cursor(cursor: str) -> tuple[float, str]:

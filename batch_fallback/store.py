@@ -406,6 +406,13 @@ class JobStore:
             ).scalar_one()
         return int(count) + 1
 
+    def queue_positions(self) -> dict[str, int]:
+        """Every queued job's 1-based place, as `queue_position` counts it (the queue is bounded)."""
+        order = (jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+        with self._read() as connection:
+            ids = connection.execute(select(jobs.c.id).where(jobs.c.status == JobStatus.QUEUED.value).order_by(*order)).scalars()
+            return {job_id: place for place, job_id in enumerate(ids, start=1)}
+
     def counts(self) -> dict[str, int]:
         with self._read() as connection:
             rows = connection.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all()

@@ -279,6 +279,8 @@ def test_priorities_and_cancelling_queued_and_running_jobs(deployment: Deploymen
     normal = jobs.create("txt2img", QUICK)
     high = jobs.create("txt2img", QUICK, priority="high")
     assert [jobs.get(job["id"])["queue_position"] for job in (high, normal, low)] == [1, 2, 3]
+    listed = jobs.http.get("/v1/jobs", params={"status": "queued"}).json()["jobs"]  # the list says the same
+    assert {job["id"]: job["queue_position"] for job in listed} == {high["id"]: 1, normal["id"]: 2, low["id"]: 3}
 
     cancelled = jobs.cancel(normal["id"])
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
