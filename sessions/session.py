@@ -289,7 +289,8 @@ class Session:
                 duration_s=round(summary.duration_s, 3),
                 bytes=summary.bytes,
                 truncated=summary.truncated,
-                url=f"/v1/sessions/{self.id}/recordings/{recording_id}.mp4",
+                # No frame came while recording: there is no file to fetch.
+                url=f"/v1/sessions/{self.id}/recordings/{recording_id}.mp4" if summary.frames else None,
                 ref_seq=message.seq,
             )
         )

@@ -66,6 +66,9 @@ async def test_recording_mistakes_get_typed_errors(server: ServerProcess) -> Non
         await client.expect("recording")
         await client.send(Record(action="start"))
         assert (await client.expect("error"))["code"] == "not_ready"
+        await client.send(Record(action="stop"))
+        empty = await client.expect("recording")  # no frame came: no file, and no address that would 404
+        assert (empty["state"], empty["frames"], empty["url"]) == ("stopped", 0, None)
 
 
 async def test_a_recording_is_finished_when_the_session_ends(server: ServerProcess, cache_dir: Path) -> None:

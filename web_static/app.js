@@ -380,10 +380,13 @@ connection.addEventListener("recording", (event) => {
   if (started) {
     // Where it will be if the session ends first (the server finishes and keeps it): for the link then.
     state.recording = { url: `/v1/sessions/${ready.session_id}/recordings/${recording.recording_id}.mp4`, token: ready.token };
-  } else {
+  } else if (recording.url) {
     state.recording = null;
     showRecordingLink(`${recording.url}?token=${encodeURIComponent(ready.token)}`,
       `Download recording (${recording.frames} frames, ${recording.duration_s.toFixed(1)} s)`);
+  } else {
+    state.recording = null;
+    showError({ code: "note", message: "Nothing was recorded: no frame came while recording." }, true);
   }
 });
 
