@@ -29,12 +29,13 @@ class ImageFormat(enum.StrEnum):
     RAW = "raw"
 
     @classmethod
-    def parse(cls, name: object) -> ImageFormat:
+    def parse(cls, name: object, field: str = "format") -> ImageFormat:
+        """`name` as a format; an unknown one is refused naming `field` (`format`, or hello's `codec`)."""
         try:
             return cls(name)
         except ValueError:
             raise UnsupportedImageFormat(
-                f"image format {name!r} is not one of {', '.join(f.value for f in cls)}", field="format"
+                f"image format {name!r:.40} is not one of {', '.join(f.value for f in cls)}", field=field
             ) from None
 
 

@@ -385,7 +385,7 @@ def _parse_hello(fields: _Fields) -> Hello:
         protocol=tuple(versions),
         width=fields.integer("width", 1, 1 << 16),
         height=fields.integer("height", 1, 1 << 16),
-        codec=ImageFormat.parse(fields.get("codec", (str,), default="jpeg")),
+        codec=ImageFormat.parse(fields.get("codec", (str,), default="jpeg"), field="codec"),
         quality=fields.integer("quality", 1, 100, default=80),
         api_key=fields.get("api_key", (str,)),
         queue=fields.get("queue", (bool,), default=False),

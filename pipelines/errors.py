@@ -23,6 +23,7 @@ class InvalidParameter(PipelineError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.detail = message
 
 
 class UnknownName(InvalidParameter):

@@ -334,7 +334,7 @@ async def _open_session(runtime: Runtime, hello: dict) -> tuple[Session, dict]:
     if answer["type"] == "busy":
         raise HTTPProblem(503, "busy", "all slots are busy", busy=answer)
     status = 401 if answer.get("code") == "unauthorized" else 400
-    raise HTTPProblem(status, answer.get("code", "error"), answer.get("message", "hello refused"))
+    raise HTTPProblem(status, answer.get("code", "error"), answer.get("message", "hello refused"), field=answer.get("field"))
 
 
 def _check_offer(sdp: str) -> None:

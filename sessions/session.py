@@ -353,7 +353,7 @@ class Session:
         try:
             params = self._resolve(self._defaults(), hello.params)
         except InvalidParameter as error:
-            raise type(error)(error.field, f"in hello: {error}") from None
+            raise type(error)(error.field, f"{error.detail} (in hello)") from None
         self.protocol = max(common)
         self.width, self.height = width, height
         self.codec, self.quality = hello.codec, hello.quality

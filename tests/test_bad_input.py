@@ -193,6 +193,9 @@ async def test_a_bad_hello_is_refused_with_a_reason(server: ServerProcess, trans
     the same code (no session, no peer connection)."""
     refusal = await refused_hello(transport, server, hello)
     assert refusal["code"] == code and refusal["message"], refusal
+    if "codec" in hello:
+        assert refusal["field"] == "codec", refusal  # the hello's field (over both transports), not an image's "format"
+    assert "in hello:" not in refusal["message"], refusal  # "strength: in hello: strength: …" named the field twice
     assert refusal.get("close_code", 1008) == 1008 and refusal.get("status", 400) == 400, refusal
     assert server.info()["slots_free"] == 2
 

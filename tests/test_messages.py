@@ -69,7 +69,7 @@ def test_integers_given_for_floats_become_floats() -> None:
         ({"type": "hello", "protocol": 1, "width": 0}, InvalidValue, "width"),
         ({"type": "hello", "protocol": 1, "mode": "video"}, InvalidValue, "mode"),
         ({"type": "record", "action": "pause"}, InvalidValue, "action"),
-        ({"type": "hello", "protocol": 1, "codec": "tiff"}, UnsupportedImageFormat, "format"),
+        ({"type": "hello", "protocol": 1, "codec": "tiff"}, UnsupportedImageFormat, "codec"),
         ({"type": "params", "changes": {"prompt": 5}}, InvalidField, "prompt"),
         ({"type": "params", "changes": {"seed": 1.5}}, InvalidField, "seed"),
         ({"type": "params", "changes": {"denoising_batch": 1}}, InvalidField, "denoising_batch"),

@@ -164,7 +164,7 @@ async def refused_hello(transport: str, server: ServerProcess, hello: dict[str, 
             if message["type"] == "busy":
                 return {"code": "busy", "busy": message, "close_code": closed}
             assert message["type"] == "error" and message["fatal"] is True, message
-            return {"code": message["code"], "message": message["message"], "close_code": closed}
+            return {"code": message["code"], "message": message["message"], "field": message["field"], "close_code": closed}
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.createDataChannel("control")
     pc.addTrack(SilentTrack())
@@ -174,5 +174,5 @@ async def refused_hello(transport: str, server: ServerProcess, hello: dict[str, 
         await pc.close()
     assert response.status_code in (400, 401, 503), f"{response.status_code} {response.text}"
     body = response.json()
-    return {"code": body["error"], "message": body["message"], "status": response.status_code, "busy": body.get("busy")}
+    return {"code": body["error"], "message": body["message"], "field": body.get("field"), "status": response.status_code, "busy": body.get("busy")}
 
