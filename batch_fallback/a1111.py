@@ -26,23 +26,12 @@ from starlette.routing import Route
 
 from .api import MAX_BODY_BYTES, endpoint, read_json, service_of
 from .errors import BatchError
-from .results import infotext
+from .results import SAMPLERS, SCHEDULER_NAMES, infotext
 from .store import JobRecord, JobStatus
 
 PREFIX = "/sdapi/v1"
 
-SAMPLERS: dict[str, tuple[str, list[str]]] = {
-    "Euler a": ("euler_a", ["k_euler_a", "k_euler_ancestral"]),
-    "Euler": ("euler", ["k_euler"]),
-    "DPM++ 2M": ("dpmpp_2m", ["k_dpmpp_2m"]),
-    "DDIM": ("ddim", []),
-    "PLMS": ("pndm", []),
-    "UniPC": ("unipc", []),
-    "Heun": ("heun", ["k_heun"]),
-    "LCM": ("lcm", ["k_lcm"]),
-}
 _SAMPLER_LOOKUP = {alias.lower(): scheduler for name, (scheduler, aliases) in SAMPLERS.items() for alias in [name, *aliases]}
-_SCHEDULER_NAMES = {scheduler: name for name, (scheduler, _) in SAMPLERS.items()}
 
 
 class Txt2ImgBody(BaseModel):
@@ -227,7 +216,7 @@ def _info(record: JobRecord, model_name: str) -> dict[str, Any]:
         "all_subseeds": [-1] * len(seeds),
         "width": params["width"],
         "height": params["height"],
-        "sampler_name": _SCHEDULER_NAMES[params["scheduler"]],
+        "sampler_name": SCHEDULER_NAMES[params["scheduler"]],
         "cfg_scale": params["guidance_scale"],
         "steps": params["steps"],
         "batch_size": params["batch_size"],

@@ -21,6 +21,21 @@ from PIL.PngImagePlugin import PngInfo
 from .store import ResultRecord
 
 
+SAMPLERS: dict[str, tuple[str, list[str]]] = {
+    "Euler a": ("euler_a", ["k_euler_a", "k_euler_ancestral"]),
+    "Euler": ("euler", ["k_euler"]),
+    "DPM++ 2M": ("dpmpp_2m", ["k_dpmpp_2m"]),
+    "DDIM": ("ddim", []),
+    "PLMS": ("pndm", []),
+    "UniPC": ("unipc", []),
+    "Heun": ("heun", ["k_heun"]),
+    "LCM": ("lcm", ["k_lcm"]),
+}
+"""A1111's sampler names (and older aliases) → our scheduler: what the A1111 routes take, and what the
+images' A1111 text says, so png-info's answer can be sent back."""
+SCHEDULER_NAMES = {scheduler: name for name, (scheduler, _) in SAMPLERS.items()}
+
+
 def result_path(results_dir: Path, job_id: str, index: int, suffix: str = ".png") -> Path:
     return results_dir / job_id / f"{index}{suffix}"
 
@@ -33,7 +48,7 @@ def infotext(params: dict[str, Any], seed: int, model_name: str) -> str:
         lines.append(f"Negative prompt: {prompt_text(params['negative_prompt'])}")
     fields = [
         f"Steps: {params['steps']}",
-        f"Sampler: {params['scheduler']}",
+        f"Sampler: {SCHEDULER_NAMES.get(params['scheduler'], params['scheduler'])}",
         f"CFG scale: {params['guidance_scale']}",
         f"Seed: {seed}",
         f"Size: {params['width']}x{params['height']}",

@@ -65,6 +65,7 @@ def test_txt2img_in_the_shape_clients_expect(a1111: A1111Client) -> None:
     assert info["sampler_name"] == "Euler a" and info["cfg_scale"] == 6.5 and info["width"] == SIZE
     assert "Seed: 4242" in info["infotexts"][0] and "Negative prompt: blurry" in info["infotexts"][0]
     assert "Seed: 4242" in result["images"][0].text["parameters"]
+    assert "Sampler: Euler a," in info["infotexts"][0]  # A1111's name: what png-info reads can be sent back
     again = a1111.txt2img(**payload)
     assert np.array_equal(np.asarray(again["images"][0]), np.asarray(result["images"][0]))
     random_seed = a1111.txt2img(prompt="x", steps=2, width=SIZE, height=SIZE, seed=-1)
