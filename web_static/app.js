@@ -29,6 +29,7 @@ const state = {
   quality: Number($("#quality").value),
   styles: {}, // style name → the fields it sets (GET /v1/styles)
   models: {}, // model id → its LoRAs, ControlNets and depth network (GET /v1/models)
+  defaultModel: null, // the id of the server's default model (GET /v1/models)
   lastGood: null, // the hello settings of the last session the server accepted
   fixes: 0, // hellos changed after a refusal since the last ready (bounded: no loop)
   linesLayer: null, // the layer "Line layer as control" made the control layer
