@@ -85,12 +85,24 @@ def bare_runs(
     }
 
 
+def server_name(backend: str, overlap: str, overlaps: tuple[str, ...]) -> str:
+    """A server configuration's name in the report: the backend, and whether its slot overlaps decoding
+    with denoising when both ways run."""
+    return backend if len(overlaps) == 1 else f"{backend}, overlap {overlap}"
+
+
 def server_runs(
-    arguments: list[str], backends: list[str], size: int, steps: int, rounds: int, seconds: float, warmup_s: float
+    arguments: list[str], backends: list[str], size: int, steps: int, rounds: int, seconds: float, warmup_s: float,
+    overlaps: tuple[str, ...] = ("on",),
 ) -> dict[str, Any]:
-    results: dict[str, dict[str, list[dict[str, Any]]]] = {name: {"throughput": [], "lockstep": []} for name in backends}
+    configurations = {
+        server_name(name, overlap, overlaps): ("--backend", name, "--overlap-decode", overlap) for name in backends for overlap in overlaps
+    }
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {name: {"throughput": [], "lockstep": []} for name in configurations}
     with contextlib.ExitStack() as servers:
-        urls = {name: servers.enter_context(running_server(size, 1, "--backend", name, *arguments)) for name in backends}
+        urls = {
+            name: servers.enter_context(running_server(size, 1, *options, *arguments)) for name, options in configurations.items()
+        }
         for _ in range(rounds):
             for name, url in urls.items():
                 for scenario, rate in (("throughput", THROUGHPUT_RATE_HZ), ("lockstep", None)):
@@ -98,13 +110,14 @@ def server_runs(
                         asyncio.run(run_scenario(url, size, 1, rate, warmup_s, seconds / rounds, params={"steps": steps}))
                     )
     report = {}
-    for name in backends:
+    for name in configurations:
         throughput, lockstep = merge_rounds(results[name]["throughput"]), merge_rounds(results[name]["lockstep"])
         for merged in (throughput, lockstep):
             merged.pop("latency_samples_ms")
         report[name] = {
             "server_fps": throughput["server_fps"],
             "server_fps_per_round": throughput["server_fps_per_round"],
+            "throughput_latency_ms": throughput["latency_ms"],
             "latency_ms": lockstep["latency_ms"],
             "lockstep_fps": lockstep["server_fps"],
             "server_timings_ms": throughput["server_timings_ms"],
@@ -125,10 +138,13 @@ def server_runs(
 @click.option("--warmup", "warmup_s", default=3.0, show_default=True, help="Unmeasured seconds at the start of each server run.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), help="Engine cache. Default <cache>/engines.")
 @click.option("--no-server", is_flag=True, help="Only the bare loop.")
+@click.option("--overlap-decode", "overlaps", multiple=True, type=click.Choice(["on", "off"]),
+              help="The servers' --overlap-decode (repeat both to compare them, each backend either way). Default: on for CPU, off for CUDA (what auto picks).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
 def main(
     model: str | None, device: str, resolutions: tuple[int, ...], backends: tuple[str, ...], steps: int, seconds: float,
-    rounds: int, warmup_frames: int, warmup_s: float, engine_dir: Path | None, no_server: bool, output: Path | None,
+    rounds: int, warmup_frames: int, warmup_s: float, engine_dir: Path | None, no_server: bool, overlaps: tuple[str, ...],
+    output: Path | None,
 ) -> None:
     """Compare inference backends on one model: bare loop and real server; prints JSON."""
     started = time.time()
@@ -140,25 +156,31 @@ def main(
         arguments += ["--engine-dir", str(engine_dir)]
     if "tensorrt" in chosen:
         arguments += ["--build-engines"]
+    overlaps = tuple(dict.fromkeys(overlaps)) or (("off",) if on_cuda else ("on",))
     results = {}
     for size in resolutions or (256, 512):
         entry: dict[str, Any] = {"bare": bare_runs(spec, chosen, size, steps, engine_dir, rounds, seconds, warmup_frames)}
         if not no_server:
-            entry["server"] = server_runs(arguments, chosen, size, steps, rounds, seconds, warmup_s)
-        entry["speedup"] = {
-            name: {
-                "bare": round(entry["bare"][name]["fps"] / entry["bare"]["torch"]["fps"], 2),
-                **({"server": round(entry["server"][name]["server_fps"] / entry["server"]["torch"]["server_fps"], 2)} if "server" in entry else {}),
-            }
-            for name in chosen
-            if "torch" in chosen
-        }
+            entry["server"] = server_runs(arguments, chosen, size, steps, rounds, seconds, warmup_s, overlaps)
+        entry["speedup"] = {}
+        if "torch" in chosen:
+            entry["speedup"] = {name: {"bare": round(entry["bare"][name]["fps"] / entry["bare"]["torch"]["fps"], 2)} for name in chosen}
+            if "server" in entry:
+                # Each server against eager torch served the same way, and against eager torch's first way.
+                for name in chosen:
+                    for overlap in overlaps:
+                        key, torch_key = server_name(name, overlap, overlaps), server_name("torch", overlap, overlaps)
+                        server = entry["server"]
+                        entry["speedup"].setdefault(key, {})["server"] = round(server[key]["server_fps"] / server[torch_key]["server_fps"], 2)
+                        entry["speedup"][key]["server_vs_torch_" + overlaps[0]] = round(
+                            server[key]["server_fps"] / server[server_name("torch", overlaps[0], overlaps)]["server_fps"], 2
+                        )
         results[f"{size}x{size}"] = entry
     report = {
         "benchmark": "backends",
         "machine": describe_machine(),
         "config": {"model": model or "streamcanvas trained toy model", "device": device, "steps": steps, "seconds": seconds,
-                   "rounds": rounds, "prompt": PROMPT, "backends": chosen},
+                   "rounds": rounds, "prompt": PROMPT, "backends": chosen, "overlap_decode": list(overlaps)},
         "results": results,
         "wall_s": round(time.time() - started, 1),
     }

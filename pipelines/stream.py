@@ -21,11 +21,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, TypeVar, get_args
+from typing import Any, Literal, NamedTuple, TypeVar, get_args
 
 import numpy as np
 import torch
@@ -691,7 +692,6 @@ class StreamPipeline:
             tuple(spec.model for spec in self.params.controls),
         )
 
-    @torch.no_grad()
     def render(
         self, image: np.ndarray | None, tag: int = 0, refill: bool = False, layer: np.ndarray | None = None
     ) -> RenderResult:
@@ -702,11 +702,22 @@ class StreamPipeline:
         input fed `depth - 1` frames earlier. With `refill`, a new input after an idle spell (the stream
         settled) is pushed through the whole batch at once, so its first frame already shows it.
         """
+        (result,) = self.denoise(image, tag, refill, layer).decode()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @torch.no_grad()
+    def denoise(
+        self, image: np.ndarray | None, tag: int = 0, refill: bool = False, layer: np.ndarray | None = None
+    ) -> Decoding:
+        """`render` up to the VAE decode: the frame's latent, which `Decoding.decode` turns into the
+        frame. The stream is free for its next frame as soon as this returns."""
         started = time.perf_counter()
         with torch_threads(self.glue_threads):
             fed = self._feed(image, tag, refill, started, layer)
             if isinstance(fed, RenderResult):
-                return fed
+                return Decoding.of(self, [fed], stream_vae=True)
             source, primes = fed
             stream = self._stream
             assert stream is not None and self.params is not None
@@ -715,7 +726,7 @@ class StreamPipeline:
                 for _ in range(primes):
                     stream.predict_x0_batch(latent)
                 denoised = stream.predict_x0_batch(latent)
-            return self._output(stream.decode_image(denoised), started)
+            return Decoding.of(self, [_Denoised(denoised, self._answers(), started)], stream_vae=True)
 
     @torch.no_grad()
     def begin(
@@ -801,11 +812,6 @@ class StreamPipeline:
         self._previous_latent = latent
         return latent
 
-    def _output(self, decoded: torch.Tensor, started: float) -> RenderResult:
-        assert self._stream is not None
-        output = ((decoded[0] / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
-        return RenderResult(output.cpu().numpy(), self._answers(), _elapsed_ms(started, self._stream))
-
     def _answers(self) -> int:
         """The newest input this frame fully shows: the oldest in the stream batch, or, during a
         transition, the one answered when it began."""
@@ -868,7 +874,6 @@ class FrameInput(NamedTuple):
     layer: np.ndarray | None = None
 
 
-@torch.no_grad()
 def render_together(frames: Sequence[FrameInput | tuple]) -> list[RenderResult | Exception]:
     """Render one frame for each of several streams with one UNet call and one VAE decode.
 
@@ -877,20 +882,26 @@ def render_together(frames: Sequence[FrameInput | tuple]) -> list[RenderResult |
     each frame equals the one the stream renders alone up to float rounding. A failure in one stream's
     own part is returned in its place; one in the shared calls is returned for all of them.
     """
-    if not frames:
-        return []
+    return denoise_together(frames).decode() if frames else []
+
+
+@torch.no_grad()
+def denoise_together(frames: Sequence[FrameInput | tuple]) -> Decoding:
+    """`render_together` up to the VAE decode (see `StreamPipeline.denoise`)."""
     frames = [FrameInput(*frame) for frame in frames]
     streams = [frame.stream for frame in frames]
+    if not frames:
+        raise ValueError("nothing to render")
     if len({id(stream) for stream in streams}) != len(streams):
         raise ValueError("a stream can take part in a batch only once")
     if len({(stream.batch_key, id(stream.model)) for stream in streams}) != 1:
         raise ValueError("streams rendered together must share a model, a size, LoRAs and ControlNets")
     with torch_threads(streams[0].glue_threads):
-        return _render_together(frames)
+        return Decoding.of(streams[0], _denoise_together(frames))
 
 
-def _render_together(frames: list[FrameInput]) -> list[RenderResult | Exception]:
-    results: list[RenderResult | Exception | None] = [None] * len(frames)
+def _denoise_together(frames: list[FrameInput]) -> list[RenderResult | Exception | _Denoised]:
+    results: list[RenderResult | Exception | _Denoised | None] = [None] * len(frames)
     pending: list[tuple[int, PendingFrame]] = []
     for index, frame in enumerate(frames):
         try:
@@ -907,9 +918,9 @@ def _render_together(frames: list[FrameInput]) -> list[RenderResult | Exception]
         assert first.params is not None
         try:
             with first.model.adapters.wanted(first.params.active_loras):
-                rendered = _run_pending([p for _, p in pending])
-            for index, result in zip((index for index, _ in pending), rendered):
-                results[index] = result
+                denoised = _run_pending([p for _, p in pending])
+            for (index, frame), latent in zip(pending, denoised):
+                results[index] = _Denoised(latent, frame.stream._answers(), frame.started)
         except Exception as error:  # noqa: BLE001 - the shared call failed: every frame in it did
             for index, _ in pending:
                 results[index] = error
@@ -917,9 +928,9 @@ def _render_together(frames: list[FrameInput]) -> list[RenderResult | Exception]
     return results  # type: ignore[return-value]
 
 
-def _run_pending(pending: list[PendingFrame]) -> list[RenderResult]:
-    first = pending[0].stream
-    model = first.model
+def _run_pending(pending: list[PendingFrame]) -> list[torch.Tensor]:
+    """The denoised latent of every pending frame."""
+    model = pending[0].stream.model
     canvases = [frame for frame in pending if frame.pixels is not None]
     for chunk in _chunks(canvases, model.backend.max_batch):
         vae = _components(chunk[0].stream, len(chunk))[1]
@@ -932,13 +943,87 @@ def _run_pending(pending: list[PendingFrame]) -> list[RenderResult]:
         _step_together(priming)
         for frame in priming:
             frame.primes -= 1
-    denoised = _step_together(pending)
-    decoded: list[torch.Tensor] = []
-    scaling = model.pipe.vae.config.scaling_factor
-    for chunk in _chunks(denoised, model.backend.max_batch):
-        vae = _components(first, len(chunk))[1]
-        decoded.extend(vae.decode(torch.cat(chunk) / scaling, return_dict=False)[0].split(1))
-    return [frame.stream._output(image, frame.started) for frame, image in zip(pending, decoded)]
+    return _step_together(pending)
+
+
+@dataclass(frozen=True)
+class _Denoised:
+    """A frame's denoised latent, waiting for the VAE: the input it answers and when it began."""
+
+    latent: torch.Tensor
+    answers: int
+    started: float
+
+
+class Decoding:
+    """Frames rendered up to their VAE decode (`StreamPipeline.denoise`, `denoise_together`), in the
+    order they were asked for; `decode()` finishes them, in one VAE call per batch the backend allows.
+
+    It holds everything it needs and reads nothing of the streams, whose state has moved on to the next
+    frame by then: the latents are new tensors (a step never writes into the one it returned) and the
+    VAE a shared read-only network. So a slot can decode one frame on a second thread while its worker
+    denoises the next (`--overlap-decode`).
+    """
+
+    def __init__(
+        self,
+        frames: list[RenderResult | Exception | _Denoised],
+        vae_for: Callable[[int], Any],
+        scaling: float,
+        max_batch: int | None,
+        threads: int | None,
+        device: torch.device,
+    ) -> None:
+        self.frames = frames
+        self._vae_for = vae_for
+        self._scaling = scaling
+        self._max_batch = max_batch
+        self._threads = threads
+        self._device = device
+
+    @classmethod
+    def of(cls, stream: StreamPipeline, frames: list[RenderResult | Exception | _Denoised], stream_vae: bool = False) -> Decoding:
+        """The decoding of these frames of streams like `stream` (its model and size), with the VAE
+        the stream itself uses (`stream_vae`), or the one the backend has for each batch."""
+        model = stream.model
+        vae = stream._stream.vae if stream_vae and stream._stream is not None else None
+        return cls(
+            frames,
+            (lambda _: vae) if vae is not None else functools.partial(_vae_for, stream.model, stream.width, stream.height),
+            model.pipe.vae.config.scaling_factor,
+            model.backend.max_batch,
+            stream.glue_threads,
+            model.placement.device,
+        )
+
+    @property
+    def answers(self) -> list[int | None]:
+        """For each frame, the input it will answer once decoded (None for a skipped or failed one)."""
+        return [frame.answers if isinstance(frame, _Denoised) else None for frame in self.frames]
+
+    @torch.no_grad()
+    def decode(self) -> list[RenderResult | Exception]:
+        """Each frame's result: the image, or what the stream answered already (a skipped input, an
+        error). A failure of a shared VAE call is every one of its frames' result."""
+        results: list[RenderResult | Exception] = []
+        waiting = [(index, frame) for index, frame in enumerate(self.frames) if isinstance(frame, _Denoised)]
+        images: dict[int, RenderResult | Exception] = {}
+        with torch_threads(self._threads):
+            for chunk in _chunks(waiting, self._max_batch):
+                try:
+                    vae = self._vae_for(len(chunk))
+                    latents = torch.cat([frame.latent for _, frame in chunk]) / self._scaling
+                    decoded = vae.decode(latents, return_dict=False)[0]
+                    pixels = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                except Exception as error:  # noqa: BLE001 - the shared call failed: every frame in it did
+                    images.update((index, error) for index, _ in chunk)
+                    continue
+                done = time.perf_counter()
+                for row, (index, frame) in enumerate(chunk):
+                    images[index] = RenderResult(pixels[row], frame.answers, (done - frame.started) * 1000.0)
+        for index, frame in enumerate(self.frames):
+            results.append(images[index] if isinstance(frame, _Denoised) else frame)
+        return results
 
 
 def _step_together(frames: list[PendingFrame]) -> list[torch.Tensor]:
@@ -975,6 +1060,12 @@ def _components(stream: StreamPipeline, batch: int) -> tuple[object, object]:
     if compiled is None:
         return stream.model.pipe.unet, stream.model.pipe.vae
     return (stream.model.pipe.unet if stream.needs_torch_unet else compiled[0]), compiled[1]
+
+
+def _vae_for(model: LoadedModel, width: int, height: int, batch: int) -> Any:
+    """The VAE for a decode of this batch at this size: compiled where the backend covers it."""
+    compiled = model.backend.compiled_for(width, height, batch)
+    return model.pipe.vae if compiled is None else compiled[1]
 
 
 def _chunks(items: list[T], limit: int | None, sizes: list[int] | None = None) -> list[list[T]]:

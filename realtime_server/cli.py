@@ -47,6 +47,7 @@ def main() -> None:
 @click.option("--slots", type=int, help="Sessions rendered at once on this device, each with its own worker. Default 1.")
 @click.option("--sessions-per-slot", help="Sessions one slot serves at once; their frames share UNet calls (cross-session batching). 'auto': measured at start-up, the most whose shared round takes at most 1.5x one session's frame. Default 1.")
 @click.option("--batching/--no-batching", default=None, help="With several sessions per slot: stack their frames into one UNet call (default), or render them one by one, round-robin.")
+@click.option("--overlap-decode", type=click.Choice(["auto", "on", "off"]), help="Decode, encode and send each frame on a second thread per slot while the slot's worker denoises the next: more frames when inputs come faster than frames (a camera), the same for a client that waits for each frame. auto: on for a CPU device. Default auto.")
 @click.option("--frame-target", "frame_target_ms", type=float, help="With several sessions per slot: the round time, ms, that the batch size adapts to stay under. Default: off (every session with input, each round).")
 @click.option("--max-waiting", type=int, help="Clients that may wait in line for a slot. Default 8.")
 @click.option("--device", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N. Default auto.")

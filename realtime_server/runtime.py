@@ -62,7 +62,12 @@ class Runtime:
         catalog = Catalog(models=choices, styles=self.styles)
         defaults = choices[models.default_name].defaults
         assert defaults is not None
-        config = dataclasses.replace(settings.session_config(sharing), default_params=defaults, catalog=catalog)
+        # Overlapping the decode with the next frame's UNet takes a second core's work: on the CPU it is
+        # there (see Slot); on CUDA both would queue on the same device stream, and it is off unless asked.
+        overlap = settings.overlap_decode == "on" or (settings.overlap_decode == "auto" and self.model.placement.device.type == "cpu")
+        config = dataclasses.replace(
+            settings.session_config(sharing), default_params=defaults, catalog=catalog, overlap_decode=overlap
+        )
         self.manager = SessionManager(config, models, threads_per_slot=per_slot)
         self.readiness = Readiness.WARMING_UP
         self.warmup_ms: float | None = None

@@ -111,6 +111,7 @@ class Settings(BaseSettings):
     sessions_per_slot: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
     batching: bool = True
     frame_target_ms: float | None = Field(None, gt=0, le=60_000)
+    overlap_decode: Literal["auto", "on", "off"] = "auto"
     max_waiting: int = Field(8, ge=0, le=1024)
     max_connections: int = Field(64, ge=1, le=100_000)
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
@@ -272,6 +273,7 @@ class Settings(BaseSettings):
             sessions_per_slot=sessions_per_slot,
             batching=self.batching,
             frame_target_ms=frame_target_ms,
+            overlap_decode=self.overlap_decode == "on",
             max_waiting=self.max_waiting,
             max_connections=self.max_connections,
             max_message_bytes=self.max_message_bytes,

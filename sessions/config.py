@@ -58,6 +58,8 @@ class SessionConfig:
     """Whether a slot's sessions share UNet calls (off: it renders them one by one, round-robin)."""
     frame_target_ms: float | None = None
     """With several sessions per slot: the round time the batch size adapts to stay under (None: off)."""
+    overlap_decode: bool = False
+    """Whether each slot decodes and sends a frame on a second thread while its worker denoises the next."""
     max_waiting: int = 8
     max_connections: int = 64
     max_message_bytes: int = 8 * 1024 * 1024

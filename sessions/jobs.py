@@ -74,7 +74,10 @@ class DeliveredFrame:
 
 
 class RenderClient(Protocol):
-    """The slot's view of whatever it renders for. Every method is called from the worker thread."""
+    """The slot's view of whatever it renders for. Called from the slot's worker thread, and with
+    `overlap_decode` `has_input`, `deliver` and `report_failure` also from its decode thread, at the
+    same time as the worker's calls: an implementation guards its own state (a `Session` takes its lock
+    or hands the call to the event loop)."""
 
     id: str
 

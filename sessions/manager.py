@@ -74,6 +74,7 @@ class SessionManager:
             sessions_per_slot=config.sessions_per_slot,
             batching=config.batching,
             frame_target_ms=config.frame_target_ms,
+            overlap_decode=config.overlap_decode,
         )
         self.sessions: dict[str, Session] = {}
         self.tokens = Tokens(config.token_secret, config.token_ttl_s)

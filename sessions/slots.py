@@ -14,6 +14,14 @@ others one by one. With a frame-time target the batch limit adapts: a round slow
 takes one client fewer next time, one well under it one more, between 1 and `capacity`. A client
 whose stream has not settled and gets no new input within about one frame is rendered again with the
 same input, to flush it through the stream batch.
+
+With `overlap_decode` a slot has a second thread: the worker denoises a round (encode, UNet calls) and
+hands its latents over; the decode thread runs the VAE decode, encodes the frames and delivers them
+while the worker already denoises the next round. At most one round waits for the decode thread (the
+worker waits for it before handing over another), so frames go out in order. A client that waits for
+each frame (the drawing page) sees no difference; one whose inputs come faster than frames (a camera)
+gets more of them, on a CPU where one network call does not keep every core busy. The seat bookkeeping
+(which input a frame answers, when to flush) stays on the worker; the decode thread only reads it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import collections
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,7 +40,7 @@ from streamcanvas.codecs.images import ImageFormat, get_encoder
 from streamcanvas.codecs.messages import Frame, serialize
 from streamcanvas.pipelines.loading import LoadedModel
 from streamcanvas.pipelines.models import ModelSet
-from streamcanvas.pipelines.stream import RenderResult, StreamParams, StreamPipeline, render_together
+from streamcanvas.pipelines.stream import Decoding, RenderResult, StreamParams, StreamPipeline, denoise_together
 
 from .broadcast import BroadcastFrame
 from .jobs import DeliveredFrame, InputMark, RenderClient, RenderJob
@@ -72,10 +81,27 @@ class _Seat:
     input refills the stream batch (shows in its first frame) instead of being pipelined."""
     frame_seq: int = 0
     served_at: float = float("-inf")
+    looks: int = 0
+    """How often the worker has looked for this client's input: the decode thread compares it before
+    and after its own look, to tell "nothing waiting" from "the worker took it meanwhile"."""
+    broken: bool = False
+    """A decode failed on the decode thread: the worker resets the stream before its next frame."""
 
     def reset(self) -> None:
-        self.stream, self.configured, self.settled = None, None, True
+        self.stream, self.configured, self.settled, self.broken = None, None, True, False
         self.marks.clear()
+
+
+@dataclass
+class _Delivery:
+    """What the decode thread needs to send one seat's frame, settled on the worker thread."""
+
+    seat: _Seat
+    job: RenderJob
+    first_answer: InputMark | None
+    answers: InputMark | None
+    frame_seq: int
+    looks: int
 
 
 class Slot:
@@ -87,6 +113,7 @@ class Slot:
         capacity: int = 1,
         batching: bool = True,
         frame_target_ms: float | None = None,
+        overlap_decode: bool = False,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"a slot serves at least one session, got {capacity}")
@@ -110,6 +137,15 @@ class Slot:
         self._woken = False
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=f"slot-{index}", daemon=True)
+        self.overlap_decode = overlap_decode
+        self._decoder = (
+            ThreadPoolExecutor(1, thread_name_prefix=f"slot-{index}-decode", initializer=self._set_threads)
+            if overlap_decode
+            else None
+        )
+        self._decoding: Future[None] | None = None
+        """The round the decode thread is finishing (at most one: the worker waits for it before it
+        hands over the next, so frames go out in order and only two rounds are ever in flight)."""
 
     @property
     def clients(self) -> list[RenderClient]:
@@ -132,6 +168,8 @@ class Slot:
             self._stopping = True
             self._condition.notify_all()
         self._thread.join(timeout)
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)
 
     def attach(self, client: RenderClient) -> None:
         with self._condition:
@@ -165,9 +203,12 @@ class Slot:
 
     # Worker thread -----------------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _set_threads(self) -> None:
         if self.torch_threads is not None:
             torch.set_num_threads(self.torch_threads)  # OpenMP's thread count is per calling thread
+
+    def _run(self) -> None:
+        self._set_threads()
         while True:
             with self._condition:
                 while not self._seats and not self._stopping:
@@ -219,6 +260,7 @@ class Slot:
             for seat in list(expected):
                 if len(gathered) >= room:
                     break
+                seat.looks += 1
                 job = seat.client.take_job(seat.settled, flush=False)
                 if job is not None:
                     gathered.append((seat, job))
@@ -235,6 +277,7 @@ class Slot:
             if seat.client.closed:
                 continue
             flush = now >= seat.flush_at
+            seat.looks += 1
             job = seat.client.take_job(seat.settled, flush)
             if job is None:
                 seat.waited = True
@@ -267,17 +310,17 @@ class Slot:
                 alone.extend(group)
                 continue
             assert all(seat.stream is not None for seat, _, _ in group)
-            results = render_together([(seat.stream, job.image, job.newest.number, refill, job.layer) for seat, job, refill in group])  # type: ignore[misc]
+            decoding = denoise_together([(seat.stream, job.image, job.newest.number, refill, job.layer) for seat, job, refill in group])  # type: ignore[misc]
             self.batched_frames += len(group)
-            for (seat, job, _), result in zip(group, results):
-                self._finish(seat, job, result)
+            self._denoised([(seat, job) for seat, job, _ in group], decoding)
         for seat, job, refill in alone:
             assert seat.stream is not None
             try:
-                result: RenderResult | Exception = seat.stream.render(job.image, tag=job.newest.number, refill=refill, layer=job.layer)
-            except Exception as error:  # noqa: BLE001 - reported to that client below
-                result = error
-            self._finish(seat, job, result)
+                decoding = seat.stream.denoise(job.image, tag=job.newest.number, refill=refill, layer=job.layer)
+            except Exception as error:  # noqa: BLE001 - reported to that client
+                self._failed(seat, job, error)
+                continue
+            self._denoised([(seat, job)], decoding)
         self.rounds += 1
         round_s = time.perf_counter() - started
         self._round_s = round_s
@@ -297,6 +340,8 @@ class Slot:
 
     def _configured(self, seat: _Seat, job: RenderJob) -> StreamPipeline:
         model = self.models.get(job.model)
+        if seat.broken:
+            seat.reset()
         if seat.stream is None or seat.stream.model is not model or (seat.stream.width, seat.stream.height) != (job.width, job.height):
             seat.reset()
             seat.stream = StreamPipeline(model, job.width, job.height)
@@ -313,38 +358,84 @@ class Slot:
         seat.client.report_failure(f"{type(error).__name__}: {error}", job.newest.client_seq)
         seat.reset()
 
-    def _finish(self, seat: _Seat, job: RenderJob, result: RenderResult | Exception) -> None:
-        if isinstance(result, Exception):
-            self._failed(seat, job, result)
+    def _denoised(self, entries: list[tuple[_Seat, RenderJob]], decoding: Decoding) -> None:
+        """Account for frames whose UNet work is done, on the worker thread, then have them decoded
+        and sent: on the decode thread while the worker goes on (`overlap_decode`), or here."""
+        deliveries: list[_Delivery | None] = []
+        now = time.monotonic()
+        for (seat, job), frame, answers in zip(entries, decoding.frames, decoding.answers):
+            if isinstance(frame, Exception):
+                self._failed(seat, job, frame)
+                deliveries.append(None)
+                continue
+            assert seat.stream is not None
+            seat.settled = seat.stream.settled
+            # Wait about one frame for the next input before flushing this one through the batch.
+            elapsed_s = now - job.taken_at if isinstance(frame, RenderResult) else time.perf_counter() - frame.started
+            seat.flush_at = now + min(max(elapsed_s, 0.0), _MAX_GRACE_S)
+            seat.marks[job.newest.number] = job.newest
+            if isinstance(frame, RenderResult):
+                seat.client.report_skipped(job.dropped)
+                deliveries.append(None)
+                continue
+            # An input is answered by the first frame that fully shows it; later frames may show it too.
+            first_answer = seat.marks.pop(answers, None)  # type: ignore[arg-type]
+            if first_answer is not None:
+                seat.last_answered = first_answer
+            last = seat.last_answered
+            # Only inputs still inside the stream batch can be answered later; forget the rest.
+            seat.marks = {number: mark for number, mark in seat.marks.items() if number > answers}  # type: ignore[operator]
+            seat.frame_seq += 1
+            deliveries.append(
+                _Delivery(seat, job, first_answer, last if last is not None and last.number == answers else None, seat.frame_seq, seat.looks)
+            )
+        if not any(deliveries):
             return
-        assert seat.stream is not None
-        seat.settled = seat.stream.settled
-        # Wait about one frame for the next input before flushing this one through the batch.
-        seat.flush_at = time.monotonic() + min(result.inference_ms / 1000, _MAX_GRACE_S)
-        seat.marks[job.newest.number] = job.newest
-        if result.image is None:
-            seat.client.report_skipped(job.dropped)
+        if self._decoder is None:
+            self._send(decoding, deliveries)
             return
+        if self._decoding is not None:
+            self._decoding.result()  # never raises: _send reports its own failures
+        self._decoding = self._decoder.submit(self._send, decoding, deliveries)
+
+    def _send(self, decoding: Decoding, deliveries: list[_Delivery | None]) -> None:
+        """Decode the frames and hand each to its client (the decode thread, or the worker's)."""
         try:
-            encode_started = time.perf_counter()
-            encoded = get_encoder(job.codec).encode(result.image, job.quality) if job.wants_message else None
-            jpeg = None
-            if job.wants_jpeg:
-                reuse = encoded is not None and job.codec is ImageFormat.JPEG
-                jpeg = encoded if reuse else self._jpeg.encode(result.image, VIEWER_JPEG_QUALITY)
-            encode_ms = (time.perf_counter() - encode_started) * 1000
-        except Exception as error:  # noqa: BLE001 - reported to that client
-            self._failed(seat, job, error)
-            return
-        # An input is answered by the first frame that fully shows it; later frames may show it too.
-        first_answer = seat.marks.pop(result.answers, None)
-        if first_answer is not None:
-            seat.last_answered = first_answer
-        last = seat.last_answered
-        answers = last if last is not None and last.number == result.answers else None
-        # Only inputs still inside the stream batch can be answered later; forget the rest.
-        seat.marks = {number: mark for number, mark in seat.marks.items() if number > result.answers}
-        seat.frame_seq += 1
+            results = decoding.decode()
+        except Exception as error:  # noqa: BLE001 - a thread's entry point: report, never die
+            results = [error] * len(deliveries)
+        for delivery, result in zip(deliveries, results):
+            if delivery is None:
+                continue
+            if isinstance(result, Exception):
+                self._decode_failed(delivery, result)
+                continue
+            try:
+                self._deliver(delivery, result)
+            except Exception as error:  # noqa: BLE001 - reported to that client
+                self._decode_failed(delivery, error)
+
+    def _decode_failed(self, delivery: _Delivery, error: Exception) -> None:
+        seat, job = delivery.seat, delivery.job
+        logger.error(
+            "slot %d: frame failed for session %s", self.index, seat.client.id, exc_info=(type(error), error, error.__traceback__)
+        )
+        seat.client.report_failure(f"{type(error).__name__}: {error}", job.newest.client_seq)
+        if self._decoder is None:
+            seat.reset()
+        else:
+            seat.broken = True  # the worker owns the stream: it starts it afresh before its next frame
+
+    def _deliver(self, delivery: _Delivery, result: RenderResult) -> None:
+        seat, job = delivery.seat, delivery.job
+        assert result.image is not None
+        encode_started = time.perf_counter()
+        encoded = get_encoder(job.codec).encode(result.image, job.quality) if job.wants_message else None
+        jpeg = None
+        if job.wants_jpeg:
+            reuse = encoded is not None and job.codec is ImageFormat.JPEG
+            jpeg = encoded if reuse else self._jpeg.encode(result.image, VIEWER_JPEG_QUALITY)
+        encode_ms = (time.perf_counter() - encode_started) * 1000
         timings = {
             "queue_ms": round((job.taken_at - job.newest.received_at) * 1000 if job.fresh else 0.0, 3),
             "inference_ms": round(result.inference_ms, 3),
@@ -353,8 +444,8 @@ class Slot:
         payload = None
         if encoded is not None:
             message = Frame(
-                seq=seat.frame_seq,
-                input_seq=answers.client_seq if answers else None,
+                seq=delivery.frame_seq,
+                input_seq=delivery.answers.client_seq if delivery.answers else None,
                 width=job.width,
                 height=job.height,
                 codec=job.codec.value,
@@ -364,13 +455,17 @@ class Slot:
             payload = serialize(message)
         if job.recorder is not None:
             job.recorder.offer(result.image)
-        viewer_frame = BroadcastFrame(seat.frame_seq, result.image, job.width, job.height, jpeg)
+        viewer_frame = BroadcastFrame(delivery.frame_seq, result.image, job.width, job.height, jpeg)
         # Nothing new waiting as its frame goes out: the client waits for this frame (the drawing page
         # paces itself by frames), so its next input refills the stream batch rather than pipelines.
-        # (Checked before the frame is handed over: a client that answers it at once must not count.)
-        seat.waited = seat.waited or not seat.client.has_input()
+        # (Checked before the frame is handed over: a client that answers it at once must not count;
+        # and not when the worker has looked for input since this frame was denoised: then it has
+        # taken the input, or found none and said so itself.)
+        nothing_waiting = not seat.client.has_input()
+        if nothing_waiting and seat.looks == delivery.looks:
+            seat.waited = True
         # Latency counts once per input: from its arrival to the first frame that fully shows it.
-        seat.client.deliver(DeliveredFrame(payload, first_answer, timings), job.dropped, viewer_frame)
+        seat.client.deliver(DeliveredFrame(payload, delivery.first_answer, timings), job.dropped, viewer_frame)
 
 
 class SlotPool:
@@ -385,11 +480,13 @@ class SlotPool:
         sessions_per_slot: int = 1,
         batching: bool = True,
         frame_target_ms: float | None = None,
+        overlap_decode: bool = False,
     ) -> None:
         if size < 1:
             raise ValueError(f"a pool needs at least one slot, got {size}")
         self.slots = [
-            Slot(index, models, threads_per_slot, sessions_per_slot, batching, frame_target_ms) for index in range(size)
+            Slot(index, models, threads_per_slot, sessions_per_slot, batching, frame_target_ms, overlap_decode)
+            for index in range(size)
         ]
         self.sessions_per_slot = sessions_per_slot
         self.max_waiting = max_waiting
@@ -465,6 +562,7 @@ class SlotPool:
             "session_places_free": self.places_free,
             "queue_length": self.queue_length,
             "batched_frames": sum(slot.batched_frames for slot in self.slots),
+            "overlap_decode": all(slot.overlap_decode for slot in self.slots),
             "slots": [slot.describe() for slot in self.slots],
         }
 
