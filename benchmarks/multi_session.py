@@ -103,16 +103,20 @@ PATTERNS = ("camera", "lockstep")
 @click.option("--warmup", "warmup_s", default=2.0, show_default=True, help="Unmeasured seconds at the start of each run.")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(BACKENDS), help="The servers' backend.")
 @click.option("--model", help="The servers' model (a diffusers directory or cached repo id). Default: the trained toy model.")
+@click.option("--overlap-decode", "overlap", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]), help="Both servers' --overlap-decode.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
 def main(
     resolution: int, client_counts: str, patterns: tuple[str, ...], rate_hz: float, seconds: float, warmup_s: float,
-    backend: str, model: str | None, output: Path | None,
+    backend: str, model: str | None, overlap: str, output: Path | None,
 ) -> None:
     """Benchmark cross-session batching against one-by-one rendering on one slot; prints JSON."""
     started = time.time()
     counts = [int(count) for count in client_counts.split(",")]
     patterns = patterns or PATTERNS
-    extra = ["--backend", backend, "--sessions-per-slot", str(max(counts)), "--max-waiting", "0", "--batch-workers", "0"]
+    extra = [
+        "--backend", backend, "--sessions-per-slot", str(max(counts)), "--max-waiting", "0", "--batch-workers", "0",
+        "--overlap-decode", overlap,
+    ]  # fmt: skip
     if model:
         extra += ["--model", model]
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {pattern: {mode: [] for mode in MODES} for pattern in patterns}
@@ -134,7 +138,7 @@ def main(
         "machine": describe_machine(),
         "config": {
             "resolution": resolution, "seconds": seconds, "warmup_s": warmup_s, "backend": backend,
-            "model": model or "toy", "camera_rate_hz": rate_hz, "codec": "jpeg q80",
+            "model": model or "toy", "camera_rate_hz": rate_hz, "codec": "jpeg q80", "overlap_decode": overlap,
         },  # fmt: skip
         "runs": runs,
         "comparison": comparison,

@@ -273,7 +273,7 @@ class Settings(BaseSettings):
             sessions_per_slot=sessions_per_slot,
             batching=self.batching,
             frame_target_ms=frame_target_ms,
-            overlap_decode=self.overlap_decode == "on",
+            overlap_decode=self.overlap_decode,
             max_waiting=self.max_waiting,
             max_connections=self.max_connections,
             max_message_bytes=self.max_message_bytes,

@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from streamcanvas.codecs.images import ImageLimits
 from streamcanvas.pipelines.errors import InvalidParameter, UnknownName
@@ -45,6 +45,10 @@ class Catalog:
         return params
 
 
+OverlapPolicy = Literal["auto", "on", "off"]
+"""`--overlap-decode` (see `Slot`): "auto" decodes beside denoising where `Decoding.beside_denoising`."""
+
+
 @dataclass(frozen=True)
 class SessionConfig:
     default_width: int = 512
@@ -58,8 +62,10 @@ class SessionConfig:
     """Whether a slot's sessions share UNet calls (off: it renders them one by one, round-robin)."""
     frame_target_ms: float | None = None
     """With several sessions per slot: the round time the batch size adapts to stay under (None: off)."""
-    overlap_decode: bool = False
-    """Whether each slot decodes and sends a frame on a second thread while its worker denoises the next."""
+    overlap_decode: OverlapPolicy = "off"
+    """Whether each slot decodes and sends a frame on a second thread while its worker denoises the
+    next: for every stream ("on"), for those whose networks run on ONNX Runtime on the CPU ("auto"),
+    or never ("off")."""
     max_waiting: int = 8
     max_connections: int = 64
     max_message_bytes: int = 8 * 1024 * 1024

@@ -17,7 +17,9 @@ same input, to flush it through the stream batch.
 
 With `overlap_decode` a slot has a second thread: the worker denoises a round (encode, UNet calls) and
 hands its latents over; the decode thread runs the VAE decode, encodes the frames and delivers them
-while the worker already denoises the next round. At most one round waits for the decode thread (the
+while the worker already denoises the next round ("on": every round; "auto": the rounds of streams
+whose networks run in ONNX Runtime's thread pools on the CPU, where it pays, see
+`Decoding.beside_denoising`; the others are decoded on the worker). At most one round waits for the decode thread (the
 worker waits for it before handing over another), so frames go out in order. A client that waits for
 each frame (the drawing page) sees no difference; one whose inputs come faster than frames (a camera)
 gets more of them, on a CPU where one network call does not keep every core busy. The seat bookkeeping
@@ -43,6 +45,7 @@ from streamcanvas.pipelines.models import ModelSet
 from streamcanvas.pipelines.stream import Decoding, RenderResult, StreamParams, StreamPipeline, denoise_together
 
 from .broadcast import BroadcastFrame
+from .config import OverlapPolicy
 from .jobs import DeliveredFrame, InputMark, RenderClient, RenderJob
 
 logger = logging.getLogger(__name__)
@@ -113,7 +116,7 @@ class Slot:
         capacity: int = 1,
         batching: bool = True,
         frame_target_ms: float | None = None,
-        overlap_decode: bool = False,
+        overlap_decode: OverlapPolicy = "off",
     ) -> None:
         if capacity < 1:
             raise ValueError(f"a slot serves at least one session, got {capacity}")
@@ -140,7 +143,7 @@ class Slot:
         self.overlap_decode = overlap_decode
         self._decoder = (
             ThreadPoolExecutor(1, thread_name_prefix=f"slot-{index}-decode", initializer=self._set_threads)
-            if overlap_decode
+            if overlap_decode != "off"
             else None
         )
         self._decoding: Future[None] | None = None
@@ -391,11 +394,12 @@ class Slot:
             )
         if not any(deliveries):
             return
-        if self._decoder is None:
-            self._send(decoding, deliveries)
-            return
         if self._decoding is not None:
             self._decoding.result()  # never raises: _send reports its own failures
+            self._decoding = None
+        if self._decoder is None or (self.overlap_decode == "auto" and not decoding.beside_denoising):
+            self._send(decoding, deliveries)
+            return
         self._decoding = self._decoder.submit(self._send, decoding, deliveries)
 
     def _send(self, decoding: Decoding, deliveries: list[_Delivery | None]) -> None:
@@ -421,7 +425,7 @@ class Slot:
             "slot %d: frame failed for session %s", self.index, seat.client.id, exc_info=(type(error), error, error.__traceback__)
         )
         seat.client.report_failure(f"{type(error).__name__}: {error}", job.newest.client_seq)
-        if self._decoder is None:
+        if threading.current_thread() is self._thread:
             seat.reset()
         else:
             seat.broken = True  # the worker owns the stream: it starts it afresh before its next frame
@@ -480,7 +484,7 @@ class SlotPool:
         sessions_per_slot: int = 1,
         batching: bool = True,
         frame_target_ms: float | None = None,
-        overlap_decode: bool = False,
+        overlap_decode: OverlapPolicy = "off",
     ) -> None:
         if size < 1:
             raise ValueError(f"a pool needs at least one slot, got {size}")
@@ -562,7 +566,7 @@ class SlotPool:
             "session_places_free": self.places_free,
             "queue_length": self.queue_length,
             "batched_frames": sum(slot.batched_frames for slot in self.slots),
-            "overlap_decode": all(slot.overlap_decode for slot in self.slots),
+            "overlap_decode": self.slots[0].overlap_decode,
             "slots": [slot.describe() for slot in self.slots],
         }
 

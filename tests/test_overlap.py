@@ -1,8 +1,9 @@
 """A slot that decodes one frame while its worker denoises the next (`--overlap-decode`): the same
 frames, in the same order, answering the same inputs as a slot that does one thing at a time, and the
-decode really runs beside the next frame's denoising. Driven through a real `Slot` with the trained toy
-model and a render client of the test's own, which never drops an input (so the frames are
-deterministic and can be compared with the stream rendering the same inputs alone)."""
+decode really runs beside the next frame's denoising; with `auto`, only for streams on ONNX Runtime.
+Driven through a real `Slot` with the trained toy model (on eager torch and on ONNX Runtime) and a
+render client of the test's own, which never drops an input (so the frames are deterministic and can
+be compared with the stream rendering the same inputs alone)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,16 +92,34 @@ def rendered_alone(model: object, canvases: list[np.ndarray]) -> list[tuple[np.n
     each frame answers). The first refills the stream batch, as a slot's first input does."""
     stream = StreamPipeline(model, SIDE, SIDE)  # type: ignore[arg-type]
     stream.configure(PARAMS, img2img=True)
+    assert stream.backend == model.backend.name  # type: ignore[attr-defined]
     results = [stream.render(canvas, tag=number, refill=number == 1) for number, canvas in enumerate(canvases, start=1)]
     return [(result.image, result.answers) for result in results]  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["one-thing-at-a-time", "overlap"])
-def test_a_slot_that_overlaps_decoding_sends_the_same_frames_in_order(toy_model: object, overlap: bool) -> None:
+@pytest.fixture(scope="module")
+def models(toy_model: object, toy_model_dir: Path, cache_dir: Path) -> dict[str, object]:
+    """The trained toy model on eager torch, and loaded again with ONNX Runtime's graphs."""
+    from streamcanvas.pipelines.backends import BackendConfig, prepare_backend
+    from streamcanvas.pipelines.loading import ModelSpec, load_model
+
+    compiled = load_model(ModelSpec(model=str(toy_model_dir)))
+    compiled.backend = prepare_backend(compiled, BackendConfig(name="onnxruntime", engine_dir=cache_dir / "engines", threads=2, measure_side=SIDE))
+    return {"torch": toy_model, "onnxruntime": compiled}
+
+
+@pytest.mark.parametrize(
+    ("policy", "backend", "overlap"),
+    [("off", "torch", False), ("on", "torch", True), ("auto", "torch", False), ("auto", "onnxruntime", True)],
+)
+def test_a_slot_that_overlaps_decoding_sends_the_same_frames_in_order(
+    models: dict[str, object], policy: str, backend: str, overlap: bool
+) -> None:
+    model = models[backend]
     canvases = [make_canvas(SIDE, 10 + index) for index in range(6)]
-    expected = rendered_alone(toy_model, canvases)
+    expected = rendered_alone(model, canvases)
     camera = Camera(canvases)
-    slot = Slot(0, toy_model, overlap_decode=overlap)  # type: ignore[arg-type]
+    slot = Slot(0, model, overlap_decode=policy)  # type: ignore[arg-type]
     slot.start()
     try:
         slot.attach(camera)
