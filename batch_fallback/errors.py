@@ -37,6 +37,10 @@ class QueueFull(BatchError):
     code = "queue_full"
 
 
+class QueueUnavailable(Exception):
+    """The job queue's Redis does not answer at start-up: the command stops and says where it looked."""
+
+
 class Unauthorized(BatchError):
     status = 401
     code = "unauthorized"

@@ -15,7 +15,7 @@ from streamcanvas.pipelines.devices import in_short_lived_thread
 from streamcanvas.pipelines.loading import ModelSpec, inference_threads
 from streamcanvas.pipelines.models import load_models
 
-from .queues import Housekeeper, RedisQueue
+from .queues import Housekeeper, RedisQueue, check_redis, shown_url
 from .rendering import QualityRenderer
 from .service import BatchConfig
 from .store import JobStore, Priority
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 def run_worker(config: BatchConfig, specs: list[tuple[str, ModelSpec]], threads: int | None = None, budget_bytes: int | None = None) -> None:
     if not config.redis_url:
         raise ValueError("a worker needs --redis-url")
+    check_redis(config.redis_url)
     threads = inference_threads(threads)
     models = in_short_lived_thread(lambda: load_models(specs, budget_bytes))
     store = JobStore(config.database_url)
@@ -67,7 +68,7 @@ def run_worker(config: BatchConfig, specs: list[tuple[str, ModelSpec]], threads:
         signal.signal(signum, lambda *_: stopping.set())
     queue.consume(handle)
     housekeeper.start()
-    logger.info("worker %s consuming %s (models: %s)", name, config.redis_url, ", ".join(models.names))
+    logger.info("worker %s consuming %s (models: %s)", name, shown_url(config.redis_url), ", ".join(models.names))
     print(f"streamcanvas worker {name} ready", flush=True)
     stopping.wait()
     logger.info("worker %s stopping: the job in hand goes back to the queue at its next step", name)

@@ -23,10 +23,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import torch
 from redis.exceptions import RedisError
 
+from .errors import QueueUnavailable
 from .results import delete_results
 from .store import ClaimedJob, JobStore, Priority
 
@@ -80,6 +82,36 @@ class EmbeddedQueue:
                 self.runner(claimed)
             except Exception:  # noqa: BLE001 - its claim goes stale and housekeeping queues it again
                 logger.exception("job %s: the worker failed outside the job", claimed.claim.job_id)
+
+
+def check_redis(url: str, timeout_s: float = 5.0) -> None:
+    """Raise `QueueUnavailable` unless a Redis answers a PING at `url` within `timeout_s`. Run before
+    anything slow at start-up: without it a worker loaded its models, said "ready" and then logged
+    Dramatiq's connection errors every few seconds, and a server failed inside its start-up hook."""
+    import redis
+
+    client = None
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        client.ping()
+    except (RedisError, ValueError) as error:
+        raise QueueUnavailable(
+            f"no Redis answers at {shown_url(url)} ({error}); start redis-server there, or give --redis-url "
+            "(STREAMCANVAS_REDIS_URL) the address of the one the server and workers share"
+        ) from error
+    finally:
+        if client is not None:
+            client.close()
+
+
+def shown_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RedisQueue:

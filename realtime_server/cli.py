@@ -47,7 +47,7 @@ def main() -> None:
 @click.option("--slots", type=int, help="Sessions rendered at once on this device, each with its own worker. Default 1.")
 @click.option("--sessions-per-slot", help="Sessions one slot serves at once; their frames share UNet calls (cross-session batching). 'auto': measured at start-up, the most whose shared round takes at most 1.5x one session's frame. Default 1.")
 @click.option("--batching/--no-batching", default=None, help="With several sessions per slot: stack their frames into one UNet call (default), or render them one by one, round-robin.")
-@click.option("--overlap-decode", type=click.Choice(["auto", "on", "off"]), help="Decode, encode and send each frame on a second thread per slot while the slot's worker denoises the next: more frames when inputs come faster than frames (a camera), the same for a client that waits for each frame. auto: on for a CPU device. Default auto.")
+@click.option("--overlap-decode", type=click.Choice(["auto", "on", "off"]), help="Decode, encode and send each frame on a second thread per slot while the slot's worker denoises the next: more frames when inputs come faster than frames (a camera), about the same for a client that waits for each frame. auto: for streams whose networks run on ONNX Runtime on the CPU, where it pays; never on CUDA. Default auto.")
 @click.option("--frame-target", "frame_target_ms", type=float, help="With several sessions per slot: the round time, ms, that the batch size adapts to stay under. Default: off (every session with input, each round).")
 @click.option("--max-waiting", type=int, help="Clients that may wait in line for a slot. Default 8.")
 @click.option("--device", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N. Default auto.")
@@ -87,6 +87,7 @@ def serve(**options: object) -> None:
     """
     import uvicorn
 
+    from streamcanvas.batch_fallback.errors import QueueUnavailable
     from streamcanvas.codecs.messages import serialize
     from streamcanvas.pipelines.errors import PipelineError
     from streamcanvas.sessions.session import SLOW_CONSUMER
@@ -107,7 +108,7 @@ def serve(**options: object) -> None:
         )
     try:
         runtime = Runtime.load(settings)
-    except PipelineError as error:
+    except (PipelineError, QueueUnavailable) as error:
         click.echo(f"streamcanvas: cannot start: {error}", err=True)
         sys.exit(2)
     if runtime.model.toy_model is not None:
@@ -162,6 +163,7 @@ def worker(**options: object) -> None:
     Start as many as the devices allow, on this machine or others: each needs the Redis, the job
     database and the results directory the server uses.
     """
+    from streamcanvas.batch_fallback.errors import QueueUnavailable
     from streamcanvas.batch_fallback.process import run_worker
     from streamcanvas.pipelines.errors import PipelineError
 
@@ -171,7 +173,7 @@ def worker(**options: object) -> None:
     configure_logging(settings.log_level)
     try:
         run_worker(settings.batch_config(), settings.model_specs(), settings.threads, settings.memory_budget_bytes)
-    except PipelineError as error:
+    except (PipelineError, QueueUnavailable) as error:
         click.echo(f"streamcanvas worker: cannot start: {error}", err=True)
         sys.exit(2)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from streamcanvas.batch_fallback.errors import Forbidden, InvalidJob
 from streamcanvas.batch_fallback.kinds import LiveCapture
+from streamcanvas.batch_fallback.queues import check_redis
 from streamcanvas.batch_fallback.service import BatchService
 from streamcanvas.pipelines.backends import prepare_backend
 from streamcanvas.pipelines.devices import in_short_lived_thread
@@ -64,7 +65,7 @@ class Runtime:
         assert defaults is not None
         # Overlapping the decode with the next frame's UNet takes a second core's work: on the CPU it is
         # there (see Slot); on CUDA both would queue on the same device stream, and it is off unless asked.
-        overlap = settings.overlap_decode == "on" or (settings.overlap_decode == "auto" and self.model.placement.device.type == "cpu")
+        overlap = "off" if settings.overlap_decode == "auto" and self.model.placement.device.type != "cpu" else settings.overlap_decode
         config = dataclasses.replace(
             settings.session_config(sharing), default_params=defaults, catalog=catalog, overlap_decode=overlap
         )
@@ -80,7 +81,10 @@ class Runtime:
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
         """Load the models and prepare their backends (raising ModelNotFound / ModelLoadError /
-        BackendUnavailable) before anything listens."""
+        BackendUnavailable), and check that the job queue's Redis answers (QueueUnavailable), before
+        anything listens."""
+        if settings.batch_queue == "redis" and settings.redis_url:
+            check_redis(settings.redis_url)
         threads = inference_threads(settings.threads)
         specs = settings.model_specs()
         backend_config = settings.backend_config(threads)

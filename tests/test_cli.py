@@ -67,6 +67,20 @@ def test_a_missing_model_fails_before_listening(tmp_path: Path, cache_dir: Path)
     assert uncached.returncode == 2 and "Hugging Face cache" in uncached.stderr
 
 
+def test_an_unreachable_redis_stops_the_worker_and_the_server_before_they_start(cache_dir: Path) -> None:
+    """Both say where they looked (without the password) and stop, instead of loading the models and
+    saying "ready" (the worker then logged Dramatiq's connection errors every few seconds)."""
+    port = free_port()  # nothing listens there
+    url = f"redis://:hunter2@127.0.0.1:{port}/0"
+    for command in (["worker", "--redis-url", url], ["serve", "--port", str(free_port()), "--batch-queue", "redis", "--redis-url", url]):
+        result = run(*command, env=server_env(cache_dir), timeout=60)
+        output = result.stdout + result.stderr
+        assert result.returncode == 2, output
+        assert f"cannot start: no Redis answers at redis://:***@127.0.0.1:{port}/0" in result.stderr
+        assert "start redis-server there" in result.stderr
+        assert "hunter2" not in output and "ready" not in result.stdout and "Uvicorn running" not in output
+
+
 def test_bad_settings_are_usage_errors(cache_dir: Path) -> None:
     """The commands themselves, in this process (click's runner): each refusal comes before anything is
     loaded or bound, so it needs no process of its own (test_a_missing_model_fails_before_listening
