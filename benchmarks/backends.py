@@ -41,9 +41,9 @@ THROUGHPUT_RATE_HZ = 200.0
 
 def bare_runs(
     spec: ModelSpec, backends: list[str], size: int, steps: int, engine_dir: Path | None, rounds: int, seconds: float,
-    warmup_frames: int,
+    warmup_frames: int, threads: int | None = None,
 ) -> dict[str, Any]:
-    threads = inference_threads(None)
+    threads = inference_threads(threads)
     model = load_model(spec)
     canvases = make_canvases(size)
     streams: dict[str, StreamPipeline] = {}
@@ -138,13 +138,15 @@ def server_runs(
 @click.option("--warmup", "warmup_s", default=3.0, show_default=True, help="Unmeasured seconds at the start of each server run.")
 @click.option("--engine-dir", type=click.Path(file_okay=False, path_type=Path), help="Engine cache. Default <cache>/engines.")
 @click.option("--no-server", is_flag=True, help="Only the bare loop.")
+@click.option("--threads", type=int, help="Threads of the bare loop's networks (torch's and ONNX Runtime's). Default: all cores. "
+              "With 1, 1000 / fps is a frame's work in core-milliseconds: the most any scheduling can get from N cores is N × that fps.")
 @click.option("--overlap-decode", "overlaps", multiple=True, type=click.Choice(["on", "off"]),
               help="The servers' --overlap-decode (repeat both to compare them, each backend either way). Default: on for CPU, off for CUDA (what auto picks).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Also write the JSON here.")
 def main(
     model: str | None, device: str, resolutions: tuple[int, ...], backends: tuple[str, ...], steps: int, seconds: float,
-    rounds: int, warmup_frames: int, warmup_s: float, engine_dir: Path | None, no_server: bool, overlaps: tuple[str, ...],
-    output: Path | None,
+    rounds: int, warmup_frames: int, warmup_s: float, engine_dir: Path | None, no_server: bool, threads: int | None,
+    overlaps: tuple[str, ...], output: Path | None,
 ) -> None:
     """Compare inference backends on one model: bare loop and real server; prints JSON."""
     started = time.time()
@@ -159,7 +161,7 @@ def main(
     overlaps = tuple(dict.fromkeys(overlaps)) or (("off",) if on_cuda else ("on",))
     results = {}
     for size in resolutions or (256, 512):
-        entry: dict[str, Any] = {"bare": bare_runs(spec, chosen, size, steps, engine_dir, rounds, seconds, warmup_frames)}
+        entry: dict[str, Any] = {"bare": bare_runs(spec, chosen, size, steps, engine_dir, rounds, seconds, warmup_frames, threads)}
         if not no_server:
             entry["server"] = server_runs(arguments, chosen, size, steps, rounds, seconds, warmup_s, overlaps)
         entry["speedup"] = {}
@@ -180,7 +182,8 @@ def main(
         "benchmark": "backends",
         "machine": describe_machine(),
         "config": {"model": model or "streamcanvas trained toy model", "device": device, "steps": steps, "seconds": seconds,
-                   "rounds": rounds, "prompt": PROMPT, "backends": chosen, "overlap_decode": list(overlaps)},
+                   "rounds": rounds, "prompt": PROMPT, "backends": chosen, "overlap_decode": list(overlaps),
+                   "bare_threads": threads or torch.get_num_threads()},
         "results": results,
         "wall_s": round(time.time() - started, 1),
     }
