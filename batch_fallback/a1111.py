@@ -24,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from streamcanvas.pipelines.sizes import SIDE_MULTIPLE
+
 from .api import MAX_BODY_BYTES, endpoint, read_json, service_of
 from .errors import BatchError
 from .results import SAMPLERS, SCHEDULER_NAMES, infotext
@@ -146,11 +148,15 @@ async def _generate(request: Request, img2img: bool) -> Response:
             upscaler = _upscaler(body.hr_upscaler, networks, latent=True)
         except KeyError:
             return _no_upscaler(body.hr_upscaler, networks, latent=True)
-        scale = body.hr_scale
-        if body.hr_resize_x or body.hr_resize_y:  # a target size instead of a factor: the larger factor it needs
-            scale = max(body.hr_resize_x / body.width, body.hr_resize_y / body.height)
+        # A target size instead of a factor: scaled to cover it, then the middle cropped to it, as A1111
+        # does (sides to the nearest multiple of 8; with one of the two the other follows the aspect).
+        size = {
+            side: round(value / SIDE_MULTIPLE) * SIDE_MULTIPLE
+            for side, value in (("width", body.hr_resize_x), ("height", body.hr_resize_y))
+            if value
+        }
         params["hires"] = {
-            "scale": scale,
+            **({"scale": body.hr_scale} if not size else size),
             "upscaler": upscaler,
             "strength": body.denoising_strength if body.denoising_strength is not None else 0.7,
             "steps": body.hr_second_pass_steps or None,

@@ -12,6 +12,7 @@ import base64
 import binascii
 import dataclasses
 import io
+import math
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -131,11 +132,29 @@ class HiresFix(_Strict):
     """A second pass at a larger size: the first image upscaled, then repainted at a low strength in tiles."""
 
     scale: float = Field(2.0, ge=1.0, le=4.0)
+    width: int | None = Field(
+        None, ge=MIN_SIDE, multiple_of=SIDE_MULTIPLE,
+        description="the size to end at instead of scale: the image is scaled to cover width × height, then centre-cropped to it "
+        "(A1111's hr_resize_x/hr_resize_y); with one of the two, the other follows the image's aspect",
+    )  # fmt: skip
+    height: int | None = Field(None, ge=MIN_SIDE, multiple_of=SIDE_MULTIPLE)
     upscaler: str = Field("lanczos", max_length=64, description=UPSCALER_DESCRIPTION)
     strength: float = Field(0.5, gt=0.0, le=1.0)
     steps: int | None = Field(None, ge=1, le=150, description="None: the job's steps")
     tile: int = Field(512, ge=MIN_SIDE, le=2048, multiple_of=SIDE_MULTIPLE)
     overlap: int = Field(64, ge=0, le=512)
+
+    def sizes(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """For a first image of width × height: the size it is upscaled to, and the size the pass ends
+        at (the same, unless a target size with another aspect crops the middle of it)."""
+        if self.width is None and self.height is None:
+            size = _hires_size(width, height, self.scale)
+            return size, size
+        target_width = self.width or _side(self.height * width / height)  # type: ignore[operator]
+        target_height = self.height or _side(self.width * height / width)  # type: ignore[operator]
+        factor = max(target_width / width, target_height / height)
+        cover = (max(target_width, _side(width * factor, up=True)), max(target_height, _side(height * factor, up=True)))
+        return cover, (target_width, target_height)
 
 
 class GenerationRequest(LiveLook):
@@ -272,11 +291,13 @@ class JobKind:
         hires = params.get("hires")
         if not hires:
             return images
-        width, height = _hires_size(params["width"], params["height"], hires["scale"])
+        (width, height), (out_width, out_height) = HiresFix.model_validate(hires).sizes(params["width"], params["height"])
         second = dataclasses.replace(request, strength=hires["strength"], steps=hires["steps"] or request.steps, controls=())
         refined = []
         for index, image in enumerate(images):
             larger = upscaled(renderer, image, width, height, hires["upscaler"], params.get("model"), on_step)
+            # Cropped before the pass, as A1111 does, so that only what is kept is repainted.
+            larger = _centre_crop(larger, out_width, out_height) if (out_width, out_height) != (width, height) else larger
             refined.append(refine(renderer, larger, dataclasses.replace(second, seed=request.seed + index), hires["tile"], hires["overlap"], on_step))
         return refined
 
@@ -707,16 +728,29 @@ def _hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
     return max(64, round(width * scale) // 8 * 8), max(64, round(height * scale) // 8 * 8)
 
 
+def _side(length: float, up: bool = False) -> int:
+    """A side of `length` pixels as a multiple of 8: the nearest, or the next one up (`up`)."""
+    multiples = math.ceil(round(length, 6) / SIDE_MULTIPLE) if up else round(length / SIDE_MULTIPLE)
+    return max(MIN_SIDE, multiples * SIDE_MULTIPLE)
+
+
+def _centre_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
 def _check_hires(request: GenerationRequest, width: int, height: int, context: AcceptContext) -> None:
     if request.hires is None:
         return
-    out_width, out_height = _hires_size(width, height, request.hires.scale)
-    if out_width > context.max_width or out_height > context.max_height:
+    hires = request.hires
+    (cover_width, cover_height), (out_width, out_height) = hires.sizes(width, height)
+    if max(cover_width, out_width) > context.max_width or max(cover_height, out_height) > context.max_height:
+        asked = f"hires.scale {hires.scale:g}" if hires.width is None and hires.height is None else f"hires to {out_width}x{out_height}"
         raise InvalidJob(
-            f"hires.scale {request.hires.scale:g} would make {out_width}x{out_height}, over the limit of {context.max_width}x{context.max_height}",
-            field="params.hires.scale",
+            f"{asked} would make {max(cover_width, out_width)}x{max(cover_height, out_height)}, over the limit of {context.max_width}x{context.max_height}",
+            field="params.hires.scale" if hires.width is None and hires.height is None else "params.hires",
         )
-    _check_upscaler(request.hires.upscaler, (width, height), (out_width, out_height), context, request.model, "params.hires.upscaler")
+    _check_upscaler(hires.upscaler, (width, height), (cover_width, cover_height), context, request.model, "params.hires.upscaler")
 
 
 def _check_upscaler(

@@ -173,6 +173,9 @@ def test_the_hires_fix_renders_at_the_larger_size(jobs: Jobs) -> None:
     assert image.shape == (2 * SIZE, 2 * SIZE, 3) and job["results"][0]["width"] == 2 * SIZE
     refused = jobs.create("txt2img", {**QUICK, "width": 1024, "height": 1024, "hires": {"scale": 4.0}}, expect=422)
     assert refused["field"] == "params.hires.scale"
+    # A target size: covering 4096x512 from a square means a 4096x4096 image on the way.
+    refused = jobs.create("txt2img", {**QUICK, "width": 512, "height": 512, "hires": {"width": 4096, "height": 512}}, expect=422)
+    assert refused["field"] == "params.hires" and "4096x4096" in refused["message"], refused
 
 
 def _b64(array: np.ndarray) -> str:
@@ -221,6 +224,17 @@ def test_the_a1111_routes_for_upscaling_inpainting_and_png_info(jobs: Jobs, netw
     info = http.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + image}).json()
     assert "Steps: 4" in info["info"] and info["parameters"]["Seed"] == 9 and info["parameters"]["Prompt"] == "a red house"
     assert "streamcanvas" in info["items"]
+    # A target size of another aspect: scaled to cover it, the middle cropped to it (A1111 does the same);
+    # with one side given, the other follows the image's aspect.
+    for resize, shape in (({"hr_resize_x": 2 * SIZE, "hr_resize_y": SIZE}, (SIZE, 2 * SIZE, 3)), ({"hr_resize_y": 2 * SIZE}, (2 * SIZE, 2 * SIZE, 3))):
+        answer = http.post(
+            "/sdapi/v1/txt2img",
+            json={"prompt": "a red house", "steps": 2, "seed": 9, "width": SIZE, "height": SIZE, "enable_hr": True, **resize,
+                  "hr_upscaler": "Lanczos", "denoising_strength": 0.3, "hr_second_pass_steps": 2},
+            timeout=180,
+        )
+        assert answer.status_code == 200, answer.text
+        assert _decoded(answer.json()["images"][0]).shape == shape, resize
     assert http.post("/sdapi/v1/png-info", json={"image": "bm90"}).status_code == 422
     assert http.get("/sdapi/v1/loras").json() == []
 
