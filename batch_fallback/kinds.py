@@ -38,11 +38,21 @@ from streamcanvas.pipelines.styles import StylePreset
 
 from .errors import InvalidJob
 from .nodes import REGISTRY, NodeContext
-from .rendering import SCHEDULERS, QualityRenderer, RenderControl, RenderRequest, StepCallback, preview_jpeg
+from .rendering import (
+    SCHEDULERS,
+    Passes,
+    QualityRenderer,
+    RenderControl,
+    RenderRequest,
+    StepCallback,
+    expected_steps,
+    preview_jpeg,
+    schedule_length,
+)
 from .results import ResultFile, ResultImage, described
 from .store import Stage
 from .uploads import Uploads
-from .upscaling import RESAMPLERS, network_passes, refine, upscaled
+from .upscaling import RESAMPLERS, network_passes, refine, tile_count, upscale_steps, upscaled
 from .video import VideoLimits, output_size, probe, restyle
 from .workflow import Catalog, execute, plan
 
@@ -287,18 +297,25 @@ class JobKind:
 
     def render(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
         request = self.render_request(params, input_image, renderer)
-        images = renderer.render(request, on_step)
         hires = params.get("hires")
         if not hires:
-            return images
+            return renderer.render(request, on_step)
         (width, height), (out_width, out_height) = HiresFix.model_validate(hires).sizes(params["width"], params["height"])
         second = dataclasses.replace(request, strength=hires["strength"], steps=hires["steps"] or request.steps, controls=())
+        # One count of steps over every pass, so that progress (and A1111's ETA) never goes back.
+        upscale = upscale_steps(renderer, (params["width"], params["height"]), (width, height), hires["upscaler"], params.get("model"))
+        repaint = tile_count(out_width, out_height, hires["tile"], hires["overlap"]) * max(
+            1, int(schedule_length(second.steps, second.strength) * second.strength)
+        )
+        passes = Passes(on_step, [expected_steps(request), *[upscale, repaint] * request.batch_size])
+        images = renderer.render(request, passes.of(0))
         refined = []
         for index, image in enumerate(images):
-            larger = upscaled(renderer, image, width, height, hires["upscaler"], params.get("model"), on_step)
+            larger = upscaled(renderer, image, width, height, hires["upscaler"], params.get("model"), passes.of(1 + 2 * index))
             # Cropped before the pass, as A1111 does, so that only what is kept is repainted.
             larger = _centre_crop(larger, out_width, out_height) if (out_width, out_height) != (width, height) else larger
-            refined.append(refine(renderer, larger, dataclasses.replace(second, seed=request.seed + index), hires["tile"], hires["overlap"], on_step))
+            second_pass = dataclasses.replace(second, seed=request.seed + index)
+            refined.append(refine(renderer, larger, second_pass, hires["tile"], hires["overlap"], passes.of(2 + 2 * index)))
         return refined
 
     def render_request(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer) -> RenderRequest:
@@ -440,11 +457,15 @@ class Upscale(JobKind):
     def render(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
         assert input_image is not None, "an upscale job has its image"
         image = Image.fromarray(_decode_stored(input_image))
-        larger = upscaled(renderer, image, params["width"], params["height"], params["upscaler"], params.get("model"), on_step)
+        size, model = (params["width"], params["height"]), params.get("model")
         if params["strength"] == 0:
-            return [larger]
+            return [upscaled(renderer, image, *size, params["upscaler"], model, on_step)]
         base = self.render_request(params, None, renderer)
-        return [refine(renderer, larger, base, params["tile"], params["overlap"], on_step)]
+        # One count of steps over both passes (see Passes).
+        repaint = tile_count(*size, params["tile"], params["overlap"]) * max(1, int(schedule_length(base.steps, base.strength) * base.strength))
+        passes = Passes(on_step, [upscale_steps(renderer, image.size, size, params["upscaler"], model), repaint])
+        larger = upscaled(renderer, image, *size, params["upscaler"], model, passes.of(0))
+        return [refine(renderer, larger, base, params["tile"], params["overlap"], passes.of(1))]
 
 
 class Video(JobKind):

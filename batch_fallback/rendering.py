@@ -123,6 +123,34 @@ def schedule_length(steps: int, strength: float) -> int:
     return length
 
 
+def expected_steps(request: RenderRequest) -> int:
+    """How many steps `QualityRenderer.render` reports for this request, for progress across several
+    passes (see `Passes`): a scheduler that takes more than one model call a step reports its own count
+    when it starts."""
+    if request.init_image is None and request.init_latents is None:
+        return request.steps
+    return max(1, int(schedule_length(request.steps, request.strength) * request.strength))
+
+
+class Passes:
+    """The steps of several passes (the hires fix: the first render, then for each image its upscale
+    and its repaint) as one count that only grows: every step of pass i comes after all of pass i - 1's,
+    as A1111 counts its hires fix. A pass counts as its estimate until it reports its own length."""
+
+    def __init__(self, on_step: StepCallback, estimates: list[int]) -> None:
+        self.on_step = on_step
+        self.lengths = list(estimates)
+
+    def of(self, index: int) -> StepCallback:
+        """The step callback for pass `index`."""
+
+        def report(step: int, steps: int, make_preview: Callable[[], bytes]) -> None:
+            self.lengths[index] = steps
+            self.on_step(sum(self.lengths[:index]) + step, sum(self.lengths), make_preview)
+
+        return report
+
+
 @dataclass(frozen=True)
 class RenderRequest:
     prompt: str | tuple[tuple[str, float], ...]

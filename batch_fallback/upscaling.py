@@ -124,13 +124,27 @@ def network_passes(network_scale: int, width: int, height: int, out_width: int, 
     return passes
 
 
+def network_steps(network_scale: int, width: int, height: int, out_width: int, out_height: int) -> int:
+    """The steps of progress `super_resolve` reports: a tile of each pass, a step each."""
+    passes = network_passes(network_scale, width, height, out_width, out_height)
+    return sum(tile_count(width * network_scale**n, height * network_scale**n, NETWORK_TILE, NETWORK_OVERLAP) for n in range(passes))
+
+
+def upscale_steps(renderer: QualityRenderer, size: tuple[int, int], out_size: tuple[int, int], upscaler: str, model: str | None) -> int:
+    """The steps of progress `upscaled` reports."""
+    if upscaler in RESAMPLERS:
+        return 1
+    network = renderer.models.get(model).upscalers.get(upscaler, "params.upscaler")
+    return network_steps(network.scale, *size, *out_size)
+
+
 def super_resolve(network: SuperResolution, image: Image.Image, width: int, height: int, on_step: StepCallback) -> Image.Image:
     """`image` through the network (as many passes as reach width × height), tile by tile, then
     resampled to exactly width × height (Lanczos) where the network's scale overshoots."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
     side_x, side_y = image.size
     passes = network_passes(network.scale, side_x, side_y, width, height)
-    total = sum(tile_count(side_x * network.scale**n, side_y * network.scale**n, NETWORK_TILE, NETWORK_OVERLAP) for n in range(passes))
+    total = network_steps(network.scale, side_x, side_y, width, height)
     done = 0
     for _ in range(passes):
 

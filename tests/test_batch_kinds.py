@@ -18,7 +18,7 @@ from PIL import Image
 from batch_helpers import Jobs, png_base64
 from conftest import TEST_RESOLUTION
 from helpers import ServerProcess, make_canvas
-from streamcanvas.batch_fallback.upscaling import tiled
+from streamcanvas.batch_fallback.upscaling import tile_count, tiled
 from streamcanvas.pipelines.super_resolution import SuperResolution
 
 SIZE = TEST_RESOLUTION
@@ -91,8 +91,9 @@ def test_upscaling_resamples_exactly_and_the_hires_pass_runs_in_tiles(jobs: Jobs
 
     hires = {"scale": 2.0, "strength": 0.3, "steps": 10, "prompt": "a red house", "seed": 3, "tile": 128, "overlap": 32, "guidance_scale": 2.0}
     job, (refined,) = finished(jobs, "upscale", {"image": png_base64(canvas), **hires})
-    # 256 px in 128 px tiles with at least 32 px overlap: 3 × 3 tiles, each 3 steps (10 × 0.3).
-    assert job["progress"] == {"step": 27, "steps": 27}
+    # One step of resampling, then 256 px in 128 px tiles with at least 32 px overlap: 3 × 3 tiles, each
+    # 3 steps (10 × 0.3), counted after it.
+    assert job["progress"] == {"step": 28, "steps": 28}
     assert refined.shape == expected.shape and np.abs(refined.astype(int) - expected).mean() > 1.0  # repainted
     # The tiles are blended: the picture changes no faster across the tiles' edges (96, 128, 224 …) than elsewhere.
     steps_x = np.abs(np.diff(refined.astype(int), axis=1)).mean(axis=(0, 2))
@@ -169,8 +170,17 @@ def test_the_hires_fix_can_upscale_with_a_network(jobs: Jobs) -> None:
 
 
 def test_the_hires_fix_renders_at_the_larger_size(jobs: Jobs) -> None:
-    job, (image,) = finished(jobs, "txt2img", {**QUICK, "width": SIZE, "height": SIZE, "hires": {"scale": 2.0, "strength": 0.4, "steps": 5, "tile": 128}})
+    created = jobs.create("txt2img", {**QUICK, "width": SIZE, "height": SIZE, "hires": {"scale": 2.0, "strength": 0.4, "steps": 5, "tile": 128}})
+    events = jobs.events(created["id"])
+    job = jobs.get(created["id"])
+    image = np.asarray(jobs.image(job["results"][0]["url"]).convert("RGB"))
     assert image.shape == (2 * SIZE, 2 * SIZE, 3) and job["results"][0]["width"] == 2 * SIZE
+    # Progress is one count over the passes, as A1111 counts them: 4 steps of the first render, 1 of
+    # the resampling, then 2 (5 steps at strength 0.4) for each tile of the repaint; it never goes back.
+    total = 4 + 1 + tile_count(2 * SIZE, 2 * SIZE, 128, 64) * 2
+    assert job["progress"] == {"step": total, "steps": total}, job["progress"]
+    steps = [data["step"] for name, data in events if name == "progress"]
+    assert steps == sorted(steps) and len(steps) > 1, events
     refused = jobs.create("txt2img", {**QUICK, "width": 1024, "height": 1024, "hires": {"scale": 4.0}}, expect=422)
     assert refused["field"] == "params.hires.scale"
     # A target size: covering 4096x512 from a square means a 4096x4096 image on the way.
