@@ -31,7 +31,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .tiny import TAESD_SUBDIR, build_tokenizer_files
+from .tiny import TAESD_SUBDIR, build_tokenizer_files, save_tiny_vae
 
 FullSizeArchitecture = Literal["sd15", "sd-turbo"]
 ARCHITECTURES: tuple[FullSizeArchitecture, ...] = get_args(FullSizeArchitecture)
@@ -214,7 +214,7 @@ def make_full_size_model(
     )
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
-        tiny_vae.save_pretrained(staging / TAESD_SUBDIR, safe_serialization=True)  # type: ignore[attr-defined]
+        save_tiny_vae(tiny_vae, staging / TAESD_SUBDIR)  # type: ignore[arg-type]
         marker = {"architecture": architecture, "seed": seed, "dtype": str(dtype).removeprefix("torch.")}
         (staging / FULL_SIZE_MARKER).write_text(json.dumps(marker))
     except BaseException:

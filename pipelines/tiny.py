@@ -219,13 +219,24 @@ def _save_untrained(pipe: object, tiny_vae: AutoencoderTiny, target: Path, marke
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
     pipe.save_pretrained(staging, safe_serialization=True)  # type: ignore[attr-defined]
-    tiny_vae.save_pretrained(staging / TAESD_SUBDIR, safe_serialization=True)
+    save_tiny_vae(tiny_vae, staging / TAESD_SUBDIR)
     marker = {"kind": "untrained", "version": TINY_MODEL_VERSION, **marker, "weights_fingerprint": weights_fingerprint(staging)}
     (staging / MARKER).write_text(json.dumps(marker, indent=2))
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
     return target
+
+
+def save_tiny_vae(tiny_vae: AutoencoderTiny, directory: Path) -> None:
+    """`save_pretrained`, less the `block_out_channels` that AutoencoderTiny records in its config for
+    diffusers' own use but does not take back: left in, every load of the model warned that it was
+    "passed to AutoencoderTiny, but not expected" (madebyollin/taesd's config has no such key either)."""
+    tiny_vae.save_pretrained(directory, safe_serialization=True)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("block_out_channels", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def weights_fingerprint(directory: Path | str) -> str:

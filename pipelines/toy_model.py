@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from . import drawings
 from .paths import default_cache_dir
-from .tiny import _CORPUS, MARKER, TAESD_SUBDIR, build_tiny_components, read_marker, weights_fingerprint
+from .tiny import _CORPUS, MARKER, TAESD_SUBDIR, build_tiny_components, read_marker, save_tiny_vae, weights_fingerprint
 
 TOY_MODEL_VERSION = 5
 """Bumped whenever what training produces changes (data, targets, losses), so cached copies retrain."""
@@ -477,7 +477,7 @@ def train_toy_model(directory: Path | str, plan: TrainingPlan = TrainingPlan(), 
     components["vae"].register_to_config(scaling_factor=1.0)  # type: ignore[attr-defined]
     pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)  # type: ignore[arg-type]
     pipe.save_pretrained(staging, safe_serialization=True)
-    tiny_vae.save_pretrained(staging / TAESD_SUBDIR, safe_serialization=True)  # type: ignore[attr-defined]
+    save_tiny_vae(tiny_vae, staging / TAESD_SUBDIR)  # type: ignore[arg-type]
     marker = {
         "kind": "trained",
         "version": TOY_MODEL_VERSION,
