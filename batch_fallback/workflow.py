@@ -405,5 +405,7 @@ def _conversion(declared: Input, value: object) -> dict[str, Any]:
 def _error(kind: str, message: str, details: str, input_name: str, value: object = None) -> dict[str, Any]:
     extra: dict[str, Any] = {"input_name": input_name}
     if value is not None:
-        extra["received_value"] = value if isinstance(value, (int, float, str, bool)) else repr(value)[:200]
+        # NaN and the infinities (which JSON parsers here accept) are given as text: JSON cannot carry them.
+        plain = isinstance(value, (int, str, bool)) or (isinstance(value, float) and math.isfinite(value))
+        extra["received_value"] = value if plain else repr(value)[:200]
     return {"type": kind, "message": message, "details": details, "extra_info": extra}

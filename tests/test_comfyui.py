@@ -171,7 +171,8 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def _post(http: httpx.Client, graph: object, **extra: Any) -> httpx.Response:
-    return http.post("/prompt", json={"prompt": graph, **extra})
+    # Encoded here, not by httpx: as Python's json module (and ComfyUI's clients) do, NaN and Infinity pass.
+    return http.post("/prompt", content=json.dumps({"prompt": graph, **extra}), headers={"content-type": "application/json"})
 
 
 @pytest.mark.parametrize(
@@ -186,6 +187,9 @@ def _post(http: httpx.Client, graph: object, **extra: Any) -> httpx.Response:
         (lambda g: g["3"]["inputs"].update(sampler_name="ddim", scheduler="karras"), "3", "value_not_in_list", "scheduler"),
         (lambda g: g["4"]["inputs"].update(ckpt_name="v1-5-pruned-emaonly.safetensors"), "4", "value_not_in_list", "ckpt_name"),
         (lambda g: g["5"]["inputs"].update(width=100000), "5", "value_bigger_than_max", "width"),
+        # JSON parsers here take NaN and Infinity; the answer must still be JSON (it was a 500).
+        (lambda g: g["3"]["inputs"].update(cfg=float("inf")), "3", "invalid_input_type", "cfg"),
+        (lambda g: g["5"]["inputs"].update(width=float("nan")), "5", "invalid_input_type", "width"),
         (lambda g: g["3"]["inputs"].update(positive=["5", 0]), "3", "return_type_mismatch", "received_type(LATENT) mismatch input_type(CONDITIONING)"),
         (lambda g: g["3"]["inputs"].update(positive=["99", 0]), "3", "bad_linked_input", "99"),
         (lambda g: g["8"]["inputs"].update(samples=["3", 4]), "8", "bad_linked_input", "no output 4"),
