@@ -183,6 +183,13 @@ def test_the_hires_fix_renders_at_the_larger_size(jobs: Jobs) -> None:
     assert steps == sorted(steps) and len(steps) > 1, events
     refused = jobs.create("txt2img", {**QUICK, "width": 1024, "height": 1024, "hires": {"scale": 4.0}}, expect=422)
     assert refused["field"] == "params.hires.scale"
+    # Tiles overlap by at most half their size (overlap 64 at tile 64 made the 256² pass 626 tiles).
+    for kind, params, field in (
+        ("txt2img", {**QUICK, "width": SIZE, "height": SIZE, "hires": {"tile": 64, "overlap": 64}}, "params.hires.overlap"),
+        ("upscale", {"image": png_base64(make_canvas(SIZE, 1)), "strength": 0.3, "tile": 128, "overlap": 65}, "params.overlap"),
+    ):
+        refused = jobs.create(kind, params, expect=422)
+        assert refused["field"] == field and "more than half the tile" in refused["message"], refused
     # A target size: covering 4096x512 from a square means a 4096x4096 image on the way.
     refused = jobs.create("txt2img", {**QUICK, "width": 512, "height": 512, "hires": {"width": 4096, "height": 512}}, expect=422)
     assert refused["field"] == "params.hires" and "4096x4096" in refused["message"], refused
