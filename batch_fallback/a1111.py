@@ -120,11 +120,47 @@ def _validation(error: ValidationError) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
+GENERATION_FIELDS = {
+    "params.prompt": "prompt",
+    "params.negative_prompt": "negative_prompt",
+    "params.steps": "steps",
+    "params.guidance_scale": "cfg_scale",
+    "params.width": "width",
+    "params.height": "height",
+    "params.seed": "seed",
+    "params.batch_size": "batch_size",
+    "params.strength": "denoising_strength",
+    "params.image": "init_images",
+    "params.mask": "mask",
+    "params.mask_blur": "mask_blur",
+    "params.hires": "enable_hr",
+    "params.hires.scale": "hr_scale",
+    "params.hires.width": "hr_resize_x",
+    "params.hires.height": "hr_resize_y",
+    "params.hires.upscaler": "hr_upscaler",
+    "params.hires.strength": "denoising_strength",
+    "params.hires.steps": "hr_second_pass_steps",
+}
+"""The job fields A1111's generation routes fill, by the A1111 field they come from: a refusal names
+what the client sent (cfg_scale, not the job's guidance_scale)."""
+EXTRAS_FIELDS = {
+    "params.image": "image",
+    "params.scale": "upscaling_resize",
+    "params.width": "upscaling_resize_w",
+    "params.height": "upscaling_resize_h",
+    "params.upscaler": "upscaler_1",
+}
+MAX_IMAGES = 8
+
+
 async def _generate(request: Request, img2img: bool) -> Response:
     try:
         body = (Img2ImgBody if img2img else Txt2ImgBody).model_validate(await read_json(request))
     except ValidationError as error:
         return _validation(error)
+    if body.batch_size * body.n_iter > MAX_IMAGES:
+        problem = f"batch_size × n_iter is {body.batch_size} × {body.n_iter} = {body.batch_size * body.n_iter}: at most {MAX_IMAGES} images a request"
+        return JSONResponse({"detail": [{"loc": ["body", "n_iter"], "msg": problem, "type": "value_error"}]}, status_code=422)
     sampler = body.sampler_name or body.sampler_index
     scheduler = _SAMPLER_LOOKUP.get(sampler.lower())
     if scheduler is None:
@@ -175,7 +211,7 @@ async def _generate(request: Request, img2img: bool) -> Response:
                 invert_mask=bool(body.inpainting_mask_invert),
             )
     service = service_of(request)
-    record = await _run_job(request, {"kind": kind, "params": params})
+    record = await _run_job(request, {"kind": kind, "params": params}, GENERATION_FIELDS)
     if isinstance(record, Response):
         return record
     if record.status is JobStatus.FAILED:
@@ -187,20 +223,30 @@ async def _generate(request: Request, img2img: bool) -> Response:
     return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(_info(record, service.model.name))})
 
 
-async def _run_job(request: Request, job: dict[str, Any]) -> JobRecord | Response:
+async def _run_job(request: Request, job: dict[str, Any], fields: dict[str, str]) -> JobRecord | Response:
     """Queue an ordinary job and wait for its end (A1111's routes answer synchronously); a refusal as
-    A1111 answers it, or 499 when the client has left (the job goes on: GET /v1/jobs/{id} has it)."""
+    A1111 answers it, naming the A1111 field at fault (`fields`), or 499 when the client has left (the
+    job goes on: GET /v1/jobs/{id} has it)."""
     service = service_of(request)
     try:
         record, _ = await asyncio.to_thread(service.create, job)
     except BatchError as error:
-        return JSONResponse({"detail": [{"loc": ["body", error.field or ""], "msg": str(error), "type": error.code}]}, status_code=error.status)
+        return JSONResponse({"detail": [{"loc": ["body", *_a1111_loc(error.field, fields)], "msg": str(error), "type": error.code}]}, status_code=error.status)
     while not record.status.terminal:
         if await request.is_disconnected():
             return Response(status_code=499)
         await asyncio.sleep(0.1)
         record = await asyncio.to_thread(service.get, record.id)
     return record
+
+
+def _a1111_loc(field: str | None, fields: dict[str, str]) -> list[str]:
+    """A job field (`params.hires.scale`) as the A1111 field it came from, or else its own path."""
+    if not field:
+        return []
+    if field in fields:
+        return [fields[field]]
+    return field.removeprefix("params.").split(".")
 
 
 def _read(path: str) -> bytes:
@@ -356,7 +402,7 @@ async def extra_single_image(request: Request) -> Response:
         params.update(width=body.upscaling_resize_w, height=body.upscaling_resize_h)
     else:
         params["scale"] = body.upscaling_resize
-    record = await _run_job(request, {"kind": "upscale", "params": params})
+    record = await _run_job(request, {"kind": "upscale", "params": params}, EXTRAS_FIELDS)
     if isinstance(record, Response):
         return record
     if record.status is not JobStatus.FINISHED:

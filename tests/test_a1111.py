@@ -90,6 +90,20 @@ def test_errors_in_the_shape_clients_expect(server: ServerProcess) -> None:
         assert zero_steps.status_code == 422 and "steps" in str(zero_steps.json()["detail"])
         no_image = http.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": []})
         assert no_image.status_code == 422
+        # A refusal names the A1111 field the client sent, not the job field it became.
+        for body, loc in (
+            ({"cfg_scale": 31}, ["body", "cfg_scale"]),
+            ({"seed": 2**32}, ["body", "seed"]),
+            ({"batch_size": 3, "n_iter": 3}, ["body", "n_iter"]),
+            ({"enable_hr": True, "hr_scale": 9}, ["body", "hr_scale"]),
+        ):
+            refused = http.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": SIZE, "height": SIZE, **body})
+            assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == loc, (body, refused.text)
+        png = io.BytesIO()
+        Image.fromarray(make_canvas(SIZE, 1)).save(png, format="PNG")
+        image = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+        strength = http.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": [image], "denoising_strength": 1.5})
+        assert strength.status_code == 422 and strength.json()["detail"][0]["loc"] == ["body", "denoising_strength"], strength.text
 
 
 def test_progress_and_interrupt(a1111: A1111Client, server: ServerProcess) -> None:
