@@ -436,8 +436,10 @@ async def png_info(request: Request) -> Response:
         raw = base64.b64decode(data, validate=True)
         with Image.open(io.BytesIO(raw)) as image:
             chunks = {key: value for key, value in getattr(image, "text", {}).items() if isinstance(value, str)}
-    except (binascii.Error, ValueError, OSError) as error:
-        return _detail(422, f"image: not a readable image ({error})")
+    except (binascii.Error, ValueError) as error:
+        return _detail(422, f"image: not valid base64 ({error})")
+    except OSError:  # PIL's message names its in-memory file object: say what it means instead
+        return _detail(422, "image: not a readable image (PNG, JPEG or WebP)")
     info = chunks.pop("parameters", "")
     return JSONResponse({"info": info, "items": chunks, "parameters": _parse_infotext(info)})
 

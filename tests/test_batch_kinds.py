@@ -252,7 +252,8 @@ def test_the_a1111_routes_for_upscaling_inpainting_and_png_info(jobs: Jobs, netw
         )
         assert answer.status_code == 200, answer.text
         assert _decoded(answer.json()["images"][0]).shape == shape, resize
-    assert http.post("/sdapi/v1/png-info", json={"image": "bm90"}).status_code == 422
+    refused = http.post("/sdapi/v1/png-info", json={"image": "bm90"})  # base64 of "not"
+    assert refused.status_code == 422 and refused.json()["detail"] == "image: not a readable image (PNG, JPEG or WebP)"
     assert http.get("/sdapi/v1/loras").json() == []
 
 
