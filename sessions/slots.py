@@ -19,11 +19,13 @@ With `overlap_decode` a slot has a second thread: the worker denoises a round (e
 hands its latents over; the decode thread runs the VAE decode, encodes the frames and delivers them
 while the worker already denoises the next round ("on": every round; "auto": the rounds of streams
 whose networks run in ONNX Runtime's thread pools on the CPU, where it pays, see
-`Decoding.beside_denoising`; the others are decoded on the worker). At most one round waits for the decode thread (the
-worker waits for it before handing over another), so frames go out in order. A client that waits for
-each frame (the drawing page) sees no difference; one whose inputs come faster than frames (a camera)
-gets more of them, on a CPU where one network call does not keep every core busy. The seat bookkeeping
-(which input a frame answers, when to flush) stays on the worker; the decode thread only reads it.
+`Decoding.beside_denoising`; the others are decoded on the worker). At most one round waits for the
+decode thread (the worker waits for it before handing over another, or before decoding one itself),
+so frames go out in order and the two threads never encode at once. A client that waits for each
+frame (the drawing page) sees about the same; one whose inputs come faster than frames (a camera)
+gets more of them, on a CPU where one network call does not keep every core busy. The seat
+bookkeeping (which input a frame answers, when to flush) stays on the worker; the decode thread only
+reads it.
 """
 
 from __future__ import annotations
