@@ -46,8 +46,8 @@ from .rendering import (
     RenderRequest,
     StepCallback,
     expected_steps,
+    image_to_image_steps,
     preview_jpeg,
-    schedule_length,
 )
 from .results import ResultFile, ResultImage, described
 from .store import Stage
@@ -314,9 +314,7 @@ class JobKind:
         second = dataclasses.replace(request, strength=hires["strength"], steps=hires["steps"] or request.steps, controls=())
         # One count of steps over every pass, so that progress (and A1111's ETA) never goes back.
         upscale = upscale_steps(renderer, (params["width"], params["height"]), (width, height), hires["upscaler"], params.get("model"))
-        repaint = tile_count(out_width, out_height, hires["tile"], hires["overlap"]) * max(
-            1, int(schedule_length(second.steps, second.strength) * second.strength)
-        )
+        repaint = tile_count(out_width, out_height, hires["tile"], hires["overlap"]) * image_to_image_steps(second.steps, second.strength)
         passes = Passes(on_step, [expected_steps(request), *[upscale, repaint] * request.batch_size])
         images = renderer.render(request, passes.of(0))
         refined = []
@@ -472,7 +470,7 @@ class Upscale(JobKind):
             return [upscaled(renderer, image, *size, params["upscaler"], model, on_step)]
         base = self.render_request(params, None, renderer)
         # One count of steps over both passes (see Passes).
-        repaint = tile_count(*size, params["tile"], params["overlap"]) * max(1, int(schedule_length(base.steps, base.strength) * base.strength))
+        repaint = tile_count(*size, params["tile"], params["overlap"]) * image_to_image_steps(base.steps, base.strength)
         passes = Passes(on_step, [upscale_steps(renderer, image.size, size, params["upscaler"], model), repaint])
         larger = upscaled(renderer, image, *size, params["upscaler"], model, passes.of(0))
         return [refine(renderer, larger, base, params["tile"], params["overlap"], passes.of(1))]

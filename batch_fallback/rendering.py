@@ -129,7 +129,12 @@ def expected_steps(request: RenderRequest) -> int:
     when it starts."""
     if request.init_image is None and request.init_latents is None:
         return request.steps
-    return max(1, int(schedule_length(request.steps, request.strength) * request.strength))
+    return image_to_image_steps(request.steps, request.strength)
+
+
+def image_to_image_steps(steps: int, strength: float) -> int:
+    """The steps an image-to-image render of `steps` at `strength` runs (see `schedule_length`)."""
+    return max(1, int(schedule_length(steps, strength) * strength))
 
 
 class Passes:
