@@ -972,14 +972,12 @@ class Decoding:
         scaling: float,
         max_batch: int | None,
         threads: int | None,
-        device: torch.device,
     ) -> None:
         self.frames = frames
         self._vae_for = vae_for
         self._scaling = scaling
         self._max_batch = max_batch
         self._threads = threads
-        self._device = device
 
     @classmethod
     def of(cls, stream: StreamPipeline, frames: list[RenderResult | Exception | _Denoised], stream_vae: bool = False) -> Decoding:
@@ -993,7 +991,6 @@ class Decoding:
             model.pipe.vae.config.scaling_factor,
             model.backend.max_batch,
             stream.glue_threads,
-            model.placement.device,
         )
 
     @property
@@ -1013,7 +1010,6 @@ class Decoding:
     def decode(self) -> list[RenderResult | Exception]:
         """Each frame's result: the image, or what the stream answered already (a skipped input, an
         error). A failure of a shared VAE call is every one of its frames' result."""
-        results: list[RenderResult | Exception] = []
         waiting = [(index, frame) for index, frame in enumerate(self.frames) if isinstance(frame, _Denoised)]
         images: dict[int, RenderResult | Exception] = {}
         with torch_threads(self._threads):
@@ -1029,9 +1025,7 @@ class Decoding:
                 done = time.perf_counter()
                 for row, (index, frame) in enumerate(chunk):
                     images[index] = RenderResult(pixels[row], frame.answers, (done - frame.started) * 1000.0)
-        for index, frame in enumerate(self.frames):
-            results.append(images[index] if isinstance(frame, _Denoised) else frame)
-        return results
+        return [images[index] if isinstance(frame, _Denoised) else frame for index, frame in enumerate(self.frames)]
 
 
 def _step_together(frames: list[PendingFrame]) -> list[torch.Tensor]:
