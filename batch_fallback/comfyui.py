@@ -153,9 +153,20 @@ async def post_prompt(request: Request) -> Response:
     if body.get("client_id") is not None:
         params["client_id"] = body["client_id"]
     job = {"kind": KIND, "params": params, "priority": "high" if front else "normal"}
-    record, _ = await asyncio.to_thread(service.create, job)
+    try:
+        record, _ = await asyncio.to_thread(service.create, job)
+    except InvalidJob as error:
+        raise _as_sent(error) from None
     hub(request.app).follow(record.id, record.params.get("client_id"))
     return JSONResponse({"prompt_id": record.id, "number": _number(record), "node_errors": {}})
+
+
+def _as_sent(error: InvalidJob) -> InvalidJob:
+    """A refusal of the queued job as one of the /prompt body: "prompt", not the job's "params.prompt"."""
+    if isinstance(error, WorkflowInvalid) or not (error.field or "").startswith("params."):
+        return error  # a graph's own refusal is ComfyUI's node_errors already
+    field = error.field.removeprefix("params.")  # type: ignore[union-attr]
+    return InvalidJob(str(error).replace(error.field, field, 1), field=field)  # type: ignore[arg-type]
 
 
 @comfy_endpoint
@@ -215,6 +226,12 @@ async def interrupt(request: Request) -> Response:
     return Response(status_code=200)
 
 
+def _in_history(record: JobRecord) -> bool:
+    """Whether ComfyUI would list this prompt in /history: it ended, after it started (one deleted from
+    the queue before it ran leaves no history)."""
+    return record.status.terminal and record.started_at is not None
+
+
 @comfy_endpoint
 async def history(request: Request) -> Response:
     service = service_of(request)
@@ -224,7 +241,7 @@ async def history(request: Request) -> Response:
             record = await asyncio.to_thread(service.store.get, prompt_id)
         except JobNotFound:
             return JSONResponse({})
-        if record.kind != KIND or not record.status.terminal:
+        if record.kind != KIND or not _in_history(record):
             return JSONResponse({})
         stage = await asyncio.to_thread(service.store.stage_of, record.id)
         return JSONResponse({record.id: history_entry(record, stage)})
@@ -234,8 +251,8 @@ async def history(request: Request) -> Response:
     records = await asyncio.to_thread(service.store.list, None, min(int(raw), MAX_HISTORY), None, KIND, ENDED)
     entries = {}
     for record in reversed(records):  # oldest first, as ComfyUI's dict is ordered
-        if record.started_at is None:
-            continue  # deleted from the queue before it ran: ComfyUI keeps no history of those
+        if not _in_history(record):
+            continue
         entries[record.id] = history_entry(record, await asyncio.to_thread(service.store.stage_of, record.id))
     return JSONResponse(entries)
 

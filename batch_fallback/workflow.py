@@ -204,7 +204,9 @@ class Plan:
 def plan(graph: object, registry: Mapping[str, Node], catalog: Catalog) -> Plan:
     """Check a whole graph and order it; raises WorkflowInvalid naming what is wrong and where."""
     if not isinstance(graph, dict) or not graph:
-        raise WorkflowInvalid("invalid_prompt", "The prompt must be a non-empty object of nodes", f"got {type(graph).__name__}")
+        raise WorkflowInvalid(
+            "invalid_prompt", "The prompt must be a non-empty object of nodes", "got an empty object" if graph == {} else f"got {type(graph).__name__}"
+        )
     if len(graph) > MAX_NODES:
         raise WorkflowInvalid("invalid_prompt", f"A workflow has at most {MAX_NODES} nodes", f"got {len(graph)}")
     nodes: dict[str, Node] = {}
@@ -276,6 +278,11 @@ def plan(graph: object, registry: Mapping[str, Node], catalog: Catalog) -> Plan:
             errors[node_id] = [
                 _error("output_not_consumed", "No node reads this node's outputs", f"{node.name} {node_id!r} is not linked to any output node; remove it or link it", "")
             ]
+    order, cycle = _topological(edges)
+    if cycle:  # told with the other faults, so that one round of fixes can mend them all
+        errors.setdefault(cycle[0], []).append(
+            _error("dependency_cycle", "Dependency cycle detected", f"nodes {', '.join(cycle)} depend on each other", "")
+        )
     if errors:
         raise WorkflowInvalid(
             "prompt_outputs_failed_validation",
@@ -285,7 +292,6 @@ def plan(graph: object, registry: Mapping[str, Node], catalog: Catalog) -> Plan:
                 for node_id, problems in sorted(errors.items(), key=lambda item: _order_key(item[0]))
             },
         )
-    order = _topological(edges)
     return Plan(tuple(steps[node_id] for node_id in order), tuple(node_id for node_id in order if nodes[node_id].output_node), consumers)
 
 
@@ -315,8 +321,9 @@ def execute(workflow: Plan, context: Any, on_node: Callable[[str, tuple[str, ...
         done.append(step.id)
 
 
-def _topological(edges: Mapping[str, list[str]]) -> list[str]:
-    """Kahn's order (ties by node id, numerically where ids are numbers); raises on a cycle."""
+def _topological(edges: Mapping[str, list[str]]) -> tuple[list[str], list[str]]:
+    """Kahn's order (ties by node id, numerically where ids are numbers), and the nodes of the cycles
+    that stop it there (none when there is none)."""
     waiting = {node_id: len(set(reads)) for node_id, reads in edges.items()}
     readers: dict[str, list[str]] = {node_id: [] for node_id in edges}
     for node_id, reads in edges.items():
@@ -340,20 +347,8 @@ def _topological(edges: Mapping[str, list[str]]) -> list[str]:
             if read >= stuck:
                 break
             stuck &= read
-        cycle = sorted(stuck, key=_order_key)
-        raise WorkflowInvalid(
-            "prompt_outputs_failed_validation",
-            "Prompt outputs failed validation",
-            node_errors={
-                node_id: {
-                    "errors": [_error("dependency_cycle", "Dependency cycle detected", f"nodes {', '.join(cycle)} depend on each other", "")],
-                    "dependent_outputs": [],
-                    "class_type": "",
-                }
-                for node_id in cycle[:1]
-            },
-        )
-    return order
+        return order, sorted(stuck, key=_order_key)
+    return order, []
 
 
 def _dependent_outputs(node_id: str, edges: Mapping[str, list[str]], outputs: Sequence[str]) -> list[str]:

@@ -222,6 +222,11 @@ def test_a_cycle_and_other_whole_graph_errors_name_what_is_wrong(http: httpx.Cli
     body = _post(http, graph).json()
     (node, entry), = body["node_errors"].items()
     assert entry["errors"][0]["type"] == "dependency_cycle" and "3, 30" in entry["errors"][0]["details"]
+    assert entry["class_type"] == graph[node]["class_type"]
+    # With another fault besides, both are told in one answer.
+    graph["20"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "unused", "clip": ["4", 1]}}
+    errors = _post(http, graph).json()["node_errors"]
+    assert {problem["type"] for entry in errors.values() for problem in entry["errors"]} == {"dependency_cycle", "output_not_consumed"}, errors
 
     unknown = txt2img_graph(model)
     unknown["8"]["class_type"] = "VAEDecodeTiled_SDXL_Custom"
@@ -235,6 +240,11 @@ def test_a_cycle_and_other_whole_graph_errors_name_what_is_wrong(http: httpx.Cli
     for bad in ([], "text", {"1": "node"}, {"1": {"inputs": {}}}):
         answer = _post(http, bad)
         assert answer.status_code == 400 and answer.json()["error"]["type"] == "invalid_prompt", answer.text
+    assert _post(http, {}).json()["error"]["details"] == "got an empty object"
+    # A body that is no graph at all is told in the body's own names ("prompt", not the job's "params.prompt").
+    answer = http.post("/prompt", json={"prompt": [1, 2]})
+    assert answer.status_code == 400 and answer.json()["error"]["details"] == "prompt", answer.text
+    assert "params." not in answer.json()["error"]["message"]
     assert http.post("/prompt", content=b"{not json").status_code == 400
     assert http.post("/prompt", json={"client_id": "x"}).json()["error"]["type"] == "no_prompt"
     # The /v1 API takes the same workflows, and refuses them with the node named.
@@ -315,10 +325,12 @@ def test_a_failing_node_is_an_execution_error_naming_it(server: ServerProcess, h
 def test_queue_delete_and_interrupt(server: ServerProcess, http: httpx.Client, model: str) -> None:
     slow = txt2img_graph(model, steps=150, size=512)
     waiting = txt2img_graph(model, steps=2)
+    deleted: list[str] = []
 
     def post(client_id: str) -> str:
         prompt_id = _post(http, slow, client_id=client_id).json()["prompt_id"]
         pending = _post(http, waiting, client_id=client_id).json()["prompt_id"]
+        deleted.append(pending)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             queue = http.get("/queue").json()
@@ -343,6 +355,9 @@ def test_queue_delete_and_interrupt(server: ServerProcess, http: httpx.Client, m
     entry = http.get(f"/history/{prompt_id}").json()[prompt_id]
     assert entry["status"]["messages"][-1][0] == "execution_interrupted"
     assert http.get("/v1/jobs").json()["jobs"][0]["status"] == "cancelled"
+    # The prompt deleted before it ran left no history (ComfyUI keeps none), by its id or in the list.
+    assert http.get(f"/history/{deleted[0]}").json() == {}
+    assert prompt_id in http.get("/history").json() and deleted[0] not in http.get("/history").json()
 
 
 def test_object_info_lists_every_node_from_its_declaration(http: httpx.Client, model: str) -> None:
