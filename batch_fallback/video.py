@@ -71,7 +71,9 @@ def probe(data: bytes, limits: VideoLimits) -> VideoInfo:
             frames = stream.frames or round(duration * fps)
             audio = container.streams.audio[0].codec_context.name if container.streams.audio else None
     except av.FFmpegError as error:
-        raise InvalidJob(f"the video cannot be read: {error}", field="params.video") from None
+        # FFmpeg's own words ("Invalid data found when processing input"), without its error number and
+        # the name of an in-memory file.
+        raise InvalidJob(f"the video cannot be read: {error.strerror or type(error).__name__} (MP4, MOV or WebM)", field="params.video") from None
     if not (0 < width <= limits.max_side and 0 < height <= limits.max_side):
         raise InvalidJob(f"the video is {width}x{height}, over the limit of {limits.max_side} a side", field="params.video")
     if duration > limits.max_seconds:
