@@ -14,6 +14,8 @@ import base64
 import binascii
 import io
 import json
+import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -28,7 +30,7 @@ from streamcanvas.pipelines.sizes import SIDE_MULTIPLE
 
 from .api import MAX_BODY_BYTES, endpoint, read_json, service_of
 from .errors import BatchError
-from .results import SAMPLERS, SCHEDULER_NAMES, infotext
+from .results import SAMPLERS, SCHEDULE_TYPE_NAMES, SCHEDULE_TYPES, SCHEDULER_NAMES, UPSCALERS, infotext
 from .store import JobRecord, JobStatus
 
 PREFIX = "/sdapi/v1"
@@ -43,6 +45,7 @@ class Txt2ImgBody(BaseModel):
     seed: int = -1
     sampler_name: str | None = None
     sampler_index: str = "Euler a"
+    scheduler: str | None = None
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
     steps: int = 50
@@ -72,9 +75,8 @@ class Img2ImgBody(Txt2ImgBody):
 INPAINTING_FILL = ("fill", "original", "latent_noise", "latent_nothing")
 """A1111's inpainting_fill codes 0 … 3."""
 
-UPSCALERS = {"None": None, "Lanczos": "lanczos", "Nearest": "nearest", "Bicubic": "bicubic", "Bilinear": "bilinear"}
-"""A1111's upscaler names → ours. Its latent upscalers ("Latent", "Latent (bicubic)", …) map onto the
-same resamplers: this server upscales in pixels before the second pass."""
+# A1111's latent upscalers ("Latent", "Latent (bicubic)", …) map onto the same resamplers as its
+# others (results.UPSCALERS): this server upscales in pixels before the second pass.
 _UPSCALER_LOOKUP = {name.lower(): method for name, method in UPSCALERS.items()}
 _LATENT_UPSCALERS = {"latent": "bilinear", "latent (antialiased)": "bilinear", "latent (bicubic)": "bicubic",
                      "latent (bicubic antialiased)": "bicubic", "latent (nearest)": "nearest", "latent (nearest-exact)": "nearest"}
@@ -83,6 +85,30 @@ _LATENT_UPSCALERS = {"latent": "bilinear", "latent (antialiased)": "bilinear", "
 def _networks(request: Request) -> dict[str, int]:
     """The default model's super-resolution networks by name, with their factors."""
     return service_of(request).models.default.upscalers.scales
+
+
+def _sampler_and_schedule(sampler: str, schedule_type: str | None) -> tuple[str, str]:
+    """Our scheduler and spacing for A1111's sampler name and `scheduler` field (1.9+). Older clients
+    put the schedule type in the sampler's name ("DPM++ 2M Karras"); a `scheduler` other than Automatic
+    wins over it, as in A1111. KeyError: no such sampler; ValueError: no such schedule type."""
+    key, sigmas = sampler.lower(), "normal"
+    if key not in _SAMPLER_LOOKUP:
+        for name, spacing in SCHEDULE_TYPES.items():
+            if key.endswith(" " + name.lower()) and key[: -len(name) - 1] in _SAMPLER_LOOKUP:
+                key, sigmas = key[: -len(name) - 1], spacing
+                break
+    scheduler = _SAMPLER_LOOKUP[key]
+    if schedule_type is not None and schedule_type.lower() != "automatic":
+        wanted = schedule_type.lower().replace("_", " ")  # its label ("SGM Uniform") or its name ("sgm_uniform")
+        lookup = {label.lower(): spacing for label, spacing in SCHEDULE_TYPES.items()}
+        if wanted not in lookup:
+            raise ValueError(schedule_type)
+        sigmas = lookup[wanted]
+    return scheduler, sigmas
+
+
+def _schedule_type_name(label: str) -> str:
+    return label.lower().replace(" ", "_")
 
 
 def _upscaler(name: str | None, networks: dict[str, int], latent: bool = False) -> str:
@@ -124,6 +150,8 @@ GENERATION_FIELDS = {
     "params.prompt": "prompt",
     "params.negative_prompt": "negative_prompt",
     "params.steps": "steps",
+    "params.scheduler": "sampler_name",
+    "params.sigmas": "scheduler",
     "params.guidance_scale": "cfg_scale",
     "params.width": "width",
     "params.height": "height",
@@ -162,14 +190,20 @@ async def _generate(request: Request, img2img: bool) -> Response:
         problem = f"batch_size × n_iter is {body.batch_size} × {body.n_iter} = {body.batch_size * body.n_iter}: at most {MAX_IMAGES} images a request"
         return JSONResponse({"detail": [{"loc": ["body", "n_iter"], "msg": problem, "type": "value_error"}]}, status_code=422)
     sampler = body.sampler_name or body.sampler_index
-    scheduler = _SAMPLER_LOOKUP.get(sampler.lower())
-    if scheduler is None:
-        return _detail(404, f"Sampler not found: {sampler!r}; this server has {', '.join(SAMPLERS)}")
+    try:
+        scheduler, sigmas = _sampler_and_schedule(sampler, body.scheduler)
+    except KeyError:
+        return _detail(404, f"Sampler not found: {sampler!r}; this server has {', '.join(SAMPLERS)}, each also with a schedule type: "
+                            f"{', '.join(SCHEDULE_TYPE_NAMES.values())} (\"DPM++ 2M Karras\")")
+    except ValueError:
+        problem = f"scheduler {body.scheduler!r} is not one this server has: {', '.join(SCHEDULE_TYPES)}"
+        return JSONResponse({"detail": [{"loc": ["body", "scheduler"], "msg": problem, "type": "value_error"}]}, status_code=422)
     params: dict[str, Any] = {
         "prompt": body.prompt,
         "negative_prompt": body.negative_prompt,
         "steps": body.steps,
         "scheduler": scheduler,
+        "sigmas": sigmas,
         "guidance_scale": body.cfg_scale,
         "batch_size": body.batch_size * body.n_iter,
         "width": body.width,
@@ -220,7 +254,8 @@ async def _generate(request: Request, img2img: bool) -> Response:
     parameters = body.model_dump()
     if img2img and not parameters.pop("include_init_images", False):
         parameters["init_images"] = None
-    return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(_info(record, service.model.name))})
+    info = _info(record, service.model.name, body.batch_size)
+    return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(info)})
 
 
 async def _run_job(request: Request, job: dict[str, Any], fields: dict[str, str]) -> JobRecord | Response:
@@ -254,7 +289,8 @@ def _read(path: str) -> bytes:
         return file.read()
 
 
-def _info(record: JobRecord, model_name: str) -> dict[str, Any]:
+def _info(record: JobRecord, model_name: str, batch_size: int) -> dict[str, Any]:
+    """A1111's `info`: the job (of batch_size × n_iter images) as A1111 describes what it made."""
     params = record.params
     seeds = [result.seed for result in record.results] or [params["seed"]]
     return {
@@ -271,8 +307,8 @@ def _info(record: JobRecord, model_name: str) -> dict[str, Any]:
         "sampler_name": SCHEDULER_NAMES[params["scheduler"]],
         "cfg_scale": params["guidance_scale"],
         "steps": params["steps"],
-        "batch_size": params["batch_size"],
-        "denoising_strength": params.get("strength"),
+        "batch_size": batch_size,
+        "denoising_strength": params.get("strength", (params.get("hires") or {}).get("strength")),
         "sd_model_name": model_name,
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.gmtime(record.created_at)),
         "infotexts": [infotext(params, seed, model_name) for seed in seeds],
@@ -375,6 +411,21 @@ async def samplers(request: Request) -> Response:
     return JSONResponse([{"name": name, "aliases": aliases, "options": {}} for name, (_, aliases) in SAMPLERS.items()])
 
 
+@a1111_endpoint
+async def schedulers(request: Request) -> Response:
+    """A1111's schedule types (1.9+) that this server has; which sampler takes which is checked per job."""
+    return JSONResponse([
+        {"name": _schedule_type_name(label), "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+        for label in SCHEDULE_TYPES
+    ])
+
+
+@a1111_endpoint
+async def cmd_flags(request: Request) -> Response:
+    """The A1111 command-line flags that describe this server (clients read it to find an API-only server)."""
+    return JSONResponse({"api": True, "nowebui": True, "ckpt": service_of(request).model.name})
+
+
 class ExtraSingleImageBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     image: str = Field(min_length=1)
@@ -455,12 +506,28 @@ def _parse_infotext(text: str) -> dict[str, Any]:
     fields: dict[str, Any] = {"Prompt": prompt, "Negative prompt": negative[0][len("Negative prompt: "):] if negative else ""}
     for pair in settings.split(", "):
         key, _, value = pair.partition(": ")
-        if key and value:
-            fields[key] = int(value) if value.isdigit() else value
-    if "Size" in fields:
-        width, _, height = str(fields["Size"]).partition("x")
-        fields.update({"Size-1": int(width), "Size-2": int(height)})
+        if not (key and value):
+            continue
+        size = _SIZE_VALUE.fullmatch(value)
+        if size:  # "Size: 512x768" is Size-1 and Size-2, as A1111 parses it (so is "Hires resize")
+            fields.update({f"{key}-1": int(size[1]), f"{key}-2": int(size[2])})
+        else:
+            fields[key] = _number(value)
     return fields
+
+
+_SIZE_VALUE = re.compile(r"(\d+)x(\d+)")
+
+
+def _number(value: str) -> int | float | str:
+    """A value of the infotext as the number it writes, where it is one ("7" and "7.5" alike)."""
+    for kind in (int, float):
+        try:
+            number = kind(value)
+        except ValueError:
+            continue
+        return number if math.isfinite(number) else value
+    return value
 
 
 @a1111_endpoint
@@ -480,6 +547,8 @@ def a1111_routes() -> list[Route]:
         Route(f"{PREFIX}/options", options, methods=["GET", "POST"], max_body_size=MAX_BODY_BYTES),
         Route(f"{PREFIX}/sd-models", sd_models, methods=["GET"]),
         Route(f"{PREFIX}/samplers", samplers, methods=["GET"]),
+        Route(f"{PREFIX}/schedulers", schedulers, methods=["GET"]),
+        Route(f"{PREFIX}/cmd-flags", cmd_flags, methods=["GET"]),
         Route(f"{PREFIX}/extra-single-image", extra_single_image, methods=["POST"], max_body_size=MAX_BODY_BYTES),
         Route(f"{PREFIX}/upscalers", upscalers, methods=["GET"]),
         Route(f"{PREFIX}/png-info", png_info, methods=["POST"], max_body_size=MAX_BODY_BYTES),

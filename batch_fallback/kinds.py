@@ -12,7 +12,6 @@ import base64
 import binascii
 import dataclasses
 import io
-import math
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from streamcanvas.pipelines.adapters import MAX_ACTIVE_LORAS
 from streamcanvas.pipelines.controls import MAX_CONTROL_SCALE, MAX_CONTROLS, Preprocessor, preprocess
 from streamcanvas.pipelines.errors import InvalidParameter, UnknownName
 from streamcanvas.pipelines.models import ModelChoice
-from streamcanvas.pipelines.sizes import MIN_SIDE, SIDE_MULTIPLE, side_problem
+from streamcanvas.pipelines.sizes import MIN_SIDE, SIDE_MULTIPLE, aligned, side_problem
 from streamcanvas.pipelines.stream import MAX_SEED, RenderResult, StreamParams, StreamPipeline
 from streamcanvas.pipelines.styles import StylePreset
 
@@ -44,15 +43,16 @@ from .rendering import (
     QualityRenderer,
     RenderControl,
     RenderRequest,
+    Sigmas,
     StepCallback,
     expected_steps,
-    image_to_image_steps,
     preview_jpeg,
+    sigma_spacings,
 )
-from .results import ResultFile, ResultImage, described
+from .results import ResultFile, ResultImage, described, postprocessing_text
 from .store import Stage
 from .uploads import Uploads
-from .upscaling import RESAMPLERS, network_passes, refine, tile_count, upscale_steps, upscaled
+from .upscaling import RESAMPLERS, network_passes, refine, repaint_steps, upscale_steps, upscaled
 from .video import VideoLimits, output_size, probe, restyle
 from .workflow import Catalog, execute, plan
 
@@ -103,7 +103,8 @@ class Accepted:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # NaN and ±Infinity (which Python's JSON reads) are refused as what they are, not as out of range.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class BatchControl(_Strict):
@@ -179,11 +180,20 @@ class GenerationRequest(LiveLook):
     height: int = Field(512, ge=MIN_SIDE)
     steps: int = Field(25, ge=1, le=150)
     scheduler: SchedulerName = "euler_a"
+    sigmas: Sigmas = Field("normal", description="how the scheduler spaces its noise levels (karras, exponential, …), where it can")
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None picks one; it is recorded")
     batch_size: int = Field(1, ge=1, le=8)
     preview: bool = Field(False, description="keep a low-resolution preview of the current step")
     hires: HiresFix | None = Field(None, description="txt2img/img2img: a hires-fix pass to width × height × scale")
+
+    @field_validator("sigmas")
+    @classmethod
+    def _spaced_by_the_scheduler(cls, sigmas: str, info: ValidationInfo) -> str:
+        scheduler = info.data.get("scheduler")
+        if scheduler is not None and sigmas not in sigma_spacings(scheduler):
+            raise ValueError(f"the {scheduler} scheduler spaces its steps as {', '.join(sigma_spacings(scheduler))}, not {sigmas}")
+        return sigmas
 
 
 class Img2ImgRequest(GenerationRequest):
@@ -220,8 +230,8 @@ class OutpaintRequest(GenerationRequest):
 class UpscaleRequest(LiveLook):
     image: str = Field(description="base64 PNG, JPEG or WebP (a data: URL is accepted)")
     scale: float = Field(2.0, ge=1.0, le=4.0, description="×2, ×4 or anything between (width/height override it)")
-    width: int | None = Field(None, ge=MIN_SIDE, description="the output's width (a multiple of 8); None: the image's × scale")
-    height: int | None = Field(None, ge=MIN_SIDE)
+    width: int | None = Field(None, ge=1, description="the output's exact width; None: the image's × scale, rounded")
+    height: int | None = Field(None, ge=1)
     upscaler: str = Field("lanczos", max_length=64, description=UPSCALER_DESCRIPTION)
     strength: float = Field(0.0, ge=0.0, le=1.0, description="0: resampling only; above 0, the hires-fix pass: img2img in tiles at this strength")
     prompt: str = Field("", max_length=4000, description="what the hires-fix pass paints")
@@ -314,7 +324,7 @@ class JobKind:
         second = dataclasses.replace(request, strength=hires["strength"], steps=hires["steps"] or request.steps, controls=())
         # One count of steps over every pass, so that progress (and A1111's ETA) never goes back.
         upscale = upscale_steps(renderer, (params["width"], params["height"]), (width, height), hires["upscaler"], params.get("model"))
-        repaint = tile_count(out_width, out_height, hires["tile"], hires["overlap"]) * image_to_image_steps(second.steps, second.strength)
+        repaint = repaint_steps(out_width, out_height, hires["tile"], hires["overlap"], second.steps, second.strength)
         passes = Passes(on_step, [expected_steps(request), *[upscale, repaint] * request.batch_size])
         images = renderer.render(request, passes.of(0))
         refined = []
@@ -344,6 +354,7 @@ class JobKind:
             steps=params["steps"],
             scheduler=params["scheduler"],
             guidance_scale=params["guidance_scale"],
+            sigmas=params.get("sigmas", "normal"),
             seed=params["seed"],
             batch_size=params["batch_size"],
             init_image=init_image,
@@ -453,24 +464,47 @@ class Upscale(JobKind):
             raise InvalidJob("controls are not applied tile by tile; repaint with img2img first, then upscale", field="params.controls")
         rgb = _decode_upload(request.image, context.image_limits)
         height, width = rgb.shape[:2]
-        out_width = request.width or max(64, round(width * request.scale) // 8 * 8)
-        out_height = request.height or max(64, round(height * request.scale) // 8 * 8)
-        _check_size(out_width, out_height, context)
+        # Exactly the size asked for, as A1111's extras give it: a resample needs no multiple of 8, and
+        # the hires pass repaints at the next one up (see `refine`).
+        out_width = request.width or round(width * request.scale)
+        out_height = request.height or round(height * request.scale)
+        for name, value, given, maximum in (
+            ("width", out_width, request.width, context.max_width), ("height", out_height, request.height, context.max_height)
+        ):
+            if value > maximum:
+                asked, field = (f"{name} {value}", f"params.{name}") if given else (f"scale {request.scale:g} makes the {name} {value}", "params.scale")
+                raise InvalidJob(f"{asked}, over the maximum of {maximum}", field=field)
         _check_upscaler(request.upscaler, (width, height), (out_width, out_height), context, request.model, "params.upscaler")
         params = request.model_dump(exclude={"image"})
         params.update(width=out_width, height=out_height, seed=_seed(request.seed), batch_size=1)
         params.update(_live_look(request, context))
         return Accepted(params, _store_png(rgb))
 
-    def render(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
+    def run(
+        self,
+        params: dict[str, Any],
+        input_image: bytes | None,
+        renderer: QualityRenderer,
+        on_step: StepCallback,
+        on_stage: StageCallback = lambda stage: None,
+    ) -> list[ResultImage | ResultFile]:
+        if params["strength"] > 0:
+            return super().run(params, input_image, renderer, on_step, on_stage)
+        # A plain resample says what A1111's extras say about one, and no diffusion settings.
         assert input_image is not None, "an upscale job has its image"
         image = Image.fromarray(_decode_stored(input_image))
+        larger = upscaled(renderer, image, params["width"], params["height"], params["upscaler"], params.get("model"), on_step)
+        by_scale = (params["width"], params["height"]) == (round(image.width * params["scale"]), round(image.height * params["scale"]))
+        text = {"postprocessing": postprocessing_text(params, params["scale"] if by_scale else None)}
+        return [ResultImage(larger, params["seed"], text, {"model": renderer.models.get(params.get("model")).name, **params})]
+
+    def render(self, params: dict[str, Any], input_image: bytes | None, renderer: QualityRenderer, on_step: StepCallback) -> list[Image.Image]:
+        assert input_image is not None and params["strength"] > 0, "the hires pass of an upscale job, over its image"
+        image = Image.fromarray(_decode_stored(input_image))
         size, model = (params["width"], params["height"]), params.get("model")
-        if params["strength"] == 0:
-            return [upscaled(renderer, image, *size, params["upscaler"], model, on_step)]
         base = self.render_request(params, None, renderer)
         # One count of steps over both passes (see Passes).
-        repaint = tile_count(*size, params["tile"], params["overlap"]) * image_to_image_steps(base.steps, base.strength)
+        repaint = repaint_steps(*size, params["tile"], params["overlap"], base.steps, base.strength)
         passes = Passes(on_step, [upscale_steps(renderer, image.size, size, params["upscaler"], model), repaint])
         larger = upscaled(renderer, image, *size, params["upscaler"], model, passes.of(0))
         return [refine(renderer, larger, base, params["tile"], params["overlap"], passes.of(1))]
@@ -768,8 +802,7 @@ def _fitting_overlap(overlap: int, info: ValidationInfo) -> int:
 
 def _side(length: float, up: bool = False) -> int:
     """A side of `length` pixels as a multiple of 8: the nearest, or the next one up (`up`)."""
-    multiples = math.ceil(round(length, 6) / SIDE_MULTIPLE) if up else round(length / SIDE_MULTIPLE)
-    return max(MIN_SIDE, multiples * SIDE_MULTIPLE)
+    return aligned(length) if up else max(MIN_SIDE, round(length / SIDE_MULTIPLE) * SIDE_MULTIPLE)
 
 
 def _centre_crop(image: Image.Image, width: int, height: int) -> Image.Image:

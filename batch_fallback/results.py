@@ -34,6 +34,16 @@ SAMPLERS: dict[str, tuple[str, list[str]]] = {
 """A1111's sampler names (and older aliases) → our scheduler: what the A1111 routes take, and what the
 images' A1111 text says, so png-info's answer can be sent back."""
 SCHEDULER_NAMES = {scheduler: name for name, (scheduler, _) in SAMPLERS.items()}
+SCHEDULE_TYPES = {
+    "Automatic": "normal", "Uniform": "normal", "Normal": "normal", "Karras": "karras", "Exponential": "exponential",
+    "Beta": "beta", "Simple": "simple", "SGM Uniform": "sgm_uniform",
+}
+"""A1111's schedule types (its `scheduler` field, and a sampler name's suffix: "DPM++ 2M Karras") →
+our spacing of the noise levels (`sigmas`). The default is written as no schedule type at all."""
+SCHEDULE_TYPE_NAMES = {sigmas: name for name, sigmas in SCHEDULE_TYPES.items() if sigmas != "normal"}
+UPSCALERS = {"None": None, "Lanczos": "lanczos", "Nearest": "nearest", "Bicubic": "bicubic", "Bilinear": "bilinear"}
+"""A1111's upscaler names → our resamplers (a super-resolution network has one name in both)."""
+UPSCALER_NAMES = {method: name for name, method in UPSCALERS.items() if method}
 
 
 def result_path(results_dir: Path, job_id: str, index: int, suffix: str = ".png") -> Path:
@@ -49,15 +59,37 @@ def infotext(params: dict[str, Any], seed: int, model_name: str) -> str:
     fields = [
         f"Steps: {params['steps']}",
         f"Sampler: {SCHEDULER_NAMES.get(params['scheduler'], params['scheduler'])}",
+        *([f"Schedule type: {SCHEDULE_TYPE_NAMES[params['sigmas']]}"] if params.get("sigmas", "normal") != "normal" else []),
         f"CFG scale: {params['guidance_scale']}",
         f"Seed: {seed}",
         f"Size: {params['width']}x{params['height']}",
         f"Model: {model_name}",
     ]
-    if "strength" in params:
-        fields.append(f"Denoising strength: {params['strength']}")
+    hires = params.get("hires")
+    if "strength" in params or hires:
+        fields.append(f"Denoising strength: {hires['strength'] if hires else params['strength']}")
+    if hires:  # A1111's hires-fix fields, so that sending the text back rebuilds the same request
+        if hires.get("width") or hires.get("height"):
+            fields.append(f"Hires resize: {hires.get('width') or 0}x{hires.get('height') or 0}")
+        else:
+            fields.append(f"Hires upscale: {hires['scale']:g}")
+        if hires.get("steps"):
+            fields.append(f"Hires steps: {hires['steps']}")
+        fields.append(f"Hires upscaler: {upscaler_name(hires['upscaler'])}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def upscaler_name(upscaler: str) -> str:
+    """An upscaler as A1111 names it."""
+    return UPSCALER_NAMES.get(upscaler, upscaler)
+
+
+def postprocessing_text(params: dict[str, Any], scale: float | None) -> str:
+    """What A1111's extras write about a plain resample (its `postprocessing` text chunk): the factor, or
+    the size asked for, and the upscaler. No diffusion settings: there was no diffusion."""
+    size = f"Postprocess upscale by: {scale:g}" if scale is not None else f"Postprocess upscale to: {params['width']}x{params['height']}"
+    return f"{size}, Postprocess upscaler: {upscaler_name(params['upscaler'])}"
 
 
 def prompt_text(prompt: str | list[Any] | tuple[Any, ...]) -> str:

@@ -16,9 +16,10 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from streamcanvas.pipelines.sizes import aligned
 from streamcanvas.pipelines.super_resolution import SuperResolution
 
-from .rendering import QualityRenderer, RenderRequest, StepCallback, preview_jpeg
+from .rendering import QualityRenderer, RenderRequest, StepCallback, image_to_image_steps, preview_jpeg
 
 RESAMPLERS = {
     "lanczos": Image.Resampling.LANCZOS,
@@ -100,9 +101,25 @@ def tiled(pixels: np.ndarray, tile: int, overlap: int, scale: int, paint: Painte
     return np.clip(accumulated / weights + 0.5, 0, 255).astype(np.uint8)
 
 
+def repaint_size(width: int, height: int) -> tuple[int, int]:
+    """The size `refine` repaints a width × height image at: each side a size the networks take (the
+    same, unless an exact output size asked for another)."""
+    return aligned(width), aligned(height)
+
+
+def repaint_steps(width: int, height: int, tile: int, overlap: int, steps: int, strength: float) -> int:
+    """The steps of progress `refine` reports for a width × height image."""
+    return tile_count(*repaint_size(width, height), tile, overlap) * image_to_image_steps(steps, strength)
+
+
 def refine(renderer: QualityRenderer, image: Image.Image, base: RenderRequest, tile: int, overlap: int, on_step: StepCallback) -> Image.Image:
-    """img2img over `image` (already at its final size, a multiple of 8 each way) tile by tile, with
-    `base`'s prompt, strength, steps and seed."""
+    """img2img over `image` (already at its final size) tile by tile, with `base`'s prompt, strength,
+    steps and seed. A side that is no multiple of 8 (an upscale to an exact size) is repainted at the
+    next one up, and the result resampled (Lanczos) back to the image's size."""
+    size = image.size
+    work = repaint_size(*size)
+    if work != size:
+        return resized(refine(renderer, resized(image, *work, "lanczos"), base, tile, overlap, on_step), *size, "lanczos")
 
     def paint(piece: np.ndarray, index: int, total: int) -> np.ndarray:
         request = dataclasses.replace(base, init_image=piece, width=piece.shape[1], height=piece.shape[0], batch_size=1)

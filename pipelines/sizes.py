@@ -6,6 +6,8 @@ stream is built for it."""
 
 from __future__ import annotations
 
+import math
+
 SIDE_MULTIPLE = 8
 MIN_SIDE = 64
 
@@ -19,3 +21,9 @@ def side_problem(value: int, maximum: int | None = None) -> str | None:
     if maximum is not None and value > maximum:
         return f"{value} is outside {MIN_SIDE} … {maximum}"
     return None
+
+
+def aligned(length: float) -> int:
+    """The smallest side the networks take that holds `length` pixels: the next multiple of 8 up, at
+    least 64 (for work at a size a client chose freely, e.g. an upscale's exact output)."""
+    return max(MIN_SIDE, math.ceil(round(length, 6) / SIDE_MULTIPLE) * SIDE_MULTIPLE)

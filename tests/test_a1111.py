@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from a1111_client import A1111Client
 from conftest import TEST_RESOLUTION
@@ -68,8 +68,42 @@ def test_txt2img_in_the_shape_clients_expect(a1111: A1111Client) -> None:
     assert "Sampler: Euler a," in info["infotexts"][0]  # A1111's name: what png-info reads can be sent back
     again = a1111.txt2img(**payload)
     assert np.array_equal(np.asarray(again["images"][0]), np.asarray(result["images"][0]))
-    random_seed = a1111.txt2img(prompt="x", steps=2, width=SIZE, height=SIZE, seed=-1)
+    random_seed = a1111.txt2img(prompt="x", steps=2, width=SIZE, height=SIZE, seed=-1, batch_size=1, n_iter=2)
     assert random_seed["info"]["seed"] >= 0 and random_seed["info"]["seed"] != -1
+    # batch_size is A1111's own (images a batch), not batch_size × n_iter.
+    assert random_seed["info"]["batch_size"] == 1 and len(random_seed["info"]["all_seeds"]) == len(random_seed["images"]) == 2
+
+
+def test_schedule_types_in_the_sampler_name_or_the_scheduler_field(a1111: A1111Client, server: ServerProcess) -> None:
+    """"DPM++ 2M Karras" (A1111 before 1.9) and "DPM++ 2M" with scheduler "Karras" (1.9+) are one job,
+    not the plain sampler, and the text says so in a form that can be sent back."""
+    base = {"prompt": "a red house", "steps": 4, "seed": 17, "width": SIZE, "height": SIZE, "cfg_scale": 6.5}
+    named = a1111.txt2img(**base, sampler_name="DPM++ 2M Karras")
+    field = a1111.txt2img(**base, sampler_name="DPM++ 2M", scheduler="Karras")
+    plain = a1111.txt2img(**base, sampler_name="DPM++ 2M")
+    assert np.array_equal(np.asarray(named["images"][0]), np.asarray(field["images"][0]))
+    assert np.abs(np.asarray(named["images"][0]).astype(int) - np.asarray(plain["images"][0])).mean() > 0.5
+    text = named["info"]["infotexts"][0]
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5" in text and "Schedule type" not in plain["info"]["infotexts"][0]
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        png = io.BytesIO()
+        named["images"][0].save(png, format="PNG", pnginfo=_text_chunks(named["images"][0]))
+        parsed = http.post("/sdapi/v1/png-info", json={"image": base64.b64encode(png.getvalue()).decode()}).json()["parameters"]
+        assert parsed["Schedule type"] == "Karras" and parsed["CFG scale"] == 6.5 and parsed["Steps"] == 4
+        assert {"name": "karras", "label": "Karras"}.items() <= next(e for e in http.get("/sdapi/v1/schedulers").json() if e["label"] == "Karras").items()
+        # A spacing the sampler lacks, or one this server does not have, is the scheduler field's fault.
+        for body in ({"sampler_name": "DDIM", "scheduler": "Karras"}, {"sampler_name": "Euler", "scheduler": "Polyexponential"}):
+            refused = http.post("/sdapi/v1/txt2img", json={**base, "steps": 1, **body})
+            assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "scheduler"], refused.text
+        assert http.post("/sdapi/v1/txt2img", json={**base, "sampler_name": "DPM++ 2M Swirly"}).status_code == 404
+        assert http.get("/sdapi/v1/cmd-flags").json()["api"] is True
+
+
+def _text_chunks(image: Image.Image) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    for key, value in image.text.items():
+        info.add_text(key, value)
+    return info
 
 
 def test_img2img_in_the_shape_clients_expect(a1111: A1111Client) -> None:

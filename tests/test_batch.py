@@ -212,6 +212,8 @@ BAD_REQUESTS = [
     ({"kind": "txt2img", "params": {"prompt": "x", "steps": 10_000}}, 422, "params.steps"),
     ({"kind": "txt2img", "params": {"prompt": "x", "batch_size": 9}}, 422, "params.batch_size"),
     ({"kind": "txt2img", "params": {"prompt": "x", "scheduler": "magic"}}, 422, "params.scheduler"),
+    ({"kind": "txt2img", "params": {"prompt": "x", "sigmas": "swirly"}}, 422, "params.sigmas"),
+    ({"kind": "txt2img", "params": {"prompt": "x", "scheduler": "ddim", "sigmas": "karras"}}, 422, "params.sigmas"),
     ({"kind": "txt2img", "params": {"prompt": "x", "seed": -5}}, 422, "params.seed"),
     ({"kind": "txt2img", "params": {"prompt": ["x"]}}, 422, "params.prompt"),
     ({"kind": "txt2img", "params": "prompt=x"}, 422, "params"),
@@ -245,6 +247,11 @@ def test_broken_and_oversized_bodies(deployment: Deployment) -> None:
     assert broken.status_code == 422 and "not valid JSON" in broken.json()["message"]
     large_and_broken = jobs.http.post("/v1/jobs", content=b'{"kind": "' + b"x" * 400_000)  # parsed off the loop
     assert large_and_broken.status_code == 422 and "not valid JSON" in large_and_broken.json()["message"]
+    # NaN and Infinity, which Python's JSON reads, are refused as not finite (not as "above 30").
+    for value in ("NaN", "Infinity"):
+        not_finite = jobs.http.post("/v1/jobs", content=b'{"kind": "txt2img", "params": {"prompt": "x", "guidance_scale": %s}}' % value.encode())
+        assert not_finite.status_code == 422 and not_finite.json()["field"] == "params.guidance_scale", not_finite.text
+        assert "finite number" in not_finite.json()["message"], not_finite.text
     huge = jobs.http.post("/v1/jobs", content=b"x" * (33 * 1024 * 1024))
     assert huge.status_code == 413 and huge.json()["error"] == "payload_too_large"
     assert jobs.http.get("/v1/jobs/0123").status_code == 404

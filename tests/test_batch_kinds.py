@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,9 +108,36 @@ def test_upscaling_resamples_exactly_and_the_hires_pass_runs_in_tiles(jobs: Jobs
     change = np.corrcoef((refined.astype(float) - refined_other).mean(axis=-1).ravel(), (expected.astype(float) - upscaled_other).mean(axis=-1).ravel())[0, 1]
     assert change > 0.25, change
     refused = jobs.create("upscale", {"image": png_base64(make_canvas(1024, 1)), "scale": 4.0}, expect=422)
-    assert "outside 64" in refused["message"]
+    assert refused["field"] == "params.scale" and "scale 4 makes the width 4096, over the maximum" in refused["message"]
+    refused = jobs.create("upscale", {"image": png_base64(canvas), "width": 4096, "height": SIZE}, expect=422)
+    assert refused["field"] == "params.width"
     refused = jobs.create("upscale", {"image": png_base64(canvas), "strength": 0.3, "controls": [{"model": "scribble"}]}, expect=422)
     assert refused["field"] == "params.controls"
+
+
+def test_upscales_come_at_exactly_the_size_asked_for(jobs: Jobs) -> None:
+    """As A1111's extras: round(side × scale), or any width × height; no multiple of 8 needed."""
+    source = make_canvas(100, 8)[:60]  # 100 × 60
+    image = Image.fromarray(source)
+    for params, size in (({"scale": 2.5}, (250, 150)), ({"scale": 1.0}, (100, 60)), ({"width": 301, "height": 75}, (301, 75))):
+        job = jobs.wait(jobs.create("upscale", {"image": png_base64(source), **params})["id"])
+        assert job["status"] == "finished", job
+        result = jobs.image(job["results"][0]["url"])
+        assert result.size == size, params
+        assert np.array_equal(np.asarray(result.convert("RGB")), np.asarray(image.resize(size, Image.Resampling.LANCZOS) if size != image.size else image))
+        # A plain resample is described as A1111's extras describe one: no diffusion settings.
+        assert "parameters" not in result.text, result.text
+        expected = "Postprocess upscale by: 2.5" if params.get("scale") == 2.5 else "Postprocess upscale by: 1" if "scale" in params else "Postprocess upscale to: 301x75"
+        assert result.text["postprocessing"] == f"{expected}, Postprocess upscaler: Lanczos"
+    # The hires pass repaints at the next multiple of 8 up (152 × 96: 2 tiles of 128 px) and gives the size asked for.
+    job = jobs.wait(jobs.create("upscale", {"image": png_base64(source), "scale": 1.5, "strength": 0.3, "steps": 10, "prompt": "a red house",
+                                            "seed": 4, "tile": 128, "overlap": 32})["id"])
+    assert job["status"] == "finished", job
+    assert job["progress"] == {"step": 1 + tile_count(152, 96, 128, 32) * 3, "steps": 1 + tile_count(152, 96, 128, 32) * 3} == {"step": 7, "steps": 7}
+    repainted = jobs.image(job["results"][0]["url"])
+    assert repainted.size == (150, 90) and "Denoising strength: 0.3" in repainted.text["parameters"]
+    plain = np.asarray(image.resize((150, 90), Image.Resampling.LANCZOS))
+    assert np.abs(np.asarray(repainted.convert("RGB")).astype(int) - plain).mean() > 1.0
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +269,12 @@ def test_the_a1111_routes_for_upscaling_inpainting_and_png_info(jobs: Jobs, netw
     info = http.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + image}).json()
     assert "Steps: 4" in info["info"] and info["parameters"]["Seed"] == 9 and info["parameters"]["Prompt"] == "a red house"
     assert "streamcanvas" in info["items"]
+    # The hires fix is in the text, in A1111's words, so that sending it back asks for the same job;
+    # numbers come back as numbers, sizes as their two sides.
+    parameters = info["parameters"]
+    assert parameters["Hires upscale"] == 2 and parameters["Hires steps"] == 4 and parameters["Denoising strength"] == 0.5
+    assert parameters["Hires upscaler"] == "Bilinear"  # what "Latent" is here (see the A1111 table in batch.md)
+    assert parameters["CFG scale"] == 7.0 and parameters["Size-1"] == SIZE and "Size" not in parameters
     # A target size of another aspect: scaled to cover it, the middle cropped to it (A1111 does the same);
     # with one side given, the other follows the image's aspect.
     for resize, shape in (({"hr_resize_x": 2 * SIZE, "hr_resize_y": SIZE}, (SIZE, 2 * SIZE, 3)), ({"hr_resize_y": 2 * SIZE}, (2 * SIZE, 2 * SIZE, 3))):
@@ -252,6 +286,13 @@ def test_the_a1111_routes_for_upscaling_inpainting_and_png_info(jobs: Jobs, netw
         )
         assert answer.status_code == 200, answer.text
         assert _decoded(answer.json()["images"][0]).shape == shape, resize
+        written = json.loads(answer.json()["info"])["infotexts"][0]
+        assert f"Hires resize: {resize.get('hr_resize_x', 0)}x{resize['hr_resize_y']}, Hires steps: 2, Hires upscaler: Lanczos" in written
+    # Exactly the size A1111's extras give: 2.5 × 100 × 60 is 250 × 150; any width and height with resize_mode 1.
+    odd = _b64(make_canvas(100, 2)[:60])
+    for body, size in (({"upscaling_resize": 2.5}, (150, 250, 3)), ({"resize_mode": 1, "upscaling_resize_w": 300, "upscaling_resize_h": 300}, (300, 300, 3))):
+        answer = http.post("/sdapi/v1/extra-single-image", json={"image": odd, **body}, timeout=120)
+        assert answer.status_code == 200 and _decoded(answer.json()["image"]).shape == size, answer.text
     refused = http.post("/sdapi/v1/png-info", json={"image": "bm90"})  # base64 of "not"
     assert refused.status_code == 422 and refused.json()["detail"] == "image: not a readable image (PNG, JPEG or WebP)"
     assert http.get("/sdapi/v1/loras").json() == []
