@@ -19,7 +19,7 @@ from streamcanvas.batch_fallback.api import batch_routes
 from streamcanvas.batch_fallback.comfyui import comfyui_routes
 from streamcanvas.codecs.messages import PROTOCOL_VERSIONS
 
-from .http import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, JSONContentTooLarge
+from .http import DEFAULT_MAX_BODY_BYTES, EXCEPTION_HANDLERS, JSONContentTooLarge, TrustedHosts
 from .outputs import output_routes
 from .runtime import Runtime
 from .web import web_routes
@@ -101,6 +101,7 @@ def create_app(runtime: Runtime) -> Starlette:
         ],
         lifespan=lifespan,
         middleware=[
+            Middleware(TrustedHosts, allowed=runtime.settings.trusted_hosts),
             Middleware(JSONContentTooLarge),
             # Every route's body is capped (routes that take uploads declare a larger limit of their own).
             Middleware(RequestBodyLimitMiddleware, max_body_size=DEFAULT_MAX_BODY_BYTES),

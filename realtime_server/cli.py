@@ -62,6 +62,7 @@ def main() -> None:
 @click.option("--idle-timeout", "idle_timeout_s", type=float, help="Seconds without a client message before its slot is freed. Default 120.")
 @click.option("--api-key", "api_keys", multiple=True, help="Require this key in hello (repeat for several). Default: no keys.")
 @click.option("--allowed-origin", "allowed_origins", multiple=True, help="Browser Origin allowed besides the server's own (repeat; '*' for any).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, help="Host name the server answers to besides loopback (repeat; '*' for any). Default: loopback names on a loopback address, any name beyond it.")
 @click.option("--ice-server", "ice_servers", multiple=True, help="STUN/TURN server for WebRTC (repeat): stun:HOST:PORT, or turn:USER:CREDENTIAL@HOST:PORT for TURN with credentials. Default: none.")
 @click.option("--ice-host-address", "ice_host_addresses", multiple=True, help="Only offer WebRTC host candidates on this address (repeat). Default: every interface but loopback.")
 @click.option("--webrtc-connect-timeout", "webrtc_connect_timeout_s", type=float, help="Seconds a WebRTC peer has to connect after its offer is answered, before its session (and slot) is closed. Default 15.")

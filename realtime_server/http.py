@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Collection
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -103,6 +104,46 @@ class JSONContentTooLarge:
             await send(message)
 
         await self.app(scope, receive, send_json)
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header, lower-cased and without its port: `[::1]:8000` → `::1`."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.partition(":")[0] if host.count(":") == 1 else host
+
+
+class TrustedHosts:
+    """DNS-rebinding guard: a request (HTTP or WebSocket) whose Host is not one this server answers to
+    is refused before any route sees it. A page on another site whose name is re-pointed at 127.0.0.1
+    sends its own name as Host, and as Origin too, so the Origin check alone lets it through.
+
+    `allowed` None: any Host (a server bound beyond loopback with no --allowed-host). Names under
+    `.localhost` always resolve to loopback (RFC 6761), so they cannot be rebound and are allowed too.
+    Starlette's TrustedHostMiddleware is not used: it cuts a Host at its first colon, which refuses
+    every IPv6 address."""
+
+    def __init__(self, app: ASGIApp, allowed: Collection[str] | None) -> None:
+        self.app = app
+        self.allowed = None if allowed is None else frozenset(host_name(host) for host in allowed)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.allowed is None or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        name = host_name(Headers(scope=scope).get("host", ""))
+        if name in self.allowed or name.endswith(".localhost"):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403 at the handshake
+            return
+        message = f"this server does not answer to the host {name!r}; start it with --allowed-host {name} if it should"
+        await HTTPProblem(400, "invalid_host", message).response()(scope, receive, send)
 
 
 async def disconnect_handler(_request: Request, _error: Exception) -> Response:

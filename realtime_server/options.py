@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 
 import click
@@ -43,3 +44,19 @@ def _option_names() -> dict[str, str]:
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+    # uvicorn's access log writes each request's query string: viewer links and recording downloads
+    # carry their session's token there (`?token=`), which would give whoever reads the log the session.
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(existing, RedactTokens) for existing in access.filters):
+        access.addFilter(RedactTokens())
+
+
+class RedactTokens(logging.Filter):
+    """Rewrites `token=…` (and `api_key=…`) in a log record's arguments to `token=[redacted]`."""
+
+    _SECRET = re.compile(r"((?:^|[?&;])(?:token|api_key)=)[^&;\s]*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._SECRET.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg for arg in record.args)
+        return True

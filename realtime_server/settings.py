@@ -28,6 +28,8 @@ from streamcanvas.pipelines.sharing import Sharing
 from streamcanvas.pipelines.sizes import side_problem
 from streamcanvas.sessions.manager import SessionConfig
 
+from .http import LOOPBACK_HOSTS, host_name
+
 _RESOLUTION = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 
 
@@ -128,6 +130,7 @@ class Settings(BaseSettings):
     ice_host_addresses: Annotated[list[str], NoDecode] = []
     api_keys: Annotated[list[str], NoDecode] = []
     allowed_origins: Annotated[list[str], NoDecode] = []
+    allowed_hosts: Annotated[list[str], NoDecode] = []
     token_secret: str | None = None
     token_ttl_s: float = Field(12 * 3600, gt=0)
     max_viewers: int = Field(64, ge=0, le=10_000)
@@ -157,7 +160,7 @@ class Settings(BaseSettings):
     job_retention_s: float = Field(7 * 24 * 3600.0, gt=0)
 
     _split = field_validator(
-        "api_keys", "allowed_origins", "ice_servers", "ice_host_addresses", "lora", "controlnet", "upscaler", "model", "webhook_allow", mode="before"
+        "api_keys", "allowed_origins", "allowed_hosts", "ice_servers", "ice_host_addresses", "lora", "controlnet", "upscaler", "model", "webhook_allow", mode="before"
     )(_split_list)
 
     @field_validator("lora")
@@ -214,6 +217,16 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_sizes(self) -> Settings:
+        (width, height), (max_width, max_height) = self.size, self._size(self.max_resolution)
+        if width > max_width or height > max_height:
+            raise ValueError(
+                f"--resolution {self.resolution} is over --max-resolution {self.max_resolution}: "
+                f"sessions could not ask for the default size; raise --max-resolution too"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_sharing(self) -> Settings:
         if self.sessions_per_slot == 1 and (self.frame_target_ms is not None or not self.batching):
             option = "--frame-target" if self.frame_target_ms is not None else "--no-batching"
@@ -251,6 +264,15 @@ class Settings(BaseSettings):
         except ValueError:
             return True
 
+    @property
+    def trusted_hosts(self) -> frozenset[str] | None:
+        """The Host names the server answers to (http.TrustedHosts), or None for any. On loopback (the
+        default) only loopback names and --allowed-host; bound beyond it, any unless --allowed-host
+        lists names (then those, the bound address and loopback)."""
+        if "*" in self.allowed_hosts or (self.binds_beyond_loopback and not self.allowed_hosts):
+            return None
+        return frozenset({*LOOPBACK_HOSTS, host_name(self.host), *(host_name(host) for host in self.allowed_hosts)})
+
     def session_config(self, sharing: Sharing | None = None) -> SessionConfig:
         """The session layer's settings; with `--sessions-per-slot auto`, `sharing` is what start-up
         measured (its count, and its frame target unless --frame-target is given)."""
@@ -267,8 +289,8 @@ class Settings(BaseSettings):
         return SessionConfig(
             default_width=width,
             default_height=height,
-            max_width=max(max_width, width),
-            max_height=max(max_height, height),
+            max_width=max_width,
+            max_height=max_height,
             slots=self.slots,
             sessions_per_slot=sessions_per_slot,
             batching=self.batching,

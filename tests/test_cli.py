@@ -92,6 +92,8 @@ def test_bad_settings_are_usage_errors(cache_dir: Path) -> None:
     env = server_env(cache_dir)
     cases = [
         (["serve", "--resolution", "100x100"], "not a multiple of 8"),
+        # A default size sessions could not ask for is refused, not quietly made the maximum.
+        (["serve", "--resolution", "2048x2048"], "--resolution 2048x2048 is over --max-resolution 1024x1024"),
         (["serve", "--device", "cuda", "--port", str(free_port())], "CUDA"),
         (["serve", "--batch-queue", "redis"], "--redis-url"),
         (["worker"], "--redis-url"),

@@ -347,6 +347,55 @@ async def test_a_new_mjpeg_viewer_gets_the_newest_frame_at_once_and_the_stream_e
                     body += data
                 assert time.monotonic() - ended < 3, "the MJPEG stream outlived its session"
                 assert body.endswith(b"--streamcanvasframe--\r\n")
+    # The access log has the request, not the token in its query string (whoever reads the log would
+    # have the session's viewer link).
+    log = guarded.log()
+    assert f"/v1/sessions/{ready['session_id']}/mjpeg?token=[redacted]" in log
+    assert ready["viewer_token"] not in log
+
+
+def _handshake(server: ServerProcess, host: str, origin: str) -> bytes:
+    """The status line a raw WebSocket handshake with this Host and Origin gets."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            f"GET /v1/stream HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        return sock.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_a_host_name_the_server_does_not_answer_to_is_refused(guarded: ServerProcess) -> None:
+    """DNS rebinding: a page on another site whose name is re-pointed at 127.0.0.1 sends its own name as
+    Host and as Origin. The Origin check alone let it open sessions; the Host check refuses it, on HTTP
+    and at the WebSocket handshake, while loopback names pass."""
+    port = guarded.port
+    with httpx.Client(base_url=guarded.base_url, timeout=10) as http:
+        refused = http.get("/v1/info", headers={"host": f"evil.example:{port}"})
+        assert refused.status_code == 400 and refused.json()["error"] == "invalid_host", refused.text
+        assert "--allowed-host evil.example" in refused.json()["message"]
+        assert http.post("/v1/jobs", headers={"host": "evil.example"}, json={}).status_code == 400
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"app.localhost:{port}", f"[::1]:{port}"):
+            assert http.get("/v1/info", headers={"host": host}).status_code == 200, host
+    assert _handshake(guarded, f"evil.example:{port}", f"http://evil.example:{port}") == b"HTTP/1.1 403 Forbidden"
+    assert _handshake(guarded, f"127.0.0.1:{port}", f"http://127.0.0.1:{port}") == b"HTTP/1.1 101 Switching Protocols"
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed", "trusted"),
+    [
+        ("127.0.0.1", [], {"localhost", "127.0.0.1", "::1"}),
+        ("127.0.0.1", ["box.lan:8000", "[fd00::5]"], {"localhost", "127.0.0.1", "::1", "box.lan", "fd00::5"}),
+        ("127.0.0.1", ["*"], None),
+        ("0.0.0.0", [], None),  # bound beyond loopback: any name, unless listed
+        ("0.0.0.0", ["box.lan"], {"localhost", "127.0.0.1", "::1", "0.0.0.0", "box.lan"}),
+        ("::1", [], {"localhost", "127.0.0.1", "::1"}),
+    ],
+)
+def test_the_host_names_a_server_answers_to(host: str, allowed: list[str], trusted: set[str] | None) -> None:
+    from streamcanvas.realtime_server.settings import Settings
+
+    names = Settings(host=host, allowed_hosts=allowed).trusted_hosts
+    assert (None if names is None else set(names)) == trusted
 
 
 async def test_recording_to_an_unwritable_directory_is_a_typed_error(guarded: ServerProcess) -> None:
