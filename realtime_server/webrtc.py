@@ -18,6 +18,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from fractions import Fraction
@@ -299,13 +300,21 @@ class ViewerPeer(Peer):
         self.track = RenderedTrack(frames)
 
 
+def _busy(runtime: Runtime, message: str, busy: dict | None = None) -> HTTPProblem:
+    """503 `busy`, whatever the cause (loading, the connection limit, every slot taken): with
+    `retry_after_s` and the `Retry-After` header, and, when the slots are the cause, the hello's `busy`."""
+    retry_after_s = busy["retry_after_s"] if busy else runtime.manager.config.busy_retry_after_s
+    extra = {"busy": busy} if busy else {}
+    return HTTPProblem(503, "busy", message, headers={"Retry-After": str(math.ceil(retry_after_s))}, retry_after_s=retry_after_s, **extra)
+
+
 async def _read_offer(request: Request, content_type: str) -> bytes:
     """The offer's bytes, once the request has passed every check that needs no body. The body itself is
     capped by the app's body limit (413 before a byte is read when Content-Length says more)."""
     runtime: Runtime = request.app.state.runtime
     require_content_type(request, content_type)
     if not runtime.ready:
-        raise HTTPProblem(503, "busy", f"the server is {runtime.readiness.value}")
+        raise _busy(runtime, f"the server is {runtime.readiness.value}")
     return await request.body()
 
 
@@ -314,7 +323,7 @@ async def _open_session(runtime: Runtime, hello: dict) -> tuple[Session, dict]:
     try:
         session = runtime.manager.open("webrtc")
     except TooManyConnections as error:
-        raise HTTPProblem(503, "busy", str(error)) from None
+        raise _busy(runtime, str(error)) from None
     try:
         session.frames_to_client = False
         hello = {**hello, "type": "hello", "queue": False}  # no waiting in line over one HTTP request
@@ -332,7 +341,7 @@ async def _open_session(runtime: Runtime, hello: dict) -> tuple[Session, dict]:
         return session, answer
     session.close(CloseReason.ERROR)
     if answer["type"] == "busy":
-        raise HTTPProblem(503, "busy", "all slots are busy", busy=answer)
+        raise _busy(runtime, "all slots are busy", answer)
     status = 401 if answer.get("code") == "unauthorized" else 400
     raise HTTPProblem(status, answer.get("code", "error"), answer.get("message", "hello refused"), field=answer.get("field"))
 
@@ -372,7 +381,7 @@ async def _answer(peer: Peer, sdp: str) -> str:
     except Exception as error:  # noqa: BLE001 - aiortc raises many types for SDP it cannot use; all are the offer's
         await peer.close()
         logger.info("refused an offer: %s: %s", type(error).__name__, error)
-        raise HTTPProblem(400, "invalid_sdp", f"the offer could not be used: {type(error).__name__}: {error}") from None
+        raise HTTPProblem(400, "invalid_sdp", f"the offer could not be used: {error or type(error).__name__}") from None
     peer.start()
     return answer
 
@@ -443,25 +452,40 @@ def _options(allow: str, accepts_sdp: bool) -> Response:
     return Response(status_code=204, headers=headers)
 
 
+_WHIP_HELLO = {"width": int, "height": int, "model": str}
+"""The hello's own fields a WHIP publisher may set on its URL."""
+
+
+def _whip_hello(request: Request) -> dict:
+    """The hello a WHIP URL's query string asks for. A name that is neither a hello field nor one of
+    `_WHIP_PARAMS`, a name given twice, or a number that is none, is refused naming it (as the hello
+    itself refuses an unknown field): a misspelt `?strenght=` would otherwise be dropped unseen."""
+    hello: dict = {"protocol": [1], "params": {}}
+    for name, value in request.query_params.multi_items():
+        if name == "token":
+            continue  # the API key, for publishers that cannot set headers (check_api_key)
+        kind = _WHIP_HELLO.get(name) or _WHIP_PARAMS.get(name)
+        place, field = (hello, name) if name in _WHIP_HELLO else (hello["params"], f"params.{name}")
+        if kind is None:
+            known = ", ".join([*_WHIP_HELLO, *_WHIP_PARAMS, "token"])
+            raise HTTPProblem(400, "invalid_field", f"unknown query parameter {name[:100]!r}; a WHIP URL takes {known}", field=name[:100])
+        if name in place:
+            raise HTTPProblem(400, "invalid_field", f"{name} is given twice", field=field)
+        try:
+            place[name] = kind(value)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise HTTPProblem(400, "invalid_field", f"{name} must be {what}, got {value[:100]!r}", field=field) from None
+    return hello
+
+
 async def whip(request: Request) -> Response:
     """Publish a video stream; the server renders it. Parameters ride on the URL's query string."""
     runtime: Runtime = request.app.state.runtime
     if request.method == "OPTIONS":
         return _options(_ALLOW_ENDPOINT, accepts_sdp=True)
     token = check_api_key(request, runtime.settings.api_keys)
-    query = request.query_params
-    hello: dict = {"protocol": [1], "params": {}}
-    try:
-        for name in ("width", "height"):
-            if name in query:
-                hello[name] = int(query[name])
-        if "model" in query:
-            hello["model"] = query["model"]
-        for name, kind in _WHIP_PARAMS.items():
-            if name in query:
-                hello["params"][name] = kind(query[name])
-    except ValueError as error:
-        raise HTTPProblem(400, "invalid_field", f"a query parameter is not a number: {error}") from None
+    hello = _whip_hello(request)
     if token:
         hello["api_key"] = token
     body = await _read_offer(request, "application/sdp")
@@ -513,22 +537,22 @@ async def whep_resource(request: Request) -> Response:
 async def _resource(request: Request, kind: str) -> Response:
     """DELETE ends a WHIP/WHEP resource; PATCH (trickle ICE, ICE restart) is not supported."""
     runtime: Runtime = request.app.state.runtime
-    if request.method == "OPTIONS":
-        return _options(_ALLOW_RESOURCE, accepts_sdp=False)
     peer = runtime.peers.get(request.path_params["resource_id"])
     if peer is None or peer.kind != kind:
         raise HTTPProblem(404, "unknown_resource", "no such WHIP/WHEP resource (it may have ended)")
+    if request.method == "OPTIONS":
+        return _options(_ALLOW_RESOURCE, accepts_sdp=False)
     if request.method == "DELETE":
         await peer.close()
         return Response(status_code=200)
-    raise HTTPProblem(
-        405,
-        "method_not_allowed",
-        "trickle ICE and ICE restarts are not supported: all candidates are in the answer",
-        headers={"Allow": _ALLOW_RESOURCE},
-    )
+    if request.method == "PATCH":
+        message = "trickle ICE and ICE restarts are not supported: all candidates are in the answer"
+    else:
+        message = f"a WHIP/WHEP resource takes {_ALLOW_RESOURCE}, not {request.method}"
+    raise HTTPProblem(405, "method_not_allowed", message, headers={"Allow": _ALLOW_RESOURCE})
 
 
+_EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _EXPOSED = ["Location", "Link", "Accept-Post", "X-Streamcanvas-Session", "X-Streamcanvas-Control-Token", "X-Streamcanvas-Viewer-Token"]
 
 
@@ -548,6 +572,7 @@ def webrtc_routes(allowed_origins: list[str]) -> list[Route]:
         Route("/v1/webrtc/offer", offer, methods=["POST", "OPTIONS"], middleware=cors),
         Route("/v1/whip", whip, methods=["POST", "OPTIONS"], middleware=cors),
         Route("/v1/sessions/{session_id:str}/whep", whep, methods=["POST", "OPTIONS"], middleware=cors),
-        Route("/v1/whip/{resource_id:str}", whip_resource, methods=["DELETE", "PATCH", "OPTIONS"], middleware=cors),
-        Route("/v1/whep/{resource_id:str}", whep_resource, methods=["DELETE", "PATCH", "OPTIONS"], middleware=cors),
+        # Every method reaches the handler, so that a 405 names only what works (Allow: OPTIONS, DELETE).
+        Route("/v1/whip/{resource_id:str}", whip_resource, methods=_EVERY_METHOD, middleware=cors),
+        Route("/v1/whep/{resource_id:str}", whep_resource, methods=_EVERY_METHOD, middleware=cors),
     ]

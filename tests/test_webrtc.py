@@ -139,6 +139,7 @@ async def test_a_busy_server_answers_503(server: ServerProcess) -> None:
         async with httpx.AsyncClient(timeout=30) as http:
             busy = await http.post(offer_url(server), json={"type": "offer", "sdp": "v=0", "hello": {"protocol": [1]}})
         assert busy.status_code == 503 and busy.json()["error"] == "busy"
+        assert busy.headers["retry-after"] == "5" and busy.json()["retry_after_s"] == 5.0  # the hello's busy says the same
 
 
 async def test_whep_needs_the_sessions_token(server: ServerProcess) -> None:

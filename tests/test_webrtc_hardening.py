@@ -129,6 +129,43 @@ async def test_a_peer_that_never_connects_gives_its_slot_back(rtc_server: Server
             await pc.close()
 
 
+async def test_a_whip_url_and_resource_take_only_what_they_document(rtc_server: ServerProcess) -> None:
+    pc, sdp = await offer_sdp()
+    offer, headers = unreachable(sdp), {"content-type": "application/sdp"}
+    try:
+        async with httpx.AsyncClient(base_url=rtc_server.base_url, timeout=30) as http:
+            # A misspelt, repeated or non-numeric query parameter is refused naming it, before any session opens.
+            for query, named, words in (
+                ("strenght=0.6", "strenght", "unknown query parameter 'strenght'"),
+                ("width=abc", "width", "width must be a whole number, got 'abc'"),
+                ("steps=2&steps=3", "params.steps", "steps is given twice"),
+                ("guidance_scale=lots", "params.guidance_scale", "guidance_scale must be a number"),
+            ):
+                refused = await http.post(f"/v1/whip?{query}", content=offer, headers=headers)
+                assert refused.status_code == 400 and refused.json()["field"] == named, refused.text
+                assert words in refused.json()["message"], refused.text
+                assert await _all_free(http)
+            created = await http.post("/v1/whip?prompt=a%20harbour&strength=0.6&style=pencil", content=offer, headers=headers)
+            assert created.status_code == 201, created.text
+            location = created.headers["location"]
+            live = await http.options(location)
+            assert live.status_code == 204 and live.headers["allow"] == "OPTIONS, DELETE"
+            # A 405 names only what the resource takes, whatever the method.
+            for method in ("GET", "PATCH", "PUT", "POST"):
+                refused = await http.request(method, location)
+                assert refused.status_code == 405 and refused.headers["allow"] == "OPTIONS, DELETE", (method, refused.text)
+            assert (await http.delete(location)).status_code == 200
+            for method in ("OPTIONS", "DELETE"):  # an ended resource is gone for every method
+                gone = await http.request(method, location)
+                assert gone.status_code == 404 and gone.json()["error"] == "unknown_resource", method
+            # An offer that cannot be used says why, in words, not as a Python exception.
+            bad = await http.post("/v1/whip", content=b"v=0\r\n", headers=headers)
+            assert bad.status_code == 400 and "Error:" not in bad.json()["message"], bad.text
+            assert await wait_for(lambda: _all_free(http), 5)
+    finally:
+        await pc.close()
+
+
 async def _all_free(http: httpx.AsyncClient) -> bool:
     state = await info(http)
     return state["sessions"] == 0 and state["slots_free"] == state["slots_total"]
@@ -309,8 +346,8 @@ async def test_whip_and_whep_answer_options_with_cors(rtc_server: ServerProcess)
             headers={"origin": ORIGIN, "access-control-request-method": "POST", "access-control-request-headers": "content-type"},
         )
         assert offer_preflight.status_code == 200 and offer_preflight.headers["access-control-allow-origin"] == ORIGIN
-        resource = await http.options("/v1/whip/0123")
-        assert resource.status_code == 204 and resource.headers["allow"] == "OPTIONS, DELETE"
+        unknown = await http.options("/v1/whip/0123")
+        assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_resource"
         # A cross-origin answer exposes the headers a WHIP client must read.
         refused = await http.post("/v1/whip", content=b"v=0", headers={"origin": ORIGIN, "content-type": "text/plain"})
         assert refused.headers["access-control-allow-origin"] == ORIGIN
