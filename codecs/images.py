@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import io
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -131,14 +132,24 @@ def read_dimensions(
         if width is None or height is None:
             raise InvalidField("raw images need width and height", field="width")
         return width, height
+    actual = sniff_format(data)
+    if actual is not None and actual is not image_format:
+        raise CorruptImage(f"not a readable {image_format.value.upper()}: the bytes are a {actual.value.upper()} (say so in `format`)")
     if image_format is ImageFormat.JPEG:
+        if actual is None:
+            raise CorruptImage("not a readable JPEG: no JPEG header")
         try:
             header_height, header_width, _, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError as error:
-            raise CorruptImage(f"not a readable JPEG: {error}") from None
+            raise CorruptImage(f"not a readable JPEG: {_turbojpeg_text(error)}") from None
         return header_width, header_height
     with _open_pillow(image_format, data) as image:
         return image.size
+
+
+def _turbojpeg_text(error: Exception) -> str:
+    """libjpeg-turbo's message without the name of its C function ("tjDecompressHeader3(): …")."""
+    return re.sub(r"^\w+\(\):\s*", "", str(error)) or type(error).__name__
 
 
 def _open_pillow(image_format: ImageFormat, data: bytes) -> Image.Image:
@@ -178,7 +189,7 @@ def decode(
         try:
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
         except ValueError as error:
-            raise CorruptImage(f"JPEG body could not be decoded: {error}") from None
+            raise CorruptImage(f"JPEG body could not be decoded: {_turbojpeg_text(error)}") from None
     with _open_pillow(image_format, data) as image:
         limits.check(*image.size)
         if image_format is ImageFormat.PNG:

@@ -9,6 +9,7 @@ server's messages. Nothing here touches a socket.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -154,7 +155,16 @@ class Ping:
     seq: int | None = None
 
 
-ClientMessage = Hello | Canvas | CanvasDelta | Params | Record | Ping
+@dataclass(frozen=True)
+class RenewTokens:
+    """Ask for fresh session tokens (answered by `tokens`): links made from them (a viewer link, a
+    recording download) work for another token lifetime, while the session goes on."""
+
+    type: ClassVar[str] = "renew_tokens"
+    seq: int | None = None
+
+
+ClientMessage = Hello | Canvas | CanvasDelta | Params | Record | Ping | RenewTokens
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,7 +268,18 @@ class Pong:
     seq: int | None = None
 
 
-ServerMessage = Ready | Busy | Frame | Stats | Error | Recording | Pong
+@dataclass(frozen=True)
+class Tokens:
+    """Fresh control and viewer tokens of this session, valid for `ttl_s` from now."""
+
+    type: ClassVar[str] = "tokens"
+    token: str
+    viewer_token: str
+    ttl_s: float
+    ref_seq: int | None = None
+
+
+ServerMessage = Ready | Busy | Frame | Stats | Error | Recording | Pong | Tokens
 
 
 def serialize(message: ServerMessage | ClientMessage) -> bytes:
@@ -293,6 +314,34 @@ def parse_server_message(data: bytes) -> dict[str, Any]:
 # Parsing client messages
 
 
+_LIMIT = re.compile(r"(\d+) exceeds max_(map|array|str|bin)_len\((\d+)\)")
+_LIMITED = {"map": "a map of {} entries", "array": "an array of {} items", "str": "a string of {} bytes", "bin": "binary data of {} bytes"}
+
+
+def _msgpack_problem(error: Exception) -> str:
+    """What is wrong with a message msgpack could not read, in this protocol's words rather than the
+    library's (its limits are named by their keyword arguments; some of its errors have no text)."""
+    if isinstance(error, msgpack.exceptions.ExtraData):
+        return "more than one value (bytes follow the first)"
+    if isinstance(error, msgpack.exceptions.StackError):
+        return "values nested too deeply"
+    if isinstance(error, msgpack.exceptions.FormatError):
+        return "a byte that starts no MsgPack value"
+    if isinstance(error, UnicodeDecodeError):
+        return "a string that is not UTF-8"
+    text = str(error)
+    limit = _LIMIT.search(text)
+    if limit:
+        return f"{_LIMITED[limit[2]].format(limit[1])}, over the limit of {limit[3]}"
+    if "max_ext_len" in text:
+        return "an extension type (this protocol uses none)"
+    if "strict_map_key" in text:
+        return f"a map key that is not a string ({text.partition(' ')[0]})"
+    if "incomplete" in text:
+        return "the message ends inside a value"
+    return text or type(error).__name__
+
+
 def _unpack(data: bytes) -> dict[str, Any]:
     try:
         body = msgpack.unpackb(
@@ -303,10 +352,8 @@ def _unpack(data: bytes) -> dict[str, Any]:
             max_map_len=256,
             max_ext_len=0,
         )
-    except (msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError, msgpack.exceptions.StackError) as error:
-        raise MalformedMessage(f"not a single MsgPack value: {error}") from None
-    except (ValueError, TypeError, UnicodeDecodeError) as error:
-        raise MalformedMessage(f"not valid MsgPack: {error}") from None
+    except (ValueError, TypeError) as error:  # msgpack's errors, UnicodeDecodeError among them, are ValueErrors
+        raise MalformedMessage(f"not valid MsgPack: {_msgpack_problem(error)}") from None
     if not isinstance(body, dict):
         raise MalformedMessage(f"a message must be a MsgPack map, got {type(body).__name__}")
     kind = body.get("type")
@@ -468,9 +515,11 @@ def parse_client_message(data: bytes) -> ClientMessage:
         message = Record(action=action, seq=fields.integer("seq", 0, MAX_SEQ))
     elif kind == Ping.type:
         message = Ping(t=fields.get("t", (float, int)), seq=fields.integer("seq", 0, MAX_SEQ))
+    elif kind == RenewTokens.type:
+        message = RenewTokens(seq=fields.integer("seq", 0, MAX_SEQ))
     else:
         raise UnknownMessageType(
-            f"unknown message type {kind!r}; expected one of hello, canvas, delta, params, record, ping",
+            f"unknown message type {kind!r}; expected one of hello, canvas, delta, params, record, ping, renew_tokens",
             field="type",
         )
     fields.done()

@@ -44,7 +44,9 @@ from streamcanvas.codecs.messages import (
     Ready,
     Record,
     Recording,
+    RenewTokens,
     Stats,
+    Tokens,
     message_ref,
     parse_client_message,
     serialize,
@@ -255,6 +257,17 @@ class Session:
                 if self.state is SessionState.CONNECTING:
                     raise NotReady("'ping' before hello: send hello first")
                 self.send_control(Pong(t=message.t, seq=message.seq))
+            case RenewTokens():
+                if self.state not in (SessionState.READY, SessionState.STREAMING):
+                    raise NotReady("'renew_tokens' needs a session that is ready (its tokens come with ready)")
+                self.send_control(
+                    Tokens(
+                        token=self.broker.issue_token(self.id, "control"),
+                        viewer_token=self.broker.issue_token(self.id, "viewer"),
+                        ttl_s=self.config.token_ttl_s,
+                        ref_seq=message.seq,
+                    )
+                )
             case _:
                 assert_never(message)
 

@@ -96,6 +96,27 @@ def test_malformed_bytes(data: bytes) -> None:
         parse_client_message(data)
 
 
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"\xc1\xc1\xc1", "a byte that starts no MsgPack value"),
+        (b"\x91" * 100_000 + b"\x00", "values nested too deeply"),
+        (msgpack.packb({str(i): i for i in range(300)}), "a map of 300 entries, over the limit of 256"),
+        (msgpack.packb(list(range(5000))), "an array of 5000 items, over the limit of 4096"),
+        (msgpack.packb(msgpack.ExtType(3, b"abc")), "an extension type (this protocol uses none)"),
+        (msgpack.packb({1: "ping"}), "a map key that is not a string (int)"),
+        (b"\x81\xa4type", "the message ends inside a value"),
+        (msgpack.packb({"type": "ping"}) + b"\x00", "more than one value (bytes follow the first)"),
+        (b"\x81\xa4type\xa2\xff\xfe", "a string that is not UTF-8"),
+    ],
+)
+def test_unreadable_msgpack_is_told_in_the_protocols_words(data: bytes, problem: str) -> None:
+    """Not the library's ("300 exceeds max_map_len(256)", or an empty text after the colon)."""
+    with pytest.raises(MalformedMessage) as raised:
+        parse_client_message(data)
+    assert str(raised.value) == f"not valid MsgPack: {problem}"
+
+
 def test_unknown_type() -> None:
     with pytest.raises(UnknownMessageType, match="'dance'"):
         parse_client_message(msgpack.packb({"type": "dance"}))

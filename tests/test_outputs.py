@@ -14,6 +14,7 @@ import simplejpeg
 
 from conftest import TEST_RESOLUTION, start_server
 from helpers import Client, ServerProcess, make_canvas
+from streamcanvas.codecs.messages import RenewTokens
 
 SIZE = TEST_RESOLUTION
 
@@ -148,4 +149,10 @@ async def test_expired_viewer_tokens_are_refused(short_token_server: ServerProce
         await asyncio.sleep(2.2)
         async with httpx.AsyncClient(timeout=10) as http:
             expired = await http.get(mjpeg_url(short_token_server, ready))
-        assert expired.status_code == 401 and "expired" in expired.json()["message"]
+            assert expired.status_code == 401 and "expired" in expired.json()["message"]
+            # The live session asks for fresh tokens; a link made from them works again.
+            await client.send(RenewTokens(seq=4))
+            tokens = await client.expect("tokens")
+            assert tokens["ref_seq"] == 4 and tokens["ttl_s"] == 1.0
+            async with http.stream("GET", mjpeg_url(short_token_server, {**ready, **tokens})) as renewed:
+                assert renewed.status_code == 200

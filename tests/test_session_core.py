@@ -93,6 +93,31 @@ async def test_hello_seats_the_session_and_answers_ready_with_the_brokers_tokens
     assert broker.forgotten == [session] and await session.next_outgoing() is None
 
 
+RENEW = b"\x82\xa4type\xacrenew_tokens\xa3seq\x09"  # {"type": "renew_tokens", "seq": 9}
+
+
+async def test_renew_tokens_answers_fresh_ones_once_the_session_is_ready() -> None:
+    class Counting(Broker):
+        issued = 0
+
+        def issue_token(self, session_id: str, role: str) -> str:
+            self.issued += 1
+            return f"{role}:{session_id}:{self.issued}"
+
+    session = Session(Counting(), CONFIG, "test")
+    await session.handle(RENEW)
+    [early] = answers(session)
+    assert early["code"] == "not_ready" and early["ref_seq"] == 9 and early["ref_type"] == "renew_tokens"
+    await session.handle(HELLO)
+    [ready] = answers(session)
+    await session.handle(RENEW)
+    [tokens] = answers(session)
+    assert tokens == {"type": "tokens", "token": f"control:{session.id}:3", "viewer_token": f"viewer:{session.id}:4",
+                      "ttl_s": CONFIG.token_ttl_s, "ref_seq": 9}
+    assert {tokens["token"], tokens["viewer_token"]}.isdisjoint({ready["token"], ready["viewer_token"]})
+    session.close(CloseReason.CLIENT_LEFT)
+
+
 async def test_bad_bytes_get_typed_errors_and_the_session_goes_on() -> None:
     session = Session(Broker(), CONFIG, "test")
     await session.handle(NOT_MSGPACK)
