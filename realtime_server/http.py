@@ -136,7 +136,8 @@ class TrustedHosts:
             await self.app(scope, receive, send)
             return
         name = host_name(Headers(scope=scope).get("host", ""))
-        if name in self.allowed or name.endswith(".localhost"):
+        # No Host at all (an HTTP/1.0 request) is no browser's: browsers always send one, so it is let through.
+        if not name or name in self.allowed or name.endswith(".localhost"):
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":

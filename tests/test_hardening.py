@@ -123,13 +123,13 @@ def chunked(total_mb: int) -> Iterator[bytes]:
 def test_a_huge_body_is_refused_without_being_read(guarded: ServerProcess, path: str) -> None:
     before = rss_mb(guarded)
     content_type = "application/json" if path.endswith("offer") else "application/sdp"
-    declared = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {300 * MB}\r\n\r\n"
+    declared = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {300 * MB}\r\n\r\n"
     answer, sent = send_body(guarded, declared, megabytes(300))
     status = answer.split(b" ", 2)[1] if answer else b""
     assert status == b"413", answer[:300]  # the declared length alone is enough
     assert b'"payload_too_large"' in answer and b"connection: close" in answer.lower()
     assert sent < 100 * MB, f"the client got {sent} bytes in before the answer"
-    streamed = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    streamed = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n\r\n"
     answer, sent = send_body(guarded, streamed, chunked(300))
     status = answer.split(b" ", 2)[1] if answer else b""
     # WHEP checks the viewer's credentials (here: an unknown session) before it reads a byte.
@@ -140,7 +140,7 @@ def test_a_huge_body_is_refused_without_being_read(guarded: ServerProcess, path:
 
 def test_a_body_that_keeps_coming_after_the_answer_ends_the_connection(guarded: ServerProcess) -> None:
     with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/sessions/nope/whep HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(b"POST /v1/sessions/nope/whep HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/sdp\r\nTransfer-Encoding: chunked\r\n\r\n")
         sock.sendall(b"4\r\nv=0\n\r\n")
         answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 404"), answer
@@ -178,7 +178,7 @@ async def test_a_client_still_sending_its_body_reads_the_early_answer(guarded: S
 def test_lingering_after_an_early_answer_is_bounded(guarded: ServerProcess) -> None:
     """What is dropped after an early answer is bounded in bytes (a client that never stops) and in
     time (a client that stalls), and the answer comes first either way."""
-    head = f"POST /v1/whip HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\nContent-Length: {1024 * MB}\r\n\r\n"
+    head = f"POST /v1/whip HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/sdp\r\nContent-Length: {1024 * MB}\r\n\r\n"
     with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
         sock.sendall(head.encode())
         block, sent, ended = b"x" * MB, 0, False
@@ -218,9 +218,9 @@ def test_half_sent_requests_are_answered_408_and_closed(guarded: ServerProcess) 
         for index in range(MAX_PENDING - 5):
             sock = socket.create_connection(("127.0.0.1", guarded.port), timeout=10)
             if index % 2:
-                sock.sendall(b"POST /v1/whip HTTP/1.1\r\nHost: x\r\nContent-Type: appl")  # head never finished
+                sock.sendall(b"POST /v1/whip HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl")  # head never finished
             else:
-                sock.sendall(b"POST /v1/whip HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\nContent-Length: 100\r\n\r\nv=0")
+                sock.sendall(b"POST /v1/whip HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/sdp\r\nContent-Length: 100\r\n\r\nv=0")
             sockets.append(sock)
         started = time.monotonic()
         answers = []
@@ -376,6 +376,9 @@ def test_a_host_name_the_server_does_not_answer_to_is_refused(guarded: ServerPro
         assert http.post("/v1/jobs", headers={"host": "evil.example"}, json={}).status_code == 400
         for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"app.localhost:{port}", f"[::1]:{port}"):
             assert http.get("/v1/info", headers={"host": host}).status_code == 200, host
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # HTTP/1.0 with no Host: no browser's
+        sock.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
     assert _handshake(guarded, f"evil.example:{port}", f"http://evil.example:{port}") == b"HTTP/1.1 403 Forbidden"
     assert _handshake(guarded, f"127.0.0.1:{port}", f"http://127.0.0.1:{port}") == b"HTTP/1.1 101 Switching Protocols"
 
@@ -472,7 +475,7 @@ async def test_an_mjpeg_viewer_that_stops_reading_is_reset_and_gives_its_place_b
         viewer = socket.socket()
         viewer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills after a few frames
         viewer.connect(("127.0.0.1", guarded.port))
-        viewer.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        viewer.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         assert viewer.recv(64).startswith(b"HTTP/1.1 200")
         # The only viewer place is taken (STREAMCANVAS_MAX_VIEWERS=1) ...
         assert (await http.get(f"{guarded.base_url}{path}")).status_code == 503
