@@ -99,16 +99,18 @@ def _sampler_and_schedule(sampler: str, schedule_type: str | None) -> tuple[str,
                 break
     scheduler = _SAMPLER_LOOKUP[key]
     if schedule_type is not None and schedule_type.lower() != "automatic":
-        wanted = schedule_type.lower().replace("_", " ")  # its label ("SGM Uniform") or its name ("sgm_uniform")
-        lookup = {label.lower(): spacing for label, spacing in SCHEDULE_TYPES.items()}
-        if wanted not in lookup:
+        wanted = _schedule_type_name(schedule_type)  # its label ("SGM Uniform") or its name ("sgm_uniform")
+        if wanted not in _SCHEDULE_LOOKUP:
             raise ValueError(schedule_type)
-        sigmas = lookup[wanted]
+        sigmas = _SCHEDULE_LOOKUP[wanted]
     return scheduler, sigmas
 
 
 def _schedule_type_name(label: str) -> str:
     return label.lower().replace(" ", "_")
+
+
+_SCHEDULE_LOOKUP = {_schedule_type_name(label): spacing for label, spacing in SCHEDULE_TYPES.items()}
 
 
 def _upscaler(name: str | None, networks: dict[str, int], latent: bool = False) -> str:
