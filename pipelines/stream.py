@@ -510,6 +510,11 @@ class StreamPipeline:
             stream.enable_similar_image_filter(params.similar_threshold)
         else:
             stream.disable_similar_image_filter()
+        if previous is not None and previous.replace(similar_filter=params.similar_filter, similar_threshold=params.similar_threshold) != params:
+            # New parameters change the frame of an unchanged input: the filter must let the next input
+            # through, or a still canvas would never show them (it compares inputs, not what they render).
+            stream.similar_filter.prev_tensor = None
+            stream.similar_filter.skip_count = 0
         if not params.feedback:
             self._previous_latent = None
 
@@ -761,8 +766,11 @@ class StreamPipeline:
             _check_image("image", image, self.width, self.height)
             pixels = torch.from_numpy(image).to(self.model.placement.device).permute(2, 0, 1).unsqueeze(0)
             pixels = pixels.to(self.model.placement.dtype) / 127.5 - 1.0
-            # A transition renders the same input frame after frame: the filter must not hold it still.
-            if stream.similar_image_filter and self._blend is None and stream.similar_filter(pixels) is None:
+            # The filter judges new inputs only. A transition renders the same input frame after frame, and
+            # an input it let through is rendered again until the stream batch has fully shown it: neither
+            # may be held still.
+            fresh = not self._fed or tag != self._fed[-1]
+            if stream.similar_image_filter and fresh and self._blend is None and stream.similar_filter(pixels) is None:
                 return RenderResult(None, self._fed[-1] if self._fed else tag, _elapsed_ms(started, stream))
         if layer is not None:
             _check_image("layer", layer, self.width, self.height)

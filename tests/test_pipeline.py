@@ -149,6 +149,39 @@ def test_similar_image_filter_skips_repeated_input(tiny_model) -> None:  # type:
     assert any(result.image is None for result in results[1:])
 
 
+def test_new_parameters_pass_the_similar_image_filter(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """A still canvas shows a new prompt or seed at once: the filter compares inputs, and the same input
+    under new parameters is a new frame (it used to be skipped, so the change never showed)."""
+    canvas = make_canvas(SIZE, 3)
+    params = StreamParams(prompt="x", similar_filter=True, similar_threshold=0.5)
+    pipeline = StreamPipeline(tiny_model, SIZE, SIZE)
+    pipeline.configure(params, img2img=True)
+    first = pipeline.render(canvas, tag=1).image
+    assert first is not None and pipeline.render(canvas, tag=2).image is None  # identical: always skipped
+    for tag, changes in enumerate([{"prompt": "y"}, {"seed": 9}, {"guidance_scale": 1.5, "cfg_type": "self"}], start=3):
+        params = params.replace(**changes)
+        pipeline.configure(params, img2img=True)
+        frame = pipeline.render(canvas, tag=tag).image
+        assert frame is not None, changes
+        assert not np.array_equal(frame, first), changes
+        first = frame
+    pipeline.configure(params.replace(similar_threshold=0.6), img2img=True)  # the filter's own setting: no new frame
+    assert pipeline.render(canvas, tag=10).image is None
+
+
+def test_the_similar_image_filter_lets_an_input_it_took_be_fully_shown(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """With two steps an input takes two frames; the second renders the same input again and must not
+    be skipped as "similar", or the input would never be fully shown (nor answered)."""
+    pipeline = stream(tiny_model, prompt="x", steps=2, similar_filter=True, similar_threshold=0.7)  # these canvases: 0.59
+    assert pipeline.depth == 2
+    pipeline.render(make_canvas(SIZE, 1), tag=1)
+    assert pipeline.settled
+    pipelined = pipeline.render(make_canvas(SIZE, 2), tag=2)
+    assert pipelined.image is not None and pipelined.answers == 1 and not pipeline.settled
+    flushed = pipeline.render(make_canvas(SIZE, 2), tag=2)
+    assert flushed.image is not None and flushed.answers == 2 and pipeline.settled
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
