@@ -32,7 +32,7 @@ from streamcanvas.pipelines.controls import MAX_CONTROL_SCALE, MAX_CONTROLS, Pre
 from streamcanvas.pipelines.errors import InvalidParameter, UnknownName
 from streamcanvas.pipelines.models import ModelChoice
 from streamcanvas.pipelines.sizes import MIN_SIDE, SIDE_MULTIPLE, aligned, side_problem
-from streamcanvas.pipelines.stream import MAX_SEED, RenderResult, StreamParams, StreamPipeline
+from streamcanvas.pipelines.stream import MAX_SEED, RenderResult, StreamParams, StreamPipeline, nth_seed
 from streamcanvas.pipelines.styles import StylePreset
 
 from .errors import InvalidJob
@@ -332,7 +332,7 @@ class JobKind:
             larger = upscaled(renderer, image, width, height, hires["upscaler"], params.get("model"), passes.of(1 + 2 * index))
             # Cropped before the pass, as A1111 does, so that only what is kept is repainted.
             larger = _centre_crop(larger, out_width, out_height) if (out_width, out_height) != (width, height) else larger
-            second_pass = dataclasses.replace(second, seed=request.seed + index)
+            second_pass = dataclasses.replace(second, seed=nth_seed(request.seed, index))
             refined.append(refine(renderer, larger, second_pass, hires["tile"], hires["overlap"], passes.of(2 + 2 * index)))
         return refined
 

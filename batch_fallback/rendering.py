@@ -44,7 +44,7 @@ from PIL import Image
 
 from streamcanvas.pipelines.loading import LoadedModel
 from streamcanvas.pipelines.models import ModelSet
-from streamcanvas.pipelines.stream import encode_prompts
+from streamcanvas.pipelines.stream import encode_prompts, nth_seed
 
 SCHEDULERS = {
     "euler_a": EulerAncestralDiscreteScheduler,
@@ -237,7 +237,7 @@ class QualityRenderer:
         pipeline_class = PIPELINES[(sdxl, bool(request.controls), mode)]
         pipe = pipeline_class(**components)
         pipe.set_progress_bar_config(disable=True)
-        generators = [torch.Generator("cpu").manual_seed(request.seed + index) for index in range(request.batch_size)]
+        generators = [torch.Generator("cpu").manual_seed(nth_seed(request.seed, index)) for index in range(request.batch_size)]
 
         def step_end(pipeline, step: int, _timestep, tensors: dict) -> dict:  # type: ignore[no-untyped-def]
             latents = tensors["latents"]

@@ -18,6 +18,8 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from streamcanvas.pipelines.stream import nth_seed
+
 from .store import ResultRecord
 
 
@@ -122,10 +124,10 @@ class ResultFile:
 
 
 def described(params: dict[str, Any], images: list[Image.Image], model_name: str) -> list[ResultImage]:
-    """A txt2img/img2img job's images: image i has seed + i, the A1111 text and the job's parameters."""
+    """A txt2img/img2img job's images: image i has seed + i (`nth_seed`), the A1111 text and the job's parameters."""
     results = []
     for index, image in enumerate(images):
-        seed = params["seed"] + index
+        seed = nth_seed(params["seed"], index)
         text = {"parameters": infotext(params, seed, model_name)}
         results.append(ResultImage(image, seed, text, {"model": model_name, **params, "seed": seed}))
     return results

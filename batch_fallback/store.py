@@ -111,7 +111,7 @@ results = Table(
     Column("job_id", String(32), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
     Column("index", Integer, primary_key=True),
     Column("path", Text, nullable=False),
-    Column("seed", BigInteger, nullable=False),  # seeds go to 2**32 - 1 (+ batch index)
+    Column("seed", BigInteger, nullable=False),  # ComfyUI's seeds go to 2**63 - 1
     Column("width", Integer, nullable=False),
     Column("height", Integer, nullable=False),
     Column("bytes", Integer, nullable=False),

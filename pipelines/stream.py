@@ -54,6 +54,12 @@ MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
 
 
+def nth_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a batch: seed + index, which wraps round to 0 past MAX_SEED, so that
+    every image's seed can be sent again (ComfyUI's seeds, up to 2**63 - 1, just add: torch takes 64 bits)."""
+    return (seed + index) % (MAX_SEED + 1) if seed <= MAX_SEED else seed + index
+
+
 PromptText = str | tuple[tuple[str, float], ...]
 """A prompt, or weighted prompts ((text, weight), ...) whose embeddings are mixed by weight."""
 
