@@ -430,8 +430,10 @@ def _parse_hello(fields: _Fields) -> Hello:
         raise InvalidValue(f"hello: 'mode' is {mode!r}, not one of {', '.join(MODES)}", field="mode")
     return Hello(
         protocol=tuple(versions),
-        width=fields.integer("width", 1, 1 << 16),
-        height=fields.integer("height", 1, 1 << 16),
+        # Only the type here: the session checks the size against the server's limits, in one message
+        # that names the range it takes (the parser's own bounds used to give a second, looser one).
+        width=fields.get("width", (int,)),
+        height=fields.get("height", (int,)),
         codec=ImageFormat.parse(fields.get("codec", (str,), default="jpeg"), field="codec"),
         quality=fields.integer("quality", 1, 100, default=80),
         api_key=fields.get("api_key", (str,)),

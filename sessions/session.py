@@ -358,8 +358,8 @@ class Session:
             hmac.compare_digest((hello.api_key or "").encode(), key.encode()) for key in self.config.api_keys
         ):
             raise Unauthorized("a valid api_key is required in hello", field="api_key")
-        width = hello.width or self.config.default_width
-        height = hello.height or self.config.default_height
+        width = self.config.default_width if hello.width is None else hello.width
+        height = self.config.default_height if hello.height is None else hello.height
         self._check_resolution(width, height)
         self.mode = hello.mode
         self.model_name = self.config.catalog.model(hello.model)

@@ -178,6 +178,7 @@ async def test_oversize_messages(server: ServerProcess) -> None:
         ({"type": "hello", "protocol": [99]}, "unsupported_version"),
         ({"type": "hello", "protocol": [1], "width": 100000, "height": 64}, "invalid_value"),
         ({"type": "hello", "protocol": [1], "width": 0, "height": 64}, "invalid_value"),
+        ({"type": "hello", "protocol": [1], "width": -64, "height": 64}, "invalid_value"),
         ({"type": "hello", "protocol": [1], "width": "wide"}, "invalid_field"),
         ({"type": "hello", "protocol": [1], "width": 8192, "height": 8192}, "invalid_value"),
         ({"type": "hello", "protocol": [1], "width": 100, "height": 100}, "invalid_value"),
@@ -196,6 +197,10 @@ async def test_a_bad_hello_is_refused_with_a_reason(server: ServerProcess, trans
     if "codec" in hello:
         assert refusal["field"] == "codec", refusal  # the hello's field (over both transports), not an image's "format"
     assert "in hello:" not in refusal["message"], refusal  # "strength: in hello: strength: …" named the field twice
+    if isinstance(hello.get("width"), int) and hello["width"] % 8 == 0:
+        # One message for every size out of range, naming the range the server takes (the parser's own
+        # bounds used to answer 0 and 100000 with "outside [1, 65536]"; 0 was no size at all, not the default).
+        assert refusal["field"] == "width" and f"{hello['width']} is outside 64 … " in refusal["message"], refusal
     assert refusal.get("close_code", 1008) == 1008 and refusal.get("status", 400) == 400, refusal
     assert server.info()["slots_free"] == 2
 

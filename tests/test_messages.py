@@ -66,7 +66,7 @@ def test_integers_given_for_floats_become_floats() -> None:
         ({"type": "hello", "protocol": []}, InvalidValue, "protocol"),
         ({"type": "hello", "protocol": ["1"]}, InvalidField, "protocol"),
         ({"type": "hello", "protocol": 1, "quality": 101}, InvalidValue, "quality"),
-        ({"type": "hello", "protocol": 1, "width": 0}, InvalidValue, "width"),
+        ({"type": "hello", "protocol": 1, "width": 64.0}, InvalidField, "width"),  # its range is the session's to check
         ({"type": "hello", "protocol": 1, "mode": "video"}, InvalidValue, "mode"),
         ({"type": "record", "action": "pause"}, InvalidValue, "action"),
         ({"type": "hello", "protocol": 1, "codec": "tiff"}, UnsupportedImageFormat, "codec"),
