@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import av
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -562,3 +563,60 @@ def test_the_viewer_link_opens_the_obs_page(page: Page, browser: Browser, artifa
         obs.wait_for_function(f"Number(document.querySelector('#output').dataset.attempts) > {attempts}")
     finally:
         obs_context.close()
+
+
+TOKEN_TTL_S = 3
+
+
+@pytest.fixture(scope="module")
+def short_tokens_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
+    process = start_server(cache_dir, artifacts_dir, "browser-short-tokens", env={"STREAMCANVAS_TOKEN_TTL_S": str(TOKEN_TTL_S)})
+    yield process
+    process.stop()
+
+
+def test_links_made_after_the_tokens_expired_still_work(browser: Browser, short_tokens_server: ServerProcess) -> None:
+    """A session open for longer than the token lifetime: the viewer link, a recording's download and a
+    full-quality render ask for new tokens (renew_tokens) when they are used, instead of handing out the
+    expired ones from `ready` (401)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        open_page(page, short_tokens_server)
+        wait_settled(page)
+        first_link = page.input_value("#viewer-url")
+        first_mjpeg = page.get_attribute("#viewer-url", "data-mjpeg")
+        page.click("#record")
+        page.wait_for_function("document.querySelector('#record').getAttribute('aria-pressed') === 'true'")
+        for index in range(3):
+            stroke(page, [(0.1 + index * 0.2, 0.2), (0.2 + index * 0.2, 0.8)])
+            wait_settled(page)
+        page.click("#record")
+        link = page.locator("#recording-link")
+        link.wait_for()
+        page.wait_for_timeout(TOKEN_TTL_S * 1000 + 500)  # every token the page has is now expired
+
+        assert httpx.get(first_mjpeg, timeout=5).status_code == 401
+        assert httpx.get(page.evaluate("document.querySelector('#recording-link').href"), timeout=5).status_code == 401
+        page.click("#viewer-link")
+        page.wait_for_function(f"document.querySelector('#viewer-url').value !== {json.dumps(first_link)}")
+        with httpx.stream("GET", page.get_attribute("#viewer-url", "data-mjpeg"), timeout=10) as viewer:
+            assert viewer.status_code == 200 and viewer.headers["content-type"].startswith("multipart/x-mixed-replace")
+
+        page.wait_for_timeout(TOKEN_TTL_S * 1000 + 500)  # and the renewed ones too
+        with page.expect_download() as download:
+            link.click()
+        assert download.value.failure() is None
+        with av.open(download.value.path()) as container:
+            assert len(list(container.decode(video=0))) >= 3
+
+        page.wait_for_timeout(TOKEN_TTL_S * 1000 + 500)
+        page.click("#render-hd")
+        page.locator("#render-hd-link").wait_for()
+        assert page.locator("#render-hd-status").inner_text() == "Done"
+        assert not errors
+    finally:
+        context.close()

@@ -108,13 +108,37 @@ connection.addEventListener("state", (event) => {
     endRecording();
     $("#model-name").textContent = ready.model.toy_model ? `${ready.model.toy_model} toy model` : ready.model.name;
     $("#model-name").title = `${ready.model.name} · ${ready.model.device} · ${ready.model.vae}`;
-    const viewer = new URL("/obs.html", location.href);
-    viewer.search = new URLSearchParams({ session: ready.session_id, token: ready.viewer_token }).toString();
-    $("#viewer-url").value = viewer.href;
-    $("#viewer-url").dataset.mjpeg = new URL(
-      `/v1/sessions/${ready.session_id}/mjpeg?token=${encodeURIComponent(ready.viewer_token)}`, location.href,
-    ).href;
+    showViewerLink(ready);
   }
+});
+
+function showViewerLink(ready) {
+  const viewer = new URL("/obs.html", location.href);
+  viewer.search = new URLSearchParams({ session: ready.session_id, token: ready.viewer_token }).toString();
+  $("#viewer-url").value = viewer.href;
+  $("#viewer-url").dataset.mjpeg = new URL(
+    `/v1/sessions/${ready.session_id}/mjpeg?token=${encodeURIComponent(ready.viewer_token)}`, location.href,
+  ).href;
+}
+
+// Tokens expire (the server's token lifetime, 12 h by default): what hands one out — the viewer link,
+// a full-quality render, a recording's download — asks for new ones first, so a session open for
+// longer than that still makes links that work. If that fails, the ones from `ready` are tried.
+async function freshTokens() {
+  try {
+    await connection.renewTokens();
+  } catch {
+    // not connected, or no answer: what `ready` gave may still be valid
+  }
+  return connection.ready;
+}
+
+connection.addEventListener("tokens", () => {
+  const ready = connection.ready;
+  showViewerLink(ready);
+  if (state.recording) state.recording.token = ready.token;
+  const link = $("#recording-link");
+  if (!link.hidden && link.dataset.session === ready.session_id) link.href = withToken(link.dataset.url, ready.token);
 });
 
 // A hello the server refused (a setting this model or server does not take): go back to what worked
@@ -380,10 +404,12 @@ connection.addEventListener("recording", (event) => {
   const ready = connection.ready;
   if (started) {
     // Where it will be if the session ends first (the server finishes and keeps it): for the link then.
-    state.recording = { url: `/v1/sessions/${ready.session_id}/recordings/${recording.recording_id}.mp4`, token: ready.token };
+    state.recording = {
+      url: `/v1/sessions/${ready.session_id}/recordings/${recording.recording_id}.mp4`, token: ready.token, session: ready.session_id,
+    };
   } else if (recording.url) {
     state.recording = null;
-    showRecordingLink(`${recording.url}?token=${encodeURIComponent(ready.token)}`,
+    showRecordingLink({ url: recording.url, token: ready.token, session: ready.session_id },
       `Download recording (${recording.frames} frames, ${recording.duration_s.toFixed(1)} s)`);
   } else {
     state.recording = null;
@@ -391,30 +417,50 @@ connection.addEventListener("recording", (event) => {
   }
 });
 
-function showRecordingLink(href, text) {
+function withToken(url, token) {
+  return `${url}?token=${encodeURIComponent(token)}`;
+}
+
+function showRecordingLink({ url, token, session }, text) {
   const link = $("#recording-link");
-  link.href = href;
+  link.href = withToken(url, token);
+  link.dataset.url = url;
+  link.dataset.session = session;
   link.textContent = text;
   link.hidden = false;
 }
+
+// A recording of this session is downloaded with a token asked for at the click; one of an earlier
+// session (the connection dropped) keeps the token that session had.
+$("#recording-link").addEventListener("click", async (event) => {
+  const link = event.currentTarget;
+  if (link.dataset.renewed === "yes" || link.dataset.session !== connection.ready?.session_id || !connection.isReady) {
+    delete link.dataset.renewed;
+    return;
+  }
+  event.preventDefault();
+  const ready = await freshTokens();
+  link.href = withToken(link.dataset.url, ready.token);
+  link.dataset.renewed = "yes";
+  link.click();
+});
 
 // A new session records nothing; a recording the old one was making ended with it, and is kept.
 function endRecording() {
   $("#record").setAttribute("aria-pressed", "false");
   $("#record").textContent = "Record";
   if (state.recording) {
-    showRecordingLink(`${state.recording.url}?token=${encodeURIComponent(state.recording.token)}`,
-      "Download recording (it ended when the connection did)");
+    showRecordingLink(state.recording, "Download recording (it ended when the connection did)");
     state.recording = null;
   }
 }
 
 $("#render-hd").addEventListener("click", async () => {
-  const ready = connection.ready;
   const button = $("#render-hd");
   const status = $("#render-hd-status");
   button.disabled = true;
   try {
+    const ready = await freshTokens();
     const { job, url } = await renderFullQuality({
       sessionId: ready.session_id,
       token: ready.token,
@@ -439,6 +485,7 @@ $("#render-hd").addEventListener("click", async () => {
 
 $("#viewer-link").addEventListener("click", async () => {
   const field = $("#viewer-url");
+  await freshTokens(); // the field now holds a link that lasts the whole token lifetime
   try {
     await navigator.clipboard.writeText(field.value);
     showError({ code: "note", message: "Viewer link copied. In OBS: Sources → Browser, paste it as the URL." }, true);

@@ -1,10 +1,11 @@
 // One WebSocket session with the server: states, automatic reconnection with backoff, and pacing
 // (a bounded number of inputs in flight, released by the frames that answer them).
-import { hello, pack, unpack, pingMessage } from "./protocol.js";
+import { hello, pack, unpack, pingMessage, renewTokensMessage } from "./protocol.js";
 
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000];
 const MAX_IN_FLIGHT = 2; // two keep the server's stream batch busy without building a backlog
 const IN_FLIGHT_TIMEOUT_MS = 3000; // an input the server skipped (similar-frame filter) must not stall us
+const RENEW_TIMEOUT_MS = 5000;
 // A hello refused with one of these would be refused again as it is: the connection does not retry it
 // by itself but reports "refused", and the page changes the hello (or the person does).
 const REFUSALS = new Set(["invalid_field", "invalid_value", "unknown_name", "unsupported_image_format", "unsupported_version", "unauthorized"]);
@@ -130,6 +131,10 @@ export class Connection extends EventTarget {
       case "recording":
         this.dispatchEvent(new CustomEvent("recording", { detail: message }));
         break;
+      case "tokens":
+        if (this.ready) Object.assign(this.ready, { token: message.token, viewer_token: message.viewer_token });
+        this.dispatchEvent(new CustomEvent("tokens", { detail: message }));
+        break;
       case "pong":
         break;
       default:
@@ -167,5 +172,31 @@ export class Connection extends EventTarget {
 
   ping() {
     return this.sendControl((seq) => pingMessage(seq));
+  }
+
+  // New tokens for this session (renew_tokens → tokens; `ready` then holds them): a link made with
+  // them lasts the server's whole token lifetime, however long the session has been open.
+  renewTokens() {
+    return new Promise((resolve, reject) => {
+      const seq = this.sendControl((next) => renewTokensMessage(next));
+      if (seq === null) {
+        reject(new Error("not connected"));
+        return;
+      }
+      const finish = (settle, value) => {
+        clearTimeout(timer);
+        this.removeEventListener("tokens", onTokens);
+        this.removeEventListener("error-message", onError);
+        this.removeEventListener("state", onState);
+        settle(value);
+      };
+      const onTokens = (event) => { if (event.detail.ref_seq === seq) finish(resolve, event.detail); };
+      const onError = (event) => { if (event.detail.ref_seq === seq) finish(reject, new Error(event.detail.message)); };
+      const onState = (event) => { if (event.detail.state !== "ready") finish(reject, new Error("the connection dropped")); };
+      const timer = setTimeout(() => finish(reject, new Error("no answer from the server")), RENEW_TIMEOUT_MS);
+      this.addEventListener("tokens", onTokens);
+      this.addEventListener("error-message", onError);
+      this.addEventListener("state", onState);
+    });
   }
 }

@@ -46,3 +46,7 @@ export function pingMessage(seq) {
 export function recordMessage(seq, action) {
   return { type: "record", seq, action };
 }
+
+export function renewTokensMessage(seq) {
+  return { type: "renew_tokens", seq };
+}
