@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, sync_playwright
 
 from conftest import start_server
 from helpers import CHROMIUM_ARGS as HELPER_CHROMIUM_ARGS
@@ -361,7 +361,8 @@ def test_save_png(page: Page) -> None:
     assert Image.open(io.BytesIO(data)).size == (SIZE, SIZE)
 
 
-def test_record_the_output_and_download_it(page: Page) -> None:
+def record_three_strokes(page: Page) -> Locator:
+    """Record while three strokes are drawn; the download link the page shows when it stops."""
     wait_settled(page)
     page.click("#record")
     page.wait_for_function("document.querySelector('#record').getAttribute('aria-pressed') === 'true'")
@@ -371,6 +372,11 @@ def test_record_the_output_and_download_it(page: Page) -> None:
     page.click("#record")
     link = page.locator("#recording-link")
     link.wait_for()
+    return link
+
+
+def test_record_the_output_and_download_it(page: Page) -> None:
+    link = record_three_strokes(page)
     assert "frames" in link.inner_text()
     with page.expect_download() as download:
         link.click()
@@ -586,17 +592,9 @@ def test_links_made_after_the_tokens_expired_still_work(browser: Browser, short_
     page.on("pageerror", lambda error: errors.append(str(error)))
     try:
         open_page(page, short_tokens_server)
-        wait_settled(page)
         first_link = page.input_value("#viewer-url")
         first_mjpeg = page.get_attribute("#viewer-url", "data-mjpeg")
-        page.click("#record")
-        page.wait_for_function("document.querySelector('#record').getAttribute('aria-pressed') === 'true'")
-        for index in range(3):
-            stroke(page, [(0.1 + index * 0.2, 0.2), (0.2 + index * 0.2, 0.8)])
-            wait_settled(page)
-        page.click("#record")
-        link = page.locator("#recording-link")
-        link.wait_for()
+        link = record_three_strokes(page)
         page.wait_for_timeout(TOKEN_TTL_S * 1000 + 500)  # every token the page has is now expired
 
         assert httpx.get(first_mjpeg, timeout=5).status_code == 401
