@@ -327,6 +327,15 @@ def test_webcam_and_screen_are_live_layers(page: Page) -> None:
     assert page.get_attribute("#camera", "aria-pressed") == "true"
     assert "Camera (live)" in page.locator("#layers").inner_text()
     assert "fake" in page.evaluate("streamcanvas.sources.label('camera')")
+    # The video is what the server gets, not hidden under the white paper (as it was), and strokes go
+    # over it: on a new layer above it, since the one being painted on was the paper.
+    assert page.locator("#layers li .name").all_inner_texts() == ["Drawing", "Camera (live)", "Background"]
+    page.wait_for_function("(() => { const d = document.querySelector('#draw').getContext('2d').getImageData(0, 0, 128, 128).data;"
+                           " let coloured = 0; for (let i = 0; i < d.length; i += 4) coloured += d[i] + d[i + 1] + d[i + 2] < 600;"
+                           " return coloured > 128 * 128 / 2; })()")
+    page.fill("#color", "#000000")
+    stroke(page, [(0.1, 0.5), (0.9, 0.5)])
+    assert max(page.evaluate("streamcanvas.doc.pixelAt(64, 64)")) < 40  # the stroke, black, over the video
     # The camera keeps sending frames by itself; the AI output keeps answering newer inputs.
     first = int(page.get_attribute("#output", "data-input-seq") or 0)
     page.wait_for_function(f"Number(document.querySelector('#output').dataset.inputSeq) > {first + 3}")
@@ -339,7 +348,7 @@ def test_webcam_and_screen_are_live_layers(page: Page) -> None:
     page.wait_for_function(f"Number(document.querySelector('#output').dataset.inputSeq) > {latest + 2}")
     page.click("#screen")
     page.wait_for_function("!streamcanvas.sources.isOn('screen')")
-    assert page.locator("#layers li").count() == 1
+    assert page.locator("#layers li .name").all_inner_texts() == ["Drawing", "Background"]
 
 
 def test_a_server_error_is_shown_in_words(page: Page) -> None:

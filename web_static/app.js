@@ -630,8 +630,7 @@ for (const id of ["#controlnet", "#control-scale", "#preprocessor"]) {
 $("#lines-as-control").addEventListener("change", (event) => {
   if (event.target.checked) {
     // Strokes on the background would take the paper with them: lines get a layer of their own.
-    const background = doc.layers.find((layer) => layer.kind === "paint");
-    doc.setControlLayer(doc.active === background ? doc.addLayer("Lines") : doc.active);
+    doc.setControlLayer(doc.active === doc.paper ? doc.addLayer("Lines") : doc.active);
     state.linesLayer = doc.controlLayer;
   } else {
     state.linesLayer = null;

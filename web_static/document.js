@@ -59,6 +59,7 @@ export class CanvasDocument extends EventTarget {
     const paper = this.addLayer("Background");
     paper.context.fillStyle = "#ffffff"; // white paper: layers moved below it are covered
     paper.context.fillRect(0, 0, width, height);
+    this.paper = paper;
     this.compose();
   }
 
@@ -139,6 +140,22 @@ export class CanvasDocument extends EventTarget {
     const index = this.active ? this.layers.indexOf(this.active) + 1 : this.layers.length;
     this.layers.splice(index, 0, layer);
     if (kind === "paint") this.active = layer;
+    this.afterStructureChange();
+    return layer;
+  }
+
+  // A live source (camera, screen) goes right above the paper, under every layer painted on: the
+  // opaque paper would hide it, and strokes on the layers above go over the video. Strokes on the paper
+  // itself would go under it, so if the paper is the active layer a new one above the source takes
+  // the next strokes.
+  addLiveLayer(name, kind) {
+    const layer = new Layer(this.width, this.height, { name, kind });
+    const above = this.layers.indexOf(this.paper) + 1; // 0 (the bottom) once the paper is removed
+    this.layers.splice(above, 0, layer);
+    if (this.active === this.paper) {
+      this.active = new Layer(this.width, this.height, { name: "Drawing" });
+      this.layers.splice(above + 1, 0, this.active);
+    }
     this.afterStructureChange();
     return layer;
   }

@@ -33,10 +33,8 @@ export class Sources {
     video.playsInline = true;
     video.srcObject = stream;
     await video.play().catch(() => undefined);
-    const layer = this.doc.addLayer(kind === "camera" ? "Camera" : "Screen", kind);
+    const layer = this.doc.addLiveLayer(kind === "camera" ? "Camera" : "Screen", kind);
     layer.video = video;
-    // Live layers go to the bottom, so drawing on paint layers above them still shows.
-    this.doc.moveLayer(layer, -this.doc.layers.indexOf(layer));
     const track = stream.getVideoTracks()[0];
     track.addEventListener("ended", () => this.stop(kind)); // e.g. the browser's "stop sharing"
     this.active.set(kind, { layer, stream, video, label: track.label });
