@@ -294,6 +294,22 @@ def test_layers_and_an_image_file(page: Page, tmp_path: Path) -> None:
     assert page.evaluate(DRAWING_HASH) == drawn
     top.locator("input[type=range]").fill("50")
     assert page.evaluate(DRAWING_HASH) not in (base, drawn)
+    # The slider follows a drag and keys: each change used to rebuild the list, dropping the slider
+    # under the pointer after its first step (a drag from the middle to a quarter stopped at 0.46).
+    slider = top.locator("input[type=range]")
+    box = slider.bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] / 2, steps=8)
+    page.mouse.up()
+    dragged = page.evaluate("streamcanvas.doc.layers.at(-1).opacity")
+    assert 0.1 < dragged < 0.4, dragged
+    slider.focus()
+    for _ in range(5):
+        page.keyboard.press("ArrowRight")
+    assert page.evaluate("streamcanvas.doc.layers.at(-1).opacity") == pytest.approx(dragged + 0.05)
+    assert page.evaluate("document.activeElement.type") == "range"
 
     picture = tmp_path / "stripes.png"
     stripes = np.zeros((64, 64, 3), np.uint8)

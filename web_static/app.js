@@ -647,9 +647,9 @@ for (const kind of ["camera", "screen"]) {
     await sources.toggle(kind);
   });
 }
-doc.addEventListener("change", () => {
+doc.addEventListener("change", (event) => {
   for (const kind of ["camera", "screen"]) $(`#${kind}`).setAttribute("aria-pressed", String(sources.isOn(kind)));
-  renderLayers();
+  if (event.detail.kind !== "opacity") renderLayers(); // rebuilt, it would drop a slider from under the pointer
   $("#undo").disabled = doc.undoStack.length === 0;
   $("#redo").disabled = doc.redoStack.length === 0;
   if (state.linesLayer && !doc.controlLayer) {

@@ -188,7 +188,9 @@ export class CanvasDocument extends EventTarget {
 
   setOpacity(layer, opacity) {
     layer.opacity = opacity;
-    this.afterStructureChange();
+    this.compose();
+    this.markDirty(null);
+    this.changed("opacity"); // the same layers: the list stays as it is, with the slider being dragged
   }
 
   select(layer) {
