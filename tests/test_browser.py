@@ -474,6 +474,29 @@ def test_resolution_change_reconnects_at_the_new_size(page: Page) -> None:
     assert page.evaluate("streamcanvas.doc.width") == 256
 
 
+@pytest.mark.parametrize(("asked", "side", "noted"), [("abc", SIZE, True), ("0", SIZE, True), ("2048", SIZE, True), ("200", 200, False)])
+def test_a_resolution_in_the_address_is_used_only_if_the_server_takes_it(
+    browser: Browser, web_server: ServerProcess, asked: str, side: int, noted: bool
+) -> None:
+    """?resolution=abc or 0 threw on the page and left it on "Connecting…"; one over the server's
+    maximum (1024 here) left it refused. Such an address now gets the server's size and a note."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        page.goto(f"{web_server.base_url}/?resolution={asked}&codec=png")
+        wait_ready(page)
+        ready = page.evaluate("[streamcanvas.connection.ready.width, streamcanvas.connection.ready.height]")
+        assert ready == [side, side] and page.input_value("#resolution") == str(side)
+        notes = page.locator("#errors li.note").all_inner_texts()
+        assert any(f"?resolution={asked} is not a size" in note for note in notes) == noted, notes
+        assert not errors
+    finally:
+        context.close()
+
+
 def test_narrow_screens_stack_the_panes(page: Page) -> None:
     wide = [page.locator(".pane").nth(index).bounding_box() for index in (0, 1)]
     assert wide[0]["y"] == wide[1]["y"] and wide[0]["x"] < wide[1]["x"]

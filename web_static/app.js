@@ -14,6 +14,13 @@ const JPEG_QUALITY = 0.9;
 const MAX_SEED = 4294967295;
 
 const query = new URLSearchParams(location.search);
+// ?resolution=N asks for an N×N session: null when absent, NaN when it is no size a server takes.
+const askedResolution = (() => {
+  const text = query.get("resolution");
+  if (text === null) return null;
+  const side = Number(text);
+  return Number.isInteger(side) && side >= 64 && side <= 4096 && side % 8 === 0 ? side : NaN;
+})();
 const state = {
   tool: "brush",
   color: $("#color").value,
@@ -25,7 +32,7 @@ const state = {
   params: { prompt: "", transition_frames: Number($("#transition").value) },
   touched: new Set(["prompt", "transition_frames"]),
   defaults: null, // ready.defaults: where a style change puts the old preset's fields back
-  resolution: Number(query.get("resolution") || $("#resolution").value),
+  resolution: askedResolution > 0 ? askedResolution : Number($("#resolution").value),
   quality: Number($("#quality").value),
   styles: {}, // style name → the fields it sets (GET /v1/styles)
   models: {}, // model id → its LoRAs, ControlNets and depth network (GET /v1/models)
@@ -534,16 +541,23 @@ async function loadOffer() {
     $("#model").append(new Option(label, model.id, model.default, model.default));
   }
   $("#model").disabled = models.models.length < 2;
-  // The session size: the server's own unless the address asks for one; none above its maximum.
+  // The session size: the server's own unless the address asks for one it takes; none above its maximum.
   const [maxWidth, maxHeight] = String(info.max_resolution).split("x").map(Number);
-  const side = Math.min(info.resolution.width, info.resolution.height);
-  if (!query.get("resolution") && ![...$("#resolution").options].some((option) => Number(option.value) === side)) {
+  const limit = Math.min(maxWidth, maxHeight);
+  let side = Math.min(info.resolution.width, info.resolution.height);
+  if (askedResolution > 0 && askedResolution <= limit) {
+    side = askedResolution;
+  } else if (askedResolution !== null) {
+    const message = `?resolution=${query.get("resolution")} is not a size this server takes (a multiple of 8, 64 … ${limit}): using ${side}.`;
+    showError({ code: "note", message }, true);
+  }
+  if (![...$("#resolution").options].some((option) => Number(option.value) === side)) {
     $("#resolution").append(new Option(String(side), String(side)));
   }
-  for (const option of $("#resolution").options) option.disabled = Number(option.value) > Math.min(maxWidth, maxHeight);
-  if (!query.get("resolution") && side !== state.resolution) {
+  for (const option of $("#resolution").options) option.disabled = Number(option.value) > limit;
+  $("#resolution").value = String(side);
+  if (side !== state.resolution) {
     state.resolution = side;
-    $("#resolution").value = String(side);
     doc.resize(side, side);
     mask.resize(side, side);
   }
