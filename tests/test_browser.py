@@ -584,6 +584,38 @@ def test_waiting_in_line_is_shown_and_ends_when_the_slot_frees(
         second_context.close()
 
 
+@pytest.fixture
+def full_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
+    """One slot and no room in line: a second client is told "busy" and when to come back."""
+    process = start_server(cache_dir, artifacts_dir, "browser-full", "--max-waiting", "0")
+    yield process
+    process.stop()
+
+
+def test_a_full_server_is_shown_as_busy_until_it_said_to_retry(browser: Browser, full_server: ServerProcess) -> None:
+    """The "Server busy — retrying in 5s" text used to give way at once to "Disconnected — reconnecting
+    in 1s" (the socket's close), and the page came back on its own backoff, not when the server said."""
+    first_context = browser.new_context()
+    second_context = browser.new_context()
+    try:
+        first = first_context.new_page()
+        open_page(first, full_server)
+        second = second_context.new_page()
+        second.set_default_timeout(TIMEOUT_MS)
+        second.goto(f"{full_server.base_url}/?resolution={SIZE}&codec=png")
+        second.wait_for_function("document.querySelector('#status').dataset.state === 'busy'")
+        second.evaluate("""() => { window.shown = [];
+            new MutationObserver(() => window.shown.push(document.querySelector('#status').textContent))
+                .observe(document.querySelector('#status'), { childList: true, characterData: true, subtree: true }); }""")
+        second.wait_for_timeout(2000)
+        assert second.locator("#status").inner_text() == "Server busy — retrying in 5s"
+        assert not [text for text in second.evaluate("window.shown") if "Disconnected" in text]
+        first_context.close()
+        wait_ready(second)  # at the next try, at most 5 s on
+    finally:
+        second_context.close()
+
+
 def test_the_viewer_link_opens_the_obs_page(page: Page, browser: Browser, artifacts_dir: Path) -> None:
     page.wait_for_function("!document.querySelector('#viewer-link').disabled")
     link = page.input_value("#viewer-url")

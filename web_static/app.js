@@ -88,7 +88,7 @@ const statusText = {
   ready: () => "Live",
   busy: ({ position, retryAfter }) =>
     position ? `Waiting for a free slot — position ${position} in line` : `Server busy — retrying in ${retryAfter}s`,
-  waiting: ({ retryInMs }) => `Disconnected — reconnecting in ${Math.ceil(retryInMs / 1000)}s`,
+  waiting: ({ retryInMs }) => `Disconnected — reconnecting in ${retryInMs < 1000 ? (retryInMs / 1000).toFixed(1) : Math.round(retryInMs / 1000)}s`,
   reconnecting: () => "Reconnecting…",
   error: ({ error }) => `Error: ${error.message}`,
   refused: ({ error }) => `Refused: ${error.message}`,

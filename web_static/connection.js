@@ -24,6 +24,7 @@ export class Connection extends EventTarget {
     this.closedByUs = false;
     this.ready = null;
     this.refusal = null; // the error that refused this connection's hello
+    this.full = null; // the server's `busy` without a place in line: it closes, and says when to come back
   }
 
   setState(state, detail = {}) {
@@ -39,6 +40,7 @@ export class Connection extends EventTarget {
   open() {
     this.closedByUs = false;
     this.refusal = null;
+    this.full = null;
     this.ready = null; // the session of a socket being replaced is over for this connection
     clearTimeout(this.retryTimer);
     this.setState(this.attempt ? "reconnecting" : "connecting");
@@ -73,6 +75,13 @@ export class Connection extends EventTarget {
       if (this.refusal) {
         this.attempt = 0;
         this.setState("refused", { error: this.refusal });
+        return;
+      }
+      if (this.full) {
+        // Full up, no room in line: come back when the server said, still showing why.
+        const delay = Math.max(this.full.retry_after_s || 0, BACKOFF_MS[0] / 1000) * 1000;
+        this.setState("busy", { position: null, retryAfter: delay / 1000 });
+        this.retryTimer = setTimeout(() => this.open(), delay);
         return;
       }
       this.scheduleReconnect(event.code);
@@ -112,6 +121,7 @@ export class Connection extends EventTarget {
         this.setState("ready", { ready: message });
         break;
       case "busy":
+        this.full = message.queue_position ? null : message;
         this.setState("busy", { position: message.queue_position, retryAfter: message.retry_after_s });
         break;
       case "frame":
