@@ -57,6 +57,7 @@ def test_chromium_with_a_fake_camera_completes_a_webrtc_session(browser_run: dic
     assert browser_run["frames"] >= 10
     assert float(browser_run["fps_text"]) > 0  # stats came over the data channel
     assert browser_run["stats"] == 1  # the session was streaming from the camera
+    assert browser_run["freed_after_s"] < 10, browser_run  # the page closes its connection when its tab closes
 
 
 def test_a_webrtc_peer_gets_rendered_video_for_its_video(peer_run: dict) -> None:

@@ -3,7 +3,8 @@ import { encode, decode } from "/vendor/msgpack/index.mjs";
 
 const $ = (selector) => document.querySelector(selector);
 const query = new URLSearchParams(location.search);
-const size = Number(query.get("resolution") || 512);
+// ?resolution=N asks for an N×N session; without it the session has the server's own size.
+const size = query.get("resolution") ? { width: Number(query.get("resolution")), height: Number(query.get("resolution")) } : {};
 let channel = null;
 let seq = 0;
 
@@ -57,6 +58,9 @@ async function start() {
     if (state === "connected") setStatus("ready", "Live");
     else if (state === "failed" || state === "closed") setStatus("error", `Connection ${state}`);
   });
+  // Leaving the page ends the session at once: the server would otherwise wait for ICE to time out
+  // (about half a minute) before giving the slot back.
+  window.addEventListener("pagehide", () => pc.close());
   await pc.setLocalDescription(await pc.createOffer());
   if (pc.iceGatheringState !== "complete") {
     await new Promise((resolve) =>
@@ -69,7 +73,7 @@ async function start() {
     body: JSON.stringify({
       type: "offer",
       sdp: pc.localDescription.sdp,
-      hello: { protocol: [1], width: size, height: size, params: { prompt: $("#prompt").value } },
+      hello: { protocol: [1], ...size, params: { prompt: $("#prompt").value } },
     }),
   });
   const answer = await response.json();
