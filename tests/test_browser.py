@@ -616,6 +616,39 @@ def test_a_full_server_is_shown_as_busy_until_it_said_to_retry(browser: Browser,
         second_context.close()
 
 
+@pytest.fixture
+def quick_idle_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
+    process = start_server(cache_dir, artifacts_dir, "browser-idle", "--idle-timeout", "3")
+    yield process
+    process.stop()
+
+
+def test_a_hidden_tab_gives_its_slot_up_until_it_is_shown(browser: Browser, quick_idle_server: ServerProcess) -> None:
+    """A page in view keeps its session, pinging within the server's idle timeout (its pings came every
+    30 s, so a timeout under that ended it); a hidden one idles out and waits, holding no slot, until
+    it is shown again (it used to reconnect at once, again and again, keeping the only slot)."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        open_page(page, quick_idle_server)
+        session = page.evaluate("streamcanvas.connection.ready.session_id")
+        page.wait_for_timeout(5000)
+        assert page.evaluate("[streamcanvas.connection.state, streamcanvas.connection.ready.session_id]") == ["ready", session]
+        page.evaluate("""() => { Object.defineProperty(document, 'visibilityState', { value: 'hidden', configurable: true });
+                                 document.dispatchEvent(new Event('visibilitychange')); }""")
+        page.wait_for_function("document.querySelector('#status').dataset.state === 'paused'")
+        page.wait_for_timeout(2000)
+        assert page.evaluate("streamcanvas.connection.state") == "paused" and quick_idle_server.info()["sessions"] == 0
+        assert "reconnects when you come back" in page.locator("#status").inner_text()
+        page.evaluate("""() => { Object.defineProperty(document, 'visibilityState', { value: 'visible', configurable: true });
+                                 document.dispatchEvent(new Event('visibilitychange')); }""")
+        wait_ready(page)
+        assert page.evaluate("streamcanvas.connection.ready.session_id") != session
+    finally:
+        context.close()
+
+
 def test_the_viewer_link_opens_the_obs_page(page: Page, browser: Browser, artifacts_dir: Path) -> None:
     page.wait_for_function("!document.querySelector('#viewer-link').disabled")
     link = page.input_value("#viewer-url")

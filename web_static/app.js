@@ -79,6 +79,8 @@ const connection = new Connection({
     apiKey: query.get("key") || undefined,
     model: state.model || undefined,
   }),
+  // A hidden tab that idled out gives its slot up until it is looked at again (visibilitychange below).
+  holdAfterIdle: () => document.visibilityState === "hidden",
 });
 
 // ---- connection state → the status pill -------------------------------------------------------
@@ -90,6 +92,7 @@ const statusText = {
     position ? `Waiting for a free slot — position ${position} in line` : `Server busy — retrying in ${retryAfter}s`,
   waiting: ({ retryInMs }) => `Disconnected — reconnecting in ${retryInMs < 1000 ? (retryInMs / 1000).toFixed(1) : Math.round(retryInMs / 1000)}s`,
   reconnecting: () => "Reconnecting…",
+  paused: () => "Paused while the tab is hidden — it reconnects when you come back",
   error: ({ error }) => `Error: ${error.message}`,
   refused: ({ error }) => `Refused: ${error.message}`,
   closed: () => "Closed",
@@ -761,12 +764,19 @@ document.addEventListener("keydown", (event) => {
   }
 });
 
-// Keep the session while the page is in view; a hidden tab may idle out and reconnect on return.
+// Keep the session while the page is in view, pinging well within the server's idle timeout; a hidden
+// tab may idle out, and then waits (paused) to reconnect until it is shown again.
+let lastPing = performance.now();
 setInterval(() => {
-  if (document.visibilityState === "visible") connection.ping();
-}, PING_INTERVAL_MS);
+  const idleMs = (connection.ready?.limits?.idle_timeout_s || Infinity) * 1000;
+  const every = Math.min(PING_INTERVAL_MS, idleMs / 3);
+  if (document.visibilityState === "visible" && connection.isReady && performance.now() - lastPing >= every) {
+    connection.ping();
+    lastPing = performance.now();
+  }
+}, 500);
 document.addEventListener("visibilitychange", () => {
-  if (document.visibilityState === "visible" && connection.state === "waiting") connection.restart();
+  if (document.visibilityState === "visible" && ["waiting", "paused"].includes(connection.state)) connection.restart();
 });
 
 // A handle for people debugging in the console (and for the browser tests).

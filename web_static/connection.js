@@ -11,10 +11,14 @@ const RENEW_TIMEOUT_MS = 5000;
 const REFUSALS = new Set(["invalid_field", "invalid_value", "unknown_name", "unsupported_image_format", "unsupported_version", "unauthorized"]);
 
 export class Connection extends EventTarget {
-  constructor({ url, helloFields }) {
+  constructor({ url, helloFields, holdAfterIdle = () => false }) {
     super();
     this.url = url;
     this.helloFields = helloFields; // () => fields for hello, read at every (re)connect
+    // () => true while a session the server ended for idling should not be opened again by itself
+    // (a hidden tab): the connection is then "paused" until `restart()`.
+    this.holdAfterIdle = holdAfterIdle;
+    this.idledOut = false;
     this.state = "idle";
     this.socket = null;
     this.seq = 0;
@@ -41,6 +45,7 @@ export class Connection extends EventTarget {
     this.closedByUs = false;
     this.refusal = null;
     this.full = null;
+    this.idledOut = false;
     this.ready = null; // the session of a socket being replaced is over for this connection
     clearTimeout(this.retryTimer);
     this.setState(this.attempt ? "reconnecting" : "connecting");
@@ -75,6 +80,11 @@ export class Connection extends EventTarget {
       if (this.refusal) {
         this.attempt = 0;
         this.setState("refused", { error: this.refusal });
+        return;
+      }
+      if (this.idledOut && this.holdAfterIdle()) {
+        this.attempt = 0;
+        this.setState("paused");
         return;
       }
       if (this.full) {
@@ -136,6 +146,7 @@ export class Connection extends EventTarget {
       case "error":
         this.dispatchEvent(new CustomEvent("error-message", { detail: message }));
         if (message.fatal && this.ready === null && REFUSALS.has(message.code)) this.refusal = message;
+        if (message.fatal && message.code === "idle_timeout") this.idledOut = true;
         if (message.fatal) this.setState("error", { error: message });
         break;
       case "recording":
