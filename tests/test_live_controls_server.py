@@ -492,8 +492,12 @@ def test_the_page_shows_what_the_session_holds_and_switches_models_cleanly(brows
         assert (back["width"], back["model"]["id"]) == (SIZE, "tiny")
         assert [message.type for message in sent].count("hello") == 2
 
+        # Back on the model that has them, the LoRA and the ControlNet chosen before are there again
+        # (they were dropped for good when the other model could not take them).
         page.select_option("#model", "toy")
-        next_ready(back["session_id"])
+        toy = next_ready(back["session_id"])
+        assert toy["params"]["loras"].get("glow") == 0.5 and [control["model"] for control in toy["params"]["controls"]] == ["scribble"]
+        assert page.input_value("[data-lora=glow]") == "0.5" and page.input_value("#controlnet") == "scribble"
         page.select_option("#controlnet", "scribble")
         page.check("#lines-as-control")
         stroke(page, [(0.2, 0.5), (0.8, 0.5)])

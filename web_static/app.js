@@ -31,6 +31,7 @@ const state = {
   // the same session back and a model switch keeps what the person chose, not the old model's defaults.
   params: { prompt: "", transition_frames: Number($("#transition").value) },
   touched: new Set(["prompt", "transition_frames"]),
+  setAside: {}, // LoRAs, controls and a style the person chose that the session's model lacks (helloParams)
   defaults: null, // ready.defaults: where a style change puts the old preset's fields back
   resolution: askedResolution > 0 ? askedResolution : Number($("#resolution").value),
   quality: Number($("#quality").value),
@@ -312,21 +313,44 @@ function predict(current, changes) {
   return next;
 }
 
-// The parameters a hello sends: those the person chose, less what the chosen model cannot take.
+// The parameters a hello sends: those the person chose, less what the chosen model cannot take. That
+// is set aside rather than dropped, so that going back to a model that takes it brings it back.
 function helloParams() {
   const params = {};
   for (const name of state.touched) if (name in state.params) params[name] = state.params[name];
   const offer = state.models[state.model || state.defaultModel];
   if (!offer) return params;
-  if (params.loras) {
-    params.loras = Object.fromEntries(Object.entries(params.loras).filter(([name]) => offer.loras.includes(name)));
+  const aside = state.setAside;
+  state.setAside = {};
+  const loras = { ...aside.loras, ...params.loras };
+  if (Object.keys(loras).length) {
+    const [takes, lacks] = partition(Object.entries(loras), ([name]) => offer.loras.includes(name));
+    params.loras = Object.fromEntries(takes);
+    if (lacks.length) state.setAside.loras = Object.fromEntries(lacks);
   }
   const usable = (control) => offer.controlnets.includes(control.model) && (control.preprocessor !== "depth" || offer.depth);
-  if (params.controls) params.controls = params.controls.filter(usable);
-  const style = state.styles[params.style];
+  const controls = params.controls?.length ? params.controls : aside.controls || [];
+  if (controls.length) {
+    const [takes, lacks] = partition(controls, usable);
+    params.controls = takes;
+    if (lacks.length) state.setAside.controls = lacks;
+  }
+  const styleName = params.style || aside.style;
+  const style = state.styles[styleName];
   const styleFits = !style || (Object.keys(style.loras || {}).every((name) => offer.loras.includes(name)) && (style.controls || []).every(usable));
-  if (!styleFits) delete params.style;
+  if (styleFits && styleName) params.style = styleName;
+  if (!styleFits) {
+    delete params.style;
+    state.setAside.style = styleName;
+  }
   return params;
+}
+
+function partition(items, test) {
+  const yes = [];
+  const no = [];
+  for (const item of items) (test(item) ? yes : no).push(item);
+  return [yes, no];
 }
 
 // ---- controls ------------------------------------------------------------------------------------
