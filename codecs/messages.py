@@ -78,6 +78,14 @@ class ImagePayload:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """An earlier session of this client, named with its control token, whose id the new session takes."""
+
+    session_id: str
+    token: str
+
+
+@dataclass(frozen=True)
 class Hello:
     type: ClassVar[str] = "hello"
     protocol: tuple[int, ...]
@@ -95,6 +103,8 @@ class Hello:
     frame_messages: bool | None = None
     """Whether rendered frames come as `frame` messages; None: the transport's default (yes on a
     WebSocket, no on WebRTC, whose frames go on the video track)."""
+    resume: Resume | None = field(default=None, metadata={"omit_if_none": True})
+    """Continue an earlier session under its id (added to version 1): its viewer links go on working."""
 
 
 MODES = ("img2img", "txt2img")
@@ -189,6 +199,8 @@ class Ready:
     defaults: dict[str, Any] | None = field(default=None, metadata={"omit_if_none": True})
     """Every parameter's value before the hello's `params`: this model's defaults, which a change of
     style puts the old preset's fields back to (added to version 1)."""
+    resumed: bool | None = field(default=None, metadata={"omit_if_none": True})
+    """Whether the hello's `resume` was honoured; absent when it had none (added to version 1)."""
 
 
 @dataclass(frozen=True)
@@ -294,6 +306,8 @@ def serialize(message: ServerMessage | ClientMessage) -> bytes:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Resume):
+        return dataclasses.asdict(value)
     if isinstance(value, ImagePayload):
         return {key: _plain(item) for key, item in dataclasses.asdict(value).items() if item is not None}
     if isinstance(value, Patch):
@@ -443,7 +457,20 @@ def _parse_hello(fields: _Fields) -> Hello:
         seq=fields.integer("seq", 0, MAX_SEQ),
         model=_short(fields, "model"),
         frame_messages=fields.get("frame_messages", (bool,)),
+        resume=_resume(fields),
     )
+
+
+def _resume(fields: _Fields) -> Resume | None:
+    value = fields.get("resume", (dict,))
+    if value is None:
+        return None
+    inner = _Fields(value, "hello.resume")
+    inner.get("session_id", (str,), required=True)
+    inner.get("token", (str,), required=True)
+    resume = Resume(_short(inner, "session_id", limit=64), _short(inner, "token", limit=2048))  # type: ignore[arg-type]
+    inner.done()
+    return resume
 
 
 def _short(fields: _Fields, name: str, limit: int = 512) -> str | None:

@@ -24,6 +24,7 @@ CLOSE_CODES = {
     CloseReason.ERROR: 1008,
     CloseReason.SHUTDOWN: 1012,
     CloseReason.BUSY: 1013,
+    CloseReason.REPLACED: 4001,
 }
 _SEND_DRAIN_S = 5.0
 _GONE = (WebSocketDisconnect, RuntimeError, OSError)

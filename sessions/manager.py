@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -17,6 +18,8 @@ from .session import CloseReason, Session, SessionState
 from .slots import SlotPool
 
 __all__ = ["SessionConfig", "SessionManager", "TokenRejected", "Tokens", "TooManyConnections"]
+
+logger = logging.getLogger(__name__)
 
 
 class TooManyConnections(Exception):
@@ -116,9 +119,29 @@ class SessionManager:
     def issue_token(self, session_id: str, role: str) -> str:
         return self.tokens.issue(session_id, role)
 
+    def resume(self, session: Session, session_id: str, token: str) -> bool:
+        """A client reconnecting (a new size or model, a dropped network) continues its session under the
+        same id, so the viewer links, WHEP viewers and recording downloads made for that id go on
+        working. The old session's control token proves the client's; a session still open under the id
+        (its close not seen yet) is ended first."""
+        try:
+            self.tokens.verify(token, session_id, ("control",))
+        except TokenRejected:
+            return False
+        holder = self.sessions.get(session_id)
+        if holder is not None and holder is not session:
+            holder.replace()
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+        session.id = session_id
+        self.sessions[session_id] = session
+        logger.info("session %s resumed", session_id)
+        return True
+
     def forget(self, session: Session) -> None:
         """Called by Session.close(): drop it and free its slot or place in line at once."""
-        self.sessions.pop(session.id, None)
+        if self.sessions.get(session.id) is session:  # a session that was resumed is under its id already
+            del self.sessions[session.id]
         self.pool.release(session)
 
     def info(self) -> dict[str, Any]:

@@ -94,6 +94,8 @@ class CloseReason(enum.Enum):
     BUSY = "busy"
     IDLE = "idle"
     SHUTDOWN = "shutdown"
+    REPLACED = "replaced"
+    """A new connection resumed this session (hello.resume with its control token)."""
 
 
 class SessionBroker(Protocol):
@@ -117,6 +119,11 @@ class SessionBroker(Protocol):
         """Put the session in line for a place: its 1-based position, or None when the line is full."""
 
     def issue_token(self, session_id: str, role: str) -> str: ...
+
+    def resume(self, session: Session, session_id: str, token: str) -> bool:
+        """Give `session` the id of the earlier session `token` controls (ending it if it is still open);
+        False, and the id unchanged, when the token is not a valid control token of that id."""
+        ...
 
     def forget(self, session: Session) -> None:
         """The session has ended: drop it and free its place (or its place in line) at once."""
@@ -169,6 +176,7 @@ class Session:
         # False when frames reach the client another way (a WebRTC video track): frame messages are
         # then not queued for the data channel, and latency is counted when the frame is ready.
         self.frames_to_client = True
+        self.resumed: bool | None = None  # whether hello.resume was honoured; None: it asked for none
         self.recording_id = ""
 
         # The idle timeout, for every transport: no message (or video frame) from the client and no frame
@@ -367,6 +375,8 @@ class Session:
             params = self._resolve(self._defaults(), hello.params)
         except InvalidParameter as error:
             raise type(error)(error.field, f"{error.detail} (in hello)") from None
+        if hello.resume is not None:
+            self.resumed = self.broker.resume(self, hello.resume.session_id, hello.resume.token)
         self.protocol = max(common)
         self.width, self.height = width, height
         self.codec, self.quality = hello.codec, hello.quality
@@ -425,6 +435,7 @@ class Session:
                 token=self.broker.issue_token(self.id, "control"),
                 viewer_token=self.broker.issue_token(self.id, "viewer"),
                 defaults=_params_dict(self._defaults()),
+                resumed=self.resumed,
             )
         )
         if self.mode == "txt2img":
@@ -630,6 +641,13 @@ class Session:
                 Error(code="idle_timeout", message=f"no message for {timeout:g} s; the slot has been freed", fatal=True)
             )
             self.close(CloseReason.IDLE)
+
+    def replace(self) -> None:
+        """End this session because a new connection resumed it (`SessionBroker.resume`)."""
+        self.send_control(
+            Error(code="replaced", message="a new connection resumed this session (hello.resume); this one is closed", fatal=True)
+        )
+        self.close(CloseReason.REPLACED)
 
     async def wait_closed(self) -> None:
         """Return once the session has ended (for anything that must end with it: peers, viewers)."""

@@ -584,6 +584,28 @@ def test_waiting_in_line_is_shown_and_ends_when_the_slot_frees(
         second_context.close()
 
 
+def test_the_viewer_link_outlives_a_reconnect(page: Page, browser: Browser) -> None:
+    """A new resolution means a new session; the page resumes its old one (hello.resume), so the viewer
+    link an OBS scene holds goes on showing the output, now at the new size (it used to go dead)."""
+    page.wait_for_function("!document.querySelector('#viewer-link').disabled")
+    link = page.input_value("#viewer-url")
+    session_id = page.evaluate("streamcanvas.connection.ready.session_id")
+    obs_context = browser.new_context(viewport={"width": 640, "height": 360})
+    obs = obs_context.new_page()
+    obs.set_default_timeout(TIMEOUT_MS)
+    try:
+        obs.goto(link)
+        page.click("#camera")  # the camera keeps frames coming
+        obs.wait_for_function(f"document.querySelector('#output').naturalWidth === {SIZE}")
+        page.select_option("#resolution", str(SIZE * 2))
+        page.wait_for_function(f"streamcanvas.connection.ready?.width === {SIZE * 2}")
+        assert page.evaluate("[streamcanvas.connection.ready.session_id, streamcanvas.connection.ready.resumed]") == [session_id, True]
+        obs.wait_for_function(f"document.querySelector('#output').naturalWidth === {SIZE * 2}")
+        page.click("#camera")
+    finally:
+        obs_context.close()
+
+
 @pytest.fixture
 def full_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
     """One slot and no room in line: a second client is told "busy" and when to come back."""
@@ -644,7 +666,8 @@ def test_a_hidden_tab_gives_its_slot_up_until_it_is_shown(browser: Browser, quic
         page.evaluate("""() => { Object.defineProperty(document, 'visibilityState', { value: 'visible', configurable: true });
                                  document.dispatchEvent(new Event('visibilitychange')); }""")
         wait_ready(page)
-        assert page.evaluate("streamcanvas.connection.ready.session_id") != session
+        # The same session again (resumed: viewer links still work), after holding no slot meanwhile.
+        assert page.evaluate("[streamcanvas.connection.ready.session_id, streamcanvas.connection.ready.resumed]") == [session, True]
     finally:
         context.close()
 

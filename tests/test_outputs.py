@@ -11,10 +11,11 @@ import av
 import httpx
 import pytest
 import simplejpeg
+import websockets
 
 from conftest import TEST_RESOLUTION, start_server
 from helpers import Client, ServerProcess, make_canvas
-from streamcanvas.codecs.messages import RenewTokens
+from streamcanvas.codecs.messages import RenewTokens, Resume
 
 SIZE = TEST_RESOLUTION
 
@@ -134,6 +135,32 @@ async def test_viewer_access_needs_the_right_token(server: ServerProcess) -> Non
             assert unknown.status_code == 404
             async with http.stream("GET", base, headers={"Authorization": f"Bearer {ready['viewer_token']}"}) as ok:
                 assert ok.status_code == 200
+
+
+async def test_a_resumed_session_keeps_its_id_so_viewer_links_go_on(server: ServerProcess) -> None:
+    """A client that reconnects (a new size, a dropped network) and resumes its session with the old
+    control token gets the same session id: the viewer link made before shows the new session. The old
+    connection, if the server had not seen it end, is told and closed; a token that does not control
+    that id resumes nothing and leaves it alone."""
+    async with streaming_session(server) as (first, ready, drawing):
+        link = mjpeg_url(server, ready)
+        await read_parts(link, 1)
+        drawing.cancel()
+        async with Client.connect(server.ws_url) as second, Client.connect(server.ws_url) as stranger:
+            refused = await stranger.hello(resume=Resume(ready["session_id"], ready["viewer_token"]))
+            assert refused["resumed"] is False and refused["session_id"] != ready["session_id"]
+            resumed = await second.hello(width=SIZE + 64, height=SIZE + 64, resume=Resume(ready["session_id"], ready["token"]))
+            assert resumed["resumed"] is True and resumed["session_id"] == ready["session_id"] and resumed["width"] == SIZE + 64
+            while (replaced := await first.recv())["type"] == "frame":
+                pass  # frames it had been sent before
+            assert (replaced["type"], replaced["code"], replaced["fatal"]) == ("error", "replaced", True), replaced["type"]
+            with pytest.raises(websockets.ConnectionClosed):
+                await first.recv()
+            assert first.connection.close_code == 4001
+            await second.send_canvas(make_canvas(SIZE + 64, 3))
+            _, parts = await read_parts(link, 1)  # the same link, the new session's frames
+            assert simplejpeg.decode_jpeg_header(parts[0][1])[:2] == (SIZE + 64, SIZE + 64)
+            assert server.info()["sessions"] == 2
 
 
 @pytest.fixture(scope="module")

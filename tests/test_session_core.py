@@ -60,6 +60,12 @@ class Broker:
     def issue_token(self, session_id: str, role: str) -> str:
         return f"{role}:{session_id}"
 
+    def resume(self, session: Session, session_id: str, token: str) -> bool:
+        if token != self.issue_token(session_id, "control"):
+            return False
+        session.id = session_id
+        return True
+
     def forget(self, session: Session) -> None:
         self.forgotten.append(session)
         for group in (self.seated, self.waiting):
@@ -116,6 +122,27 @@ async def test_renew_tokens_answers_fresh_ones_once_the_session_is_ready() -> No
                       "ttl_s": CONFIG.token_ttl_s, "ref_seq": 9}
     assert {tokens["token"], tokens["viewer_token"]}.isdisjoint({ready["token"], ready["viewer_token"]})
     session.close(CloseReason.CLIENT_LEFT)
+
+
+async def test_a_hello_may_resume_an_earlier_session_under_its_id() -> None:
+    """hello.resume with the earlier session's control token: the new session takes its id (ready says
+    so); with any other token it keeps its own id and ready says it was not resumed."""
+    for token, resumed in (("control:abc123", True), ("viewer:abc123", False), ("control:other", False)):
+        session = Session(Broker(), CONFIG, "test")
+        own_id = session.id
+        await session.handle(msgpack.packb({"type": "hello", "protocol": [1], "resume": {"session_id": "abc123", "token": token}}))
+        [ready] = answers(session)
+        assert (ready["session_id"], ready["resumed"]) == (("abc123" if resumed else own_id), resumed)
+        assert ready["token"] == f"control:{ready['session_id']}"
+        session.close(CloseReason.CLIENT_LEFT)
+    plain = Session(Broker(), CONFIG, "test")
+    await plain.handle(HELLO)
+    assert "resumed" not in answers(plain)[0]  # asked for nothing, told nothing
+    for resume, field in (("abc", "resume"), ({"session_id": "abc"}, "token"), ({"session_id": "a", "token": "t", "x": 1}, "x")):
+        session = Session(Broker(), CONFIG, "test")
+        await session.handle(msgpack.packb({"type": "hello", "protocol": [1], "resume": resume}))
+        [error] = answers(session)
+        assert (error["code"], error["field"]) == ("invalid_field", field), error
 
 
 async def test_bad_bytes_get_typed_errors_and_the_session_goes_on() -> None:

@@ -19,6 +19,9 @@ export class Connection extends EventTarget {
     // (a hidden tab): the connection is then "paused" until `restart()`.
     this.holdAfterIdle = holdAfterIdle;
     this.idledOut = false;
+    // The last session and its newest control token: every reconnect resumes it (hello.resume), so
+    // its id, and the viewer links made for it, stay the same.
+    this.resume = null;
     this.state = "idle";
     this.socket = null;
     this.seq = 0;
@@ -54,7 +57,7 @@ export class Connection extends EventTarget {
     this.socket = socket;
     socket.addEventListener("open", () => {
       if (socket !== this.socket) return;
-      socket.send(pack(hello({ ...this.helloFields(), seq: this.nextSeq() })));
+      socket.send(pack(hello({ ...this.helloFields(), resume: this.resume, seq: this.nextSeq() })));
     });
     socket.addEventListener("message", (event) => {
       if (socket !== this.socket) return;
@@ -127,6 +130,7 @@ export class Connection extends EventTarget {
       case "ready":
         this.attempt = 0;
         this.ready = message;
+        this.resume = { session_id: message.session_id, token: message.token };
         this.inFlight = [];
         this.setState("ready", { ready: message });
         break;
@@ -147,6 +151,7 @@ export class Connection extends EventTarget {
         this.dispatchEvent(new CustomEvent("error-message", { detail: message }));
         if (message.fatal && this.ready === null && REFUSALS.has(message.code)) this.refusal = message;
         if (message.fatal && message.code === "idle_timeout") this.idledOut = true;
+        if (message.fatal && message.code === "replaced") this.refusal = message; // it goes on elsewhere: no retry
         if (message.fatal) this.setState("error", { error: message });
         break;
       case "recording":
@@ -154,6 +159,7 @@ export class Connection extends EventTarget {
         break;
       case "tokens":
         if (this.ready) Object.assign(this.ready, { token: message.token, viewer_token: message.viewer_token });
+        if (this.ready) this.resume = { session_id: this.ready.session_id, token: message.token };
         this.dispatchEvent(new CustomEvent("tokens", { detail: message }));
         break;
       case "pong":

@@ -15,10 +15,11 @@ export function unpack(data) {
   return message;
 }
 
-export function hello({ width, height, codec = "jpeg", quality, params, apiKey, model, seq }) {
+export function hello({ width, height, codec = "jpeg", quality, params, apiKey, model, resume, seq }) {
   const message = { type: "hello", protocol: PROTOCOL_VERSIONS, width, height, codec, quality, params, queue: true, seq };
   if (apiKey) message.api_key = apiKey;
   if (model) message.model = model;
+  if (resume) message.resume = resume; // {session_id, token}: continue that session under its id
   return message;
 }
 
