@@ -468,10 +468,26 @@ def test_a_painted_mask_limits_the_full_quality_render_to_it(page: Page) -> None
 def test_resolution_change_reconnects_at_the_new_size(page: Page) -> None:
     stroke(page, [(0.3, 0.3), (0.6, 0.6)])
     wait_settled(page)
+    drawn = canvas_pixels(page, "#draw")
     page.select_option("#resolution", "256")
     page.wait_for_function("document.querySelector('#output').naturalWidth === 256")
     wait_settled(page)
     assert page.evaluate("streamcanvas.doc.width") == 256
+    # Back to the size before with nothing drawn in between: the very same pixels and the undo history
+    # (scaling up and down again blurred every stroke and dropped the history).
+    page.select_option("#resolution", str(SIZE))
+    page.wait_for_function(f"document.querySelector('#output').naturalWidth === {SIZE}")
+    wait_settled(page)
+    assert np.array_equal(canvas_pixels(page, "#draw"), drawn)
+    assert not page.is_disabled("#undo")
+    # Drawn on at the new size, the picture is scaled when the size changes back.
+    page.select_option("#resolution", "256")
+    page.wait_for_function("document.querySelector('#output').naturalWidth === 256")
+    stroke(page, [(0.7, 0.2), (0.9, 0.4)])
+    page.select_option("#resolution", str(SIZE))
+    page.wait_for_function(f"document.querySelector('#output').naturalWidth === {SIZE}")
+    wait_settled(page)
+    assert not np.array_equal(canvas_pixels(page, "#draw"), drawn) and page.is_disabled("#undo")
 
 
 @pytest.mark.parametrize(("asked", "side", "noted"), [("abc", SIZE, True), ("0", SIZE, True), ("2048", SIZE, True), ("200", 200, False)])

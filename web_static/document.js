@@ -55,6 +55,7 @@ export class CanvasDocument extends EventTarget {
     this.redoStack = [];
     this.dirty = null;
     this.controlLayer = null; // a paint layer sent as the control image instead of as input
+    this.beforeResize = null; // the layers and history as they were before the last resize, until an edit
     this.resizeView();
     const paper = this.addLayer("Background");
     paper.context.fillStyle = "#ffffff"; // white paper: layers moved below it are covered
@@ -200,6 +201,7 @@ export class CanvasDocument extends EventTarget {
   }
 
   afterStructureChange() {
+    this.beforeResize = null;
     this.compose();
     this.markDirty(null);
     this.changed("layers");
@@ -227,6 +229,7 @@ export class CanvasDocument extends EventTarget {
     this.undoStack.push({ layer: edit.layer, rect, before, after });
     if (this.undoStack.length > HISTORY_LIMIT) this.undoStack.shift();
     this.redoStack = [];
+    this.beforeResize = null; // drawn on at this size: going back scales what is here now
     this.changed("history");
   }
 
@@ -295,19 +298,30 @@ export class CanvasDocument extends EventTarget {
     return this.layers.some((layer) => layer.video && layer.visible);
   }
 
-  // New resolution: every layer is scaled; history is dropped (its rectangles no longer fit).
+  // New resolution: every layer is scaled; history is dropped (its rectangles no longer fit). Going back
+  // to the size before, with nothing drawn in between, brings the layers and history back as they were
+  // instead of scaling twice (which blurred every stroke for good).
   resize(width, height) {
     if (width === this.width && height === this.height) return;
+    const back = this.beforeResize;
+    const restore = back && back.width === width && back.height === height && this.layers.every((layer) => back.canvases.has(layer));
+    this.beforeResize = {
+      width: this.width,
+      height: this.height,
+      canvases: new Map(this.layers.map((layer) => [layer, layer.canvas])),
+      undoStack: this.undoStack,
+      redoStack: this.redoStack,
+    };
     for (const layer of this.layers) {
       const old = layer.canvas;
-      layer.canvas = makeCanvas(width, height);
+      layer.canvas = restore ? back.canvases.get(layer) : makeCanvas(width, height);
       layer.context = layer.canvas.getContext("2d", { willReadFrequently: true });
-      layer.context.drawImage(old, 0, 0, width, height);
+      if (!restore) layer.context.drawImage(old, 0, 0, width, height);
     }
     this.width = width;
     this.height = height;
-    this.undoStack = [];
-    this.redoStack = [];
+    this.undoStack = restore ? back.undoStack : [];
+    this.redoStack = restore ? back.redoStack : [];
     this.resizeView();
     this.refresh(null);
     this.changed("history");
