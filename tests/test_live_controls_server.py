@@ -358,6 +358,7 @@ def test_the_page_offers_every_live_control(browser, controls_server: ServerProc
         page.fill("#transition", "12")
         page.locator("#transition").dispatch_event("change")
         page.locator("[data-lora=glow]").fill("0.5")
+        assert page.locator("[data-lora-value=glow]").inner_text() == "0.50"  # a weight is shown, as strength is
         page.select_option("#controlnet", "scribble")
         page.select_option("#preprocessor", "canny")
         wait_settled(page)
@@ -500,6 +501,7 @@ def test_the_page_shows_what_the_session_holds_and_switches_models_cleanly(brows
         toy = next_ready()
         assert toy["params"]["loras"].get("glow") == 0.5 and [control["model"] for control in toy["params"]["controls"]] == ["scribble"]
         assert page.input_value("[data-lora=glow]") == "0.5" and page.input_value("#controlnet") == "scribble"
+        assert page.locator("[data-lora-value=glow]").inner_text() == "0.50"
         page.select_option("#controlnet", "scribble")
         page.check("#lines-as-control")
         stroke(page, [(0.2, 0.5), (0.8, 0.5)])

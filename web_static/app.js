@@ -495,6 +495,7 @@ $("#render-hd").addEventListener("click", async () => {
   button.disabled = true;
   try {
     const ready = await freshTokens();
+    if (!ready) throw new Error("not connected to the server; try again once the page is live");
     const { job, url } = await renderFullQuality({
       sessionId: ready.session_id,
       token: ready.token,
@@ -557,8 +558,12 @@ async function loadOffer() {
     const slider = document.createElement("input");
     Object.assign(slider, { type: "range", min: "0", max: "1.5", step: "0.05", value: "0" });
     slider.dataset.lora = name;
+    const value = document.createElement("output");
+    value.dataset.loraValue = name;
+    value.textContent = "0.00";
+    slider.addEventListener("input", () => { value.textContent = Number(slider.value).toFixed(2); });
     slider.addEventListener("change", () => sendParams({ loras: loraWeights() }));
-    label.append(slider);
+    label.append(slider, " ", value);
     $("#loras").append(label);
   }
   for (const controlnet of info.model.controlnets) $("#controlnet").append(new Option(controlnet.name, controlnet.name));
@@ -642,7 +647,10 @@ function showParams(params) {
   if (typeof params.prompt === "string" && document.activeElement !== $("#prompt") && !state.promptPending) $("#prompt").value = params.prompt;
   if (params.similar_filter !== undefined) $("#similar-filter").checked = Boolean(params.similar_filter);
   if (params.loras) {
-    for (const slider of document.querySelectorAll("[data-lora]")) slider.value = String(params.loras[slider.dataset.lora] || 0);
+    for (const slider of document.querySelectorAll("[data-lora]")) {
+      slider.value = String(params.loras[slider.dataset.lora] || 0);
+      document.querySelector(`[data-lora-value="${slider.dataset.lora}"]`).textContent = Number(slider.value).toFixed(2);
+    }
   }
   if (Array.isArray(params.controls)) {
     const control = params.controls[0];
