@@ -7,12 +7,14 @@ webcam and the screen are Chromium's fake capture devices. Screenshots land in a
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import av
 import httpx
@@ -64,11 +66,34 @@ def browser() -> Iterator[Browser]:
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def web_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
-    process = start_server(cache_dir, artifacts_dir, "browser", "--slots", "2")
-    yield process
-    process.stop()
+@contextlib.contextmanager
+def own_page(browser: Browser, **context_options: Any) -> Iterator[tuple[Page, list[str]]]:
+    """A page in a browser context of its own, and the JavaScript errors it raises."""
+    context = browser.new_context(**context_options)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    try:
+        yield page, errors
+    finally:
+        context.close()
+
+
+def server_fixture(name: str, *args: str, scope: str = "function", env: dict[str, str] | None = None) -> Any:
+    """A fixture `name`: a server started with these arguments (its job database and results named after it)."""
+
+    def fixture(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
+        process = start_server(cache_dir, artifacts_dir, name.replace("_", "-"), *args, env=env)
+        try:
+            yield process
+        finally:
+            process.stop()
+
+    return pytest.fixture(scope=scope, name=name)(fixture)  # type: ignore[call-overload]
+
+
+web_server = server_fixture("web_server", "--slots", "2", scope="module")
 
 
 @pytest.fixture
@@ -496,12 +521,7 @@ def test_a_resolution_in_the_address_is_used_only_if_the_server_takes_it(
 ) -> None:
     """?resolution=abc or 0 threw on the page and left it on "Connecting…"; one over the server's
     maximum (1024 here) left it refused. Such an address now gets the server's size and a note."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    try:
+    with own_page(browser, viewport={"width": 1280, "height": 900}) as (page, errors):
         page.goto(f"{web_server.base_url}/?resolution={asked}&codec=png")
         wait_ready(page)
         ready = page.evaluate("[streamcanvas.connection.ready.width, streamcanvas.connection.ready.height]")
@@ -509,8 +529,6 @@ def test_a_resolution_in_the_address_is_used_only_if_the_server_takes_it(
         notes = page.locator("#errors li.note").all_inner_texts()
         assert any(f"?resolution={asked} is not a size" in note for note in notes) == noted, notes
         assert not errors
-    finally:
-        context.close()
 
 
 def test_narrow_screens_stack_the_panes(page: Page) -> None:
@@ -542,11 +560,7 @@ def test_a_finger_draws_on_a_touch_screen(browser: Browser, web_server: ServerPr
         context.close()
 
 
-@pytest.fixture
-def restartable_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
-    process = start_server(cache_dir, artifacts_dir, "browser-restart")
-    yield process
-    process.stop()
+restartable_server = server_fixture("restartable_server")
 
 
 def test_reconnects_and_resumes_after_the_server_restarts(
@@ -604,13 +618,9 @@ def test_the_viewer_link_outlives_a_reconnect(page: Page, browser: Browser) -> N
     """A new resolution means a new session; the page resumes its old one (hello.resume), so the viewer
     link an OBS scene holds goes on showing the output, now at the new size (it used to go dead)."""
     page.wait_for_function("!document.querySelector('#viewer-link').disabled")
-    link = page.input_value("#viewer-url")
     session_id = page.evaluate("streamcanvas.connection.ready.session_id")
-    obs_context = browser.new_context(viewport={"width": 640, "height": 360})
-    obs = obs_context.new_page()
-    obs.set_default_timeout(TIMEOUT_MS)
-    try:
-        obs.goto(link)
+    with own_page(browser) as (obs, _):
+        obs.goto(page.input_value("#viewer-url"))
         page.click("#camera")  # the camera keeps frames coming
         obs.wait_for_function(f"document.querySelector('#output').naturalWidth === {SIZE}")
         page.select_option("#resolution", str(SIZE * 2))
@@ -618,57 +628,36 @@ def test_the_viewer_link_outlives_a_reconnect(page: Page, browser: Browser) -> N
         assert page.evaluate("[streamcanvas.connection.ready.session_id, streamcanvas.connection.ready.resumed]") == [session_id, True]
         obs.wait_for_function(f"document.querySelector('#output').naturalWidth === {SIZE * 2}")
         page.click("#camera")
-    finally:
-        obs_context.close()
 
 
-@pytest.fixture
-def full_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
-    """One slot and no room in line: a second client is told "busy" and when to come back."""
-    process = start_server(cache_dir, artifacts_dir, "browser-full", "--max-waiting", "0")
-    yield process
-    process.stop()
+full_server = server_fixture("full_server", "--max-waiting", "0")  # one slot, no room in line: "busy"
 
 
 def test_a_full_server_is_shown_as_busy_until_it_said_to_retry(browser: Browser, full_server: ServerProcess) -> None:
     """The "Server busy — retrying in 5s" text used to give way at once to "Disconnected — reconnecting
     in 1s" (the socket's close), and the page came back on its own backoff, not when the server said."""
-    first_context = browser.new_context()
-    second_context = browser.new_context()
-    try:
-        first = first_context.new_page()
-        open_page(first, full_server)
-        second = second_context.new_page()
-        second.set_default_timeout(TIMEOUT_MS)
-        second.goto(f"{full_server.base_url}/?resolution={SIZE}&codec=png")
-        second.wait_for_function("document.querySelector('#status').dataset.state === 'busy'")
-        second.evaluate("""() => { window.shown = [];
-            new MutationObserver(() => window.shown.push(document.querySelector('#status').textContent))
-                .observe(document.querySelector('#status'), { childList: true, characterData: true, subtree: true }); }""")
-        second.wait_for_timeout(2000)
-        assert second.locator("#status").inner_text() == "Server busy — retrying in 5s"
-        assert not [text for text in second.evaluate("window.shown") if "Disconnected" in text]
-        first_context.close()
-        wait_ready(second)  # at the next try, at most 5 s on
-    finally:
-        second_context.close()
+    with own_page(browser) as (second, _):
+        with own_page(browser) as (first, _):
+            open_page(first, full_server)
+            second.goto(f"{full_server.base_url}/?resolution={SIZE}&codec=png")
+            second.wait_for_function("document.querySelector('#status').dataset.state === 'busy'")
+            second.evaluate("""() => { window.shown = [];
+                new MutationObserver(() => window.shown.push(document.querySelector('#status').textContent))
+                    .observe(document.querySelector('#status'), { childList: true, characterData: true, subtree: true }); }""")
+            second.wait_for_timeout(2000)
+            assert second.locator("#status").inner_text() == "Server busy — retrying in 5s"
+            assert not [text for text in second.evaluate("window.shown") if "Disconnected" in text]
+        wait_ready(second)  # the first page has gone: the next try, at most 5 s on, gets the slot
 
 
-@pytest.fixture
-def quick_idle_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
-    process = start_server(cache_dir, artifacts_dir, "browser-idle", "--idle-timeout", "3")
-    yield process
-    process.stop()
+quick_idle_server = server_fixture("quick_idle_server", "--idle-timeout", "3")
 
 
 def test_a_hidden_tab_gives_its_slot_up_until_it_is_shown(browser: Browser, quick_idle_server: ServerProcess) -> None:
     """A page in view keeps its session, pinging within the server's idle timeout (its pings came every
     30 s, so a timeout under that ended it); a hidden one idles out and waits, holding no slot, until
     it is shown again (it used to reconnect at once, again and again, keeping the only slot)."""
-    context = browser.new_context()
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    try:
+    with own_page(browser) as (page, _):
         open_page(page, quick_idle_server)
         session = page.evaluate("streamcanvas.connection.ready.session_id")
         page.wait_for_timeout(5000)
@@ -684,8 +673,6 @@ def test_a_hidden_tab_gives_its_slot_up_until_it_is_shown(browser: Browser, quic
         wait_ready(page)
         # The same session again (resumed: viewer links still work), after holding no slot meanwhile.
         assert page.evaluate("[streamcanvas.connection.ready.session_id, streamcanvas.connection.ready.resumed]") == [session, True]
-    finally:
-        context.close()
 
 
 def test_the_viewer_link_opens_the_obs_page(page: Page, browser: Browser, artifacts_dir: Path) -> None:
@@ -726,23 +713,14 @@ def test_the_viewer_link_opens_the_obs_page(page: Page, browser: Browser, artifa
 TOKEN_TTL_S = 3
 
 
-@pytest.fixture(scope="module")
-def short_tokens_server(cache_dir: Path, artifacts_dir: Path) -> Iterator[ServerProcess]:
-    process = start_server(cache_dir, artifacts_dir, "browser-short-tokens", env={"STREAMCANVAS_TOKEN_TTL_S": str(TOKEN_TTL_S)})
-    yield process
-    process.stop()
+short_tokens_server = server_fixture("short_tokens_server", scope="module", env={"STREAMCANVAS_TOKEN_TTL_S": str(TOKEN_TTL_S)})
 
 
 def test_links_made_after_the_tokens_expired_still_work(browser: Browser, short_tokens_server: ServerProcess) -> None:
     """A session open for longer than the token lifetime: the viewer link, a recording's download and a
     full-quality render ask for new tokens (renew_tokens) when they are used, instead of handing out the
     expired ones from `ready` (401)."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    try:
+    with own_page(browser, viewport={"width": 1280, "height": 900}, accept_downloads=True) as (page, errors):
         open_page(page, short_tokens_server)
         first_link = page.input_value("#viewer-url")
         first_mjpeg = page.get_attribute("#viewer-url", "data-mjpeg")
@@ -768,5 +746,3 @@ def test_links_made_after_the_tokens_expired_still_work(browser: Browser, short_
         page.locator("#render-hd-link").wait_for()
         assert page.locator("#render-hd-status").inner_text() == "Done"
         assert not errors
-    finally:
-        context.close()
