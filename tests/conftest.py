@@ -37,12 +37,7 @@ class BackgroundRetraining:
     It takes about ten minutes of both cores; most tests spend much of their time waiting on servers
     and sockets, so run beside them it mostly takes time they leave idle, and its test (the last one)
     waits only for what is left. Training is deterministic whatever else runs (it uses a fixed number
-    of threads), and the run is checked exactly as it would be in the foreground.
-
-    Its OpenMP threads sleep at once when they wait for each other (OMP_WAIT_POLICY=PASSIVE) instead of
-    spinning: at the lowest priority beside a busy core, a spinning thread burns the little time it gets
-    while its partner cannot run. Measured on a 3% plan: 212 s spinning, 67 s passive (20 s and 25 s
-    alone); the weights are the same to the bit either way."""
+    of threads), and the run is checked exactly as it would be in the foreground."""
 
     KEY = pytest.StashKey["BackgroundRetraining"]()
 
@@ -54,7 +49,7 @@ class BackgroundRetraining:
             ["nice", "-n", "19", sys.executable, "-m", "streamcanvas.realtime_server.cli", "make-tiny-model", "--train", str(self.model)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "STREAMCANVAS_CACHE_DIR": str(self.root), "OMP_WAIT_POLICY": "PASSIVE"},
+            env={**os.environ, "STREAMCANVAS_CACHE_DIR": str(self.root)},
         )
 
     def wait(self, timeout: float) -> tuple[int, str]:
