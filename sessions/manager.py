@@ -122,8 +122,9 @@ class SessionManager:
     def resume(self, session: Session, session_id: str, token: str) -> bool:
         """A client reconnecting (a new size or model, a dropped network) continues its session under the
         same id, so the addresses made for that id (viewer links, its WHEP endpoint, recording
-        downloads) go on working: viewers that reconnect find the new session. The old session's control token proves the client's; a session still open under the id
-        (its close not seen yet) is ended first."""
+        downloads) go on working: viewers that reconnect find the new session. The old session's
+        control token proves the client's; a session still open under the id (its close not seen yet)
+        is ended first."""
         try:
             self.tokens.verify(token, session_id, ("control",))
         except TokenRejected:
