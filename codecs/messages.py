@@ -466,15 +466,13 @@ def _resume(fields: _Fields) -> Resume | None:
     if value is None:
         return None
     inner = _Fields(value, "hello.resume")
-    inner.get("session_id", (str,), required=True)
-    inner.get("token", (str,), required=True)
-    resume = Resume(_short(inner, "session_id", limit=64), _short(inner, "token", limit=2048))  # type: ignore[arg-type]
+    resume = Resume(_short(inner, "session_id", limit=64, required=True), _short(inner, "token", limit=2048, required=True))  # type: ignore[arg-type]
     inner.done()
     return resume
 
 
-def _short(fields: _Fields, name: str, limit: int = 512) -> str | None:
-    value = fields.get(name, (str,))
+def _short(fields: _Fields, name: str, limit: int = 512, required: bool = False) -> str | None:
+    value = fields.get(name, (str,), required=required)
     if value is not None and len(value) > limit:
         raise InvalidValue(f"{fields.where}: '{name}' is longer than {limit} characters", field=name)
     return value
