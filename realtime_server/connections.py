@@ -10,13 +10,14 @@ extension point its `http=` and `ws=` options take:
   otherwise it gets `408` and the connection is closed. At most `max_pending` connections may be in
   that state (connected, request not yet fully received) at once; when one more arrives, the one that
   has been arriving longest gets `408` and is closed, so a flood of idle sockets cannot lock others
-  out. A response sent before its request's body was read (413, 401, 404 …) ends the connection with
-  a *lingering close*: the answer is sent and the sending side shut (FIN), then what the client is
-  still sending is read and thrown away for at most `LINGER_S` seconds and `LINGER_BYTES` bytes, and
-  only then is the socket closed. Closing at once with unread bytes in the kernel's buffer makes it
-  send a TCP reset, and a reset that reaches the client while it is still sending makes it throw the
-  answer away unread (a 1 MiB offer got `ReadError` instead of 413 about one time in three). A `408`
-  (the client stalled) closes at once.
+  out. A response sent before its request's body was read (413, 401, 404 …) says `connection: close`
+  (a client that reused the connection would send its next request into the closing socket and get
+  no answer) and ends the connection with a *lingering close*: the answer is sent and the sending
+  side shut (FIN), then what the client is still sending is read and thrown away for at most
+  `LINGER_S` seconds and `LINGER_BYTES` bytes, and only then is the socket closed. Closing at once
+  with unread bytes in the kernel's buffer makes it send a TCP reset, and a reset that reaches the
+  client while it is still sending makes it throw the answer away unread (a 1 MiB offer got
+  `ReadError` instead of 413 about one time in three). A `408` (the client stalled) closes at once.
 - **HTTP write deadline.** A response (an MJPEG stream, say) that the client does not read for
   `write_timeout_s` — the transport's buffer stays full — is ended with a TCP reset.
 - **Slow WebSocket readers.** uvicorn pings each WebSocket; a pong comes back only after the client has
@@ -146,9 +147,24 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade() and self._should_upgrade():
             self._done_reading()  # a WebSocket: its own protocol takes the connection over
         else:
+            self._close_if_answered_early(self.cycle)
             self.receiving_body = True
             self._body_deadline = self.loop.time() + BODY_DEADLINE_FACTOR * self.read_timeout_s
             self._arm()  # now the body, if any: no gap longer than the deadline
+
+    @staticmethod
+    def _close_if_answered_early(cycle: Any) -> None:
+        """A response that starts before its request's body has all arrived says `connection: close`:
+        the connection ends with a lingering close after it (see `on_response_complete`), and a client
+        told it stays open could send its next request into that close and get no answer at all."""
+        send = cycle.send
+
+        async def send_closing_early(message: Any) -> None:
+            if message["type"] == "http.response.start" and cycle.more_body:
+                cycle.keep_alive = False
+            await send(message)
+
+        cycle.send = send_closing_early
 
     def on_body(self, body: bytes) -> None:
         super().on_body(body)
