@@ -158,24 +158,27 @@ def test_a_body_that_keeps_coming_after_the_answer_ends_the_connection(guarded: 
         assert closed, "the server went on reading a body it had already answered"
 
 
+def response_head(sock: socket.socket, request: bytes) -> bytes:
+    """Send `request` and read the answer's status line and headers, lower-cased."""
+    sock.sendall(request)
+    answer = b""
+    while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+        answer += chunk
+    return answer.split(b"\r\n\r\n")[0].lower()
+
+
 def test_an_answer_before_the_body_says_the_connection_closes(guarded: ServerProcess) -> None:
     """A client told that a connection answered before its body arrived stays open sends its next
     request into the lingering close and gets no answer (httpx: "Server disconnected without sending
     a response" on a WHEP offer after a 401 on the same connection)."""
+    request = b"POST /v1/sessions/nope/whep HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/sdp\r\nContent-Length: 3\r\n\r\n"
     with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
-        sock.sendall(b"POST /v1/sessions/nope/whep HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/sdp\r\nContent-Length: 3\r\n\r\n")
-        answer = b""
-        while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
-            answer += chunk
-        head = answer.split(b"\r\n\r\n")[0].lower()
-        assert head.startswith(b"http/1.1 404") and b"\r\nconnection: close" in head, answer
+        head = response_head(sock, request)
+        assert head.startswith(b"http/1.1 404") and b"\r\nconnection: close" in head, head
     with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
         # The same request with its body: the body was read, and the connection is kept alive.
-        sock.sendall(b"POST /v1/sessions/nope/whep HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/sdp\r\nContent-Length: 3\r\n\r\nv=0")
-        answer = b""
-        while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
-            answer += chunk
-        assert answer.lower().startswith(b"http/1.1 404") and b"connection: close" not in answer.lower(), answer
+        head = response_head(sock, request + b"v=0")
+        assert head.startswith(b"http/1.1 404") and b"connection: close" not in head, head
 
 
 async def test_a_client_still_sending_its_body_reads_the_early_answer(guarded: ServerProcess) -> None:
